@@ -1,0 +1,196 @@
+"""The REST resources lorapool speaks, as pydantic models.
+
+One source of truth for the wire format: the server builds its responses from these models and
+the client parses them with the same models. The shapes are a superset of the OpenAI fine-tuning
+API (`fine_tuning.job`, `fine_tuning.job.event`, `fine_tuning.job.checkpoint`, `file`, `model`,
+`list`), so the official OpenAI SDK reads them unchanged; lorapool's own fields sit beside the
+OpenAI ones and OpenAI clients ignore them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generic, Literal, Optional, TypeVar, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+
+Quantization = Literal["nf4", "fp4", "int8", "none"]
+
+
+class _Resource(BaseModel):
+    # Unknown fields from a newer server must not break an older client.
+    model_config = ConfigDict(extra="allow")
+
+
+class LoraParams(BaseModel):
+    """LoRA shape of a job. Mirrors the trainer's `LoraSpec`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank")
+    alpha: float = Field(32.0, gt=0, le=1e5, description="LoRA scaling numerator (alpha / r)")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+
+
+class Hyperparameters(BaseModel):
+    """The OpenAI `hyperparameters` object. `"auto"` lets lorapool choose."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: Union[Literal["auto"], int] = "auto"
+    batch_size: Union[Literal["auto"], int] = "auto"
+    learning_rate_multiplier: Union[Literal["auto"], float] = "auto"
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: Optional[str] = None
+
+
+class MemoryInfo(BaseModel):
+    """Predicted (by `estimate_memory`) and measured peak GPU memory of a job, in bytes."""
+
+    predicted_bytes: Optional[int] = None
+    measured_peak_bytes: Optional[int] = None
+    breakdown: dict[str, int] = Field(default_factory=dict)
+
+
+class FineTuningJob(_Resource):
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    id: str
+    model: str
+    created_at: int
+    finished_at: Optional[int] = None
+    fine_tuned_model: Optional[str] = None
+    organization_id: str
+    result_files: list[str] = Field(default_factory=list)
+    status: JobStatus
+    training_file: Optional[str] = None
+    validation_file: Optional[str] = None
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    trained_tokens: Optional[int] = None
+    error: Optional[JobError] = None
+    seed: int = 42
+    estimated_finish: Optional[int] = None
+    integrations: list[Any] = Field(default_factory=list)
+    metadata: Optional[dict[str, str]] = None
+    suffix: Optional[str] = None
+    # lorapool's own fields.
+    lora: LoraParams = Field(default_factory=LoraParams)
+    quantization: Quantization = "nf4"
+    max_seq_len: int = 1024
+    micro_batch_size: Optional[int] = None
+    learning_rate: Optional[float] = None
+    checkpoint_every: Optional[int] = None
+    node_id: Optional[str] = None
+    attempt: int = 0
+    step: Optional[int] = None
+    total_steps: Optional[int] = None
+    memory: MemoryInfo = Field(default_factory=MemoryInfo)
+
+
+EventLevel = Literal["info", "warn", "error"]
+
+
+class JobEvent(_Resource):
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    id: str
+    created_at: int
+    level: EventLevel = "info"
+    message: str
+    type: Literal["message", "metrics"] = "message"
+    data: Optional[dict[str, Any]] = None
+
+
+class JobCheckpoint(_Resource):
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    id: str
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    step_number: int
+    metrics: dict[str, Optional[float]] = Field(default_factory=dict)
+    fine_tuning_job_id: str
+
+
+class FileObject(_Resource):
+    object: Literal["file"] = "file"
+    id: str
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str = "fine-tune"
+    status: Literal["uploaded", "processed", "error"] = "processed"
+    status_details: Optional[str] = None
+    # lorapool's own: what validation counted.
+    examples: Optional[int] = None
+    sha256: Optional[str] = None
+
+
+class FileDeleted(_Resource):
+    object: Literal["file"] = "file"
+    id: str
+    deleted: bool = True
+
+
+class Model(_Resource):
+    object: Literal["model"] = "model"
+    id: str
+    created: int
+    owned_by: str = "lorapool"
+
+
+class Adapter(_Resource):
+    object: Literal["adapter"] = "adapter"
+    id: str
+    created_at: int
+    base_model: str
+    base_model_sha256: Optional[str] = None
+    job_id: Optional[str] = None
+    bytes: int = 0
+    sha256: Optional[str] = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    shared_with: list[str] = Field(default_factory=list)
+
+
+class Node(_Resource):
+    object: Literal["node"] = "node"
+    id: str
+    name: str
+    gpu_name: Optional[str] = None
+    compute_capability: Optional[str] = None
+    bf16: bool = False
+    total_memory_bytes: int = 0
+    free_memory_bytes: int = 0
+    reserved_memory_bytes: int = 0
+    state: Literal["idle", "training", "reclaimed", "offline"] = "idle"
+    jobs: list[str] = Field(default_factory=list)
+    labels: dict[str, str] = Field(default_factory=dict)
+    last_heartbeat: Optional[float] = None
+
+
+T = TypeVar("T")
+
+
+class ListResponse(_Resource, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool = False
+    first_id: Optional[str] = None
+    last_id: Optional[str] = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

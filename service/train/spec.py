@@ -1,0 +1,102 @@
+"""What one training run is: the pydantic spec the trainer takes and the device it runs on.
+
+`TrainSpec` is everything `train()` needs besides the data and an output folder; it is plain
+data (JSON-serialisable), so the service can store it, send it to a node and record it next to
+the adapter it produced. Paths in it are paths on the machine that trains.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Quantization = Literal["nf4", "fp4", "int8", "none"]
+ComputeDtype = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+class LoraSpec(BaseModel):
+    """The LoRA adapter to attach (peft's `LoraConfig`, the parts lorapool exposes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32.0, gt=0, le=1e5)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+
+
+class TrainSpec(BaseModel):
+    """One QLoRA run. Defaults are the QLoRA paper's recipe scaled to a small GPU."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Base model: a local HF folder, or a .gguf file (dequantised once and cached).
+    base_model: str
+    base_model_id: Optional[str] = None  # a name for metadata; defaults to base_model
+    gguf_file: Optional[str] = None  # file name inside base_model when it is a folder
+    trust_remote_code: bool = False
+    quantization: Quantization = "nf4"
+    double_quant: bool = True
+    compute_dtype: ComputeDtype = "auto"
+
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+
+    # Data.
+    max_seq_len: int = Field(1024, ge=8, le=131072)
+    overlong: Literal["truncate", "drop"] = "truncate"
+    packing: bool = False
+    loss_on: Literal["assistant", "all"] = "assistant"
+
+    # Loop.
+    n_epochs: int = Field(1, ge=1, le=1000)
+    max_steps: Optional[int] = Field(None, ge=1)  # optimizer steps; overrides n_epochs
+    batch_size: int = Field(8, ge=1, le=65536)  # effective: micro_batch_size * accumulation
+    micro_batch_size: int = Field(1, ge=1, le=4096)
+    learning_rate: float = Field(2e-4, gt=0, le=1.0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    optimizer: Literal["adamw_8bit", "paged_adamw_8bit", "adamw"] = "adamw_8bit"
+    gradient_checkpointing: bool = True
+    seed: int = 42
+
+    checkpoint_every: Optional[int] = Field(None, ge=1)  # optimizer steps
+    eval_every: Optional[int] = Field(None, ge=1)  # optimizer steps
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _micro_divides_batch(self) -> "TrainSpec":
+        if self.micro_batch_size > self.batch_size:
+            raise ValueError(
+                f"micro_batch_size ({self.micro_batch_size}) exceeds batch_size ({self.batch_size})"
+            )
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
+                f"({self.micro_batch_size})"
+            )
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+
+class DeviceInfo(BaseModel):
+    """The GPU (or CPU) a job would run on, as a NodeAgent reports it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["cuda", "cpu"] = "cuda"
+    name: str = "unknown"
+    total_memory: int = 0  # bytes
+    free_memory: Optional[int] = None  # bytes; None when unknown
+    compute_capability: tuple[int, int] = (8, 0)
+
+    @property
+    def supports_bf16(self) -> bool:
+        return self.kind == "cuda" and self.compute_capability >= (8, 0)
