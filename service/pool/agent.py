@@ -1,0 +1,184 @@
+"""The NodeAgent: one Ray actor per donating node, the scheduler's eyes and hands there.
+
+It reports the node's device (GPU name, compute capability, bf16, total and free memory as the
+driver sees it, or a simulated GPU), the memory lorapool's own jobs hold, whether the node is
+accepting work, and a heartbeat. When the owner takes the GPU back (`reclaim()`, or the
+donation policy says so) it asks every job running here to checkpoint and stop, and stops
+accepting new ones. Job runners on the node ask it for the node-local working folder, so no
+path ever travels from the head.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import ray
+from pydantic import BaseModel, ConfigDict, Field
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from .devices import SimulatedGPU, detect_device
+
+NAMESPACE = "lorapool"
+AGENT_PREFIX = "lorapool-agent:"
+
+
+class AgentConfig(BaseModel):
+    """What a donor offers. Paths here are the donor's own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    work_dir: str
+    simulate_gpu: Optional[SimulatedGPU] = None
+    gpu_index: int = 0
+    memory_cap: Optional[int] = Field(None, ge=0)  # "at most 10 GiB of my 12"
+    cpu_only: bool = False
+    cpu_memory: Optional[int] = None  # what a --cpu-only donor offers
+    labels: dict[str, str] = Field(default_factory=dict)
+    datasets: dict[str, str] = Field(default_factory=dict)  # node-local data sets: name → path
+
+
+class NodeAgent:
+    """See the module docstring. Runs as a threaded Ray actor pinned to its node."""
+
+    def __init__(self, config: AgentConfig, availability: Optional[Callable[[], Optional[str]]] = None):
+        self.config = config
+        self.node_id = ray.get_runtime_context().get_node_id()
+        Path(config.work_dir).mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._runners: dict[str, Any] = {}
+        self._reserved: dict[str, int] = {}
+        self._reclaimed: Optional[str] = None
+        # Returns a reason when the owner wants the GPU back (schedule/idle rules), else None.
+        self._availability = availability
+        self._simulated_free: Optional[int] = None
+
+    # -- reports ---------------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        self._apply_policy()
+        cfg = self.config
+        if cfg.cpu_only:
+            device = detect_device(None, cpu_memory=cfg.cpu_memory, memory_cap=cfg.memory_cap)
+            device = device.model_copy(update={"kind": "cpu"})
+        else:
+            sim = cfg.simulate_gpu
+            if sim is not None and self._simulated_free is not None:
+                sim = sim.model_copy(update={"free_memory": self._simulated_free})
+            device = detect_device(sim, gpu_index=cfg.gpu_index, memory_cap=cfg.memory_cap,
+                                   cpu_memory=cfg.cpu_memory)
+        with self._lock:
+            reserved = sum(self._reserved.values())
+            jobs = sorted(self._runners)
+            reclaimed = self._reclaimed
+        free = device.free_memory if device.free_memory is not None else device.total_memory
+        if cfg.simulate_gpu is not None or device.kind == "cpu":
+            # A simulated GPU (or system RAM) does not see our jobs' allocations: subtract them.
+            free = max(0, free - reserved)
+        return {
+            "node_id": self.node_id,
+            "name": cfg.name,
+            "device": device.model_dump(mode="json"),
+            "free_memory": free,
+            "reserved_memory": reserved,
+            "accepting": reclaimed is None,
+            "state": "reclaimed" if reclaimed else ("training" if jobs else "idle"),
+            "reclaim_reason": reclaimed,
+            "jobs": jobs,
+            "labels": cfg.labels,
+            "datasets": sorted(cfg.datasets),
+            "heartbeat": time.time(),
+        }
+
+    def local_config(self) -> dict[str, Any]:
+        """For runners on this node only: the node-local folder and device kind."""
+        kind = "cpu" if (self.config.cpu_only or self.config.simulate_gpu is not None) else None
+        if kind is None:
+            kind = detect_device(None, gpu_index=self.config.gpu_index).kind
+        return {"work_dir": self.config.work_dir, "device_kind": kind,
+                "datasets": dict(self.config.datasets)}
+
+    # -- jobs ------------------------------------------------------------------------------
+    def register_job(self, job_id: str, runner: Any, reserve_bytes: int) -> bool:
+        """Track a runner placed here; False (and nothing tracked) when reclaimed meanwhile."""
+        with self._lock:
+            if self._reclaimed is not None:
+                return False
+            self._runners[job_id] = runner
+            self._reserved[job_id] = int(reserve_bytes)
+        return True
+
+    def unregister_job(self, job_id: str) -> None:
+        with self._lock:
+            self._runners.pop(job_id, None)
+            self._reserved.pop(job_id, None)
+
+    # -- the owner -------------------------------------------------------------------------
+    def reclaim(self, reason: str = "the owner reclaimed the GPU") -> list[str]:
+        """Stop accepting jobs and ask the running ones to checkpoint and stop."""
+        with self._lock:
+            self._reclaimed = reason
+            runners = dict(self._runners)
+        for runner in runners.values():
+            runner.request_stop.remote(f"preempted: {reason}")
+        return sorted(runners)
+
+    def release(self) -> None:
+        """The owner is gone again: accept jobs."""
+        with self._lock:
+            self._reclaimed = None
+
+    def set_simulated_free(self, free_memory: Optional[int]) -> None:
+        """Tests: another process on the simulated GPU took (or gave back) memory."""
+        self._simulated_free = free_memory
+
+    def _apply_policy(self) -> None:
+        if self._availability is None:
+            return
+        reason = self._availability()
+        if reason and self._reclaimed is None:
+            self.reclaim(reason)
+        elif not reason and self._reclaimed is not None and self._reclaimed_by_policy:
+            self.release()
+        self._reclaimed_by_policy = bool(reason)
+
+    _reclaimed_by_policy = False
+
+
+RemoteNodeAgent = ray.remote(num_cpus=0, max_concurrency=8)(NodeAgent)
+
+
+def agent_name(name: str) -> str:
+    return AGENT_PREFIX + name
+
+
+def start_agent(
+    config: AgentConfig,
+    *,
+    node_id: Optional[str] = None,
+    detached: bool = False,
+    availability: Optional[Callable[[], Optional[str]]] = None,
+) -> Any:
+    """Start (or find) the NodeAgent named `config.name`, pinned to `node_id` (default: here)."""
+    node_id = node_id or ray.get_runtime_context().get_node_id()
+    return RemoteNodeAgent.options(
+        name=agent_name(config.name),
+        namespace=NAMESPACE,
+        get_if_exists=True,
+        lifetime="detached" if detached else None,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+    ).remote(config, availability)
+
+
+def list_agents() -> dict[str, Any]:
+    """Every NodeAgent in the cluster, by agent name."""
+    out = {}
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry.get("namespace") == NAMESPACE and entry["name"].startswith(AGENT_PREFIX):
+            try:
+                out[entry["name"][len(AGENT_PREFIX):]] = ray.get_actor(entry["name"], namespace=NAMESPACE)
+            except ValueError:  # died between listing and lookup
+                continue
+    return out

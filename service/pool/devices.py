@@ -1,0 +1,85 @@
+"""What GPU a node has and how much of its memory is free right now.
+
+Free memory is what the driver reports (`torch.cuda.mem_get_info`), so other users' processes
+count against it. A node without CUDA reports itself as a CPU device. Tests and CPU-only
+donors describe a simulated GPU instead (`SimulatedGPU`), which the whole pool then treats
+exactly like a real one: placement, memory accounting and reclaiming all run; only the
+arithmetic happens on the CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict
+
+from ..train.spec import DeviceInfo
+
+
+class SimulatedGPU(BaseModel):
+    """A GPU a test (or a CPU-only donor) tells the NodeAgent it has."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    total_memory: int
+    free_memory: Optional[int] = None  # defaults to total
+    compute_capability: tuple[int, int] = (8, 6)
+
+
+def detect_device(
+    simulate: Optional[SimulatedGPU] = None,
+    *,
+    gpu_index: int = 0,
+    memory_cap: Optional[int] = None,
+    cpu_memory: Optional[int] = None,
+) -> DeviceInfo:
+    """The device this node offers, with free memory capped by the donor's `memory_cap`."""
+    if simulate is not None:
+        free = simulate.total_memory if simulate.free_memory is None else simulate.free_memory
+        info = DeviceInfo(
+            kind="cuda",
+            name=simulate.name,
+            total_memory=simulate.total_memory,
+            free_memory=free,
+            compute_capability=simulate.compute_capability,
+        )
+    else:
+        info = _detect_real(gpu_index, cpu_memory)
+    if memory_cap is not None:
+        info.total_memory = min(info.total_memory, memory_cap)
+        if info.free_memory is not None:
+            info.free_memory = min(info.free_memory, memory_cap)
+    return info
+
+
+def _detect_real(gpu_index: int, cpu_memory: Optional[int]) -> DeviceInfo:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(gpu_index)
+            free, total = torch.cuda.mem_get_info(gpu_index)
+            return DeviceInfo(
+                kind="cuda",
+                name=props.name,
+                total_memory=total,
+                free_memory=free,
+                compute_capability=(props.major, props.minor),
+            )
+    except Exception:  # a broken driver must not keep a donor out of the pool as a CPU node
+        pass
+    total = cpu_memory if cpu_memory is not None else _system_memory()
+    return DeviceInfo(kind="cpu", name="cpu", total_memory=total, free_memory=total,
+                      compute_capability=(0, 0))
+
+
+def _system_memory() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:
+        import os
+
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))

@@ -1,0 +1,151 @@
+"""The Ray actor that runs one job attempt on one node.
+
+A `JobRunner` lives on the node the scheduler chose (its NodeAgent creates it there). It
+materialises the base model, data and resume checkpoint from the payload into the node's own
+cache, calls the trainer, and queues what the head must see — events, checkpoint files, the
+adapter — for the head to collect with `drain()`. It never opens a path of the head's.
+
+The runner is a threaded actor: `run()` trains in one thread while `drain()` and
+`request_stop()` answer in others.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+import ray
+
+from .transfer import materialise, read_folder
+
+# Everything the head sends in a payload is data, not paths on the head:
+#   spec: TrainSpec fields (base_model is replaced with the node-local path here)
+#   model / data / validation / resume: {"key": content id, "files": {relpath: ObjectRef|bytes},
+#                                        "entry": relpath of the file to use (gguf / jsonl)}
+#   attempt: int
+
+
+def _fetch(value: Any) -> bytes:
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+
+class JobRunner:
+    """Runs one attempt of one job; see the module docstring."""
+
+    def __init__(self, job_id: str, agent_name: str) -> None:
+        from .agent import NAMESPACE
+
+        self.job_id = job_id
+        # The node-local folder comes from this node's agent, never from the head.
+        agent = ray.get_actor(agent_name, namespace=NAMESPACE)
+        local = ray.get(agent.local_config.remote())
+        self.work_dir = Path(local["work_dir"])
+        self.device_kind = local["device_kind"]
+        self.datasets: dict[str, str] = local["datasets"]
+        self._lock = threading.Lock()
+        self._outbox: list[dict[str, Any]] = []
+        self._stop_reason: Optional[str] = None
+        self._peak_memory: Optional[int] = None
+
+    # -- called by the head / the NodeAgent -----------------------------------------------
+    def request_stop(self, reason: str) -> None:
+        """Checkpoint and stop at the next step boundary."""
+        with self._lock:
+            if self._stop_reason is None:
+                self._stop_reason = reason
+
+    def drain(self) -> list[dict[str, Any]]:
+        """Everything queued since the last call (events and checkpoint files)."""
+        with self._lock:
+            out, self._outbox = self._outbox, []
+        return out
+
+    def ping(self) -> bool:
+        return True
+
+    def run(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Train; return {"status": completed|stopped|failed, …, "adapter_files"?: {…}}."""
+        try:
+            return self._run(payload)
+        except Exception as exc:  # report every failure to the head as data, with its code
+            from ..train.errors import TrainError
+
+            if isinstance(exc, TrainError):
+                return {"status": "failed", "code": exc.code, "message": exc.message,
+                        "retryable": exc.retryable}
+            return {"status": "failed", "code": "internal_error",
+                    "message": f"{type(exc).__name__}: {exc}", "retryable": True,
+                    "traceback": traceback.format_exc(limit=20)}
+
+    # -- internals ------------------------------------------------------------------------
+    def _put(self, item: dict[str, Any]) -> None:
+        with self._lock:
+            self._outbox.append(item)
+
+    def _materialise(self, kind: str, blob: Optional[dict[str, Any]]) -> Optional[Path]:
+        if not blob:
+            return None
+        folder = materialise(self.work_dir / "cache" / kind, blob["key"], blob["files"], _fetch)
+        entry = blob.get("entry")
+        return folder / entry if entry else folder
+
+    def _run(self, payload: dict[str, Any]) -> dict[str, Any]:
+        from ..train import TrainEvent, TrainSpec, train
+
+        started = time.time()
+        model_path = self._materialise("models", payload["model"])
+        data_path = self._materialise("data", payload["data"])
+        val_path = self._materialise("data", payload.get("validation"))
+        resume = self._materialise("checkpoints", payload.get("resume"))
+
+        spec_fields = dict(payload["spec"])
+        spec_fields["base_model"] = str(model_path)
+        if self.device_kind == "cpu" or spec_fields.get("device") == "cpu":
+            spec_fields["device"] = "cpu"
+        spec = TrainSpec(**spec_fields)
+        out_dir = self.work_dir / "jobs" / self.job_id / f"attempt-{payload.get('attempt', 0)}"
+
+        def on_event(event: TrainEvent) -> None:
+            item: dict[str, Any] = {"kind": "event", "event": event.model_dump(mode="json")}
+            if event.memory_peak:
+                self._peak_memory = max(self._peak_memory or 0, int(event.memory_peak))
+            if event.type == "checkpoint" and event.path:
+                # Checkpoints leave the node as they are written: losing the node then loses
+                # at most `checkpoint_every` steps.
+                item["files"] = read_folder(event.path)
+            self._put(item)
+
+        def should_stop() -> bool:
+            return self._stop_reason is not None
+
+        result = train(
+            spec,
+            data_path,
+            out_dir,
+            validation_data=val_path,
+            on_event=on_event,
+            resume_from=resume,
+            should_stop=should_stop,
+            cache_dir=self.work_dir / "cache",
+        )
+        out: dict[str, Any] = {
+            "status": result.status,
+            "step": result.step,
+            "total_steps": result.total_steps,
+            "metrics": result.metrics,
+            "stop_reason": self._stop_reason,
+            "seconds": time.time() - started,
+            "peak_memory": self._peak_memory or result.metrics.get("peak_memory_bytes"),
+        }
+        if result.status == "completed" and result.adapter_dir is not None:
+            out["adapter_files"] = read_folder(result.adapter_dir)
+        elif result.last_checkpoint is not None:
+            # The head may already hold it from the checkpoint event; it deduplicates by step.
+            out["checkpoint_files"] = read_folder(result.last_checkpoint)
+        return out
+
+
+RemoteJobRunner = ray.remote(max_concurrency=4)(JobRunner)

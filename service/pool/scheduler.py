@@ -1,0 +1,530 @@
+"""The scheduler loop: queued jobs in the store → Ray actors on nodes that fit → final states.
+
+`RayExecutor` implements the API's `JobExecutor`. One background thread in the server process:
+
+1. refreshes every NodeAgent's report (heartbeats; a node silent for `heartbeat_timeout` is
+   offline and its jobs are handed back to the queue);
+2. collects what each running job queued (events, checkpoint files) into the store and the
+   artifact store, and ends jobs whose `run()` returned;
+3. asks the placement policy where queued jobs go, and starts a `JobRunner` pinned (hard node
+   affinity) to each chosen node, with the base model, data and resume checkpoint sent as Ray
+   objects — never as paths.
+
+Failures are sorted by who caused them: the job's own (bad data, diverging loss) fail it at
+once; the infrastructure's (node lost, preempted, OOM on that node) requeue it from its last
+checkpoint, up to `max_attempts`.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from lorapool.types import Node
+
+from ..train.spec import DeviceInfo, TrainSpec
+from .agent import NAMESPACE, agent_name, list_agents
+from .runner import RemoteJobRunner
+from .transfer import content_id, read_folder, write_folder
+
+log = logging.getLogger("lorapool.pool")
+
+GiB = 1024**3
+
+
+@dataclass
+class _NodeState:
+    name: str
+    report: dict[str, Any]
+    seen_at: float
+    offline: bool = False
+    handle: Any = None
+
+
+@dataclass
+class _Active:
+    job_id: str
+    tenant: str
+    node: str
+    runner: Any
+    run_ref: Any
+    estimate: int
+    attempt: int
+    started_at: float
+    last_checkpoint_step: int = -1
+    stepped: bool = False
+    stop_reason: Optional[str] = None
+    events: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _fmt_gib(n: int) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+class RayExecutor:
+    """Drives jobs through the pool; see the module docstring."""
+
+    def __init__(
+        self,
+        store: Any,
+        artifacts: Any,
+        *,
+        placer: Any = None,
+        poll_interval: float = 0.5,
+        heartbeat_timeout: float = 20.0,
+        node_refresh_interval: float = 1.0,
+        max_attempts: int = 3,
+    ) -> None:
+        from .placement import Placer
+
+        self.store = store
+        self.artifacts = artifacts
+        self.placer = placer or Placer()
+        self.poll_interval = poll_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.node_refresh_interval = node_refresh_interval
+        self.max_attempts = max_attempts
+        self._nodes: dict[str, _NodeState] = {}
+        self._active: dict[str, _Active] = {}
+        self._model_refs: dict[str, dict[str, Any]] = {}
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._last_refresh = 0.0
+
+    # -- JobExecutor ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._recover()
+        self._thread = threading.Thread(target=self._loop, name="lorapool-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            active = self._active.get(job_id)
+        if active is not None:
+            active.stop_reason = active.stop_reason or "cancelled by user"
+            active.runner.request_stop.remote("cancelled by user")
+        self._wake.set()
+
+    def check_fits(self, spec: TrainSpec) -> Optional[str]:
+        from .placement import JobView
+
+        self._refresh_nodes(force=not self._nodes)
+        views = self._node_views(include_busy=True)
+        if not views:
+            return None  # an empty pool may still get donors: the job waits
+        job = JobView(job_id="(new)", tenant="", spec=spec, submitted_at=time.time())
+        return self.placer.check_fits(job, views)
+
+    def nodes(self) -> list[Node]:
+        self._refresh_nodes(force=not self._nodes)
+        with self._lock:
+            states = list(self._nodes.values())
+            active = list(self._active.values())
+        out = []
+        for st in states:
+            r, dev = st.report, st.report.get("device", {})
+            cc = dev.get("compute_capability")
+            out.append(Node(
+                id=r.get("node_id", st.name),
+                name=st.name,
+                gpu_name=dev.get("name"),
+                compute_capability=f"{cc[0]}.{cc[1]}" if cc and dev.get("kind") == "cuda" else None,
+                bf16=bool(dev.get("kind") == "cuda" and cc and tuple(cc) >= (8, 0)),
+                total_memory_bytes=int(dev.get("total_memory") or 0),
+                free_memory_bytes=int(r.get("free_memory") or 0),
+                reserved_memory_bytes=int(r.get("reserved_memory") or 0),
+                state="offline" if st.offline else r.get("state", "idle"),
+                jobs=sorted(a.job_id for a in active if a.node == st.name),
+                labels=r.get("labels", {}),
+                last_heartbeat=st.seen_at,
+            ))
+        return out
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(self.poll_interval)
+            self._wake.clear()
+            if self._stopping.is_set():
+                break
+            try:
+                self._refresh_nodes()
+                self._poll_active()
+                self._schedule()
+            except Exception:  # the loop must outlive any one bad tick
+                log.exception("scheduler tick failed")
+
+    def _recover(self) -> None:
+        """Jobs the store says are running but no runner of ours drives: back to the queue."""
+        for job in self.store.jobs_in_status("running"):
+            if job.id in self._active:
+                continue
+            self._kill_runner_named(job.id)
+            if self.store.transition(job.id, {"running"}, "queued", node_id=None):
+                self.store.add_event(job.id, "The service restarted; job requeued from its "
+                                     "last checkpoint", level="warn")
+
+    # -- nodes ------------------------------------------------------------------------------
+    def _refresh_nodes(self, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last_refresh < self.node_refresh_interval:
+            return
+        self._last_refresh = now
+        agents = list_agents()
+        refs = {name: handle.report.remote() for name, handle in agents.items()}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=2.0) if refs else ([], [])
+        ready_set = set(ready)
+        with self._lock:
+            for name, ref in refs.items():
+                if ref in ready_set:
+                    try:
+                        report = ray.get(ref)
+                    except Exception:
+                        continue
+                    st = self._nodes.get(name)
+                    if st is None:
+                        log.info("node %s joined", name)
+                    self._nodes[name] = _NodeState(name, report, now, False, agents[name])
+            for name, st in self._nodes.items():
+                if not st.offline and now - st.seen_at > self.heartbeat_timeout:
+                    st.offline = True
+                    log.warning("node %s is offline (no heartbeat for %.0f s)", name,
+                                now - st.seen_at)
+
+    def _node_views(self, include_busy: bool = False) -> list[Any]:
+        from .placement import NodeView
+
+        views = []
+        with self._lock:
+            for st in self._nodes.values():
+                if st.offline:
+                    continue
+                r = st.report
+                dev = DeviceInfo(**r["device"])
+                promised = sum(
+                    a.estimate for a in self._active.values()
+                    if a.node == st.name and (a.job_id not in r.get("jobs", ())
+                                              or (not a.stepped and dev.kind == "cuda"
+                                                  and r.get("reserved_memory", 0) == 0))
+                )
+                views.append(NodeView(
+                    node_id=st.name,
+                    name=st.name,
+                    device=dev,
+                    free_memory=int(r["free_memory"]),
+                    promised=promised,
+                    labels=dict(r.get("labels", {})),
+                    accepting=bool(r.get("accepting", True)) or include_busy,
+                    running_jobs=sum(1 for a in self._active.values() if a.node == st.name),
+                ))
+        return views
+
+    # -- running jobs -----------------------------------------------------------------------
+    def _poll_active(self) -> None:
+        with self._lock:
+            actives = list(self._active.values())
+        for a in actives:
+            node = self._nodes.get(a.node)
+            try:
+                items = ray.get(a.runner.drain.remote(), timeout=10)
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
+                self._lost(a, f"node {a.node} lost ({type(exc).__name__})")
+                continue
+            except ray.exceptions.GetTimeoutError:
+                if node is not None and node.offline:
+                    self._lost(a, f"node {a.node} stopped sending heartbeats")
+                continue
+            for item in items:
+                self._absorb(a, item)
+            ready, _ = ray.wait([a.run_ref], timeout=0)
+            if ready:
+                try:
+                    result = ray.get(a.run_ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
+                    self._lost(a, f"node {a.node} lost ({type(exc).__name__})")
+                    continue
+                except ray.exceptions.RayTaskError as exc:
+                    result = {"status": "failed", "code": "internal_error", "message": str(exc),
+                              "retryable": True}
+                self._finish(a, result)
+            elif node is not None and node.offline:
+                self._lost(a, f"node {a.node} stopped sending heartbeats")
+
+    def _absorb(self, a: _Active, item: dict[str, Any]) -> None:
+        ev = item.get("event") or {}
+        kind = ev.get("type")
+        if kind == "step":
+            a.stepped = True
+            metrics = {k: ev.get(k) for k in ("step", "total_steps", "loss", "lr", "grad_norm",
+                                               "tokens_per_s", "memory_allocated", "memory_peak")}
+            metrics["train_loss"] = ev.get("loss")
+            msg = (f"Step {ev.get('step')}/{ev.get('total_steps')}: training loss="
+                   f"{ev.get('loss'):.4f}" if ev.get("loss") is not None else ev.get("message", ""))
+            self.store.add_event(a.job_id, msg, type="metrics", data=metrics)
+            self.store.update_job(a.job_id, step=ev.get("step"), total_steps=ev.get("total_steps"))
+        elif kind == "eval":
+            data = {"step": ev.get("step"), "valid_loss": ev.get("loss"), **(ev.get("data") or {})}
+            self.store.add_event(a.job_id, ev.get("message") or
+                                 f"Step {ev.get('step')}: validation loss={ev.get('loss')}",
+                                 type="metrics", data=data)
+        elif kind == "checkpoint" and item.get("files"):
+            self._save_checkpoint(a, int(ev.get("step") or 0), item["files"],
+                                  {"train_loss": ev.get("loss")})
+        elif kind:
+            level = "warn" if kind == "warning" else "info"
+            if ev.get("message"):
+                self.store.add_event(a.job_id, ev["message"], level=level,
+                                     data=ev.get("data") or None)
+
+    def _save_checkpoint(self, a: _Active, step: int, files: dict[str, bytes],
+                         metrics: dict[str, Any]) -> None:
+        if step <= a.last_checkpoint_step:
+            return
+        artifact_id = self._put_folder(files)
+        self.store.add_checkpoint(a.job_id, step, artifact_id,
+                                  {k: v for k, v in metrics.items() if v is not None})
+        a.last_checkpoint_step = step
+        self.store.add_event(a.job_id, f"Checkpoint saved at step {step}",
+                             data={"step": step, "artifact": artifact_id})
+
+    def _put_folder(self, files: dict[str, bytes]) -> str:
+        with tempfile.TemporaryDirectory(prefix="lorapool-in-") as tmp:
+            folder = write_folder(files, Path(tmp) / "f")
+            return self.artifacts.put_dir(folder)
+
+    def _release(self, a: _Active) -> None:
+        with self._lock:
+            self._active.pop(a.job_id, None)
+        st = self._nodes.get(a.node)
+        if st is not None and st.handle is not None:
+            try:
+                st.handle.unregister_job.remote(a.job_id)
+            except Exception:
+                pass
+        try:
+            ray.kill(a.runner, no_restart=True)
+        except Exception:
+            pass
+
+    def _finish(self, a: _Active, result: dict[str, Any]) -> None:
+        self._release(a)
+        status = result.get("status")
+        job = self.store.get_job(a.job_id)
+        peak = result.get("peak_memory")
+        if status == "completed":
+            metrics = result.get("metrics") or {}
+            artifact_id = self._put_folder(result["adapter_files"])
+            size = sum(len(b) for b in result["adapter_files"].values())
+            adapter = self.store.add_adapter(
+                tenant=a.tenant,
+                base_model=job.model,
+                base_model_sha256=getattr(job, "model_sha256", None),
+                job_id=a.job_id,
+                artifact_id=artifact_id,
+                bytes=size,
+                sha256=content_id(result["adapter_files"]),
+                metrics=metrics,
+            )
+            self.store.transition(
+                a.job_id, {"running"}, "succeeded", finished_at=int(time.time()),
+                fine_tuned_model=adapter.id, trained_tokens=metrics.get("trained_tokens"),
+                measured_peak_memory=peak, step=result.get("step"),
+            )
+            self.store.add_event(a.job_id, f"Training finished: adapter {adapter.id}",
+                                 data={k: v for k, v in metrics.items()
+                                       if isinstance(v, (int, float, str))})
+        elif status == "stopped":
+            if result.get("checkpoint_files"):
+                self._save_checkpoint(a, int(result.get("step") or 0), result["checkpoint_files"], {})
+            cancelled = (a.stop_reason == "cancelled by user"
+                         or bool(getattr(job, "cancel_requested", False)))
+            if cancelled:
+                self.store.transition(a.job_id, {"running"}, "cancelled",
+                                      finished_at=int(time.time()), measured_peak_memory=peak)
+                self.store.add_event(a.job_id, f"Job cancelled at step {result.get('step')}; "
+                                     "its last checkpoint stays downloadable")
+            else:
+                self._requeue(a, result.get("stop_reason") or "stopped by its node")
+        else:
+            code = result.get("code", "internal_error")
+            message = result.get("message", "training failed")
+            if result.get("retryable") and a.attempt + 1 < self.max_attempts:
+                self._requeue(a, f"{code}: {message}")
+            else:
+                self.store.transition(a.job_id, {"running"}, "failed",
+                                      finished_at=int(time.time()), error_code=code,
+                                      error_message=message, measured_peak_memory=peak)
+                self.store.add_event(a.job_id, f"Job failed: {message}", level="error",
+                                     data={"code": code})
+        self._wake.set()
+
+    def _requeue(self, a: _Active, reason: str) -> None:
+        if self.store.transition(a.job_id, {"running"}, "queued", node_id=None,
+                                 attempt=a.attempt + 1):
+            self.store.add_event(
+                a.job_id,
+                f"Attempt {a.attempt + 1} ended on {a.node}: {reason}; requeued from the last "
+                f"checkpoint (step {max(a.last_checkpoint_step, 0)})",
+                level="warn", data={"reason": reason, "attempt": a.attempt + 1,
+                                    "resume_step": max(a.last_checkpoint_step, 0)},
+            )
+
+    def _lost(self, a: _Active, reason: str) -> None:
+        self._release(a)
+        job = self.store.get_job(a.job_id)
+        if getattr(job, "cancel_requested", False):
+            self.store.transition(a.job_id, {"running"}, "cancelled", finished_at=int(time.time()))
+            self.store.add_event(a.job_id, f"Job cancelled ({reason})")
+        elif a.attempt + 1 < self.max_attempts:
+            self._requeue(a, reason)
+        else:
+            self.store.transition(a.job_id, {"running"}, "failed", finished_at=int(time.time()),
+                                  error_code="node_lost", error_message=reason)
+            self.store.add_event(a.job_id, f"Job failed: {reason}", level="error")
+
+    def _kill_runner_named(self, job_id: str) -> None:
+        try:
+            ray.kill(ray.get_actor(f"lorapool-job:{job_id}", namespace=NAMESPACE), no_restart=True)
+        except Exception:
+            pass
+
+    # -- placing queued jobs ---------------------------------------------------------------
+    def _schedule(self) -> None:
+        from .placement import JobView
+
+        with self._lock:
+            active_ids = set(self._active)
+        queued = [j for j in self.store.jobs_in_status("queued") if j.id not in active_ids]
+        if not queued:
+            return
+        views = self._node_views()
+        if not views:
+            return
+        jobs = []
+        for j in queued:
+            try:
+                spec = self._head_spec(j)
+            except Exception as exc:
+                self.store.transition(j.id, {"queued"}, "failed", finished_at=int(time.time()),
+                                      error_code="model_not_found", error_message=str(exc))
+                continue
+            jobs.append(JobView(job_id=j.id, tenant=j.tenant, spec=spec,
+                                submitted_at=float(j.created_at)))
+        running_by_tenant: dict[str, int] = {}
+        with self._lock:
+            for a in self._active.values():
+                running_by_tenant[a.tenant] = running_by_tenant.get(a.tenant, 0) + 1
+        by_id = {j.id: j for j in queued}
+        for placement in self.placer.plan(jobs, views, running_by_tenant):
+            try:
+                self._start(by_id[placement.job_id], placement)
+            except Exception as exc:
+                log.exception("could not start %s", placement.job_id)
+                self.store.add_event(placement.job_id, f"Could not start on {placement.node_id}: "
+                                     f"{exc}", level="warn")
+
+    def _head_spec(self, job: Any) -> TrainSpec:
+        model = self.store.get_model(job.model)
+        if model is None:
+            raise LookupError(f"model {job.model!r} is no longer registered")
+        fields = dict(job.spec)
+        fields["base_model"] = str(model.path)
+        return TrainSpec(**fields)
+
+    def _model_payload(self, model: Any) -> dict[str, Any]:
+        path = Path(model.path)
+        key = model.sha256
+        if key not in self._model_refs:
+            files = read_folder(path)
+            self._model_refs[key] = {name: ray.put(data) for name, data in files.items()}
+        return {"key": key, "files": self._model_refs[key],
+                "entry": path.name if path.is_file() else None}
+
+    def _file_payload(self, file_id: Optional[str]) -> Optional[dict[str, Any]]:
+        if not file_id:
+            return None
+        rec = self.store.get_file(file_id)
+        data = self.artifacts.read_bytes(rec.artifact_id)
+        return {"key": rec.sha256, "files": {"data.jsonl": ray.put(data)}, "entry": "data.jsonl"}
+
+    def _resume_payload(self, job_id: str) -> tuple[Optional[dict[str, Any]], int]:
+        checkpoints = self.store.list_checkpoints(job_id)
+        if not checkpoints:
+            return None, 0
+        last = max(checkpoints, key=lambda c: c.step)
+        with tempfile.TemporaryDirectory(prefix="lorapool-out-") as tmp:
+            folder = self.artifacts.get_dir(last.artifact_id, Path(tmp) / "ckpt")
+            files = read_folder(folder)
+        key = last.artifact_id.replace(":", "-")
+        return {"key": key, "files": {n: ray.put(b) for n, b in files.items()}}, last.step
+
+    def _start(self, job: Any, placement: Any) -> None:
+        st = self._nodes[placement.node_id]
+        model = self.store.get_model(job.model)
+        resume, resume_step = self._resume_payload(job.id)
+        spec_fields = placement.spec.model_dump(mode="json")
+        spec_fields.pop("base_model")
+        attempt = int(getattr(job, "attempt", 0) or 0)
+        payload = {
+            "spec": spec_fields,
+            "model": self._model_payload(model),
+            "data": self._file_payload(job.training_file),
+            "validation": self._file_payload(job.validation_file),
+            "resume": resume,
+            "attempt": attempt,
+        }
+        node_id = st.report["node_id"]
+        self._kill_runner_named(job.id)
+        runner = RemoteJobRunner.options(
+            name=f"lorapool-job:{job.id}",
+            namespace=NAMESPACE,
+            num_cpus=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+        ).remote(job.id, agent_name(st.name))
+        estimate = int(placement.estimate.total)
+        if not ray.get(st.handle.register_job.remote(job.id, runner, estimate), timeout=10):
+            ray.kill(runner, no_restart=True)
+            return
+        if not self.store.transition(
+            job.id, {"queued"}, "running", node_id=st.name, started_at=int(time.time()),
+            predicted_memory=estimate, memory_breakdown=dict(placement.estimate.breakdown),
+        ):
+            # Cancelled while we were placing it.
+            st.handle.unregister_job.remote(job.id)
+            ray.kill(runner, no_restart=True)
+            return
+        run_ref = runner.run.remote(payload)
+        active = _Active(job.id, job.tenant, st.name, runner, run_ref, estimate, attempt,
+                         time.time(), last_checkpoint_step=resume_step - 1 if resume else -1)
+        with self._lock:
+            self._active[job.id] = active
+        dev = st.report["device"]
+        msg = (f"Attempt {attempt + 1} placed on {st.name} ({dev.get('name')}, "
+               f"{_fmt_gib(int(st.report['free_memory']))} free); predicted peak "
+               f"{_fmt_gib(estimate)}")
+        if resume:
+            msg += f"; resuming from step {resume_step}"
+        self.store.add_event(job.id, msg, data={"node": st.name, "predicted_memory": estimate,
+                                                "resume_step": resume_step if resume else None})
+        for change in placement.changes:
+            self.store.add_event(job.id, f"Auto-fit: {change}", level="warn")
