@@ -1,0 +1,160 @@
+"""Wiring the service together: Ray, the store, the artifact folder, the scheduler and the API.
+
+`Service` is the whole server as one object, used three ways: `lorapool serve` (blocking, until
+SIGINT/SIGTERM), `lorapool demo`, and tests (as a context manager, with uvicorn in a thread on
+a loopback port). With no Ray address it starts a local Ray head bound to 127.0.0.1 with the
+dashboard off, and donates this machine as the first node of the pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+log = logging.getLogger("lorapool.server")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """The running server. `start()` returns once the API answers; `stop()` undoes it."""
+
+    def __init__(
+        self,
+        settings: Any,
+        *,
+        local_node: bool = True,
+        local_node_options: Optional[dict[str, Any]] = None,
+        executor_options: Optional[dict[str, Any]] = None,
+        ray_init_options: Optional[dict[str, Any]] = None,
+    ) -> None:
+        self.settings = settings
+        self.local_node = local_node
+        self.local_node_options = local_node_options or {}
+        self.executor_options = executor_options or {}
+        self.ray_init_options = ray_init_options or {}
+        self.store: Any = None
+        self.artifacts: Any = None
+        self.executor: Any = None
+        self.app: Any = None
+        self._server: Any = None
+        self._thread: Optional[threading.Thread] = None
+        self._started_ray = False
+        self._agent: Any = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.settings.host}:{self.settings.port}"
+
+    # -- parts ------------------------------------------------------------------------------
+    def _init_ray(self) -> None:
+        import ray
+
+        from .pool.agent import NAMESPACE
+
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if ray.is_initialized():
+            return
+        if self.settings.ray_address:
+            ray.init(address=self.settings.ray_address, namespace=NAMESPACE,
+                     log_to_driver=False, **self.ray_init_options)
+        else:
+            opts: dict[str, Any] = dict(
+                namespace=NAMESPACE,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                log_to_driver=False,
+            )
+            opts.update(self.ray_init_options)
+            ray.init(**opts)
+        self._started_ray = True
+
+    def _start_local_node(self) -> None:
+        from .pool.agent import AgentConfig, start_agent
+
+        opts = dict(self.local_node_options)
+        opts.setdefault("name", socket.gethostname() or "local")
+        opts.setdefault("work_dir", str(Path(self.settings.data_dir) / "node"))
+        self._agent = start_agent(AgentConfig(**opts))
+
+    def build(self) -> None:
+        from .api.app import create_app
+        from .artifacts import ArtifactStore
+        from .pool.scheduler import RayExecutor
+        from .store import Store
+
+        Path(self.settings.data_dir).mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.settings.database_url)
+        self.artifacts = ArtifactStore(Path(self.settings.artifacts_dir))
+        self._init_ray()
+        if self.local_node:
+            self._start_local_node()
+        self.executor = RayExecutor(self.store, self.artifacts, **self.executor_options)
+        self.executor.start()
+        self.app = create_app(self.settings, self.store, self.artifacts, self.executor)
+
+    def _uvicorn(self) -> Any:
+        import uvicorn
+
+        config = uvicorn.Config(self.app, host=self.settings.host, port=int(self.settings.port),
+                                log_level="warning", lifespan="on")
+        return uvicorn.Server(config)
+
+    # -- lifecycles -------------------------------------------------------------------------
+    def start(self, timeout: float = 60.0) -> "Service":
+        """Start everything, the HTTP server in a background thread (tests, demo)."""
+        self.build()
+        self._server = self._uvicorn()
+        self._thread = threading.Thread(target=self._server.run, name="lorapool-http", daemon=True)
+        self._thread.start()
+        deadline = time.time() + timeout
+        while not self._server.started:
+            if time.time() > deadline or not self._thread.is_alive():
+                raise RuntimeError(f"the API did not start on {self.base_url}")
+            time.sleep(0.05)
+        return self
+
+    def serve_forever(self) -> None:
+        """Start everything and serve in this thread until SIGINT/SIGTERM (uvicorn's handlers)."""
+        self.build()
+        self._server = self._uvicorn()
+        log.info("lorapool serving on %s (data in %s)", self.base_url, self.settings.data_dir)
+        try:
+            self._server.run()
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(10)
+        if self.executor is not None:
+            self.executor.stop()
+        if self._started_ray:
+            import ray
+
+            ray.shutdown()
+            self._started_ray = False
+        if self.store is not None:
+            self.store.close()
+
+    def __enter__(self) -> "Service":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def serve(settings: Any, **options: Any) -> None:
+    """`lorapool serve`: run the service until interrupted."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    Service(settings, **options).serve_forever()
