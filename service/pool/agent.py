@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .devices import SimulatedGPU, detect_device
+from .policy import DonationPolicy, GpuActivity
 
 NAMESPACE = "lorapool"
 AGENT_PREFIX = "lorapool-agent:"
@@ -39,12 +40,14 @@ class AgentConfig(BaseModel):
     cpu_memory: Optional[int] = None  # what a --cpu-only donor offers
     labels: dict[str, str] = Field(default_factory=dict)
     datasets: dict[str, str] = Field(default_factory=dict)  # node-local data sets: name → path
+    policy: DonationPolicy = Field(default_factory=DonationPolicy)
 
 
 class NodeAgent:
     """See the module docstring. Runs as a threaded Ray actor pinned to its node."""
 
-    def __init__(self, config: AgentConfig, availability: Optional[Callable[[], Optional[str]]] = None):
+    def __init__(self, config: AgentConfig,
+                 probe: Optional[Callable[[], Optional[GpuActivity]]] = None):
         self.config = config
         self.node_id = ray.get_runtime_context().get_node_id()
         Path(config.work_dir).mkdir(parents=True, exist_ok=True)
@@ -53,7 +56,8 @@ class NodeAgent:
         self._reserved: dict[str, int] = {}
         self._reclaimed: Optional[str] = None
         # Returns a reason when the owner wants the GPU back (schedule/idle rules), else None.
-        self._availability = availability
+        self._availability = config.policy.checker(probe)
+        self._pids: dict[str, Any] = {}
         self._simulated_free: Optional[int] = None
 
     # -- reports ---------------------------------------------------------------------------
@@ -108,12 +112,14 @@ class NodeAgent:
                 return False
             self._runners[job_id] = runner
             self._reserved[job_id] = int(reserve_bytes)
+            self._pids[job_id] = runner.pid.remote()
         return True
 
     def unregister_job(self, job_id: str) -> None:
         with self._lock:
             self._runners.pop(job_id, None)
             self._reserved.pop(job_id, None)
+            self._pids.pop(job_id, None)
 
     # -- the owner -------------------------------------------------------------------------
     def reclaim(self, reason: str = "the owner reclaimed the GPU") -> list[str]:
@@ -134,10 +140,14 @@ class NodeAgent:
         """Tests: another process on the simulated GPU took (or gave back) memory."""
         self._simulated_free = free_memory
 
+    def _own_pids(self) -> set[int]:
+        with self._lock:
+            refs = list(self._pids.values())
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0) if refs else ([], [])
+        return {ray.get(r) for r in ready}
+
     def _apply_policy(self) -> None:
-        if self._availability is None:
-            return
-        reason = self._availability()
+        reason = self._availability(self._own_pids())
         if reason and self._reclaimed is None:
             self.reclaim(reason)
         elif not reason and self._reclaimed is not None and self._reclaimed_by_policy:
@@ -159,7 +169,7 @@ def start_agent(
     *,
     node_id: Optional[str] = None,
     detached: bool = False,
-    availability: Optional[Callable[[], Optional[str]]] = None,
+    probe: Optional[Callable[[], Optional[GpuActivity]]] = None,
 ) -> Any:
     """Start (or find) the NodeAgent named `config.name`, pinned to `node_id` (default: here)."""
     node_id = node_id or ray.get_runtime_context().get_node_id()
@@ -169,7 +179,7 @@ def start_agent(
         get_if_exists=True,
         lifetime="detached" if detached else None,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
-    ).remote(config, availability)
+    ).remote(config, probe)
 
 
 def list_agents() -> dict[str, Any]:

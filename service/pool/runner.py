@@ -63,8 +63,11 @@ class JobRunner:
             out, self._outbox = self._outbox, []
         return out
 
-    def ping(self) -> bool:
-        return True
+    def pid(self) -> int:
+        """The training process, so the NodeAgent does not mistake it for the owner's."""
+        import os
+
+        return os.getpid()
 
     def run(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Train; return {"status": completed|stopped|failed, …, "adapter_files"?: {…}}."""
