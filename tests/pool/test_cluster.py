@@ -1,0 +1,209 @@
+"""The pool on a real multi-node Ray cluster on this machine.
+
+`ray.cluster_utils.Cluster` starts several raylets on loopback; each gets a NodeAgent told its
+simulated GPU (name, compute capability, total and free memory) and its own working folder.
+The service joins that cluster like a production head joins donors, and jobs go through the
+real HTTP API, the real scheduler and the real trainer (on the CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+
+GiB = 1024**3
+MiB = 1024**2
+
+# name: (total, free, compute capability). Free < total: other processes hold the rest.
+NODES = {
+    "gtx-1650-desk1": (4 * GiB, 700 * MiB, (7, 5)),
+    "rtx-3060-desk2": (12 * GiB, 1200 * MiB, (8, 6)),
+    "rtx-4090-desk3": (24 * GiB, 3 * GiB, (8, 9)),
+}
+
+
+def _lines(n: int, seed: int = 0) -> str:
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        out.append(json.dumps({"messages": [{"role": "user", "content": f"{a}*{b}?"},
+                                            {"role": "assistant", "content": str(a * b)}]}))
+    return "\n".join(out) + "\n"
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> Any:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from lorapool import Client
+    from lorapool.service.admin import add_model, create_token
+    from lorapool.service.config import Settings
+    from lorapool.service.pool import scheduler as sched
+    from lorapool.service.pool.agent import AgentConfig, start_agent
+    from lorapool.service.pool.devices import SimulatedGPU
+    from lorapool.service.server import Service, free_port
+    from lorapool.service.train.tiny import make_tiny_llama
+
+    root = tmp_path_factory.mktemp("pool")
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    raylets = {name: cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1") for name in NODES}
+    cluster.wait_for_nodes()
+
+    settings = Settings.from_env(data_dir=root / "head", host="127.0.0.1", port=free_port(),
+                                 ray_address=cluster.address)
+    add_model(settings, "tiny-llama", make_tiny_llama(root / "models" / "tiny-llama"))
+    tokens = {t: create_token(settings, t) for t in ("acme", "globex")}
+
+    sent: list[Any] = []
+    real_start = sched.RayExecutor._start
+
+    # Observe every start (what would travel to a node), then do the real thing.
+    def recording_start(self, job, placement):
+        sent.append({"job": job.id, "node": placement.node_id,
+                     "spec": placement.spec.model_dump(mode="json")})
+        return real_start(self, job, placement)
+
+    sched.RayExecutor._start = recording_start
+    svc = Service(settings, local_node=False, executor_options={"heartbeat_timeout": 8.0})
+    svc.start()
+    agents = {}
+    for name, (total, free, cc) in NODES.items():
+        agents[name] = start_agent(AgentConfig(
+            name=name, work_dir=str(root / "nodes" / name),
+            simulate_gpu=SimulatedGPU(name=name, total_memory=total, free_memory=free,
+                                      compute_capability=cc)),
+            node_id=raylets[name].node_id)
+    ray.get([a.report.remote() for a in agents.values()])
+    data = root / "train.jsonl"
+    data.write_text(_lines(24))
+    try:
+        yield {"svc": svc, "cluster": cluster, "raylets": raylets, "agents": agents,
+               "tokens": tokens, "root": root, "data": data, "sent": sent,
+               "client": lambda t="acme": Client(svc.base_url, api_key=tokens[t], timeout=30)}
+    finally:
+        sched.RayExecutor._start = real_start
+        svc.stop()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _wait_all(client, ids, timeout=600):
+    return [client.jobs.wait(i, timeout=timeout) for i in ids]
+
+
+def test_nodes_are_visible_with_their_simulated_gpus(pool):
+    client = pool["client"]()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        nodes = {n.name: n for n in client.nodes.list()}
+        if set(NODES) <= set(nodes):
+            break
+        time.sleep(0.5)
+    assert set(NODES) <= set(nodes)
+    n = nodes["rtx-3060-desk2"]
+    assert n.gpu_name == "rtx-3060-desk2" and n.total_memory_bytes == 12 * GiB
+    assert n.compute_capability == "8.6" and n.bf16 and n.state in ("idle", "training")
+    assert not nodes["gtx-1650-desk1"].bf16
+
+
+def test_job_too_big_for_every_node_is_refused_with_the_numbers(pool):
+    from lorapool.errors import BadRequestError
+
+    client = pool["client"]()
+    with pytest.raises(BadRequestError) as err:
+        client.submit("tiny-llama", pool["data"], max_seq_len=32768, micro_batch_size=64,
+                      batch_size=64, lora={"r": 512, "alpha": 512})
+    msg = str(err.value)
+    assert "needs" in msg and "GiB" in msg and "rtx-4090-desk3" in msg, msg
+
+
+def test_jobs_land_only_where_they_fit_and_nothing_names_head_paths(pool):
+    client = pool["client"]()
+    small = client.submit("tiny-llama", pool["data"], max_seq_len=64, batch_size=4,
+                          micro_batch_size=4, lora={"r": 2, "alpha": 4})
+    done = _wait_all(client, [small.id])
+    assert done[0].status == "succeeded", done[0].error
+    # Every node the job could have used had its free memory ≥ the predicted peak.
+    job = done[0]
+    total, free, _ = NODES[job.node_id]
+    assert job.memory.predicted_bytes and job.memory.predicted_bytes <= free
+    # Best fit: the smallest node that holds it.
+    fitting = [n for n, (_, f, _) in NODES.items() if f >= job.memory.predicted_bytes * 1.1]
+    assert job.node_id == min(fitting, key=lambda n: NODES[n][1])
+
+    head_dir = str(pool["svc"].settings.data_dir)
+
+    def strings(obj):
+        if isinstance(obj, str):
+            yield obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                yield from strings(k)
+                yield from strings(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                yield from strings(v)
+
+    assert pool["sent"], "the scheduler sent nothing"
+    for payload in pool["sent"]:
+        leaked = [s for s in strings(payload) if head_dir in s or str(pool["root"]) in s]
+        assert not leaked, f"head paths sent to a node: {leaked}"
+    # The node materialised its own copy of the model in its own folder, by content hash.
+    node_cache = pool["root"] / "nodes" / job.node_id / "cache" / "models"
+    assert any(p.is_dir() for p in node_cache.iterdir())
+
+
+def test_auto_fit_shrinks_micro_batch_instead_of_refusing(pool):
+    client = pool["client"]()
+    job = client.submit("tiny-llama", pool["data"], max_seq_len=2048, batch_size=8,
+                        micro_batch_size=8, lora={"r": 2, "alpha": 4}, n_epochs=1)
+    job = client.jobs.wait(job.id, timeout=600)
+    assert job.status == "succeeded", job.error
+    assert job.micro_batch_size is None or job.micro_batch_size <= 8
+    events = [e.message for e in client.jobs.events(job.id)]
+    assert any(m.startswith("Auto-fit:") and "micro_batch_size" in m for m in events), events
+
+
+def test_owner_returns_node_stops_taking_jobs_and_job_moves(pool):
+    import ray
+
+    client = pool["client"]()
+    # Only the 4090 holds this one (its estimate is over the 3060's free memory).
+    job = client.submit("tiny-llama", pool["data"], max_seq_len=64, batch_size=2,
+                        micro_batch_size=2, n_epochs=30, checkpoint_every=2,
+                        lora={"r": 2, "alpha": 4})
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        job = client.jobs.get(job.id)
+        if job.status == "running" and (job.step or 0) >= 3:
+            break
+        time.sleep(0.3)
+    first_node = job.node_id
+    assert job.status == "running"
+    ray.get(pool["agents"][first_node].reclaim.remote("owner is back"))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            job = client.jobs.get(job.id)
+            if job.node_id and job.node_id != first_node:
+                break
+            time.sleep(0.3)
+        events = [e.message for e in client.jobs.events(job.id)]
+        assert any("owner is back" in m and "requeued" in m for m in events), events
+        nodes = {n.name: n for n in client.nodes.list()}
+        assert nodes[first_node].state == "reclaimed"
+        client.jobs.cancel(job.id)
+        client.jobs.wait(job.id, timeout=300)
+    finally:
+        ray.get(pool["agents"][first_node].release.remote())
