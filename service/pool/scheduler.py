@@ -478,21 +478,27 @@ class RayExecutor:
         key = last.artifact_id.replace(":", "-")
         return {"key": key, "files": {n: ray.put(b) for n, b in files.items()}}, last.step
 
-    def _start(self, job: Any, placement: Any) -> None:
-        st = self._nodes[placement.node_id]
+    def _build_payload(self, job: Any, placement: Any) -> tuple[dict[str, Any], int]:
+        """What travels to the node: data and object refs, never a path of the head's."""
         model = self.store.get_model(job.model)
         resume, resume_step = self._resume_payload(job.id)
         spec_fields = placement.spec.model_dump(mode="json")
         spec_fields.pop("base_model")
-        attempt = int(getattr(job, "attempt", 0) or 0)
         payload = {
             "spec": spec_fields,
             "model": self._model_payload(model),
             "data": self._file_payload(job.training_file),
             "validation": self._file_payload(job.validation_file),
             "resume": resume,
-            "attempt": attempt,
+            "attempt": int(getattr(job, "attempt", 0) or 0),
         }
+        return payload, resume_step
+
+    def _start(self, job: Any, placement: Any) -> None:
+        st = self._nodes[placement.node_id]
+        payload, resume_step = self._build_payload(job, placement)
+        resume = payload["resume"]
+        attempt = payload["attempt"]
         node_id = st.report["node_id"]
         self._kill_runner_named(job.id)
         runner = RemoteJobRunner.options(

@@ -66,15 +66,15 @@ def pool(tmp_path_factory) -> Any:
     tokens = {t: create_token(settings, t) for t in ("acme", "globex")}
 
     sent: list[Any] = []
-    real_start = sched.RayExecutor._start
+    real_build = sched.RayExecutor._build_payload
 
-    # Observe every start (what would travel to a node), then do the real thing.
-    def recording_start(self, job, placement):
-        sent.append({"job": job.id, "node": placement.node_id,
-                     "spec": placement.spec.model_dump(mode="json")})
-        return real_start(self, job, placement)
+    # Observe every payload that travels to a node, then send it as usual.
+    def recording_build(self, job, placement):
+        payload, step = real_build(self, job, placement)
+        sent.append(payload)
+        return payload, step
 
-    sched.RayExecutor._start = recording_start
+    sched.RayExecutor._build_payload = recording_build
     svc = Service(settings, local_node=False, executor_options={"heartbeat_timeout": 8.0})
     svc.start()
     agents = {}
@@ -92,7 +92,7 @@ def pool(tmp_path_factory) -> Any:
                "tokens": tokens, "root": root, "data": data, "sent": sent,
                "client": lambda t="acme": Client(svc.base_url, api_key=tokens[t], timeout=30)}
     finally:
-        sched.RayExecutor._start = real_start
+        sched.RayExecutor._build_payload = real_build
         svc.stop()
         ray.shutdown()
         cluster.shutdown()
@@ -207,3 +207,56 @@ def test_owner_returns_node_stops_taking_jobs_and_job_moves(pool):
         client.jobs.wait(job.id, timeout=300)
     finally:
         ray.get(pool["agents"][first_node].release.remote())
+
+
+def _placed_at(client, job_id: str) -> float:
+    for e in client.jobs.events(job_id):
+        if "placed on" in e.message:
+            return e.created_at
+    return float("inf")
+
+
+def test_flooded_tenant_does_not_starve_another(pool):
+    acme, globex = pool["client"]("acme"), pool["client"]("globex")
+    kw = dict(max_seq_len=64, batch_size=4, micro_batch_size=4, lora={"r": 2, "alpha": 4})
+    flood = [acme.submit("tiny-llama", pool["data"], **kw).id for _ in range(8)]
+    other = globex.submit("tiny-llama", pool["data"], **kw).id
+    done = _wait_all(globex, [other]) + _wait_all(acme, flood)
+    assert all(j.status == "succeeded" for j in done), [(j.id, j.status, j.error) for j in done]
+    placed = sorted(_placed_at(acme, j) for j in flood)
+    # globex arrived last but did not wait behind acme's whole queue.
+    assert _placed_at(globex, other) < placed[-1]
+
+
+def test_dead_node_jobs_do_not_stay_running(pool):
+    """Runs last: it takes a raylet away for good."""
+    client = pool["client"]()
+    job = client.submit("tiny-llama", pool["data"], max_seq_len=64, batch_size=2,
+                        micro_batch_size=2, n_epochs=40, checkpoint_every=2,
+                        lora={"r": 2, "alpha": 4})
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        job = client.jobs.get(job.id)
+        if job.status == "running" and (job.step or 0) >= 2:
+            break
+        time.sleep(0.3)
+    assert job.status == "running"
+    dead = job.node_id
+    pool["cluster"].remove_node(pool["raylets"][dead], allow_graceful=False)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        job = client.jobs.get(job.id)
+        if not (job.status == "running" and job.node_id == dead):
+            break
+        time.sleep(0.5)
+    assert not (job.status == "running" and job.node_id == dead), "job stuck on a dead node"
+    events = [e.message for e in client.jobs.events(job.id)]
+    assert any(dead in m and "requeued" in m for m in events), events
+    nodes = {n.name: n for n in client.nodes.list()}
+    deadline = time.time() + 30
+    while nodes[dead].state != "offline" and time.time() < deadline:
+        time.sleep(1)
+        nodes = {n.name: n for n in client.nodes.list()}
+    assert nodes[dead].state == "offline"
+    client.jobs.cancel(job.id)
+    assert client.jobs.wait(job.id, timeout=300).status == "cancelled"
