@@ -1,0 +1,278 @@
+"""A content-addressed object store on local disk: datasets, checkpoints and adapters.
+
+An object's id is `sha256:<hex>` of its bytes and it lives at `objects/<ab>/<cdef…>`; the same
+content stored twice is one object. Writes go to a temp file under `tmp/` (same file system),
+are hashed while they stream, fsynced, then `os.replace`d into place, so a reader never sees a
+half-written object and a failed or refused write leaves nothing behind. A folder is stored as
+one object per file plus a JSON manifest object; the manifest's id names the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Iterable, Iterator, Optional, Union
+
+CHUNK = 1024 * 1024
+_ID_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
+MANIFEST_KIND = "lorapool.dir/v1"
+
+
+class ArtifactError(Exception):
+    """Base class of the artifact store's errors."""
+
+
+class ArtifactNotFound(ArtifactError, FileNotFoundError):
+    pass
+
+
+class ArtifactTooLarge(ArtifactError, ValueError):
+    """A streamed write went past its byte limit; nothing was kept."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the data exceeds the limit of {limit} bytes ({_human(limit)})")
+        self.limit = limit
+
+
+def _human(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:g} {unit}" if unit != "bytes" else f"{n} bytes"
+        n = n / 1024  # type: ignore[assignment]
+    return f"{n} bytes"
+
+
+def _hex(artifact_id: str) -> str:
+    m = _ID_RE.match(artifact_id or "")
+    if not m:
+        # Also what keeps an id from ever naming a path outside the store.
+        raise ValueError(f"not an artifact id: {artifact_id!r} (expected 'sha256:<64 hex>')")
+    return m.group(1)
+
+
+def _safe_relpath(name: str) -> PurePosixPath:
+    rel = PurePosixPath(name)
+    if rel.is_absolute() or not rel.parts or any(p in ("..", ".", "") for p in rel.parts):
+        raise ArtifactError(f"unsafe path in folder manifest: {name!r}")
+    return rel
+
+
+class ArtifactWriter:
+    """One object being written: `write()` chunks, then `commit()` (→ id, size) or `abort()`.
+
+    The push-style twin of `ArtifactStore.put_stream`, for callers that receive data in
+    callbacks (a streaming multipart parser). Use it as a context manager: leaving the block
+    without `commit()` aborts.
+    """
+
+    def __init__(self, store: "ArtifactStore", max_bytes: Optional[int] = None) -> None:
+        self._store = store
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._hash = hashlib.sha256()
+        fd, name = tempfile.mkstemp(prefix="put-", dir=store.tmp_dir)
+        self._tmp = Path(name)
+        self._fh: Optional[BinaryIO] = os.fdopen(fd, "wb")
+        self.id: Optional[str] = None
+
+    def write(self, chunk: bytes) -> None:
+        if self._fh is None:
+            raise ArtifactError("write after commit/abort")
+        if not chunk:
+            return
+        self.size += len(chunk)
+        if self.max_bytes is not None and self.size > self.max_bytes:
+            self.abort()
+            raise ArtifactTooLarge(self.max_bytes)
+        self._hash.update(chunk)
+        self._fh.write(chunk)
+
+    def commit(self) -> tuple[str, int]:
+        if self._fh is None:
+            raise ArtifactError("commit after abort")
+        try:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+            artifact_id = f"sha256:{self._hash.hexdigest()}"
+            self._store._install(self._tmp, artifact_id)
+        except BaseException:
+            self.abort()
+            raise
+        self.id = artifact_id
+        return artifact_id, self.size
+
+    def abort(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ArtifactWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.id is None:
+            self.abort()
+
+
+class ArtifactStore:
+    """See the module docstring. Safe to share between threads and processes on one disk."""
+
+    def __init__(self, root: Union[str, Path]) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.objects_dir = self.root / "objects"
+        self.tmp_dir = self.root / "tmp"
+        self.objects_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- writing ----------------------------------------------------------------------------
+    def writer(self, *, max_bytes: Optional[int] = None) -> ArtifactWriter:
+        return ArtifactWriter(self, max_bytes)
+
+    def put_bytes(self, data: bytes) -> str:
+        with self.writer() as w:
+            w.write(data)
+            return w.commit()[0]
+
+    def put_stream(
+        self, chunks: Union[Iterable[bytes], BinaryIO], *, max_bytes: Optional[int] = None
+    ) -> tuple[str, int]:
+        """Store a stream (an iterable of bytes or a binary file object); (id, size).
+
+        Raises `ArtifactTooLarge` as soon as more than `max_bytes` arrived, leaving nothing.
+        """
+        if hasattr(chunks, "read"):
+            fh = chunks
+
+            def _iter() -> Iterator[bytes]:
+                while True:
+                    block = fh.read(CHUNK)  # type: ignore[union-attr]
+                    if not block:
+                        return
+                    yield block
+
+            source: Iterable[bytes] = _iter()
+        else:
+            source = chunks  # type: ignore[assignment]
+        with self.writer(max_bytes=max_bytes) as w:
+            for chunk in source:
+                w.write(chunk)
+            return w.commit()
+
+    def put_file(self, path: Union[str, Path]) -> str:
+        with open(path, "rb") as fh:
+            return self.put_stream(fh)[0]
+
+    def put_dir(self, path: Union[str, Path]) -> str:
+        """Store every file under `path` and a manifest {relpath: [id, size]}; the manifest's id."""
+        path = Path(path)
+        if not path.is_dir():
+            raise NotADirectoryError(f"not a folder: {path}")
+        files: dict[str, list] = {}
+        for f in sorted(path.rglob("*")):
+            if f.is_symlink():
+                raise ArtifactError(f"refusing to store a symbolic link: {f}")
+            if f.is_file():
+                rel = f.relative_to(path).as_posix()
+                files[rel] = [self.put_file(f), f.stat().st_size]
+        manifest = {"kind": MANIFEST_KIND, "files": files}
+        return self.put_bytes(json.dumps(manifest, sort_keys=True).encode())
+
+    def _install(self, tmp: Path, artifact_id: str) -> None:
+        dest = self.path(artifact_id)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        # Same content already there: keep the existing object (readers may have it open).
+        if dest.exists():
+            tmp.unlink(missing_ok=True)
+            return
+        os.replace(tmp, dest)
+
+    # -- reading ----------------------------------------------------------------------------
+    def path(self, artifact_id: str) -> Path:
+        h = _hex(artifact_id)
+        return self.objects_dir / h[:2] / h[2:]
+
+    def exists(self, artifact_id: str) -> bool:
+        return self.path(artifact_id).is_file()
+
+    def _existing(self, artifact_id: str) -> Path:
+        p = self.path(artifact_id)
+        if not p.is_file():
+            raise ArtifactNotFound(f"no artifact {artifact_id}")
+        return p
+
+    def open(self, artifact_id: str) -> BinaryIO:
+        return open(self._existing(artifact_id), "rb")
+
+    def read_bytes(self, artifact_id: str) -> bytes:
+        return self._existing(artifact_id).read_bytes()
+
+    def size(self, artifact_id: str) -> int:
+        return self._existing(artifact_id).stat().st_size
+
+    def verify(self, artifact_id: str) -> bool:
+        """Re-hash the object: False when missing or its bytes no longer match its id."""
+        p = self.path(artifact_id)
+        if not p.is_file():
+            return False
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(CHUNK), b""):
+                h.update(block)
+        return h.hexdigest() == _hex(artifact_id)
+
+    def manifest(self, manifest_id: str) -> dict[str, tuple[str, int]]:
+        """The folder a manifest describes: {relative path: (object id, size)}."""
+        try:
+            doc = json.loads(self.read_bytes(manifest_id))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"{manifest_id} is not a folder manifest") from exc
+        if not isinstance(doc, dict) or doc.get("kind") != MANIFEST_KIND:
+            raise ArtifactError(f"{manifest_id} is not a folder manifest")
+        out: dict[str, tuple[str, int]] = {}
+        for rel, (oid, size) in doc["files"].items():
+            _safe_relpath(rel)
+            _hex(oid)
+            out[rel] = (oid, int(size))
+        return out
+
+    def get_dir(self, manifest_id: str, dest: Union[str, Path]) -> Path:
+        """Materialise a stored folder at `dest` (built in a temp sibling, then renamed).
+
+        `dest` must not exist yet: overwriting a folder someone may be using is the caller's call.
+        """
+        dest = Path(dest)
+        if dest.exists():
+            raise FileExistsError(f"destination exists: {dest}")
+        files = self.manifest(manifest_id)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
+        try:
+            for rel, (oid, _) in files.items():
+                target = tmp.joinpath(*_safe_relpath(rel).parts)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self._existing(oid), target)
+            os.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return dest
+
+    # -- removing ---------------------------------------------------------------------------
+    def delete(self, artifact_id: str) -> bool:
+        """Remove one object (not the objects a manifest names); False when it was not there.
+
+        The caller decides that nothing else refers to it (the store keeps the references)."""
+        p = self.path(artifact_id)
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            return False
+        return True

@@ -1,0 +1,128 @@
+"""The plain records the `Store` hands out: detached pydantic copies of database rows.
+
+Callers (API handlers, the scheduler's thread) get values, never live ORM objects, so nothing
+lazy-loads behind their back and a record can cross threads freely. Times are Unix seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+ACTIVE = frozenset({"validating_files", "queued", "running"})
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(from_attributes=True, extra="forbid")
+
+
+class ModelEntry(_Record):
+    """A base model the admin registered (or a built-in one): a name clients use, a path only
+    the head sees."""
+
+    name: str
+    path: str  # an HF folder or a .gguf file on the head
+    format: Literal["hf", "gguf"]
+    sha256: str  # of the .gguf file, or over the folder's files in a stable order
+    bytes: int = 0
+    trust_remote_code: bool = False  # the folder has an auto_map and the admin allowed it
+    builtin: bool = False
+    created_at: int = Field(default_factory=lambda: int(time.time()))
+
+
+class FileRecord(_Record):
+    id: str
+    tenant: str
+    filename: str
+    bytes: int
+    sha256: str
+    purpose: str
+    created_at: int
+    examples: Optional[int] = None
+    format: Optional[str] = None
+    artifact_id: str
+
+
+class JobRecord(_Record):
+    """Every field of the REST `FineTuningJob` plus what the service keeps about the run."""
+
+    id: str
+    tenant: str
+    model: str
+    model_sha256: Optional[str] = None
+    status: str = "queued"
+    created_at: int = Field(default_factory=lambda: int(time.time()))
+    started_at: Optional[int] = None
+    finished_at: Optional[int] = None
+    fine_tuned_model: Optional[str] = None
+    training_file: Optional[str] = None
+    validation_file: Optional[str] = None
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    trained_tokens: Optional[int] = None
+    seed: int = 42
+    estimated_finish: Optional[int] = None
+    metadata: Optional[dict[str, str]] = None
+    suffix: Optional[str] = None
+    result_files: list[str] = Field(default_factory=list)
+    # lorapool's own request fields.
+    lora: dict[str, Any] = Field(default_factory=dict)
+    quantization: str = "nf4"
+    max_seq_len: int = 1024
+    micro_batch_size: Optional[int] = None
+    learning_rate: Optional[float] = None
+    checkpoint_every: Optional[int] = None
+    # The resolved TrainSpec fields, except `base_model` (a head path the scheduler fills in).
+    spec: dict[str, Any] = Field(default_factory=dict)
+    idempotency_key: Optional[str] = None
+    # The run.
+    cancel_requested: bool = False
+    node_id: Optional[str] = None
+    attempt: int = 0
+    step: Optional[int] = None
+    total_steps: Optional[int] = None
+    predicted_memory: Optional[int] = None
+    measured_peak_memory: Optional[int] = None
+    memory_breakdown: dict[str, int] = Field(default_factory=dict)
+    error_code: Optional[str] = None
+    error_message: Optional[str] = None
+    error_param: Optional[str] = None
+    adapter_id: Optional[str] = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+class EventRecord(_Record):
+    id: str
+    job_id: str
+    created_at: int
+    level: str = "info"
+    type: str = "message"
+    message: str
+    data: Optional[dict[str, Any]] = None
+
+
+class CheckpointRecord(_Record):
+    id: str
+    job_id: str
+    step: int
+    artifact_id: str
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    created_at: int
+
+
+class AdapterRecord(_Record):
+    id: str
+    tenant: str
+    base_model: str
+    base_model_sha256: Optional[str] = None
+    job_id: Optional[str] = None
+    artifact_id: str
+    bytes: int = 0
+    sha256: Optional[str] = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    created_at: int
