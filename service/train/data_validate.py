@@ -1,0 +1,233 @@
+"""Cheap, tokenizer-free validation of a training file (the API runs this at upload time).
+
+A training file is JSONL in one of three formats, the same on every line:
+
+- chat (OpenAI fine-tuning format): ``{"messages": [{"role": ..., "content": ...}, ...]}``
+- prompt/completion: ``{"prompt": "...", "completion": "..."}``
+- plain text: ``{"text": "..."}``
+
+`validate_dataset` streams the source line by line (a 500 MiB upload never sits in RAM whole),
+hashes the raw bytes on the way and reports *every* bad line with its 1-based number and the
+reason, e.g. ``line 7: messages[2].role must be one of system, user, assistant, tool (got 'bot')``.
+Blank lines are skipped but still counted, so numbers match what an editor shows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from lorapool.service.train.errors import DataError, LineError
+
+DataSource = str | Path | bytes | list[dict]
+Format = Literal["chat", "prompt_completion", "text"]
+
+ROLES = ("system", "user", "assistant", "tool")
+# The key that identifies each format; a record carrying keys of two formats is ambiguous.
+_FORMAT_KEYS: dict[str, tuple[str, ...]] = {
+    "chat": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+_FORMAT_NAMES = {"chat": "chat", "prompt_completion": "prompt/completion", "text": "text"}
+
+
+@dataclass
+class DatasetReport:
+    """What validation found: a valid file's example count, format and content hash."""
+
+    n_examples: int
+    format: Format
+    n_lines: int
+    sha256: str  # of the raw bytes (records: of their canonical JSONL encoding)
+
+
+class InvalidRecord(ValueError):
+    """One record is malformed; the message is the reason without the line number."""
+
+
+def records_to_jsonl(records: list[dict]) -> bytes:
+    """The canonical JSONL encoding of in-memory records (what their sha256 is taken over)."""
+    buf = io.BytesIO()
+    for rec in records:
+        buf.write(json.dumps(rec, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+        buf.write(b"\n")
+    return buf.getvalue()
+
+
+def open_source(source: DataSource) -> IO[bytes]:
+    """A binary stream over a JSONL path, raw JSONL bytes, or records."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return io.BytesIO(bytes(source))
+    if isinstance(source, list):
+        return io.BytesIO(records_to_jsonl(source))
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"training file not found: {path}", code="file_not_found")
+        return path.open("rb")
+    raise TypeError(
+        f"data source must be a path, JSONL bytes or a list of records, not {type(source).__name__}"
+    )
+
+
+def iter_lines(stream: IO[bytes], hasher: Any | None = None) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line without the newline) for every line, hashing as it goes."""
+    for number, raw in enumerate(stream, start=1):
+        if hasher is not None:
+            hasher.update(raw)
+        yield number, raw.rstrip(b"\r\n")
+
+
+def detect_format(record: dict) -> Format:
+    """Which of the three formats a record is in; InvalidRecord when none or several."""
+    found = [fmt for fmt, keys in _FORMAT_KEYS.items() if any(k in record for k in keys)]
+    if not found:
+        keys = ", ".join(sorted(map(str, record))) or "none"
+        raise InvalidRecord(
+            "unknown format: expected a 'messages' (chat), 'prompt'/'completion' or 'text' field "
+            f"(got keys: {keys})"
+        )
+    if len(found) > 1:
+        raise InvalidRecord(
+            "ambiguous format: fields of " + " and ".join(_FORMAT_NAMES[f] for f in found)
+            + " in one record"
+        )
+    return found[0]  # type: ignore[return-value]
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def check_record(record: Any, expected: Format | None = None) -> Format:
+    """Validate one decoded record; return its format. Raises InvalidRecord with the reason."""
+    if not isinstance(record, dict):
+        raise InvalidRecord(f"expected a JSON object, got {_type_name(record)}")
+    fmt = detect_format(record)
+    if expected is not None and fmt != expected:
+        raise InvalidRecord(
+            f"format is {_FORMAT_NAMES[fmt]} but the file's first example is "
+            f"{_FORMAT_NAMES[expected]}; all lines must share one format"
+        )
+    if fmt == "chat":
+        _check_chat(record["messages"])
+    elif fmt == "prompt_completion":
+        for key in ("prompt", "completion"):
+            if key not in record:
+                raise InvalidRecord(f"missing '{key}' (prompt/completion format needs both)")
+            if not isinstance(record[key], str):
+                raise InvalidRecord(f"{key} must be a string (got {_type_name(record[key])})")
+        if not record["completion"].strip():
+            raise InvalidRecord("completion must not be empty")
+    else:
+        text = record["text"]
+        if not isinstance(text, str):
+            raise InvalidRecord(f"text must be a string (got {_type_name(text)})")
+        if not text.strip():
+            raise InvalidRecord("text must not be empty")
+    return fmt
+
+
+def _check_chat(messages: Any) -> None:
+    if not isinstance(messages, list):
+        raise InvalidRecord(f"messages must be a list (got {_type_name(messages)})")
+    if not messages:
+        raise InvalidRecord("messages must not be empty")
+    has_assistant = False
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise InvalidRecord(f"{where} must be an object (got {_type_name(msg)})")
+        if "role" not in msg:
+            raise InvalidRecord(f"{where} has no role")
+        role = msg["role"]
+        if role not in ROLES:
+            raise InvalidRecord(f"{where}.role must be one of {', '.join(ROLES)} (got {role!r})")
+        if "content" not in msg:
+            raise InvalidRecord(f"{where} has no content")
+        content = msg["content"]
+        if not isinstance(content, str):
+            raise InvalidRecord(f"{where}.content must be a string (got {_type_name(content)})")
+        if "weight" in msg and (
+            role != "assistant" or isinstance(msg["weight"], bool) or msg["weight"] not in (0, 1)
+        ):
+            # OpenAI's format: `weight` 0/1 on assistant messages says whether to learn it.
+            raise InvalidRecord(f"{where}.weight must be 0 or 1, and only on assistant messages")
+        if role == "assistant":
+            if not content.strip():
+                raise InvalidRecord(f"{where}.content must not be empty (assistant message)")
+            has_assistant = True
+    if not has_assistant:
+        raise InvalidRecord("no assistant message: a chat example needs at least one to learn from")
+
+
+def parse_line(raw: bytes) -> Any:
+    """Decode one raw line (strict UTF-8, then JSON); InvalidRecord with the reason."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRecord(
+            f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at position {exc.start})"
+        ) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRecord(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+
+
+def format_errors(errors: list[LineError], n_more: int) -> str:
+    lines = [str(e) for e in errors]
+    if n_more:
+        lines.append(f"... and {n_more} more invalid line(s)")
+    return "\n".join(lines)
+
+
+def validate_dataset(source: DataSource, *, max_errors: int = 100) -> DatasetReport:
+    """Check every line of a training file without a tokenizer; raise DataError naming each bad
+    line (up to `max_errors`, then how many more), or when the file holds no example."""
+    if max_errors < 1:
+        raise ValueError("max_errors must be at least 1")
+    hasher = hashlib.sha256()
+    errors: list[LineError] = []
+    n_bad = n_examples = n_lines = 0
+    fmt: Format | None = None
+    with open_source(source) as stream:
+        for number, raw in iter_lines(stream, hasher):
+            n_lines = number
+            if not raw.strip():
+                continue  # blank lines are allowed and skipped
+            try:
+                record = parse_line(raw)
+                if fmt is None and isinstance(record, dict):
+                    # The first line with a recognisable format fixes the file's format, even
+                    # when that line is otherwise invalid, so later lines are judged against it.
+                    try:
+                        fmt = detect_format(record)
+                    except InvalidRecord:
+                        pass
+                check_record(record, fmt)
+            except InvalidRecord as exc:
+                n_bad += 1
+                if len(errors) < max_errors:
+                    errors.append(LineError(number, str(exc)))
+                continue
+            n_examples += 1
+    if n_bad:
+        head = (
+            f"training file has no valid example: all {n_bad} non-blank line(s) are invalid"
+            if not n_examples
+            else f"training file has {n_bad} invalid line(s)"
+        )
+        raise DataError(head + ":\n" + format_errors(errors, n_bad - len(errors)), errors)
+    if not n_examples:
+        what = "is empty" if not n_lines else f"has only blank lines ({n_lines})"
+        raise DataError(f"training file {what}: it holds no example", [])
+    assert fmt is not None
+    return DatasetReport(n_examples=n_examples, format=fmt, n_lines=n_lines,
+                         sha256=hasher.hexdigest())
