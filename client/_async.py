@@ -1,0 +1,274 @@
+"""`lorapool.AsyncClient`: the asyncio client (httpx.AsyncClient), running the same plans as
+`Client` (see `_plans.py`); only the I/O of each step differs."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, AsyncIterator, Optional, Union
+
+import httpx
+
+from . import _plans as plans
+from ._base import (DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, Call, CloseStream, Download, Emit,
+                    OpenStream, Plan, ReadEvent, RetryPolicy, SSEDecoder, SSEMessage, Sleep,
+                    build_request, default_headers, make_timeout, resolve_api_key,
+                    resolve_base_url, stream_timeout, wrap_transport_error)
+from ._progress import JobProgress
+from .errors import LorapoolError, error_from_response
+from .types import (Adapter, FileDeleted, FileObject, FineTuningJob, JobCheckpoint, JobEvent,
+                    ListResponse, LoraParams, Model, Node)
+
+
+class _AsyncEventStream:
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self._lines = response.aiter_lines()
+        self._decoder = SSEDecoder()
+
+    async def next_message(self) -> Optional[SSEMessage]:
+        try:
+            async for line in self._lines:
+                msg = self._decoder.feed(line)
+                if msg is not None:
+                    return msg
+        except httpx.TransportError as exc:
+            raise wrap_transport_error(exc) from exc
+        return None
+
+    async def close(self) -> None:
+        await self.response.aclose()
+
+
+class AsyncClient:
+    """The asyncio twin of `lorapool.Client`: same constructor, same resources, awaitable."""
+
+    def __init__(
+        self,
+        base_url: Optional[str] = None,
+        api_key: Optional[str] = None,
+        *,
+        timeout: Union[float, httpx.Timeout, None] = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        http_client: Optional[httpx.AsyncClient] = None,
+    ) -> None:
+        self.base_url = resolve_base_url(base_url)
+        self.api_key = resolve_api_key(api_key)
+        self.timeout = make_timeout(timeout)
+        self.retry_policy = RetryPolicy(max_retries=max_retries)
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.AsyncClient()
+        self._http.base_url = httpx.URL(self.base_url)
+        self._http.headers.update(default_headers(self.api_key))
+        self._http.timeout = self.timeout
+        self.files = AsyncFiles(self)
+        self.jobs = AsyncJobs(self)
+        self.models = AsyncModels(self)
+        self.adapters = AsyncAdapters(self)
+        self.nodes = AsyncNodes(self)
+
+    async def close(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"lorapool.AsyncClient({self.base_url!r})"
+
+    async def submit(
+        self,
+        model: str,
+        training_file: Union[str, Path],
+        *,
+        validation_file: Union[str, Path, None] = None,
+        n_epochs: Union[int, str, None] = None,
+        batch_size: Union[int, str, None] = None,
+        learning_rate: Optional[float] = None,
+        lora: Union[dict[str, Any], LoraParams, None] = None,
+        quantization: Optional[str] = None,
+        max_seq_len: Optional[int] = None,
+        micro_batch_size: Optional[int] = None,
+        checkpoint_every: Optional[int] = None,
+        suffix: Optional[str] = None,
+        seed: Optional[int] = None,
+        metadata: Optional[dict[str, str]] = None,
+        idempotency_key: Optional[str] = None,
+        extra_body: Optional[dict[str, Any]] = None,
+    ) -> FineTuningJob:
+        """See `Client.submit`."""
+        params = plans.SubmitParams.check(**{k: v for k, v in locals().items() if k != "self"})
+        return await self._run(plans.submit(params))
+
+    # -- running plans ----------------------------------------------------------------------
+    async def _sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            await asyncio.sleep(seconds)
+
+    async def _send(self, call: Call, *, stream: bool = False) -> httpx.Response:
+        attempt = 0
+        while True:
+            with ExitStack() as files:
+                request = build_request(self._http, call, files)
+                if stream and call.timeout is None:
+                    request.extensions["timeout"] = stream_timeout(self.timeout).as_dict()
+                try:
+                    response = await self._http.send(request, stream=stream)
+                except httpx.TransportError as exc:
+                    delay = self.retry_policy.delay_for_error(call, exc, attempt)
+                    if delay is None:
+                        raise wrap_transport_error(exc, request) from exc
+                    await self._sleep(delay)
+                    attempt += 1
+                    continue
+            if response.is_success:
+                return response
+            delay = self.retry_policy.delay_for_response(call, response, attempt)
+            if delay is not None:
+                await response.aclose()
+                await self._sleep(delay)
+                attempt += 1
+                continue
+            if stream:
+                await response.aread()
+            raise error_from_response(response)
+
+    async def _perform(self, step: Any, streams: list[_AsyncEventStream]) -> Any:
+        if isinstance(step, Call):
+            return step.parse(await self._send(step))
+        if isinstance(step, Sleep):
+            return await self._sleep(step.seconds)
+        if isinstance(step, OpenStream):
+            handle = _AsyncEventStream(await self._send(step.call, stream=True))
+            streams.append(handle)
+            return handle
+        if isinstance(step, ReadEvent):
+            return await step.stream.next_message()
+        if isinstance(step, CloseStream):
+            await step.stream.close()
+            if step.stream in streams:
+                streams.remove(step.stream)
+            return None
+        if isinstance(step, Download):
+            response = await self._send(step.call, stream=True)
+            size = 0
+            try:
+                with open(step.dest, "wb") as fh:
+                    async for chunk in response.aiter_bytes():
+                        fh.write(chunk)
+                        size += len(chunk)
+            except httpx.TransportError as exc:
+                raise wrap_transport_error(exc, response.request) from exc
+            finally:
+                await response.aclose()
+            return size
+        raise TypeError(f"unknown plan step {step!r}")
+
+    async def _iterate(self, plan: Plan, returned: Optional[list[Any]] = None
+                       ) -> AsyncIterator[Any]:
+        """Run `plan`, yielding what it emits; an async generator cannot return a value, so
+        the plan's return value is appended to `returned`."""
+        streams: list[_AsyncEventStream] = []
+        result: Any = None
+        error: Optional[BaseException] = None
+        try:
+            while True:
+                try:
+                    step = plan.throw(error) if error is not None else plan.send(result)
+                except StopIteration as stop:
+                    if returned is not None:
+                        returned.append(stop.value)
+                    return
+                result, error = None, None
+                if isinstance(step, Emit):
+                    yield step.value
+                    continue
+                try:
+                    result = await self._perform(step, streams)
+                except LorapoolError as exc:  # the plan may handle it (reconnects)
+                    error = exc
+        finally:
+            plan.close()
+            for s in streams:
+                await s.close()
+
+    async def _run(self, plan: Plan) -> Any:
+        returned: list[Any] = []
+        async for _ in self._iterate(plan, returned):
+            pass
+        return returned[0]
+
+
+class _AsyncResource:
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+
+class AsyncFiles(_AsyncResource):
+    async def upload(self, file: Union[str, Path], *, purpose: str = "fine-tune") -> FileObject:
+        return await self._client._run(plans.upload_file(file, purpose))
+
+    async def list(self, *, after: Optional[str] = None,
+                   limit: Optional[int] = None) -> ListResponse[FileObject]:
+        return await self._client._run(plans.list_files(after, limit))
+
+    async def get(self, file_id: str) -> FileObject:
+        return await self._client._run(plans.get_file(file_id))
+
+    async def delete(self, file_id: str) -> FileDeleted:
+        return await self._client._run(plans.delete_file(file_id))
+
+
+class AsyncJobs(_AsyncResource):
+    async def get(self, job_id: str) -> FineTuningJob:
+        return await self._client._run(plans.get_job(job_id))
+
+    async def list(self, *, after: Optional[str] = None,
+                   limit: Optional[int] = None) -> ListResponse[FineTuningJob]:
+        return await self._client._run(plans.list_jobs(after, limit))
+
+    async def cancel(self, job_id: str) -> FineTuningJob:
+        return await self._client._run(plans.cancel_job(job_id))
+
+    async def checkpoints(self, job_id: str) -> list[JobCheckpoint]:
+        return await self._client._run(plans.list_checkpoints(job_id))
+
+    async def wait(self, job_id: str, *, progress: bool = False, poll_interval: float = 2.0,
+                   timeout: Optional[float] = None) -> FineTuningJob:
+        with JobProgress(progress) as bar:
+            return await self._client._run(plans.wait_job(
+                job_id, poll_interval=poll_interval, timeout=timeout,
+                on_update=bar.update if progress else None, with_loss=progress))
+
+    def events(self, job_id: str, *, follow: bool = False) -> AsyncIterator[JobEvent]:
+        """`async for event in client.jobs.events(id, follow=True)`."""
+        return self._client._iterate(
+            plans.follow_events(job_id, follow=follow, retry=self._client.retry_policy))
+
+
+class AsyncModels(_AsyncResource):
+    async def list(self) -> list[Model]:
+        return await self._client._run(plans.list_models())
+
+
+class AsyncAdapters(_AsyncResource):
+    async def list(self) -> list[Adapter]:
+        return await self._client._run(plans.list_adapters())
+
+    async def get(self, adapter_id: str) -> Adapter:
+        return await self._client._run(plans.get_adapter(adapter_id))
+
+    async def download(self, adapter_id: str, dest: Union[str, Path], *,
+                       overwrite: bool = False) -> Path:
+        return await self._client._run(
+            plans.download_adapter(adapter_id, dest, overwrite=overwrite))
+
+
+class AsyncNodes(_AsyncResource):
+    async def list(self) -> list[Node]:
+        return await self._client._run(plans.list_nodes())

@@ -1,0 +1,398 @@
+"""Every API operation of the client, written once as a plan (see `_base.py`).
+
+`Client` and `AsyncClient` run these generators; everything that is not I/O lives here:
+argument checks, request bodies, pagination, polling, SSE reconnects, the download-then-extract
+sequence.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, TypeVar, Union
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ._base import (IDEMPOTENCY_HEADER, Call, CloseStream, Download, Emit, OpenStream, Plan,
+                    ReadEvent, RetryPolicy, SSEMessage, Sleep, new_idempotency_key)
+from ._extract import safe_extract
+from .errors import (APIConnectionError, APIResponseValidationError, APITimeoutError,
+                     InvalidParameterError, JobWaitTimeout)
+from .types import (TERMINAL_STATUSES, Adapter, FileDeleted, FileObject, FineTuningJob,
+                    JobCheckpoint, JobEvent, ListResponse, LoraParams, Model, Node, Quantization)
+
+M = TypeVar("M", bound=BaseModel)
+
+FILES = "/v1/files"
+JOBS = "/v1/fine_tuning/jobs"
+PAGE_SIZE = 100
+# A followed event stream gives up after this many drops in a row with no new event between.
+MAX_STREAM_RECONNECTS = 5
+FILE_ID = re.compile(r"^file-[A-Za-z0-9_\-]+$")
+
+
+# -- parsing ---------------------------------------------------------------------------------
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise APIResponseValidationError(
+            f"{response.request.method} {response.request.url.path} answered "
+            f"{response.status_code} with a body that is not JSON: {response.text[:200]!r}"
+        ) from exc
+
+
+def _validate(cls: Any, data: Any, response: httpx.Response) -> Any:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise APIResponseValidationError(
+            f"{response.request.method} {response.request.url.path}: unexpected response "
+            f"shape for {getattr(cls, '__name__', cls)}: {exc.errors()[0].get('msg')} at "
+            f"{'.'.join(str(p) for p in exc.errors()[0].get('loc', ()))}"
+        ) from exc
+
+
+def parse_model(cls: type[M]) -> Callable[[httpx.Response], M]:
+    return lambda r: _validate(cls, _json(r), r)
+
+
+def parse_page(cls: type[M]) -> Callable[[httpx.Response], ListResponse[M]]:
+    def parse(r: httpx.Response) -> ListResponse[M]:
+        data = _json(r)
+        if isinstance(data, list):  # tolerate a bare JSON array
+            data = {"object": "list", "data": data}
+        return _validate(ListResponse[cls], data, r)  # type: ignore[valid-type]
+
+    return parse
+
+
+def _seg(value: str, name: str) -> str:
+    """One URL path segment; an id can never turn into another path."""
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidParameterError(name, "must be a non-empty string")
+    return quote(value, safe="")
+
+
+# -- simple operations -----------------------------------------------------------------------
+
+
+def get(path: str, cls: type[M], params: Optional[dict[str, Any]] = None) -> Plan:
+    return (yield Call("GET", path, params=params, parse=parse_model(cls)))
+
+
+def page(path: str, cls: type[M], *, after: Optional[str] = None,
+         limit: Optional[int] = None) -> Plan:
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise InvalidParameterError("limit", "must be a positive integer")
+    return (yield Call("GET", path, params={"after": after, "limit": limit},
+                       parse=parse_page(cls)))
+
+
+def list_all(path: str, cls: type[M], params: Optional[dict[str, Any]] = None) -> Plan:
+    """Every item of a listing, following `has_more` pages."""
+    items: list[Any] = []
+    after: Optional[str] = None
+    while True:
+        p = yield Call("GET", path, params={**(params or {}), "after": after, "limit": PAGE_SIZE},
+                       parse=parse_page(cls))
+        items.extend(p.data)
+        if not p.has_more or not p.data:
+            return items
+        after = p.last_id or p.data[-1].id
+
+
+def get_job(job_id: str) -> Plan:
+    return (yield from get(f"{JOBS}/{_seg(job_id, 'job_id')}", FineTuningJob))
+
+
+def list_jobs(after: Optional[str], limit: Optional[int]) -> Plan:
+    return (yield from page(JOBS, FineTuningJob, after=after, limit=limit))
+
+
+def cancel_job(job_id: str) -> Plan:
+    # Cancelling twice has the effect of cancelling once, so the POST may be retried; the key
+    # says so to the retry policy and to the server.
+    return (yield Call("POST", f"{JOBS}/{_seg(job_id, 'job_id')}/cancel",
+                       headers={IDEMPOTENCY_HEADER: new_idempotency_key()},
+                       parse=parse_model(FineTuningJob)))
+
+
+def list_checkpoints(job_id: str) -> Plan:
+    return (yield from list_all(f"{JOBS}/{_seg(job_id, 'job_id')}/checkpoints", JobCheckpoint))
+
+
+def list_models() -> Plan:
+    return (yield from list_all("/v1/models", Model))
+
+
+def list_nodes() -> Plan:
+    return (yield from list_all("/v1/nodes", Node))
+
+
+def list_adapters() -> Plan:
+    return (yield from list_all("/v1/adapters", Adapter))
+
+
+def get_adapter(adapter_id: str) -> Plan:
+    return (yield from get(f"/v1/adapters/{_seg(adapter_id, 'adapter_id')}", Adapter))
+
+
+def list_files(after: Optional[str], limit: Optional[int]) -> Plan:
+    return (yield from page(FILES, FileObject, after=after, limit=limit))
+
+
+def get_file(file_id: str) -> Plan:
+    return (yield from get(f"{FILES}/{_seg(file_id, 'file_id')}", FileObject))
+
+
+def delete_file(file_id: str) -> Plan:
+    return (yield Call("DELETE", f"{FILES}/{_seg(file_id, 'file_id')}",
+                       parse=parse_model(FileDeleted)))
+
+
+# -- files and submit ------------------------------------------------------------------------
+
+
+def _local_file(path: Union[str, Path], param: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InvalidParameterError(param, f"no such file: {p}")
+    if not p.is_file():
+        raise InvalidParameterError(param, f"not a file: {p}")
+    return p
+
+
+def upload_file(path: Union[str, Path], purpose: str = "fine-tune", *,
+                param: str = "file") -> Plan:
+    p = _local_file(path, param)
+    # Not idempotent (each POST makes a new file), so only connection failures are retried.
+    return (yield Call("POST", FILES, data={"purpose": purpose}, files={"file": (p.name, p)},
+                       parse=parse_model(FileObject)))
+
+
+def file_ref(value: Union[str, Path, None], param: str) -> Union[str, Path, None]:
+    """A "file-…" id stays a string; anything else is a local path that must exist."""
+    if value is None:
+        return None
+    if isinstance(value, str) and FILE_ID.match(value) and not os.path.exists(value):
+        return value
+    if not isinstance(value, (str, Path, os.PathLike)):
+        raise InvalidParameterError(param, "must be a file id ('file-…') or a local path")
+    return _local_file(value, param)
+
+
+class SubmitParams(BaseModel):
+    """The arguments of `submit()` (and the keys of `lorapool submit --config`), checked."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    training_file: Union[str, Path]
+    validation_file: Optional[Union[str, Path]] = None
+    n_epochs: Optional[Union[Literal["auto"], int]] = Field(None)
+    batch_size: Optional[Union[Literal["auto"], int]] = None
+    learning_rate: Optional[float] = Field(None, gt=0)
+    lora: Optional[LoraParams] = None
+    quantization: Optional[Quantization] = None
+    max_seq_len: Optional[int] = Field(None, ge=1)
+    micro_batch_size: Optional[int] = Field(None, ge=1)
+    checkpoint_every: Optional[int] = Field(None, ge=1)
+    suffix: Optional[str] = Field(None, max_length=64)
+    seed: Optional[int] = None
+    metadata: Optional[dict[str, str]] = None
+    idempotency_key: Optional[str] = None
+    extra_body: Optional[dict[str, Any]] = None
+
+    @classmethod
+    def check(cls, **kwargs: Any) -> "SubmitParams":
+        try:
+            params = cls(**kwargs)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = [str(p) for p in err.get("loc", ())
+                   # union members show up in loc ("int", "literal['auto']"): not field names
+                   if not str(p).startswith(("literal[", "int", "str", "function-"))]
+            raise InvalidParameterError(".".join(loc) or "submit", err.get("msg", "invalid")) \
+                from exc
+        for name in ("n_epochs", "batch_size"):
+            value = getattr(params, name)
+            if isinstance(value, int) and value < 1:
+                raise InvalidParameterError(name, "must be at least 1 (or 'auto')")
+        return params
+
+    def body(self) -> dict[str, Any]:
+        """The POST /v1/fine_tuning/jobs body, without the file ids (filled in by submit)."""
+        hyper = {k: v for k, v in (("n_epochs", self.n_epochs), ("batch_size", self.batch_size))
+                 if v is not None}
+        body: dict[str, Any] = {"model": self.model}
+        if hyper:
+            body["hyperparameters"] = hyper
+        if self.lora is not None:
+            body["lora"] = self.lora.model_dump()
+        for name in ("learning_rate", "quantization", "max_seq_len", "micro_batch_size",
+                     "checkpoint_every", "suffix", "seed", "metadata"):
+            value = getattr(self, name)
+            if value is not None:
+                body[name] = value
+        body.update(self.extra_body or {})
+        return body
+
+
+def submit(params: SubmitParams) -> Plan:
+    """Upload local data files (after every check passed), then create the job."""
+    refs = {"training_file": file_ref(params.training_file, "training_file"),
+            "validation_file": file_ref(params.validation_file, "validation_file")}
+    body = params.body()
+    for name, ref in refs.items():
+        if isinstance(ref, Path):
+            uploaded = yield from upload_file(ref, param=name)
+            body[name] = uploaded.id
+        elif ref is not None:
+            body[name] = ref
+    # The key makes a retried POST safe: the server returns the job it already made.
+    key = params.idempotency_key or new_idempotency_key()
+    return (yield Call("POST", JOBS, json=body, headers={IDEMPOTENCY_HEADER: key},
+                       parse=parse_model(FineTuningJob)))
+
+
+# -- waiting and events ----------------------------------------------------------------------
+
+
+def latest_loss(events: list[JobEvent]) -> Optional[float]:
+    """The newest training loss among metric events (any order)."""
+    best: Optional[tuple[int, float]] = None
+    for e in events:
+        if e.type == "metrics" and e.data:
+            loss = e.data.get("train_loss", e.data.get("loss"))
+            if isinstance(loss, (int, float)) and (best is None or e.created_at >= best[0]):
+                best = (e.created_at, float(loss))
+    return best[1] if best else None
+
+
+def wait_job(job_id: str, *, poll_interval: float = 2.0, timeout: Optional[float] = None,
+             on_update: Optional[Callable[[FineTuningJob, Optional[float]], None]] = None,
+             with_loss: bool = False) -> Plan:
+    """Poll until the job is succeeded/failed/cancelled; returns the final job."""
+    if poll_interval <= 0:
+        raise InvalidParameterError("poll_interval", "must be positive")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        job = yield from get_job(job_id)
+        if on_update is not None:
+            loss = None
+            if with_loss:
+                recent = yield from page(f"{JOBS}/{_seg(job_id, 'job_id')}/events", JobEvent,
+                                         limit=20)
+                loss = latest_loss(recent.data)
+            on_update(job, loss)
+        if job.status in TERMINAL_STATUSES:
+            return job
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise JobWaitTimeout(f"job {job_id} is still {job.status} after {timeout} s",
+                                     job=job)
+            yield Sleep(min(poll_interval, left))
+        else:
+            yield Sleep(poll_interval)
+
+
+def list_events(job_id: str) -> Plan:
+    """All events of a job, oldest first (the server pages newest first)."""
+    path = f"{JOBS}/{_seg(job_id, 'job_id')}/events"
+    events = yield from list_all(path, JobEvent)
+    events.reverse()
+    return events
+
+
+def _event(msg: SSEMessage) -> Optional[JobEvent]:
+    if msg.event not in ("message", "event", "fine_tuning.job.event"):
+        return None
+    try:
+        return JobEvent.model_validate_json(msg.data)
+    except ValidationError:
+        return None  # e.g. a final "[DONE]" marker
+
+
+def follow_events(job_id: str, *, follow: bool, retry: RetryPolicy) -> Plan:
+    """Emit the job's events oldest first; with `follow`, keep reading the SSE stream until the
+    job ends, reconnecting after a drop with `Last-Event-ID`, and fill any gap at the end."""
+    path = f"{JOBS}/{_seg(job_id, 'job_id')}/events"
+    seen: set[str] = set()
+    last_id: Optional[str] = None
+    for event in (yield from list_events(job_id)):
+        seen.add(event.id)
+        last_id = event.id
+        yield Emit(event)
+    if not follow:
+        return None
+    drops = 0
+    while True:
+        job = yield from get_job(job_id)
+        if job.status in TERMINAL_STATUSES:
+            break
+        headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+        if last_id is not None:
+            headers["Last-Event-ID"] = last_id
+        stream = None
+        try:
+            stream = yield OpenStream(Call("GET", path, params={"stream": "true"},
+                                           headers=headers))
+            while True:
+                msg = yield ReadEvent(stream)
+                if msg is None:
+                    break
+                event = _event(msg)
+                if event is None or event.id in seen:
+                    continue
+                seen.add(event.id)
+                last_id = event.id
+                drops = 0
+                yield Emit(event)
+            yield CloseStream(stream)
+        except APITimeoutError:
+            # A quiet job (a long step) is not a dead server; the job GET above will tell.
+            if stream is not None:
+                yield CloseStream(stream)
+        except APIConnectionError:
+            if stream is not None:
+                yield CloseStream(stream)
+            drops += 1
+            if drops > MAX_STREAM_RECONNECTS:
+                raise
+            yield Sleep(retry.backoff(drops - 1))
+    # Whatever the stream missed (a drop between events, a server that does not replay).
+    for event in (yield from list_events(job_id)):
+        if event.id not in seen:
+            seen.add(event.id)
+            yield Emit(event)
+    return None
+
+
+# -- adapters --------------------------------------------------------------------------------
+
+
+def download_adapter(adapter_id: str, dest: Union[str, Path], *, overwrite: bool = False) -> Plan:
+    """Stream the adapter's tar.gz to a temp file, then extract it safely into `dest`."""
+    dest = Path(dest).expanduser()
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not overwrite:
+        raise FileExistsError(f"destination {dest} exists and is not empty (pass overwrite=True)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tar.gz", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield Download(Call("GET", f"/v1/adapters/{_seg(adapter_id, 'adapter_id')}/download",
+                            headers={"Accept": "application/gzip, application/octet-stream"}),
+                       tmp)
+        return safe_extract(tmp, dest, overwrite=overwrite)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,283 @@
+"""`lorapool.Client`: the blocking client (httpx.Client), running the plans of `_plans.py`."""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import httpx
+
+from . import _plans as plans
+from ._base import (DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, Call, CloseStream, Download, Emit,
+                    OpenStream, Plan, ReadEvent, RetryPolicy, SSEDecoder, SSEMessage, Sleep,
+                    build_request, default_headers, make_timeout, resolve_api_key,
+                    resolve_base_url, stream_timeout, wrap_transport_error)
+from ._progress import JobProgress
+from .errors import LorapoolError, error_from_response
+from .types import (Adapter, FileDeleted, FileObject, FineTuningJob, JobCheckpoint, JobEvent,
+                    ListResponse, LoraParams, Model, Node)
+
+
+class _EventStream:
+    """An open text/event-stream response, read one message at a time."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self._lines = response.iter_lines()
+        self._decoder = SSEDecoder()
+
+    def next_message(self) -> Optional[SSEMessage]:
+        try:
+            for line in self._lines:
+                msg = self._decoder.feed(line)
+                if msg is not None:
+                    return msg
+        except httpx.TransportError as exc:
+            raise wrap_transport_error(exc) from exc
+        return None
+
+    def close(self) -> None:
+        self.response.close()
+
+
+class Client:
+    """A lorapool server. `base_url`/`api_key` default to LORAPOOL_BASE_URL / LORAPOOL_API_KEY.
+
+    Resources: `files`, `jobs`, `models`, `adapters`, `nodes`; `submit()` creates a job."""
+
+    def __init__(
+        self,
+        base_url: Optional[str] = None,
+        api_key: Optional[str] = None,
+        *,
+        timeout: Union[float, httpx.Timeout, None] = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        http_client: Optional[httpx.Client] = None,
+    ) -> None:
+        self.base_url = resolve_base_url(base_url)
+        self.api_key = resolve_api_key(api_key)
+        self.timeout = make_timeout(timeout)
+        self.retry_policy = RetryPolicy(max_retries=max_retries)
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.Client()
+        self._http.base_url = httpx.URL(self.base_url)
+        self._http.headers.update(default_headers(self.api_key))
+        self._http.timeout = self.timeout
+        self.files = Files(self)
+        self.jobs = Jobs(self)
+        self.models = Models(self)
+        self.adapters = Adapters(self)
+        self.nodes = Nodes(self)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"lorapool.Client({self.base_url!r})"
+
+    # -- the one top-level operation --------------------------------------------------------
+    def submit(
+        self,
+        model: str,
+        training_file: Union[str, Path],
+        *,
+        validation_file: Union[str, Path, None] = None,
+        n_epochs: Union[int, str, None] = None,
+        batch_size: Union[int, str, None] = None,
+        learning_rate: Optional[float] = None,
+        lora: Union[dict[str, Any], LoraParams, None] = None,
+        quantization: Optional[str] = None,
+        max_seq_len: Optional[int] = None,
+        micro_batch_size: Optional[int] = None,
+        checkpoint_every: Optional[int] = None,
+        suffix: Optional[str] = None,
+        seed: Optional[int] = None,
+        metadata: Optional[dict[str, str]] = None,
+        idempotency_key: Optional[str] = None,
+        extra_body: Optional[dict[str, Any]] = None,
+    ) -> FineTuningJob:
+        """Create a fine-tuning job. A local `training_file`/`validation_file` path is uploaded
+        first (a "file-…" id is used as is); every argument is checked before any upload."""
+        params = plans.SubmitParams.check(**{k: v for k, v in locals().items() if k != "self"})
+        return self._run(plans.submit(params))
+
+    # -- running plans ----------------------------------------------------------------------
+    def _sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            time.sleep(seconds)
+
+    def _send(self, call: Call, *, stream: bool = False) -> httpx.Response:
+        """Send with retries; a 2xx response, or the typed error."""
+        attempt = 0
+        while True:
+            with ExitStack() as files:
+                request = build_request(self._http, call, files)
+                if stream and call.timeout is None:
+                    request.extensions["timeout"] = stream_timeout(self.timeout).as_dict()
+                try:
+                    response = self._http.send(request, stream=stream)
+                except httpx.TransportError as exc:
+                    delay = self.retry_policy.delay_for_error(call, exc, attempt)
+                    if delay is None:
+                        raise wrap_transport_error(exc, request) from exc
+                    self._sleep(delay)
+                    attempt += 1
+                    continue
+            if response.is_success:
+                return response
+            delay = self.retry_policy.delay_for_response(call, response, attempt)
+            if delay is not None:
+                response.close()
+                self._sleep(delay)
+                attempt += 1
+                continue
+            if stream:
+                response.read()
+            raise error_from_response(response)
+
+    def _perform(self, step: Any, streams: list[_EventStream]) -> Any:
+        if isinstance(step, Call):
+            return step.parse(self._send(step))
+        if isinstance(step, Sleep):
+            return self._sleep(step.seconds)
+        if isinstance(step, OpenStream):
+            handle = _EventStream(self._send(step.call, stream=True))
+            streams.append(handle)
+            return handle
+        if isinstance(step, ReadEvent):
+            return step.stream.next_message()
+        if isinstance(step, CloseStream):
+            step.stream.close()
+            if step.stream in streams:
+                streams.remove(step.stream)
+            return None
+        if isinstance(step, Download):
+            response = self._send(step.call, stream=True)
+            size = 0
+            try:
+                with open(step.dest, "wb") as fh:
+                    for chunk in response.iter_bytes():
+                        fh.write(chunk)
+                        size += len(chunk)
+            except httpx.TransportError as exc:
+                raise wrap_transport_error(exc, response.request) from exc
+            finally:
+                response.close()
+            return size
+        raise TypeError(f"unknown plan step {step!r}")
+
+    def _iterate(self, plan: Plan) -> Iterator[Any]:
+        """Run `plan`, yielding what it emits; returns (StopIteration.value) what it returns."""
+        streams: list[_EventStream] = []
+        result: Any = None
+        error: Optional[BaseException] = None
+        try:
+            while True:
+                try:
+                    step = plan.throw(error) if error is not None else plan.send(result)
+                except StopIteration as stop:
+                    return stop.value
+                result, error = None, None
+                if isinstance(step, Emit):
+                    yield step.value
+                    continue
+                try:
+                    result = self._perform(step, streams)
+                except LorapoolError as exc:  # the plan may handle it (reconnects)
+                    error = exc
+        finally:
+            plan.close()
+            for s in streams:
+                s.close()
+
+    def _run(self, plan: Plan) -> Any:
+        it = self._iterate(plan)
+        while True:
+            try:
+                next(it)
+            except StopIteration as stop:
+                return stop.value
+
+
+class _Resource:
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+
+class Files(_Resource):
+    def upload(self, file: Union[str, Path], *, purpose: str = "fine-tune") -> FileObject:
+        """Upload a local JSONL file; the server validates every line."""
+        return self._client._run(plans.upload_file(file, purpose))
+
+    def list(self, *, after: Optional[str] = None,
+             limit: Optional[int] = None) -> ListResponse[FileObject]:
+        return self._client._run(plans.list_files(after, limit))
+
+    def get(self, file_id: str) -> FileObject:
+        return self._client._run(plans.get_file(file_id))
+
+    def delete(self, file_id: str) -> FileDeleted:
+        return self._client._run(plans.delete_file(file_id))
+
+
+class Jobs(_Resource):
+    def get(self, job_id: str) -> FineTuningJob:
+        return self._client._run(plans.get_job(job_id))
+
+    def list(self, *, after: Optional[str] = None,
+             limit: Optional[int] = None) -> ListResponse[FineTuningJob]:
+        """One page of jobs, newest first; pass `after=page.last_id` for the next."""
+        return self._client._run(plans.list_jobs(after, limit))
+
+    def cancel(self, job_id: str) -> FineTuningJob:
+        return self._client._run(plans.cancel_job(job_id))
+
+    def checkpoints(self, job_id: str) -> list[JobCheckpoint]:
+        return self._client._run(plans.list_checkpoints(job_id))
+
+    def wait(self, job_id: str, *, progress: bool = False, poll_interval: float = 2.0,
+             timeout: Optional[float] = None) -> FineTuningJob:
+        """Block until the job is succeeded, failed or cancelled and return it; `progress=True`
+        draws a progress bar (steps, loss) on stderr. JobWaitTimeout after `timeout` s."""
+        with JobProgress(progress) as bar:
+            return self._client._run(plans.wait_job(
+                job_id, poll_interval=poll_interval, timeout=timeout,
+                on_update=bar.update if progress else None, with_loss=progress))
+
+    def events(self, job_id: str, *, follow: bool = False) -> Iterator[JobEvent]:
+        """The job's events, oldest first; `follow=True` keeps reading (SSE) until it ends."""
+        return self._client._iterate(
+            plans.follow_events(job_id, follow=follow, retry=self._client.retry_policy))
+
+
+class Models(_Resource):
+    def list(self) -> list[Model]:
+        return self._client._run(plans.list_models())
+
+
+class Adapters(_Resource):
+    def list(self) -> list[Adapter]:
+        return self._client._run(plans.list_adapters())
+
+    def get(self, adapter_id: str) -> Adapter:
+        return self._client._run(plans.get_adapter(adapter_id))
+
+    def download(self, adapter_id: str, dest: Union[str, Path], *,
+                 overwrite: bool = False) -> Path:
+        """Download and safely extract the adapter (a PEFT folder) into `dest`; returns it."""
+        return self._client._run(plans.download_adapter(adapter_id, dest, overwrite=overwrite))
+
+
+class Nodes(_Resource):
+    def list(self) -> list[Node]:
+        return self._client._run(plans.list_nodes())
