@@ -7,6 +7,7 @@ expected token ids can be computed independently (one token per character).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -183,6 +184,33 @@ def test_chat_labels_are_exactly_the_assistant_tokens(tok) -> None:
     assert text.count("<|im_start|>assistant\n") == 3
 
 
+# Other template shapes: Llama-3 style (trims content, its own end-of-turn string, a generation
+# prompt) and Mistral style (no generation prompt; the answer ends with the EOS token).
+LLAMA3_STYLE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + "
+    "'<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}")
+MISTRAL_STYLE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ m['content'] + eos_token }}"
+    "{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize(("template", "end"), [(LLAMA3_STYLE, "<|eot_id|>"),
+                                               (MISTRAL_STYLE, "<|im_end|>")])
+def test_assistant_spans_found_for_other_templates(template: str, end: str) -> None:
+    other = make_char_tokenizer(template)
+    record = chat(("user", "ok?"), ("assistant", " ok "), ("user", "ok"), ("assistant", "ok."))
+    ids, labels = render_example(record, other)
+    assert ids == list(other.apply_chat_template(record["messages"], tokenize=True)["input_ids"])
+    learned = [other.decode(r) for r in _learned_runs(ids, labels)]
+    if template is LLAMA3_STYLE:
+        assert learned == ["ok" + end, "ok." + end]  # the template trims the content
+    else:
+        assert learned == [" ok " + end, "ok." + end]
+
+
 def test_assistant_weight_zero_is_not_learned(tok) -> None:
     record = chat(("user", "a"), ("assistant", "first"), ("user", "b"), ("assistant", "second"))
     record["messages"][1]["weight"] = 0
@@ -336,10 +364,13 @@ def test_packing_rows_and_positions(tok, model_dir: Path, tmp_path: Path) -> Non
     assert 1 < len(rows) < len(examples)
     assert all(len(r["input_ids"]) <= 100 for r in rows)
     # concatenating the rows gives back the examples in order, positions restarting per example
-    assert sum((r["input_ids"] for r in rows), []) == sum((e["input_ids"] for e in examples), [])
-    assert sum((r["labels"] for r in rows), []) == sum((e["labels"] for e in examples), [])
-    assert sum((r["position_ids"] for r in rows), []) == sum(
-        (list(range(len(e["input_ids"]))) for e in examples), [])
+    def cat(key: str, items: list[dict]) -> list[int]:
+        return list(itertools.chain.from_iterable(i[key] for i in items))
+
+    assert cat("input_ids", rows) == cat("input_ids", examples)
+    assert cat("labels", rows) == cat("labels", examples)
+    assert cat("position_ids", rows) == list(itertools.chain.from_iterable(
+        range(len(e["input_ids"])) for e in examples))
 
 
 @pytest.fixture(scope="module")
@@ -389,3 +420,25 @@ def test_packed_logits_equal_each_example_alone(tok, model, model_dir: Path, tmp
         assert float(out.loss) == pytest.approx(loss_sum / n_labels, rel=1e-5)
     finally:
         model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mask_dtype", [None, torch.bfloat16, torch.float32])
+def test_packed_mask_on_cuda_bf16(tok, model_dir: Path, tmp_path: Path, mask_dtype) -> None:
+    """The 4D mask as SDPA on a GPU gets it: bf16 compute, boolean or additive mask."""
+    from transformers import AutoModelForCausalLM
+
+    gpu = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    packed = build_dataset(_packing_records(), tok,
+                           spec(model_dir, max_seq_len=100, packing=True), cache_dir=tmp_path)
+    rows = _rows(packed)
+    batch = {k: v.cuda() for k, v in collate(rows, tok.pad_token_id, mask_dtype=mask_dtype).items()}
+    with torch.no_grad():
+        logits = gpu(**batch).logits.float()
+    for b, row in enumerate(rows):
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
+        for s, e in zip(starts, starts[1:] + [len(row["position_ids"])]):
+            with torch.no_grad():
+                alone = gpu(input_ids=torch.tensor([row["input_ids"][s:e]]).cuda()).logits
+            torch.testing.assert_close(logits[b, s:e], alone[0].float(), atol=3e-2, rtol=3e-2)
