@@ -347,7 +347,8 @@ class RayExecutor:
             )
             self.store.transition(
                 a.job_id, {"running"}, "succeeded", finished_at=int(time.time()),
-                fine_tuned_model=adapter.id, trained_tokens=metrics.get("trained_tokens"),
+                fine_tuned_model=adapter.id, adapter_id=adapter.id,
+                trained_tokens=metrics.get("trained_tokens"),
                 measured_peak_memory=peak, step=result.get("step"),
             )
             self.store.add_event(a.job_id, f"Training finished: adapter {adapter.id}",
