@@ -1,0 +1,434 @@
+"""Peak GPU memory of one QLoRA job, estimated from the model's config alone.
+
+The scheduler places every queued job by this number, on every kind of node, so it must be
+cheap (shapes are read once per model, then each estimate is arithmetic) and it must show its
+parts: `MemoryEstimate.breakdown` names each term, so that a calibration run on a real GPU can
+say which term is off.
+
+How parameters are counted: the model is built from its config on the meta device
+(accelerate's `init_empty_weights` + `AutoModelForCausalLM.from_config`): no weights are read,
+and a 1B config costs well under a second. Tied input/output embeddings are counted once.
+
+Assumptions (each is a named constant below, so calibration can change it in one place):
+
+- Compute dtype: the spec's, or for "auto" bf16 iff CUDA with compute capability >= 8.0, else
+  fp16 on CUDA and fp32 on the CPU (also when `spec.device == "cpu"`).
+- Base weights: every `nn.Linear` except the output head is quantized. nf4/fp4: 4 bits plus a
+  fp32 absmax per 64-block (4.5 bits), or with double quantization an 8-bit absmax per block plus
+  a fp32 scale per 256 blocks (~4.13 bits). int8 (LLM.int8): 1 byte plus a fp32 scale per output
+  row. "none": the compute dtype.
+- Everything else (embeddings, the output head unless tied, norms, biases) stays unquantized, in
+  fp32 when the base is quantized (peft's `prepare_model_for_kbit_training` upcasts them), in the
+  compute dtype when it is not.
+- LoRA: r * (in + out) parameters per targeted linear ("all-linear" = every linear but the output
+  head, as in peft), held in fp32 (peft's default `autocast_adapter_dtype`), with fp32 grads. DoRA
+  adds one magnitude per output feature.
+- Optimizer: 8-bit AdamW keeps two 8-bit states (2 bytes/param plus a fp32 absmax per 256) for
+  tensors of >= 4096 elements and two fp32 states (8 bytes) below that, as bitsandbytes does;
+  the paged variant is counted like the plain one (conservative). adamw: 8 bytes/param.
+- Activations (per token, per decoder layer, `a` = compute-dtype bytes), assuming SDPA attention
+  (flash / memory-efficient kernels, so no seq^2 term besides the padding mask): the two RMSNorms'
+  fp32 inputs (2 * 4h), the normed inputs (2 * a*h), q and k/v repeated to all heads (3 * a*q),
+  the attention output and its contiguous copy (2 * a*q) with the fp32 log-sum-exp, and the MLP's
+  gate, act, up and product (4 * a*i). Each LoRA-wrapped linear adds its fp32 input copy (and a
+  1-byte dropout mask when dropout > 0) and its r-wide fp32 middle. An explicitly "eager" config
+  adds the seq^2 scores (compute dtype + the fp32 softmax + its cast).
+  With gradient checkpointing: one hidden state per layer boundary plus one layer's full
+  activations (the one being recomputed); without: every layer's. A padded micro-batch (> 1, no
+  packing) adds a boolean micro * seq^2 attention mask. Sequences are counted at max_seq_len.
+- Logits: tokens * vocab in the compute dtype (kept by the model output) + the loss' fp32 copy /
+  log-softmax + its grad + the grad of the logits: (a + 12) bytes per token per vocab entry.
+- Backward workspace: the grads of one layer's widest intermediates (3 * a*i + 2 * a*h per token)
+  plus the dequantized copy of the largest quantized weight (forward and backward, 2 * a*in*out).
+- CUDA context: 400 MiB on CUDA (CUDA 12 with lazy module loading, cuBLAS workspace), 0 on CPU.
+- Allocator slack: 10 % of everything but the CUDA context (the caching allocator's rounding and
+  fragmentation).
+
+The scheduler adds its own safety margin on top (`Placer(safety_margin=...)`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .spec import DeviceInfo, TrainSpec
+
+MiB = 1024**2
+GiB = 1024**3
+
+# -- the assumptions, named (see the module docstring) -------------------------------------------
+NF4_BITS = 4 + 32 / 64  # 4-bit codes + fp32 absmax per block of 64
+NF4_BITS_DOUBLE_QUANT = 4 + 8 / 64 + 32 / (64 * 256)  # 8-bit absmax + fp32 per 256 blocks
+INT8_ROW_SCALE_BYTES = 4  # LLM.int8: one fp32 scale per output row
+LORA_PARAM_BYTES = 4  # peft keeps adapters in fp32 (autocast_adapter_dtype=True)
+UPCAST_UNQUANTIZED_TO_FP32 = True  # prepare_model_for_kbit_training
+OPTIM_8BIT_MIN_SIZE = 4096  # bitsandbytes' min_8bit_size: smaller tensors get 32-bit state
+OPTIM_8BIT_BYTES = 2 + 2 * 4 / 256  # two 8-bit states + a fp32 absmax per 256 each
+ADAMW_BYTES = 8  # two fp32 states
+LOGITS_EXTRA_BYTES = 12  # fp32 copy / log-softmax, its grad, the logits' grad (per element)
+CUDA_CONTEXT_BYTES = 400 * MiB
+ALLOCATOR_SLACK = 0.10
+
+_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """One `nn.Linear` of the model (as built on the meta device)."""
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+    layer: int | None  # decoder-layer index parsed from the name; None outside the stack
+    is_output_head: bool
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs to know about a model, read from its config once."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    attn_implementation: str  # "sdpa" unless the config says otherwise
+    linears: tuple[LinearShape, ...]
+    total_params: int  # tied weights once
+    other_params: int  # everything but the (non-head) linears' weights
+    _targets_cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
+
+    @property
+    def quantizable_linears(self) -> tuple[LinearShape, ...]:
+        return tuple(lin for lin in self.linears if not lin.is_output_head)
+
+    @property
+    def largest_quantizable(self) -> int:
+        """Elements of the largest quantized weight (its dequantized copy is a workspace)."""
+        hit = self._targets_cache.get("largest")
+        if hit is None:
+            hit = max((lin.in_features * lin.out_features for lin in self.quantizable_linears),
+                      default=0)
+            self._targets_cache["largest"] = hit
+        return hit
+
+    def targets(self, target_modules: Any) -> tuple[LinearShape, ...]:
+        """The linears peft would wrap for `target_modules` ("all-linear" or a list of names)."""
+        key = target_modules if isinstance(target_modules, str) else tuple(target_modules)
+        hit = self._targets_cache.get(key)
+        if hit is None:
+            if key == "all-linear":
+                hit = self.quantizable_linears
+            else:
+                names = set(key)
+                hit = tuple(
+                    lin for lin in self.linears
+                    if lin.name in names or lin.name.rsplit(".", 1)[-1] in names
+                    or any(lin.name.endswith("." + n) for n in names)
+                )
+            self._targets_cache[key] = hit
+        return hit
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted peak memory of one job on one device, term by term (bytes)."""
+
+    breakdown: dict[str, int]
+    total: int
+    compute_dtype: str = "bf16"
+    device_kind: str = "cuda"
+
+    def __int__(self) -> int:
+        return self.total
+
+    def gib(self) -> float:
+        return self.total / GiB
+
+    def describe(self) -> str:
+        """A small plain-text table: one row per term, then the total."""
+        width = max(len(k) for k in self.breakdown) if self.breakdown else 5
+        rows = [f"{k:<{width}}  {v / MiB:>10.1f} MiB" for k, v in self.breakdown.items()]
+        rows.append("-" * (width + 16))
+        rows.append(f"{'total':<{width}}  {self.total / MiB:>10.1f} MiB  "
+                    f"({self.gib():.2f} GiB, {self.compute_dtype} on {self.device_kind})")
+        return "\n".join(rows)
+
+
+# -- shapes -------------------------------------------------------------------------------------
+_shape_lock = threading.Lock()
+_shape_cache: dict[tuple, tuple[Any, int | None, float, ModelShape]] = {}
+_SHAPE_CACHE_MAX = 256
+
+
+_MTIME_RECHECK_S = 2.0  # how often a cached path's mtime is looked at again
+
+
+def _mtime(spec: TrainSpec) -> int | None:
+    """The mtime of the file that defines the model (config.json or the .gguf): a model replaced
+    in place gets re-read."""
+    path = Path(spec.base_model)
+    probe = path
+    if path.is_dir():
+        probe = path / spec.gguf_file if spec.gguf_file else path / "config.json"
+    try:
+        return os.stat(probe).st_mtime_ns
+    except OSError:
+        return None
+
+
+def load_config(spec: TrainSpec) -> Any:
+    """The transformers config of `spec.base_model`: a local folder or a .gguf file, offline."""
+    from transformers import AutoConfig
+
+    path = Path(spec.base_model)
+    kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code,
+                              "local_files_only": True}
+    if path.is_file() and path.suffix == ".gguf":
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+    if not path.is_dir():
+        raise FileNotFoundError(f"base_model {spec.base_model!r}: no such folder or .gguf file")
+    if spec.gguf_file:
+        return AutoConfig.from_pretrained(str(path), gguf_file=spec.gguf_file, **kwargs)
+    return AutoConfig.from_pretrained(str(path), **kwargs)
+
+
+def _shape_from_config(config: Any, trust_remote_code: bool) -> ModelShape:
+    from accelerate import init_empty_weights
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    attn = getattr(config, "_attn_implementation", None) or "sdpa"
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    # init_empty_weights leaves tied embeddings untied; tie them so they are counted once.
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    head = model.get_output_embeddings()
+    linears = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            m = _LAYER_INDEX.search(name)
+            linears.append(LinearShape(
+                name=name, in_features=module.in_features, out_features=module.out_features,
+                bias=module.bias is not None, layer=int(m.group(1)) if m else None,
+                is_output_head=module is head,
+            ))
+    total = sum(p.numel() for p in model.parameters())  # dedups tied parameters
+    quantizable = sum(lin.in_features * lin.out_features for lin in linears
+                      if not lin.is_output_head)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(text.hidden_size)
+    heads = int(getattr(text, "num_attention_heads", 1) or 1)
+    layers = int(getattr(text, "num_hidden_layers", 0) or
+                 len({lin.layer for lin in linears if lin.layer is not None}) or 1)
+    return ModelShape(
+        model_type=str(getattr(config, "model_type", "unknown")),
+        num_layers=layers,
+        hidden_size=hidden,
+        intermediate_size=int(getattr(text, "intermediate_size", None) or 4 * hidden),
+        num_heads=heads,
+        num_kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
+        head_dim=int(getattr(text, "head_dim", None) or hidden // heads),
+        vocab_size=int(text.vocab_size),
+        attn_implementation=str(attn),
+        linears=tuple(linears),
+        total_params=int(total),
+        other_params=int(total - quantizable),
+    )
+
+
+def model_shape(spec: TrainSpec, *, config: Any = None) -> ModelShape:
+    """The model's shape: from `config` when given, else from `spec.base_model`. Cached per
+    config object, or per path (re-read when its file's mtime changes), so that repeated calls
+    cost microseconds."""
+    now = time.monotonic()
+    if config is not None:
+        key: tuple = ("config", id(config), spec.trust_remote_code)
+    else:
+        key = ("path", spec.base_model, spec.gguf_file, spec.trust_remote_code)
+    with _shape_lock:
+        hit = _shape_cache.get(key)
+    if hit is not None:
+        owner, mtime, checked, shape = hit
+        if config is not None:
+            # Cached by identity; the entry keeps the config alive, so its id() is not reused.
+            if owner is config:
+                return shape
+        elif now - checked < _MTIME_RECHECK_S:
+            return shape
+        elif _mtime(spec) == mtime:
+            with _shape_lock:
+                _shape_cache[key] = (owner, mtime, now, shape)
+            return shape
+    mtime = None if config is not None else _mtime(spec)
+    cfg = config if config is not None else load_config(spec)
+    shape = _shape_from_config(cfg, spec.trust_remote_code)
+    with _shape_lock:
+        if len(_shape_cache) >= _SHAPE_CACHE_MAX:
+            _shape_cache.clear()
+        _shape_cache[key] = (config, mtime, now, shape)
+    return shape
+
+
+# -- the estimate -------------------------------------------------------------------------------
+def resolve_compute_dtype(spec: TrainSpec, device: DeviceInfo) -> str:
+    """"bf16" / "fp16" / "fp32": the spec's choice, or what "auto" picks on this device."""
+    if spec.device == "cpu" or device.kind == "cpu":
+        return "fp32" if spec.compute_dtype == "auto" else spec.compute_dtype
+    if spec.compute_dtype != "auto":
+        return spec.compute_dtype
+    return "bf16" if device.supports_bf16 else "fp16"
+
+
+def _quantized_weight_bytes(spec: TrainSpec, shape: ModelShape, a: int) -> int:
+    key = ("weights", spec.quantization, spec.double_quant, a)
+    hit = shape._targets_cache.get(key)
+    if hit is not None:
+        return hit
+    n = 0
+    for lin in shape.quantizable_linears:
+        numel = lin.in_features * lin.out_features
+        if spec.quantization in ("nf4", "fp4"):
+            bits = NF4_BITS_DOUBLE_QUANT if spec.double_quant else NF4_BITS
+            n += int(numel * bits / 8)
+        elif spec.quantization == "int8":
+            n += numel + INT8_ROW_SCALE_BYTES * lin.out_features
+        else:
+            n += numel * a
+    shape._targets_cache[key] = n
+    return n
+
+
+def _adapter_terms(shape: ModelShape, spec: TrainSpec, a: int
+                   ) -> tuple[int, int, dict[int | None, int]]:
+    """LoRA parameter count, optimizer-state bytes and per-layer LoRA activation bytes per token;
+    cached on the shape (the scheduler asks for the same few adapters over and over)."""
+    lora = spec.lora
+    tm = lora.target_modules
+    key = ("adapter", tm if isinstance(tm, str) else tuple(tm), lora.r, lora.use_dora,
+           lora.dropout > 0, spec.optimizer, a)
+    hit = shape._targets_cache.get(key)
+    if hit is not None:
+        return hit
+    r = lora.r
+    lora_params = 0
+    optim = 0
+    # The input copy each LoRA module keeps: a fp32 cast (dropout output) + a bool dropout mask.
+    lora_in_bytes = (4 + 1) if lora.dropout > 0 else (4 if a != 4 else 0)
+    per_layer: dict[int | None, int] = {}
+    for lin in shape.targets(tm):
+        tensors = [r * lin.in_features, r * lin.out_features]
+        if lora.use_dora:
+            tensors.append(lin.out_features)
+        for numel in tensors:
+            lora_params += numel
+            if spec.optimizer == "adamw" or numel < OPTIM_8BIT_MIN_SIZE:
+                optim += ADAMW_BYTES * numel
+            else:
+                optim += int(OPTIM_8BIT_BYTES * numel)
+        b = lora_in_bytes * lin.in_features + LORA_PARAM_BYTES * r
+        if lora.use_dora:
+            b += a * lin.out_features  # the base result DoRA rescales
+        per_layer[lin.layer] = per_layer.get(lin.layer, 0) + b
+    hit = (lora_params, optim, per_layer)
+    shape._targets_cache[key] = hit
+    return hit
+
+
+def estimate_memory(spec: TrainSpec, device: DeviceInfo, *, config: Any = None) -> MemoryEstimate:
+    """Peak memory (bytes, with a per-term breakdown) of training `spec` on `device`.
+
+    See the module docstring for every assumption. `config` is an already-loaded transformers
+    config; without it the config is read from `spec.base_model` (folder or .gguf), once per path.
+    """
+    shape = model_shape(spec, config=config)
+    dtype = resolve_compute_dtype(spec, device)
+    a = _DTYPE_BYTES[dtype]
+    kind = "cpu" if (spec.device == "cpu" or device.kind == "cpu") else "cuda"
+    quantized = spec.quantization != "none"
+    lora = spec.lora
+    h, i, L = shape.hidden_size, shape.intermediate_size, shape.num_layers
+    q = shape.num_heads * shape.head_dim
+    seq, micro = spec.max_seq_len, spec.micro_batch_size
+    tokens = micro * seq
+
+    # Weights.
+    base = _quantized_weight_bytes(spec, shape, a)
+    other_bytes = 4 if (quantized and UPCAST_UNQUANTIZED_TO_FP32) else a
+    unquantized = shape.other_params * other_bytes
+
+    # Adapters, their grads and optimizer state.
+    lora_params, optim, per_layer_lora = _adapter_terms(shape, spec, a)
+    lora_param_bytes = lora_params * LORA_PARAM_BYTES
+    lora_grad_bytes = lora_params * LORA_PARAM_BYTES
+
+    # Activations, per token.
+    layer_base = (
+        2 * 4 * h  # both RMSNorms save their fp32 input
+        + 2 * a * h  # normed inputs of attention and MLP
+        + 3 * a * q  # q, and k/v repeated to all heads, as SDPA saves them
+        + 2 * a * q + 4 * shape.num_heads  # attention output, its contiguous copy, fp32 LSE
+        + 4 * a * i  # gate, act(gate), up, act*up
+    )
+    if shape.attn_implementation == "eager":
+        # scores (compute dtype), fp32 softmax, its cast back: heads * seq per token.
+        layer_base += shape.num_heads * seq * (a + 4 + a)
+    lora_all = sum(per_layer_lora.values())
+    lora_max_layer = max((v for k, v in per_layer_lora.items() if k is not None), default=0)
+    boundary = a * h + (4 * h + a * h)  # embeddings' output; final norm and head input
+    if spec.gradient_checkpointing:
+        per_token = L * a * h + layer_base + lora_max_layer + boundary
+    else:
+        per_token = L * layer_base + lora_all + boundary
+    activations = tokens * per_token
+    if micro > 1 and not spec.packing:
+        # Padded batch: a materialised (micro, 1, seq, seq) mask, bool for SDPA.
+        activations += micro * seq * seq * (1 if shape.attn_implementation != "eager" else a)
+
+    logits = tokens * shape.vocab_size * (a + LOGITS_EXTRA_BYTES)
+
+    largest = shape.largest_quantizable
+    workspace = tokens * a * (3 * i + 2 * h)
+    if quantized:
+        workspace += 2 * a * largest
+    if lora.use_dora:
+        workspace += (a + 8) * largest  # dequantized W, B@A and their sum, one layer at a time
+
+    breakdown = {
+        "base_weights_quantized": int(base),
+        "unquantized_params": int(unquantized),
+        "lora_params": int(lora_param_bytes),
+        "lora_grads": int(lora_grad_bytes),
+        "optimizer_state": int(optim),
+        "activations": int(activations),
+        "logits": int(logits),
+        "backward_workspace": int(workspace),
+    }
+    breakdown["cuda_context"] = CUDA_CONTEXT_BYTES if kind == "cuda" else 0
+    breakdown["allocator_slack"] = int(ALLOCATOR_SLACK * sum(
+        v for k, v in breakdown.items() if k != "cuda_context"))
+    return MemoryEstimate(breakdown=breakdown, total=sum(breakdown.values()),
+                          compute_dtype=dtype, device_kind=kind)
+
+
+__all__ = [
+    "LinearShape",
+    "MemoryEstimate",
+    "ModelShape",
+    "estimate_memory",
+    "load_config",
+    "model_shape",
+    "resolve_compute_dtype",
+]
