@@ -34,8 +34,8 @@ Assumptions (each is a named constant below, so calibration can change it in one
   1-byte dropout mask when dropout > 0) and its r-wide fp32 middle. An explicitly "eager" config
   adds the seq^2 scores (compute dtype + the fp32 softmax + its cast).
   With gradient checkpointing: one hidden state per layer boundary plus one layer's full
-  activations (the one being recomputed); without: every layer's. A padded micro-batch (> 1, no
-  packing) adds a boolean micro * seq^2 attention mask. Sequences are counted at max_seq_len.
+  activations (the one being recomputed); without: every layer's. A padded micro-batch (> 1) or
+  a packed one (block-causal mask) adds a boolean micro * seq^2 mask. Sequences are counted at max_seq_len.
 - Logits: tokens * vocab in the compute dtype (kept by the model output) + the loss' fp32 copy /
   log-softmax + its grad + the grad of the logits: (a + 12) bytes per token per vocab entry.
 - Backward workspace: the grads of one layer's widest intermediates (3 * a*i + 2 * a*h per token)
@@ -393,8 +393,9 @@ def estimate_memory(spec: TrainSpec, device: DeviceInfo, *, config: Any = None) 
     else:
         per_token = L * layer_base + lora_all + boundary
     activations = tokens * per_token
-    if micro > 1 and not spec.packing:
-        # Padded batch: a materialised (micro, 1, seq, seq) mask, bool for SDPA.
+    if micro > 1 or spec.packing:
+        # A padded micro-batch, or packed examples (the collator builds a block-causal 4D mask):
+        # a materialised (micro, 1, seq, seq) mask, bool for SDPA, compute dtype for eager.
         activations += micro * seq * seq * (1 if shape.attn_implementation != "eager" else a)
 
     logits = tokens * shape.vocab_size * (a + LOGITS_EXTRA_BYTES)

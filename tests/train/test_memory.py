@@ -192,13 +192,17 @@ def test_config_object_and_eager_attention(tmp_path):
     assert eager_4k > 10 * eager_1k  # seq^2 scores dominate
 
 
-def test_padding_mask_only_for_padded_micro_batches(one_b):
-    def act(**kw):
-        return estimate_memory(spec(one_b, max_seq_len=4096, batch_size=4, **kw),
-                               RTX3060).breakdown["activations"]
+def test_seq_squared_mask_only_for_padded_or_packed_batches(one_b):
+    def act(micro, **kw):
+        return estimate_memory(spec(one_b, max_seq_len=4096, batch_size=4, micro_batch_size=micro,
+                                    **kw), RTX3060).breakdown["activations"]
 
-    padded, packed = act(micro_batch_size=4), act(micro_batch_size=4, packing=True)
-    assert padded - packed == 4 * 4096 * 4096  # a bool (micro, 1, seq, seq) mask
+    # micro-batch 1 without packing needs no mask (causal attention, no padding); twice the
+    # tokens is twice the activations. Padding (micro 2) or packing adds a bool (b,1,s,s) mask.
+    single, double = act(1), act(2)
+    assert act(2) - 2 * single == 2 * 4096 * 4096
+    assert act(1, packing=True) - single == 4096 * 4096
+    assert double > 2 * single
 
 
 def test_shape_is_cached_and_reread_when_the_model_changes(tmp_path, monkeypatch):
