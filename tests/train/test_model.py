@@ -1,0 +1,139 @@
+"""Base model loading and LoRA attachment: real bitsandbytes layers on a tiny random Llama."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from lorapool.service.train import LoraSpec, ModelLoadError, TrainSpec
+from lorapool.service.train.model import (
+    attach_lora,
+    load_base_model,
+    model_sha256,
+    resolve_base_model,
+    select_compute_dtype,
+    select_device,
+)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _spec(model_dir, **kw) -> TrainSpec:
+    return TrainSpec(base_model=str(model_dir), device=kw.pop("device", "cpu"), **kw)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+def test_4bit_layers_are_bitsandbytes(tiny_model_dir, quant):
+    import bitsandbytes as bnb
+
+    model, tok = load_base_model(_spec(tiny_model_dir, quantization=quant, double_quant=True))
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    # 2 layers x (q, k, v, o, gate, up, down); lm_head stays unquantised (QLoRA keeps it).
+    assert len(linears) == 14
+    assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
+    for m in linears.values():
+        assert m.weight.quant_type == quant
+        assert m.weight.quant_state.nested  # double quantisation of the absmax
+        assert m.weight.dtype == torch.uint8
+    assert not any(p.requires_grad for p in model.parameters())
+    assert tok.pad_token_id is not None
+
+
+def test_unquantised_and_cpu_dtype(tiny_model_dir):
+    import bitsandbytes as bnb
+
+    spec = _spec(tiny_model_dir, quantization="none")
+    model, _ = load_base_model(spec)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert select_device(spec).type == "cpu"
+    assert select_compute_dtype(spec, torch.device("cpu")) == torch.float32
+    assert select_compute_dtype(_spec(tiny_model_dir, compute_dtype="bf16"),
+                                torch.device("cpu")) == torch.bfloat16
+
+
+def test_lora_attaches_and_only_lora_trains(tiny_model_dir):
+    spec = _spec(tiny_model_dir, lora=LoraSpec(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    model, _ = load_base_model(spec)
+    peft_model = attach_lora(model, spec)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    # 2 layers x 2 modules x (A, B)
+    assert len(trainable) == 8
+    assert all(("q_proj" in n or "v_proj" in n) for n in trainable)
+
+
+def test_all_linear_targets_every_projection(tiny_model_dir):
+    spec = _spec(tiny_model_dir, lora=LoraSpec(r=2, use_rslora=True))
+    peft_model = attach_lora(load_base_model(spec)[0], spec)
+    a_mats = [n for n, _ in peft_model.named_parameters() if "lora_A" in n]
+    assert len(a_mats) == 14
+    assert peft_model.peft_config["default"].use_rslora
+
+
+def test_unknown_target_module_is_a_clear_error(tiny_model_dir):
+    spec = _spec(tiny_model_dir, lora=LoraSpec(target_modules=["no_such_proj"]))
+    with pytest.raises(ModelLoadError, match="no_such_proj"):
+        attach_lora(load_base_model(spec)[0], spec)
+
+
+def test_gradients_unchanged_by_an_eval_pass(tiny_model_dir):
+    """bitsandbytes repacks 4-bit CPU weights for inference on the first eval forward; its
+    inference kernel has no autograd, so training after an eval pass got wrong gradients.
+    load_base_model turns the repacking off: gradients must not depend on a prior eval."""
+    spec = _spec(tiny_model_dir, lora=LoraSpec(r=4, dropout=0.0))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+
+    def grads(eval_first: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = attach_lora(load_base_model(spec)[0], spec)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)
+        if eval_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    torch.testing.assert_close(grads(True), grads(False))
+
+
+def test_resolve_hf_folder_and_errors(tiny_model_dir, tmp_path):
+    assert resolve_base_model(_spec(tiny_model_dir)) == tiny_model_dir
+    with pytest.raises(ModelLoadError, match="not a folder or .gguf"):
+        resolve_base_model(_spec(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        resolve_base_model(_spec(tmp_path / "empty"))
+    two = tmp_path / "two"
+    two.mkdir()
+    (two / "a.gguf").write_bytes(b"x")
+    (two / "b.gguf").write_bytes(b"y")
+    with pytest.raises(ModelLoadError, match="gguf_file"):
+        resolve_base_model(_spec(two))
+    with pytest.raises(ModelLoadError, match="cannot dequantise"):
+        resolve_base_model(_spec(two, gguf_file="a.gguf"), tmp_path / "cache")
+    assert not list((tmp_path / "cache").iterdir())  # nothing half-written left behind
+
+
+def test_model_sha256_tracks_content(tiny_model_dir, tmp_path):
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "copy")
+    assert model_sha256(copy) == model_sha256(tiny_model_dir)
+    cfg = copy / "config.json"
+    cfg.write_text(cfg.read_text() + " ")
+    assert model_sha256(copy) != model_sha256(tiny_model_dir)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_compute_dtype_follows_capability(tiny_model_dir):
+    spec = _spec(tiny_model_dir, device="cuda")
+    device = select_device(spec)
+    expected = torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float16
+    assert select_compute_dtype(spec, device) == expected
+    model, _ = load_base_model(spec)
+    assert next(model.parameters()).device.type == "cuda"
