@@ -53,7 +53,19 @@ def create_token(settings: Settings, tenant: str) -> str:
 
 
 # -- models -----------------------------------------------------------------------------------
+# (path, size, mtime_ns) → sha256: a 100 MB .gguf is hashed once per process, not per listing.
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
 def file_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        _FILE_HASHES[key] = _hash_file(path)
+    return _FILE_HASHES[key]
+
+
+def _hash_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(_CHUNK), b""):
@@ -68,7 +80,7 @@ def folder_sha256(path: Path) -> str:
     for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".tmp")):
         h.update(f.relative_to(path).as_posix().encode())
         h.update(b"\0")
-        h.update(bytes.fromhex(file_sha256(f)))
+        h.update(bytes.fromhex(_hash_file(f)))
     return h.hexdigest()
 
 

@@ -305,6 +305,12 @@ class Store:
                     raise
         raise AssertionError("unreachable")
 
+    def find_job_by_idempotency_key(self, tenant: str, key: str) -> Optional[JobRecord]:
+        with self._tx(write=False) as s:
+            row = s.scalar(select(JobRow).where(JobRow.tenant == tenant,
+                                                JobRow.idempotency_key == key))
+            return None if row is None else _job_record(row)
+
     def get_job(self, job_id: str, tenant: Optional[str] = None) -> Optional[JobRecord]:
         with self._tx(write=False) as s:
             row = s.scalar(select(JobRow).where(JobRow.id == job_id))

@@ -1,0 +1,182 @@
+"""The body of POST /v1/fine_tuning/jobs and how it becomes the trainer's `TrainSpec`.
+
+The OpenAI fields (`model`, `training_file`, `hyperparameters` …) plus lorapool's own (`lora`,
+`quantization`, `max_seq_len` …). Bounds are checked here, so an absurd value is a 400 naming
+the parameter before anything is stored. `"auto"` hyperparameters get lorapool's defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lorapool.types import LoraParams
+
+from ..store import ModelEntry
+from ..train.spec import TrainSpec
+from .errors import bad_request, from_pydantic
+
+DEFAULT_N_EPOCHS = 3
+DEFAULT_BATCH_SIZE = 8
+BASE_LEARNING_RATE = 2e-4  # learning_rate_multiplier 1.0 means this
+MAX_MICRO_BATCH_DEFAULT = 4  # when the client names none; auto-fit may shrink it further
+
+
+class HyperparametersIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: Union[Literal["auto"], int] = Field("auto", description="1–100")
+    batch_size: Union[Literal["auto"], int] = Field("auto", description="1–1024")
+    learning_rate_multiplier: Union[Literal["auto"], float] = Field("auto", description="(0, 100]")
+
+    @field_validator("n_epochs")
+    @classmethod
+    def _epochs(cls, v: Any) -> Any:
+        if v != "auto" and not 1 <= v <= 100:
+            raise ValueError("must be between 1 and 100, or 'auto'")
+        return v
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, v: Any) -> Any:
+        if v != "auto" and not 1 <= v <= 1024:
+            raise ValueError("must be between 1 and 1024, or 'auto'")
+        return v
+
+    @field_validator("learning_rate_multiplier")
+    @classmethod
+    def _lrm(cls, v: Any) -> Any:
+        # `not 0 < v <= 100` is also true for NaN.
+        if v != "auto" and not 0 < v <= 100:
+            raise ValueError("must be greater than 0 and at most 100, or 'auto'")
+        return v
+
+
+class _Supervised(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    hyperparameters: Optional[HyperparametersIn] = None
+
+
+class MethodIn(BaseModel):
+    """OpenAI's `method`; lorapool trains supervised (SFT) only."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["supervised"] = "supervised"
+    supervised: Optional[_Supervised] = None
+
+
+class CreateJobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=128)
+    training_file: str = Field(min_length=1, max_length=64)
+    validation_file: Optional[str] = Field(None, min_length=1, max_length=64)
+    hyperparameters: Optional[HyperparametersIn] = None
+    suffix: Optional[str] = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: Optional[int] = Field(None, ge=0, le=2**31 - 1)
+    metadata: Optional[dict[str, str]] = None
+    integrations: Optional[list[Any]] = None
+    method: Optional[MethodIn] = None
+    # lorapool's own.
+    lora: Optional[LoraParams] = None
+    quantization: Literal["nf4", "fp4", "int8", "none"] = "nf4"
+    max_seq_len: int = Field(1024, ge=8, le=32768)
+    micro_batch_size: Optional[int] = Field(None, ge=1, le=1024)
+    learning_rate: Optional[float] = Field(None, gt=0, le=1.0)
+    checkpoint_every: Optional[int] = Field(None, ge=1, le=1_000_000)
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
+        # OpenAI's limits: 16 pairs, keys up to 64 characters, values up to 512.
+        if v is None:
+            return v
+        if len(v) > 16:
+            raise ValueError(f"at most 16 keys (got {len(v)})")
+        for k, val in v.items():
+            if len(k) > 64:
+                raise ValueError(f"key {k[:20]!r}… is longer than 64 characters")
+            if len(val) > 512:
+                raise ValueError(f"value of {k!r} is longer than 512 characters")
+        return v
+
+    @field_validator("integrations")
+    @classmethod
+    def _integrations(cls, v: Optional[list[Any]]) -> Optional[list[Any]]:
+        if v:
+            raise ValueError("lorapool supports no integrations")
+        return v
+
+    def effective_hyperparameters(self) -> HyperparametersIn:
+        hp = self.hyperparameters
+        if self.method is not None and self.method.supervised is not None:
+            if self.method.supervised.hyperparameters is not None:
+                if hp is not None:
+                    raise bad_request("give hyperparameters either at the top level or in "
+                                      "method.supervised, not both", param="hyperparameters")
+                hp = self.method.supervised.hyperparameters
+        return hp or HyperparametersIn()
+
+
+# TrainSpec field → request param, for errors raised while building the spec.
+SPEC_PARAM = {
+    "n_epochs": "hyperparameters.n_epochs",
+    "batch_size": "hyperparameters.batch_size",
+    "micro_batch_size": "micro_batch_size",
+    "learning_rate": "learning_rate",
+    "max_seq_len": "max_seq_len",
+    "lora": "lora",
+    "seed": "seed",
+    "checkpoint_every": "checkpoint_every",
+    "quantization": "quantization",
+}
+
+
+def _default_micro_batch(batch_size: int) -> int:
+    return max(d for d in range(1, min(batch_size, MAX_MICRO_BATCH_DEFAULT) + 1)
+               if batch_size % d == 0)
+
+
+def resolve(req: CreateJobRequest, model: ModelEntry) -> tuple[TrainSpec, dict[str, Any]]:
+    """The TrainSpec for this request on this model, and the resolved hyperparameters."""
+    hp = req.effective_hyperparameters()
+    n_epochs = DEFAULT_N_EPOCHS if hp.n_epochs == "auto" else int(hp.n_epochs)
+    batch_size = DEFAULT_BATCH_SIZE if hp.batch_size == "auto" else int(hp.batch_size)
+    if req.learning_rate is not None and hp.learning_rate_multiplier != "auto":
+        raise bad_request("give learning_rate or hyperparameters.learning_rate_multiplier, not "
+                          "both", param="learning_rate")
+    if req.learning_rate is not None:
+        lr = float(req.learning_rate)
+    else:
+        mult = 1.0 if hp.learning_rate_multiplier == "auto" else float(hp.learning_rate_multiplier)
+        lr = BASE_LEARNING_RATE * mult
+    micro = req.micro_batch_size or _default_micro_batch(batch_size)
+    if micro > batch_size:
+        raise bad_request(f"micro_batch_size ({micro}) exceeds the batch size ({batch_size})",
+                          param="micro_batch_size")
+    if batch_size % micro:
+        raise bad_request(f"the batch size ({batch_size}) must be a multiple of "
+                          f"micro_batch_size ({micro})", param="micro_batch_size")
+    fields: dict[str, Any] = dict(
+        base_model=model.path,
+        base_model_id=model.name,
+        trust_remote_code=model.trust_remote_code,
+        quantization=req.quantization,
+        max_seq_len=req.max_seq_len,
+        n_epochs=n_epochs,
+        batch_size=batch_size,
+        micro_batch_size=micro,
+        learning_rate=lr,
+        seed=42 if req.seed is None else req.seed,
+        checkpoint_every=req.checkpoint_every,
+    )
+    if req.lora is not None:
+        fields["lora"] = req.lora.model_dump()
+    try:
+        spec = TrainSpec(**fields)
+    except ValidationError as exc:
+        raise from_pydantic(exc, SPEC_PARAM) from exc
+    resolved = {"n_epochs": n_epochs, "batch_size": batch_size,
+                "learning_rate_multiplier": lr / BASE_LEARNING_RATE}
+    return spec, resolved

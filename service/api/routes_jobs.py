@@ -1,0 +1,272 @@
+"""/v1/fine_tuning/jobs: create, list, get, cancel, events (list or live SSE), checkpoints.
+
+Create validates everything it can before storing anything: the body's bounds, the model name
+(against the registered ones), the files (the caller's own), the resolved TrainSpec, and
+whether any node could ever hold the job (`executor.check_fits`). The job is then stored
+`queued` and the executor woken; the pool takes it from there. An `Idempotency-Key` makes a
+retried create return the first job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import APIRouter, Body, Depends, Header, Query, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from lorapool.types import FineTuningJob, JobCheckpoint, JobEvent, ListResponse
+
+from ..store import TERMINAL, JobRecord, NotFound, new_id
+from . import convert
+from .context import AppContext, context, tenant
+from .errors import APIError, bad_request, not_found
+from .job_request import CreateJobRequest, resolve
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine_tuning"])
+
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def _own_job(ctx: AppContext, job_id: str, owner: str) -> JobRecord:
+    rec = ctx.store.get_job(job_id, owner)
+    if rec is None:
+        raise not_found("fine-tuning job", job_id)
+    return rec
+
+
+def _check_file(ctx: AppContext, owner: str, file_id: Optional[str], param: str) -> Any:
+    if file_id is None:
+        return None
+    rec = ctx.store.get_file(file_id, owner)
+    if rec is None:
+        raise bad_request(f"Invalid value for '{param}': no file with id '{file_id}' (upload it "
+                          "with POST /v1/files first)", param=param, code="file_not_found")
+    if rec.purpose != "fine-tune":
+        raise bad_request(f"Invalid value for '{param}': file '{file_id}' has purpose "
+                          f"'{rec.purpose}', not 'fine-tune'", param=param, code="invalid_value")
+    return rec
+
+
+@router.post("", response_model=FineTuningJob)
+def create_job(
+    req: CreateJobRequest = Body(...),
+    idempotency_key: Optional[str] = Header(None, alias="Idempotency-Key"),
+    owner: str = Depends(tenant),
+    ctx: AppContext = Depends(context),
+) -> Any:
+    if idempotency_key is not None:
+        idempotency_key = idempotency_key.strip()
+        if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            raise bad_request(f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} characters",
+                              param="Idempotency-Key")
+        first = ctx.store.find_job_by_idempotency_key(owner, idempotency_key)
+        if first is not None:
+            return convert.job(first)
+
+    model = ctx.store.get_model(req.model)
+    if model is None:
+        names = [m.name for m in ctx.store.list_models()]
+        raise bad_request(
+            f"Unknown model '{req.model}'. Available models: "
+            f"{', '.join(names) if names else '(none registered: lorapool models add NAME PATH)'}",
+            param="model", code="model_not_found")
+    _check_file(ctx, owner, req.training_file, "training_file")
+    _check_file(ctx, owner, req.validation_file, "validation_file")
+    spec, hyper = resolve(req, model)
+
+    refusal = ctx.executor.check_fits(spec)
+    if refusal:
+        raise APIError(400, f"No node of the pool can hold this job: {refusal}",
+                       code="insufficient_memory")
+
+    record = JobRecord(
+        id=new_id("ftjob"),
+        tenant=owner,
+        model=model.name,
+        model_sha256=model.sha256,
+        status="queued",
+        training_file=req.training_file,
+        validation_file=req.validation_file,
+        hyperparameters=hyper,
+        seed=spec.seed,
+        metadata=req.metadata,
+        suffix=req.suffix,
+        lora=spec.lora.model_dump(mode="json"),
+        quantization=spec.quantization,
+        max_seq_len=spec.max_seq_len,
+        micro_batch_size=spec.micro_batch_size,
+        learning_rate=spec.learning_rate,
+        checkpoint_every=spec.checkpoint_every,
+        spec=spec.model_dump(mode="json", exclude={"base_model"}),
+        idempotency_key=idempotency_key,
+    )
+    stored = ctx.store.create_job(record)
+    if stored.id != record.id:  # a concurrent retry with the same key got there first
+        return convert.job(stored)
+    ctx.store.add_event(stored.id, "Job queued", data={
+        "model": model.name, "training_file": req.training_file,
+        "validation_file": req.validation_file, **hyper})
+    ctx.wake()
+    return convert.job(stored)
+
+
+@router.get("", response_model=ListResponse[FineTuningJob])
+def list_jobs(
+    request: Request,
+    after: Optional[str] = None,
+    limit: int = Query(20, ge=1, le=100),
+    owner: str = Depends(tenant),
+    ctx: AppContext = Depends(context),
+) -> Any:
+    # OpenAI's filter: metadata[key]=value.
+    metadata = {k[len("metadata["):-1]: v for k, v in request.query_params.items()
+                if k.startswith("metadata[") and k.endswith("]")}
+    try:
+        recs, more = ctx.store.list_jobs(owner, after=after, limit=limit, metadata=metadata or None)
+    except NotFound as exc:
+        raise bad_request(f"'after' names no fine-tuning job of yours: '{after}'",
+                          param="after") from exc
+    return convert.page([convert.job(r) for r in recs], more)
+
+
+@router.get("/{job_id}", response_model=FineTuningJob)
+def get_job(job_id: str, owner: str = Depends(tenant), ctx: AppContext = Depends(context)) -> Any:
+    return convert.job(_own_job(ctx, job_id, owner))
+
+
+@router.post("/{job_id}/cancel", response_model=FineTuningJob)
+def cancel_job(job_id: str, owner: str = Depends(tenant),
+               ctx: AppContext = Depends(context)) -> Any:
+    """Queued → cancelled at once; running → stop requested (the pool ends it between steps
+    and marks it cancelled). A job already finished is returned as it is."""
+    rec = _own_job(ctx, job_id, owner)
+    # The scheduler may move the job while we look (queued → running, running → queued on a
+    # lost node): retry on the state we find until one of our compare-and-sets holds.
+    for _ in range(5):
+        if rec.terminal:
+            break
+        if rec.status in ("queued", "validating_files"):
+            if ctx.store.transition(job_id, {"queued", "validating_files"}, "cancelled",
+                                    finished_at=int(time.time()), cancel_requested=True):
+                ctx.store.add_event(job_id, "Job cancelled before it started")
+                ctx.wake()
+                break
+        elif rec.status == "running":
+            if not rec.cancel_requested:
+                ctx.store.request_cancel(job_id)
+                ctx.store.add_event(job_id, "Cancellation requested; the job stops at its next "
+                                    "step and keeps its last checkpoint")
+            try:
+                ctx.executor.cancel(job_id)
+            except Exception as exc:  # the flag is stored; the scheduler honours it
+                raise APIError(503, f"Cancellation stored but the pool did not answer: {exc}",
+                               code="executor_unavailable") from exc
+            rec = ctx.store.get_job(job_id) or rec
+            if rec.status != "queued":  # requeued meanwhile: go round and cancel it there
+                break
+            continue
+        rec = ctx.store.get_job(job_id) or rec
+    return convert.job(ctx.store.get_job(job_id) or rec)
+
+
+def _page_events(ctx: AppContext, job_id: str, after: Optional[str], limit: int) -> Any:
+    try:
+        recs = ctx.store.list_events(job_id, after=after, limit=limit + 1, order="desc")
+    except NotFound as exc:
+        raise bad_request(f"'after' names no event of this job: '{after}'", param="after") from exc
+    return convert.page([convert.event(r) for r in recs[:limit]], len(recs) > limit)
+
+
+def _sse(event: JobEvent) -> bytes:
+    data = json.dumps(event.model_dump(mode="json"), separators=(",", ":"))
+    return f"id: {event.id}\nevent: message\ndata: {data}\n\n".encode()
+
+
+async def _follow(request: Request, ctx: AppContext, job_id: str,
+                  last_id: Optional[str]) -> AsyncIterator[bytes]:
+    """Every event after `last_id` (all, without one), oldest first, then each new one as it
+    is stored; ends once the job is finished and its last events are sent."""
+    yield b"retry: 2000\n\n"
+    last_sent = time.monotonic()
+    while True:
+        try:
+            recs = await run_in_threadpool(ctx.store.list_events, job_id, after=last_id,
+                                           limit=200, order="asc")
+        except NotFound:  # an unknown Last-Event-ID: replay from the start
+            last_id = None
+            continue
+        for r in recs:
+            last_id = r.id
+            yield _sse(convert.event(r))
+            last_sent = time.monotonic()
+        if len(recs) == 200:
+            continue
+        job = await run_in_threadpool(ctx.store.get_job, job_id)
+        if job is None or job.status in TERMINAL:
+            # Events written just before the final status change are in by now.
+            tail = await run_in_threadpool(ctx.store.list_events, job_id, after=last_id,
+                                           limit=10_000, order="asc")
+            for r in tail:
+                yield _sse(convert.event(r))
+            return
+        if await request.is_disconnected():
+            return
+        if time.monotonic() - last_sent > ctx.sse_keepalive:
+            yield b": keep-alive\n\n"  # also how a dropped client is noticed
+            last_sent = time.monotonic()
+        await asyncio.sleep(ctx.sse_poll_interval)
+
+
+@router.get("/{job_id}/events", response_model=ListResponse[JobEvent])
+async def list_events(
+    request: Request,
+    job_id: str,
+    after: Optional[str] = None,
+    limit: int = Query(20, ge=1, le=100),
+    stream: bool = False,
+    last_event_id: Optional[str] = Header(None, alias="Last-Event-ID"),
+    owner: str = Depends(tenant),
+    ctx: AppContext = Depends(context),
+) -> Any:
+    await run_in_threadpool(_own_job, ctx, job_id, owner)
+    if not stream:
+        return await run_in_threadpool(_page_events, ctx, job_id, after, limit)
+    return StreamingResponse(
+        _follow(request, ctx, job_id, last_event_id or after),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.get("/{job_id}/checkpoints", response_model=ListResponse[JobCheckpoint])
+def list_checkpoints(
+    job_id: str,
+    after: Optional[str] = None,
+    limit: int = Query(10, ge=1, le=100),
+    owner: str = Depends(tenant),
+    ctx: AppContext = Depends(context),
+) -> Any:
+    job = _own_job(ctx, job_id, owner)
+    recs = sorted(ctx.store.list_checkpoints(job_id), key=lambda c: c.step, reverse=True)
+    return convert.slice_page([convert.checkpoint(c, job) for c in recs], after, limit,
+                              "checkpoint")
+
+
+@router.get("/{job_id}/checkpoints/{checkpoint_id}/download")
+def download_checkpoint(job_id: str, checkpoint_id: str, owner: str = Depends(tenant),
+                        ctx: AppContext = Depends(context)) -> Any:
+    from .archive import folder_archive_response
+
+    job = _own_job(ctx, job_id, owner)
+    ckpt = ctx.store.get_checkpoint(checkpoint_id)
+    if ckpt is None or ckpt.job_id != job.id:
+        raise not_found("checkpoint", checkpoint_id)
+    meta = {"checkpoint_id": ckpt.id, "job_id": job.id, "step": ckpt.step,
+            "base_model": job.model, "base_model_sha256": job.model_sha256,
+            "metrics": ckpt.metrics, "spec": job.spec}
+    return folder_archive_response(ctx.artifacts, ckpt.artifact_id, meta,
+                                   f"{job.id}-step-{ckpt.step}.tar.gz")

@@ -1,0 +1,102 @@
+"""/v1/models, /v1/adapters (list, get, download) and /v1/nodes, plus the unauthenticated
+/healthz.
+
+Models are the service's (every tenant sees the same list); adapters are their tenant's own
+(another tenant gets a 404, as for anything it does not own); nodes come from the executor.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from fastapi import APIRouter, Depends, Query
+
+from lorapool.types import Adapter, ListResponse, Model, Node
+
+from ..store import NotFound
+from . import convert
+from .archive import folder_archive_response
+from .context import AppContext, context, tenant
+from .errors import bad_request, not_found
+
+router = APIRouter(tags=["resources"])
+health_router = APIRouter(tags=["health"])
+
+
+@health_router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/v1/models", response_model=ListResponse[Model])
+def list_models(
+    after: Optional[str] = None,
+    limit: int = Query(100, ge=1, le=1000),
+    _owner: str = Depends(tenant),
+    ctx: AppContext = Depends(context),
+) -> Any:
+    models = [convert.model(m) for m in ctx.store.list_models()]
+    return convert.slice_page(models, after, limit, "model")
+
+
+@router.get("/v1/models/{model_id:path}", response_model=Model)
+def get_model(model_id: str, _owner: str = Depends(tenant),
+              ctx: AppContext = Depends(context)) -> Any:
+    entry = ctx.store.get_model(model_id)
+    if entry is None:
+        raise not_found("model", model_id)
+    return convert.model(entry)
+
+
+@router.get("/v1/adapters", response_model=ListResponse[Adapter])
+def list_adapters(
+    after: Optional[str] = None,
+    limit: int = Query(100, ge=1, le=1000),
+    owner: str = Depends(tenant),
+    ctx: AppContext = Depends(context),
+) -> Any:
+    try:
+        recs, more = ctx.store.list_adapters(owner, after=after, limit=limit)
+    except NotFound as exc:
+        raise bad_request(f"'after' names no adapter of yours: '{after}'", param="after") from exc
+    return convert.page([convert.adapter(r) for r in recs], more)
+
+
+@router.get("/v1/adapters/{adapter_id}", response_model=Adapter)
+def get_adapter(adapter_id: str, owner: str = Depends(tenant),
+                ctx: AppContext = Depends(context)) -> Any:
+    rec = ctx.store.get_adapter(adapter_id, owner)
+    if rec is None:
+        raise not_found("adapter", adapter_id)
+    return convert.adapter(rec)
+
+
+@router.get("/v1/adapters/{adapter_id}/download")
+def download_adapter(adapter_id: str, owner: str = Depends(tenant),
+                     ctx: AppContext = Depends(context)) -> Any:
+    """The PEFT folder as a tar.gz (members at the top level) with a `lorapool.json`."""
+    rec = ctx.store.get_adapter(adapter_id, owner)
+    if rec is None:
+        raise not_found("adapter", adapter_id)
+    job = ctx.store.get_job(rec.job_id) if rec.job_id else None
+    meta = {
+        "adapter_id": rec.id,
+        "base_model": rec.base_model,
+        "base_model_sha256": rec.base_model_sha256,
+        "job_id": rec.job_id,
+        "created_at": rec.created_at,
+        "sha256": rec.sha256,
+        "metrics": rec.metrics,
+        "spec": job.spec if job is not None else None,
+    }
+    return folder_archive_response(ctx.artifacts, rec.artifact_id, meta, f"{rec.id}.tar.gz")
+
+
+@router.get("/v1/nodes", response_model=ListResponse[Node])
+def list_nodes(
+    after: Optional[str] = None,
+    limit: int = Query(100, ge=1, le=1000),
+    _owner: str = Depends(tenant),
+    ctx: AppContext = Depends(context),
+) -> Any:
+    return convert.slice_page(list(ctx.executor.nodes()), after, limit, "node")
