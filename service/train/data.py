@@ -68,6 +68,7 @@ __all__ = [
     "TokenizedData",
     "build_dataset",
     "collate",
+    "packed_mask_dtype",
     "render_example",
     "validate_dataset",
 ]
@@ -300,6 +301,18 @@ def _segments(position_ids: torch.Tensor) -> torch.Tensor:
     return (diff != 1).cumsum(-1)
 
 
+def packed_mask_dtype(model: Any) -> torch.dtype | None:
+    """The `mask_dtype` `collate` should use for packed rows on `model`: None (boolean) for
+    SDPA, the model's dtype for eager attention. Kernels that take no 4D mask (flash attention,
+    flex) cannot run our packed rows: use "sdpa" or "eager" with packing."""
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl == "sdpa":
+        return None
+    if impl == "eager":
+        return model.dtype
+    raise ValueError(f"packing needs attn_implementation 'sdpa' or 'eager', not {impl!r}")
+
+
 def collate(rows: list[dict], pad_token_id: int, *,
             mask_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Right-pad a micro-batch into tensors: input_ids (pad_token_id), labels (-100),
@@ -309,8 +322,10 @@ def collate(rows: list[dict], pad_token_id: int, *,
     position_ids and a 4D mask (batch, 1, seq, seq) that is causal *within* each example and
     blocks attention across examples; transformers passes a 4D mask to the attention kernels
     as is. By default it is boolean (True = may attend), which SDPA (transformers' default
-    attention) takes directly; eager attention adds the mask to its scores, so pass a float
-    `mask_dtype` (the model's compute dtype) to get an additive 0 / -inf-like mask instead.
+    attention) takes directly on CPU and CUDA, whatever the compute dtype. Eager attention adds
+    the mask to its scores, so it needs an additive 0 / finfo.min mask: pass `mask_dtype` =
+    the model's compute dtype exactly (`packed_mask_dtype(model)` picks it). A float32 mask on
+    a bf16 model gave NaN logits under SDPA on an H100 (transformers 5.17, torch 2.11).
     Padding forms its own segment so no row is fully masked (which would give NaN).
     Count tokens with `labels != -100`, not with the attention mask.
     """
