@@ -1,0 +1,121 @@
+"""The content-addressed artifact store on a real folder."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import pytest
+
+from lorapool.service.artifacts import (
+    ArtifactError,
+    ArtifactNotFound,
+    ArtifactStore,
+    ArtifactTooLarge,
+)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return ArtifactStore(tmp_path / "artifacts")
+
+
+def _files(root):
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def test_put_bytes_is_content_addressed_and_deduplicated(store):
+    data = b"hello lorapool\n"
+    aid = store.put_bytes(data)
+    assert aid == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert store.put_bytes(data) == aid
+    assert len(_files(store.objects_dir)) == 1
+    assert store.read_bytes(aid) == data and store.exists(aid) and store.verify(aid)
+    h = aid.split(":")[1]
+    assert store.path(aid) == store.objects_dir / h[:2] / h[2:]
+    assert _files(store.tmp_dir) == []
+
+
+def test_put_stream_from_iterable_and_file(store):
+    aid, size = store.put_stream(iter([b"ab", b"", b"cd"]))
+    assert size == 4 and store.read_bytes(aid) == b"abcd"
+    aid2, size2 = store.put_stream(io.BytesIO(b"abcd"), max_bytes=4)
+    assert (aid2, size2) == (aid, 4)
+
+
+def test_put_stream_past_the_limit_leaves_nothing(store):
+    with pytest.raises(ArtifactTooLarge, match="limit of 10 bytes"):
+        store.put_stream(iter([b"12345", b"67890", b"x", b"never read"]), max_bytes=10)
+    assert _files(store.objects_dir) == [] and _files(store.tmp_dir) == []
+
+
+def test_a_failing_source_leaves_nothing(store):
+    def chunks():
+        yield b"partial"
+        raise ConnectionResetError("client went away")
+
+    with pytest.raises(ConnectionResetError):
+        store.put_stream(chunks())
+    assert _files(store.objects_dir) == [] and _files(store.tmp_dir) == []
+
+
+def test_put_dir_and_get_dir_round_trip(store, tmp_path):
+    src = tmp_path / "adapter"
+    (src / "sub").mkdir(parents=True)
+    (src / "adapter_config.json").write_text('{"r": 4}')
+    (src / "sub" / "weights.safetensors").write_bytes(b"\x00" * 1000)
+    mid = store.put_dir(src)
+    assert store.manifest(mid) == {
+        "adapter_config.json": (store.put_bytes(b'{"r": 4}'), 8),
+        "sub/weights.safetensors": (store.put_bytes(b"\x00" * 1000), 1000),
+    }
+    out = store.get_dir(mid, tmp_path / "out" / "adapter")
+    assert (out / "sub" / "weights.safetensors").read_bytes() == b"\x00" * 1000
+    assert (out / "adapter_config.json").read_text() == '{"r": 4}'
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["adapter"]  # no temp left over
+    with pytest.raises(FileExistsError):
+        store.get_dir(mid, out)
+    assert store.put_dir(src) == mid  # same folder, same id
+
+
+def test_get_dir_with_a_missing_object_leaves_no_partial_folder(store, tmp_path):
+    src = tmp_path / "f"
+    src.mkdir()
+    (src / "a").write_bytes(b"a")
+    (src / "b").write_bytes(b"b")
+    mid = store.put_dir(src)
+    store.delete(store.put_bytes(b"b"))
+    with pytest.raises(ArtifactNotFound):
+        store.get_dir(mid, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+
+
+def test_verify_detects_corruption_and_ids_cannot_escape(store):
+    aid = store.put_bytes(b"precious")
+    store.path(aid).write_bytes(b"tampered")
+    assert not store.verify(aid)
+    for bad in ("sha256:../../etc/passwd", "md5:abc", "sha256:" + "G" * 64, ""):
+        with pytest.raises(ValueError, match="not an artifact id"):
+            store.path(bad)
+    with pytest.raises(ArtifactNotFound):
+        store.read_bytes("sha256:" + "1" * 64)
+
+
+def test_a_plain_object_is_not_a_manifest(store, tmp_path):
+    aid = store.put_bytes(b'{"files": {"../evil": ["sha256:00", 1]}}')
+    with pytest.raises(ArtifactError, match="not a folder manifest"):
+        store.get_dir(aid, tmp_path / "x")
+
+
+def test_a_manifest_naming_a_path_outside_the_folder_is_refused(store, tmp_path):
+    import json
+
+    from lorapool.service.artifacts.store import MANIFEST_KIND
+
+    oid = store.put_bytes(b"x")
+    mid = store.put_bytes(json.dumps({"kind": MANIFEST_KIND,
+                                      "files": {"../evil": [oid, 1]}}).encode())
+    with pytest.raises(ArtifactError, match="unsafe path"):
+        store.get_dir(mid, tmp_path / "x" / "y")
+    assert not (tmp_path / "evil").exists() and not (tmp_path / "x" / "evil").exists()
