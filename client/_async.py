@@ -238,6 +238,13 @@ class AsyncJobs(_AsyncResource):
     async def checkpoints(self, job_id: str) -> list[JobCheckpoint]:
         return await self._client._run(plans.list_checkpoints(job_id))
 
+    async def download_checkpoint(self, job_id: str, checkpoint_id: str,
+                                  dest: Union[str, Path],
+                                  *, overwrite: bool = False) -> Path:
+        """Download and safely extract one checkpoint (a PEFT folder) into `dest`."""
+        return await self._client._run(plans.download_checkpoint(
+            job_id, checkpoint_id, dest, overwrite=overwrite))
+
     async def wait(self, job_id: str, *, progress: bool = False, poll_interval: float = 2.0,
                    timeout: Optional[float] = None) -> FineTuningJob:
         with JobProgress(progress) as bar:
@@ -252,6 +259,9 @@ class AsyncJobs(_AsyncResource):
 
 
 class AsyncModels(_AsyncResource):
+    async def get(self, model_id: str) -> Model:
+        return await self._client._run(plans.get_model(model_id))
+
     async def list(self) -> list[Model]:
         return await self._client._run(plans.list_models())
 

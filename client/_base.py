@@ -234,9 +234,16 @@ class RetryPolicy:
 
 def wrap_transport_error(exc: httpx.TransportError,
                          request: Optional[httpx.Request] = None) -> APIConnectionError:
+    if request is None:
+        try:
+            request = exc.request
+        except RuntimeError:  # an httpx error raised without a request attached
+            request = None
+    where = f" ({request.method} {request.url})" if request is not None else ""
+    detail = str(exc) or type(exc).__name__
     if isinstance(exc, httpx.TimeoutException):
-        return APITimeoutError(f"Request timed out: {exc or type(exc).__name__}", request=request)
-    return APIConnectionError(f"Connection error: {exc or type(exc).__name__}", request=request)
+        return APITimeoutError(f"Request timed out{where}: {detail}", request=request)
+    return APIConnectionError(f"Connection error{where}: {detail}", request=request)
 
 
 # -- Server-Sent Events ----------------------------------------------------------------------

@@ -129,6 +129,10 @@ def list_checkpoints(job_id: str) -> Plan:
     return (yield from list_all(f"{JOBS}/{_seg(job_id, 'job_id')}/checkpoints", JobCheckpoint))
 
 
+def get_model(model_id: str) -> Plan:
+    return (yield from get(f"/v1/models/{_seg(model_id, 'model_id')}", Model))
+
+
 def list_models() -> Plan:
     return (yield from list_all("/v1/models", Model))
 
@@ -380,8 +384,8 @@ def follow_events(job_id: str, *, follow: bool, retry: RetryPolicy) -> Plan:
 # -- adapters --------------------------------------------------------------------------------
 
 
-def download_adapter(adapter_id: str, dest: Union[str, Path], *, overwrite: bool = False) -> Plan:
-    """Stream the adapter's tar.gz to a temp file, then extract it safely into `dest`."""
+def download_archive(path: str, dest: Union[str, Path], *, overwrite: bool = False) -> Plan:
+    """Stream a tar.gz to a temp file beside `dest`, then extract it safely into `dest`."""
     dest = Path(dest).expanduser()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not overwrite:
         raise FileExistsError(f"destination {dest} exists and is not empty (pass overwrite=True)")
@@ -390,9 +394,21 @@ def download_adapter(adapter_id: str, dest: Union[str, Path], *, overwrite: bool
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield Download(Call("GET", f"/v1/adapters/{_seg(adapter_id, 'adapter_id')}/download",
+        yield Download(Call("GET", path,
                             headers={"Accept": "application/gzip, application/octet-stream"}),
                        tmp)
         return safe_extract(tmp, dest, overwrite=overwrite)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def download_adapter(adapter_id: str, dest: Union[str, Path], *, overwrite: bool = False) -> Plan:
+    path = f"/v1/adapters/{_seg(adapter_id, 'adapter_id')}/download"
+    return (yield from download_archive(path, dest, overwrite=overwrite))
+
+
+def download_checkpoint(job_id: str, checkpoint_id: str, dest: Union[str, Path], *,
+                        overwrite: bool = False) -> Plan:
+    path = (f"{JOBS}/{_seg(job_id, 'job_id')}/checkpoints/"
+            f"{_seg(checkpoint_id, 'checkpoint_id')}/download")
+    return (yield from download_archive(path, dest, overwrite=overwrite))

@@ -245,6 +245,12 @@ class Jobs(_Resource):
     def checkpoints(self, job_id: str) -> list[JobCheckpoint]:
         return self._client._run(plans.list_checkpoints(job_id))
 
+    def download_checkpoint(self, job_id: str, checkpoint_id: str, dest: Union[str, Path],
+                            *, overwrite: bool = False) -> Path:
+        """Download and safely extract one checkpoint (a PEFT folder) into `dest`."""
+        return self._client._run(plans.download_checkpoint(
+            job_id, checkpoint_id, dest, overwrite=overwrite))
+
     def wait(self, job_id: str, *, progress: bool = False, poll_interval: float = 2.0,
              timeout: Optional[float] = None) -> FineTuningJob:
         """Block until the job is succeeded, failed or cancelled and return it; `progress=True`
@@ -261,6 +267,9 @@ class Jobs(_Resource):
 
 
 class Models(_Resource):
+    def get(self, model_id: str) -> Model:
+        return self._client._run(plans.get_model(model_id))
+
     def list(self) -> list[Model]:
         return self._client._run(plans.list_models())
 
