@@ -175,6 +175,7 @@ def parse_line(raw: bytes) -> Any:
         raise InvalidRecord(
             f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at position {exc.start})"
         ) from None
+    text = text.removeprefix("\ufeff")  # a byte-order mark, as Windows editors write one
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

@@ -144,6 +144,27 @@ def test_valid_report_from_bytes_path_and_records(tmp_path: Path) -> None:
         validate_dataset([{"text": "a"}, {"text": ""}])
 
 
+def test_bom_and_crlf_are_accepted() -> None:
+    report = validate_dataset(b"\xef\xbb\xbf" + jsonl(GOOD_CHAT).replace(b"\n", b"\r\n") * 2)
+    assert (report.n_examples, report.n_lines) == (2, 2)
+
+
+def test_validation_streams_a_path(tmp_path: Path) -> None:
+    import tracemalloc
+
+    path = tmp_path / "big.jsonl"
+    line = json.dumps(chat(("user", "q" * 200), ("assistant", "a" * 200))).encode() + b"\n"
+    path.write_bytes(line * 8000)  # ~3.5 MB
+    tracemalloc.start()
+    try:
+        report = validate_dataset(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert report.n_examples == 8000
+    assert peak < path.stat().st_size / 10  # line by line, never the whole file
+
+
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not found"):
         validate_dataset(tmp_path / "nope.jsonl")
