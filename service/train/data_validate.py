@@ -67,10 +67,9 @@ def open_source(source: DataSource) -> IO[bytes]:
     if isinstance(source, list):
         return io.BytesIO(records_to_jsonl(source))
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise DataError(f"training file not found: {path}", code="file_not_found")
-        return path.open("rb")
+        # A missing file is FileNotFoundError, not bad data (the API answers 409 for an upload
+        # removed under it, and the trainer's caller reports a missing input as such).
+        return Path(source).open("rb")
     raise TypeError(
         f"data source must be a path, JSONL bytes or a list of records, not {type(source).__name__}"
     )

@@ -165,8 +165,8 @@ def test_validation_streams_a_path(tmp_path: Path) -> None:
     assert peak < path.stat().st_size / 10  # line by line, never the whole file
 
 
-def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="not found"):
+def test_missing_file_is_file_not_found(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         validate_dataset(tmp_path / "nope.jsonl")
 
 
