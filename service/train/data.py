@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -212,6 +213,17 @@ def _load(final: Path, packed: bool) -> TokenizedData:
     return TokenizedData(datasets.load_from_disk(str(final)), stats, packed)
 
 
+def _remove_stale_work(root: Path, max_age_s: float = 86400.0) -> None:
+    """Work folders a killed build left behind (a day old: no live build takes that long)."""
+    now = time.time()
+    for stale in root.glob(".work-*"):
+        try:
+            if now - stale.stat().st_mtime > max_age_s:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass  # removed by someone else meanwhile
+
+
 def build_dataset(source: DataSource, tokenizer: Any, spec: TrainSpec, *,
                   cache_dir: str | Path | None = None) -> TokenizedData:
     """Validate, tokenize (once per content/tokenizer/spec) and optionally pack a data set."""
@@ -225,6 +237,7 @@ def build_dataset(source: DataSource, tokenizer: Any, spec: TrainSpec, *,
     import datasets
 
     root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_work(root)
     # Everything intermediate goes to a private work folder that is removed on success and on
     # failure; the result appears under its final name only once complete (atomic rename).
     work = Path(tempfile.mkdtemp(prefix=f".work-{key[:12]}-", dir=root))

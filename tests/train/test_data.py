@@ -360,6 +360,18 @@ def test_tokenization_is_cached_by_content(tok, model_dir: Path, tmp_path: Path,
     assert len(list(cache.iterdir())) == 3
 
 
+def test_stale_work_folders_are_removed(tok, model_dir: Path, tmp_path: Path) -> None:
+    import os
+
+    stale, fresh = tmp_path / ".work-dead-1", tmp_path / ".work-live-2"
+    for folder in (stale, fresh):
+        folder.mkdir()
+        (folder / "raw.jsonl").write_bytes(b"x")
+    os.utime(stale, (0, 0))
+    build_dataset([GOOD_CHAT], tok, spec(model_dir), cache_dir=tmp_path)
+    assert not stale.exists() and fresh.exists()
+
+
 def test_build_rejects_bad_data_and_leaves_nothing(tok, model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
         build_dataset(jsonl(GOOD_CHAT) + b"oops\n", tok, spec(model_dir), cache_dir=tmp_path)
