@@ -40,7 +40,8 @@ class APIError(Exception):
         self.headers = headers
 
 
-def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
+def bad_request(message: str, param: Optional[str] = None,
+                code: Optional[str] = "invalid_value") -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
