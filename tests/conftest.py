@@ -38,6 +38,19 @@ def write_jsonl(path: str | Path, records: list[dict]) -> Path:
     return path
 
 
+class ToyData:
+    """The helpers above as a fixture: with --import-mode=importlib a test module cannot
+    `import conftest`."""
+
+    chat_records = staticmethod(chat_records)
+    write_jsonl = staticmethod(write_jsonl)
+
+
+@pytest.fixture(scope="session")
+def toy_data() -> type[ToyData]:
+    return ToyData
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, 64-wide random Llama with a char tokenizer and ChatML template (read-only:

@@ -111,6 +111,8 @@ class Trainer:
     # -- setup ----------------------------------------------------------------------------------
 
     def _setup(self) -> None:
+        if self.model is not None:  # already set up (tests inspect the model before run())
+            return
         spec = self.spec
         seed_everything(spec.seed)
         self.events.emit("status", message=f"loading base model {spec.base_model_id or spec.base_model}")
@@ -152,6 +154,7 @@ class Trainer:
         self.index_in_epoch = 0
         self.micro_batch_size = spec.micro_batch_size
         self.metrics: dict[str, Any] = {"trained_tokens": 0, "n_examples": stats.n_examples,
+                                        "n_rows": self.n_rows,
                                         "n_truncated": stats.n_truncated,
                                         "n_dropped": stats.n_dropped}
         self._orders: dict[int, torch.Tensor] = {}
@@ -186,7 +189,7 @@ class Trainer:
         self.step, self.epoch, self.index_in_epoch = st.step, st.epoch, st.index_in_epoch
         self.micro_batch_size = st.micro_batch_size
         self.metrics.update({k: v for k, v in st.metrics.items() if k not in
-                             ("n_examples", "n_truncated", "n_dropped")})
+                             ("n_examples", "n_rows", "n_truncated", "n_dropped")})
         self.events.emit("status", self.step, message=f"resumed from {path.name} at step {self.step}",
                          epoch=self._epoch_float(), path=str(path))
 

@@ -9,7 +9,6 @@ import random
 import numpy as np
 import pytest
 import torch
-
 from lorapool.service.train import TrainError
 from lorapool.service.train import checkpoint as ckpt
 
@@ -43,10 +42,9 @@ def test_unknown_types_are_refused():
 
 def test_atomic_dir_commits_or_leaves_nothing(tmp_path):
     dest = tmp_path / "step-000001"
-    with pytest.raises(RuntimeError):
-        with ckpt.atomic_dir(dest) as tmp:
-            (tmp / "half.json").write_text("{}")
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), ckpt.atomic_dir(dest) as tmp:
+        (tmp / "half.json").write_text("{}")
+        raise RuntimeError("crash mid-write")
     assert list(tmp_path.iterdir()) == []
 
     with ckpt.atomic_dir(dest) as tmp:
