@@ -28,9 +28,9 @@ DEVICES = [
 
 
 def _spec(model_dir, **kw) -> TrainSpec:
-    base = dict(base_model=str(model_dir), base_model_id="tiny-llama", device="cpu",
-                max_seq_len=64, batch_size=8, micro_batch_size=4, learning_rate=5e-3,
-                warmup_ratio=0.1, lora=LoraSpec(r=8, alpha=16), max_steps=6, seed=7)
+    base = {"base_model": str(model_dir), "base_model_id": "tiny-llama", "device": "cpu",
+                "max_seq_len": 64, "batch_size": 8, "micro_batch_size": 4, "learning_rate": 5e-3,
+                "warmup_ratio": 0.1, "lora": LoraSpec(r=8, alpha=16), "max_steps": 6, "seed": 7}
     base.update(kw)
     return TrainSpec(**base)
 
@@ -48,7 +48,7 @@ def _adapter(folder: Path) -> dict[str, torch.Tensor]:
 def _assert_same_adapter(a: Path, b: Path, device: str = "cpu") -> None:
     wa, wb = _adapter(a), _adapter(b)
     assert wa.keys() == wb.keys() and wa
-    tol = dict(rtol=1e-5, atol=1e-6) if device == "cpu" else dict(rtol=2e-2, atol=2e-3)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if device == "cpu" else {"rtol": 2e-2, "atol": 2e-3}
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], **tol, msg=k)
 
@@ -106,7 +106,7 @@ def test_saved_adapter_loads_with_plain_peft_and_gives_same_logits(tiny_model_di
     reloaded.eval()
     with torch.no_grad():
         again = reloaded(input_ids=ids).logits.float()
-    tol = dict(rtol=1e-5, atol=1e-5) if device == "cpu" else dict(rtol=1e-2, atol=1e-2)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if device == "cpu" else {"rtol": 1e-2, "atol": 1e-2}
     torch.testing.assert_close(again, trained, **tol)
     assert (again - plain).abs().max() > 1e-3  # the adapter really changes the output
 
