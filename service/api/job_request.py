@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
 from lorapool.types import LoraParams
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..store import ModelEntry
 from ..train.spec import TrainSpec

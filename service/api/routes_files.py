@@ -13,10 +13,9 @@ from typing import Any, Literal, Optional
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
+from lorapool.types import FileDeleted, FileObject, ListResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
-
-from lorapool.types import FileDeleted, FileObject, ListResponse
 
 from ..store import NotFound
 from . import convert
@@ -100,10 +99,12 @@ async def create_file(request: Request, owner: str = Depends(tenant),
     except UploadFormError as exc:
         upload.abort()
         raise bad_request(str(exc), param=exc.param, code="invalid_form") from exc
-    except ClientDisconnect:
+    except ClientDisconnect as exc:
         upload.abort()
         log.info("upload interrupted by the client; nothing kept")
-        raise
+        # Nobody is left to read this; answering (not raising) keeps it out of the error log.
+        raise bad_request("The upload was interrupted", param="file",
+                          code="upload_interrupted") from exc
     except Exception as exc:
         upload.abort()
         if type(exc).__name__.endswith("ParseError"):  # python-multipart's malformed-body errors

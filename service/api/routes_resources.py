@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from fastapi import APIRouter, Depends, Query
-
 from lorapool.types import Adapter, ListResponse, Model, Node
 
 from ..store import NotFound

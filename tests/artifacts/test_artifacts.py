@@ -6,7 +6,6 @@ import hashlib
 import io
 
 import pytest
-
 from lorapool.service.artifacts import (
     ArtifactError,
     ArtifactNotFound,
