@@ -85,6 +85,14 @@ def _job_record(row: JobRow) -> JobRecord:
     return JobRecord(**{f: getattr(row, _JOB_ATTR.get(f, f)) for f in _JOB_FIELDS})
 
 
+# Integer columns a caller may hand a float (a metric, a timestamp): stored as int, so a
+# record always reads back valid.
+_JOB_INT_FIELDS = frozenset({"created_at", "started_at", "finished_at", "trained_tokens",
+                             "estimated_finish", "max_seq_len", "micro_batch_size",
+                             "checkpoint_every", "attempt", "step", "total_steps",
+                             "predicted_memory", "measured_peak_memory", "seed"})
+
+
 def _job_values(fields: dict[str, Any]) -> dict[str, Any]:
     """Update values for JobRow from JobRecord field names, refusing names that are not fields."""
     unknown = set(fields) - _JOB_FIELDS
@@ -94,7 +102,13 @@ def _job_values(fields: dict[str, Any]) -> dict[str, Any]:
         raise TypeError("a job's id and tenant never change")
     out = {}
     for k, v in fields.items():
-        out[_JOB_ATTR.get(k, k)] = _finite(v) if k in _JOB_JSON_FIELDS else v
+        if k in _JOB_JSON_FIELDS:
+            v = _finite(v)
+            if k == "memory_breakdown" and v:
+                v = {str(name): int(n) for name, n in v.items() if n is not None}
+        elif k in _JOB_INT_FIELDS and isinstance(v, float):
+            v = int(round(v)) if math.isfinite(v) else None
+        out[_JOB_ATTR.get(k, k)] = v
     return out
 
 

@@ -199,3 +199,14 @@ def test_in_memory_url_is_shared_between_threads():
     t.join()
     assert seen[0] is not None and seen[0].id == job.id
     s.close()
+
+
+def test_float_metrics_for_integer_fields_read_back_valid(store):
+    job = store.create_job(_job())
+    store.transition(job.id, {"queued"}, "running", predicted_memory=1.5e9,
+                     memory_breakdown={"weights": 1.0e9, "activations": 2.5e8})
+    got = store.update_job(job.id, trained_tokens=1234.0, step=7.0,
+                           measured_peak_memory=float("nan"))
+    assert (got.trained_tokens, got.step, got.predicted_memory) == (1234, 7, 1_500_000_000)
+    assert got.measured_peak_memory is None
+    assert got.memory_breakdown == {"weights": 1_000_000_000, "activations": 250_000_000}
