@@ -14,9 +14,9 @@ folder (no weights):
   length, micro-batch, rank and data size, from 6 tenants (one floods the queue in the first
   hour), arriving over ~8 h. Some allow a shorter max_seq_len.
 - Running a job: startup (model transfer + load) holds the memory promised, then compute runs at
-  the node's throughput * an efficiency that falls for small micro-batches of small models; FLOPs per token are
-  2 * params * (2 + 1 if checkpointing) (forward, input-grad backward, recompute). Jobs sharing a
-  GPU share its throughput. The real peak is the estimate * a per-job factor in [0.80, 1.05]
+  the node's throughput * an efficiency that falls for small micro-batches of small models;
+  FLOPs per token are 2 * params * (2 + 1 if checkpointing) (forward, input-grad backward,
+  recompute). Jobs sharing a GPU share its throughput. The real peak is the estimate * a per-job factor in [0.80, 1.05]
   (the estimate errs on the safe side, now and then a bit low). A job whose real peak does not
   fit when it starts computing crashes with OOM and is retried (3 attempts).
 - Preemption: a graceful leave checkpoints (progress kept, a restart costs startup again); a
@@ -409,7 +409,8 @@ class Sim:
             "autofitted": sum(1 for sj in self.jobs.values() if sj.autofitted),
             "tokens_done_m": sum(sj.t.tokens for sj in done) / 1e6,
             "mean_jct_h": statistics.fmean(jct) if jct else math.nan,
-            "p95_jct_h": jct[min(len(jct) - 1, math.ceil(0.95 * len(jct)) - 1)] if jct else math.nan,
+            "p95_jct_h": (jct[min(len(jct) - 1, math.ceil(0.95 * len(jct)) - 1)]
+                          if jct else math.nan),
             "makespan_h": max((sj.done_at for sj in done), default=0.0) / HOUR,
             "mem_util": self.mem_used_integral / self.mem_total_integral
             if self.mem_total_integral else 0.0,
@@ -423,7 +424,8 @@ def plan_latency(models: dict[str, Path], nodes: list[TraceNode], seed: int) -> 
     jobs = make_jobs(rng, models, 1000, 8 * HOUR, prefix="lat")
     views = []
     for n in nodes:
-        dev = DeviceInfo(kind="cuda", name=n.name, total_memory=n.gib * GiB, compute_capability=n.cc)
+        dev = DeviceInfo(kind="cuda", name=n.name, total_memory=n.gib * GiB,
+                         compute_capability=n.cc)
         views.append(NodeView(node_id=n.name, name=n.name, device=dev,
                               free_memory=int(n.gib * GiB * rng.uniform(0.2, 0.7)),
                               running_jobs=1))

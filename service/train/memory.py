@@ -35,7 +35,8 @@ Assumptions (each is a named constant below, so calibration can change it in one
   adds the seq^2 scores (compute dtype + the fp32 softmax + its cast).
   With gradient checkpointing: one hidden state per layer boundary plus one layer's full
   activations (the one being recomputed); without: every layer's. A padded micro-batch (> 1) or
-  a packed one (block-causal mask) adds a boolean micro * seq^2 mask. Sequences are counted at max_seq_len.
+  a packed one (block-causal mask) adds a boolean micro * seq^2 mask. Sequences are counted at
+  max_seq_len.
 - Logits: tokens * vocab in the compute dtype (kept by the model output) + the loss' fp32 copy /
   log-softmax + its grad + the grad of the logits: (a + 12) bytes per token per vocab entry.
 - Backward workspace: the grads of one layer's widest intermediates (3 * a*i + 2 * a*h per token)

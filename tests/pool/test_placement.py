@@ -72,7 +72,8 @@ def replay_fits(placer: Placer, placements, nodes) -> None:
 
 def test_jobs_land_only_on_nodes_they_fit(model):
     nodes = [node("gtx-1650", 3 * GiB, 4 * GiB, cc=(7, 5)), node("rtx-3060", 11 * GiB, 12 * GiB),
-             node("rtx-3070", 5 * GiB, 8 * GiB, promised=2 * GiB), node("rtx-4090", 20 * GiB, 24 * GiB)]
+             node("rtx-3070", 5 * GiB, 8 * GiB, promised=2 * GiB),
+             node("rtx-4090", 20 * GiB, 24 * GiB)]
     queue = [job(f"j{i}", spec(model, max_seq_len=seq, micro_batch_size=mb), t=i)
              for i, (seq, mb) in enumerate([(256, 1), (512, 2), (1024, 1), (2048, 1), (4096, 2),
                                             (512, 8), (256, 4), (1024, 4), (8192, 8), (256, 1)])]

@@ -108,7 +108,8 @@ def test_checkpointing_lowers_activations(one_b):
 
 
 def test_weights_nf4_below_int8_below_none(one_b):
-    w = {q: estimate_memory(spec(one_b, quantization=q), RTX3060).breakdown["base_weights_quantized"]
+    w = {q: estimate_memory(spec(one_b, quantization=q),
+                            RTX3060).breakdown["base_weights_quantized"]
          for q in ("nf4", "fp4", "int8", "none")}
     assert w["nf4"] == w["fp4"] < w["int8"] < w["none"]
     n_linear = 16 * (2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192)
@@ -123,7 +124,8 @@ def test_compute_dtype_follows_the_device(one_b):
     ampere = estimate_memory(spec(one_b), RTX3060)
     turing = estimate_memory(spec(one_b), GTX1650)
     cpu = estimate_memory(spec(one_b), CPU)
-    assert (ampere.compute_dtype, turing.compute_dtype, cpu.compute_dtype) == ("bf16", "fp16", "fp32")
+    dtypes = (ampere.compute_dtype, turing.compute_dtype, cpu.compute_dtype)
+    assert dtypes == ("bf16", "fp16", "fp32")
     # bf16 and fp16 are both 2 bytes: the same activations; fp32 doubles them.
     assert ampere.breakdown["activations"] == turing.breakdown["activations"]
     assert cpu.breakdown["activations"] > 1.5 * ampere.breakdown["activations"]
