@@ -15,7 +15,7 @@ import importlib
 import json
 import socket
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, TypeVar
+from typing import Annotated, Any, Callable, NoReturn, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -53,7 +53,7 @@ class ServiceMissing(Exception):
     pass
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     _err().print(f"[bold red]Error:[/] {escape(message)}")
     raise typer.Exit(1)
 
@@ -278,21 +278,25 @@ def donate(
 
 
 def _load_config(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML spec file, its keys checked against submit()'s arguments."""
     import yaml
+
+    from ._plans import SubmitParams
 
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
-        raise typer.BadParameter(f"cannot read {path}: {exc.strerror}",
-                                 param_hint="--config") from exc
+        _fail(f"cannot read {path}: {exc.strerror}")
     except yaml.YAMLError as exc:
-        raise typer.BadParameter(f"{path} is not valid YAML: {exc}",
-                                 param_hint="--config") from exc
+        _fail(f"{path} is not valid YAML: {str(exc).splitlines()[0]}")
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise typer.BadParameter(f"{path} must hold a mapping of submit() arguments",
-                                 param_hint="--config")
+        _fail(f"{path} must hold a mapping of submit() arguments")
+    unknown = sorted(str(k) for k in data if k not in SubmitParams.model_fields)
+    if unknown:
+        _fail(f"{path}: unknown key(s) {', '.join(unknown)}; known: "
+              f"{', '.join(SubmitParams.model_fields)}")
     # Data paths in a spec file are relative to the spec file, not to where it is run from.
     for key in ("training_file", "validation_file"):
         value = data.get(key)
@@ -366,8 +370,7 @@ def submit(
     if lora_flags:
         base = args.get("lora") or {}
         if not isinstance(base, dict):
-            raise typer.BadParameter("'lora' in the config must be a mapping",
-                                     param_hint="--config")
+            _fail("'lora' in the config must be a mapping")
         args["lora"] = {**base, **lora_flags}
     for key in ("model", "training_file"):
         if not args.get(key):
