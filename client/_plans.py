@@ -271,13 +271,16 @@ def submit(params: SubmitParams) -> Plan:
 
 
 def latest_loss(events: list[JobEvent]) -> Optional[float]:
-    """The newest training loss among metric events (any order)."""
-    best: Optional[tuple[int, float]] = None
+    """The newest training loss among metric events (in any order; the later step wins a tie
+    of timestamps, and on a full tie the first seen, as pages come newest first)."""
+    best: Optional[tuple[tuple[int, int], float]] = None
     for e in events:
         if e.type == "metrics" and e.data:
             loss = e.data.get("train_loss", e.data.get("loss"))
-            if isinstance(loss, (int, float)) and (best is None or e.created_at >= best[0]):
-                best = (e.created_at, float(loss))
+            step = e.data.get("step")
+            key = (e.created_at, step if isinstance(step, int) else -1)
+            if isinstance(loss, (int, float)) and (best is None or key > best[0]):
+                best = (key, float(loss))
     return best[1] if best else None
 
 

@@ -54,7 +54,12 @@ class ServiceMissing(Exception):
 
 
 def _fail(message: str) -> NoReturn:
-    _err().print(f"[bold red]Error:[/] {escape(message)}")
+    # One red line; details the server listed (e.g. every bad line of a data file) follow it.
+    first, *rest = message.splitlines() or [""]
+    err = _err()
+    err.print(f"[bold red]Error:[/] [red]{escape(first)}[/]")
+    for line in rest:
+        err.print(f"  {escape(line)}")
     raise typer.Exit(1)
 
 
@@ -411,6 +416,9 @@ def jobs_list(
         print(page.model_dump_json(indent=2))
         return
     table = Table("id", "model", "status", "step", "adapter", "node")
+    table.columns[0].no_wrap = True  # ids are for copying: never cut them
+    table.columns[2].no_wrap = True
+    table.columns[4].overflow = "fold"
     for j in page.data:
         step = f"{j.step or 0}/{j.total_steps}" if j.total_steps else ""
         table.add_row(j.id, j.model, f"[{_status_style(j.status)}]{j.status}[/]", step,

@@ -281,6 +281,18 @@ def test_wait_progress_bar_shows_steps_and_loss(server, client, capsys):
     assert "4/4" in err and "loss 0.1234" in err and job["id"] in err
 
 
+def test_latest_loss_prefers_the_later_step_within_one_second():
+    from lorapool._plans import latest_loss
+    from lorapool.types import JobEvent
+
+    # A page comes newest first; all three were written in the same second.
+    page = [JobEvent(id=f"e{s}", created_at=100, message=f"step {s}", type="metrics",
+                     data={"step": s, "train_loss": 1.0 / s}) for s in (3, 2, 1)]
+    assert latest_loss(page) == pytest.approx(1 / 3)
+    assert latest_loss(list(reversed(page))) == pytest.approx(1 / 3)
+    assert latest_loss([JobEvent(id="m", created_at=1, message="hi")]) is None
+
+
 def test_wait_timeout(server, client):
     job = server.state.make_job(status="running")
     t0 = time.monotonic()
