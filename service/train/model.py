@@ -170,9 +170,15 @@ def resolve_base_model(spec: TrainSpec, cache_dir: str | Path | None = None) -> 
             tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
             # Dequantised to fp32: the GGUF's quantisation error is already in the values, and
             # fp32 keeps them exactly; the trainer re-quantises to NF4 when it loads.
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=torch.float32, **_gguf_dense_kwargs(), **kw)
         except Exception as exc:  # transformers raises many types for an unreadable GGUF
             raise ModelLoadError(f"cannot dequantise GGUF {gguf_path}: {exc}") from exc
+        # transformers >= 5 loads GGUF through a quantizer that refuses save_pretrained even
+        # when every weight is already dense; drop it so the model saves as a plain HF model.
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:
+            quantizer.remove_quantization_config(model)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / SOURCE_FILE).write_text(json.dumps(
@@ -187,6 +193,16 @@ def resolve_base_model(spec: TrainSpec, cache_dir: str | Path | None = None) -> 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _gguf_dense_kwargs() -> dict[str, Any]:
+    """Ask transformers for dense weights: v5 would otherwise keep GGUF blocks packed wherever a
+    `kernels` GGUF matmul is installed, and those cannot be re-quantised to NF4."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # transformers 4.x always dequantises GGUF
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 # -- loading --------------------------------------------------------------------------------------
