@@ -258,3 +258,16 @@ def test_packing_and_epochs(tiny_model_dir, data, tmp_path):
     assert 4 <= m["n_rows"] < 16
     assert result.step == result.total_steps == 2 * -(-m["n_rows"] // 2)
     assert m["trained_tokens"] > 0
+
+
+@pytest.mark.parametrize("quantization,use_dora", [("int8", False), ("none", False),
+                                                   ("fp4", True)])
+def test_other_quantisations_and_dora_train(tiny_model_dir, data, tmp_path, quantization,
+                                            use_dora):
+    spec = _spec(tiny_model_dir, quantization=quantization, max_steps=2, batch_size=4,
+                 micro_batch_size=2, lora=LoraSpec(r=4, use_dora=use_dora))
+    result = train(spec, data["train"], tmp_path / "out", cache_dir=tmp_path / "cache")
+    assert result.status == "completed"
+    weights = _adapter(result.adapter_dir)
+    assert any("lora_magnitude_vector" in k for k in weights) == use_dora
+    assert any(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)
