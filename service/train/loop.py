@@ -340,6 +340,7 @@ class Trainer:
                                     optimizer=self.optimizer, scheduler=self.scheduler, state=state)
         self.last_checkpoint = path
         self.events.emit("checkpoint", self.step, epoch=self._epoch_float(), path=str(path),
+                         loss=self.metrics.get("train_loss"),  # the service lists it per checkpoint
                          message=f"checkpoint at step {self.step}")
         ckpt.prune_checkpoints(folder, KEEP_CHECKPOINTS)
         return path

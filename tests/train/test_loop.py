@@ -161,6 +161,7 @@ def test_resume_at_step_k_equals_uninterrupted_run(tiny_model_dir, data, tmp_pat
     assert part.status == "stopped" and part.step == 3 and part.adapter_dir is None
     assert part.last_checkpoint == tmp_path / "part" / "checkpoints" / "step-000003"
     assert [e.step for e in events if e.type == "checkpoint"] == [2, 3]
+    assert all(e.loss is not None and e.path for e in events if e.type == "checkpoint")
     files = {p.name for p in part.last_checkpoint.iterdir()}
     assert {"adapter_model.safetensors", "optimizer.safetensors", "optimizer.json",
             "scheduler.json", "rng.safetensors", "trainer_state.json"} <= files
