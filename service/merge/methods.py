@@ -25,7 +25,8 @@ from __future__ import annotations
 import math
 import warnings
 import zlib
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 

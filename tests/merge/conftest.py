@@ -8,8 +8,9 @@ with `save_pretrained` and given the `lorapool.json` lorapool's trainer writes.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch

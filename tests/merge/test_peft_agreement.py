@@ -18,15 +18,14 @@ import hashlib
 
 import pytest
 import torch
-
 from lorapool.service.merge import merge_adapters
 
 
 def assert_same_deltas(ours: dict, ref: dict, atol: float = 1e-6) -> None:
     assert ours.keys() == ref.keys() and ours
-    for k in ref:
-        torch.testing.assert_close(ours[k], ref[k], rtol=1e-5, atol=atol,
-                                   msg=lambda m: f"{k}: {m}")
+    for k, expected in ref.items():
+        torch.testing.assert_close(ours[k], expected, rtol=1e-5, atol=atol,
+                                   msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.fixture(scope="module")
