@@ -141,6 +141,9 @@ def _short(names: Sequence[str], limit: int = 6) -> str:
 def _weights(loaded: Sequence[LoadedAdapter], weights: Sequence[float] | None,
              normalize: bool) -> list[float]:
     if weights is None:
+        if not normalize:
+            raise MergeError("weights: normalize_weights=False needs explicit weights (raw "
+                             "sample counts are not merge coefficients)")
         out = []
         for a in loaded:
             n = a.n_examples
@@ -203,6 +206,10 @@ def merge_adapters(adapters: list[str | Path], method: str, *,
     - `target_rank`: for `svd` and the `*_svd` methods; default the largest input rank.
     - `density`, `majority_sign`: the task-arithmetic family's parameters (peft's `density`,
       `majority_sign_method`); `seed` makes DARE's random drops reproducible.
+
+    Cost: `naive`, `exact`, `svd` and the factor methods never form an out×in matrix; the
+    `*_svd` methods do (as peft does) and take a dense SVD per module, which is slow on CPU for
+    large models.
 
     Raises `MergeError` (before writing anything) for bad parameters, unreadable or unsupported
     adapters, different base models (by sha256) or incompatible target modules. `output_dir`

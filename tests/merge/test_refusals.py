@@ -99,6 +99,7 @@ def test_methods_needing_equal_ranks_refuse_mixed_ranks(pair, make_adapter, tmp_
     ("exact", {"weights": [1.0]}, "weights: 1 given for 2 adapters"),
     ("exact", {"weights": [1.0, float("nan")]}, "weights: must be finite"),
     ("exact", {"weights": [1.0, -1.0]}, "sum must be positive"),
+    ("exact", {"normalize_weights": False}, "needs explicit weights"),
 ])
 def test_bad_parameters_are_refused(pair, tmp_path, method, kwargs, match):
     refused(pair, method, out=tmp_path / "out", match=match, **kwargs)
