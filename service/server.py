@@ -25,6 +25,25 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _is_loopback(address: str) -> bool:
+    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def _keep_loopback_addresses() -> None:
+    """Let the driver reach a cluster whose nodes all listen on 127.0.0.1.
+
+    Ray rewrites a loopback address given to `ray.init` into this host's outward IP, where a
+    loopback-only cluster (a test cluster, or a head started with `--node-ip-address
+    127.0.0.1`) does not listen, and the connection hangs. Ray skips that rewrite when
+    `ENABLE_RAY_CLUSTER` is off (its switch for single-machine Windows/macOS clusters), which
+    is exactly the case here: every node is on this machine.
+    """
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 class Service:
     """The running server. `start()` returns once the API answers; `stop()` undoes it."""
 
@@ -65,10 +84,14 @@ class Service:
         if ray.is_initialized():
             return
         if self.settings.ray_address:
+            if _is_loopback(self.settings.ray_address):
+                _keep_loopback_addresses()
             ray.init(address=self.settings.ray_address, namespace=NAMESPACE,
                      log_to_driver=False, **self.ray_init_options)
         else:
             opts: dict[str, Any] = dict(
+                # "local": always a fresh head of our own, never a stray cluster found running.
+                address="local",
                 namespace=NAMESPACE,
                 include_dashboard=False,
                 _node_ip_address="127.0.0.1",

@@ -52,7 +52,7 @@ def pool(tmp_path_factory) -> Any:
     from lorapool.service.pool.agent import AgentConfig, start_agent
     from lorapool.service.pool.devices import SimulatedGPU
     from lorapool.service.server import Service, free_port
-    from lorapool.service.train.tiny import make_tiny_llama
+    from lorapool.service.train.tiny import make_random_llama, make_tiny_llama
 
     root = tmp_path_factory.mktemp("pool")
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -63,6 +63,9 @@ def pool(tmp_path_factory) -> Any:
     settings = Settings.from_env(data_dir=root / "head", host="127.0.0.1", port=free_port(),
                                  ray_address=cluster.address)
     add_model(settings, "tiny-llama", make_tiny_llama(root / "models" / "tiny-llama"))
+    # Llama-3.2-1B's shape, config and tokenizer only: enough to estimate, never trained here.
+    add_model(settings, "big-llama",
+              make_random_llama(root / "models" / "big-llama", "1b", write_weights=False))
     tokens = {t: create_token(settings, t) for t in ("acme", "globex")}
 
     sent: list[Any] = []
@@ -122,10 +125,13 @@ def test_job_too_big_for_every_node_is_refused_with_the_numbers(pool):
 
     client = pool["client"]()
     with pytest.raises(BadRequestError) as err:
-        client.submit("tiny-llama", pool["data"], max_seq_len=32768, micro_batch_size=64,
-                      batch_size=64, lora={"r": 512, "alpha": 512})
+        # Even at micro-batch 1 its logits alone (32768 x 128256 vocab) exceed the 4090's 24 GiB.
+        client.submit("big-llama", pool["data"], max_seq_len=32768, micro_batch_size=8,
+                      batch_size=8)
     msg = str(err.value)
     assert "needs" in msg and "GiB" in msg and "rtx-4090-desk3" in msg, msg
+    assert "micro_batch_size 1" in msg, msg  # auto-fit was tried before refusing
+    assert all(j.model != "big-llama" for j in client.jobs.list(limit=100).data)
 
 
 def test_jobs_land_only_where_they_fit_and_nothing_names_head_paths(pool):
@@ -166,7 +172,9 @@ def test_jobs_land_only_where_they_fit_and_nothing_names_head_paths(pool):
 
 def test_auto_fit_shrinks_micro_batch_instead_of_refusing(pool):
     client = pool["client"]()
-    job = client.submit("tiny-llama", pool["data"], max_seq_len=2048, batch_size=8,
+    # As submitted it needs ~5.5 GiB at micro-batch 8; no node has that much free (the 4090
+    # has 3 GiB), but it fits at a smaller micro-batch with the same effective batch.
+    job = client.submit("tiny-llama", pool["data"], max_seq_len=16384, batch_size=8,
                         micro_batch_size=8, lora={"r": 2, "alpha": 4}, n_epochs=1)
     job = client.jobs.wait(job.id, timeout=600)
     assert job.status == "succeeded", job.error
