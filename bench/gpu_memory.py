@@ -45,8 +45,9 @@ CONFIGS = [
 def make_model(dest: Path) -> Path:
     """A random Llama-3.2-1B-shaped model saved in bf16 (the trainer quantises it on load)."""
     import torch
-    from lorapool.service.train.tiny import make_random_llama
     from transformers import AutoConfig, LlamaForCausalLM
+
+    from lorapool.service.train.tiny import make_random_llama
 
     if (dest / "model.safetensors").exists() or (dest / "model.safetensors.index.json").exists():
         return dest
@@ -89,6 +90,7 @@ def context_bytes() -> int:
 def run_one(model: Path, label: str, seq: int, micro: int, ckpt: bool, steps: int,
             out: Path, context: int, cap: int | None = None) -> dict:
     import torch
+
     from lorapool.service.train import DeviceInfo, LoraSpec, TrainSpec, estimate_memory, train
 
     batch = max(micro, 4)

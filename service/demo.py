@@ -86,7 +86,7 @@ def run_demo(data_dir: Optional[Path] = None, console: Any = None) -> dict[str, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .train import resolve_base_model, TrainSpec
+    from .train import TrainSpec, resolve_base_model
 
     model_entry = next(m for m in list_models(settings) if m.name == DEMO_MODEL)
     base_dir = resolve_base_model(TrainSpec(base_model=str(model_entry.path)),

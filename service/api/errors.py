@@ -13,9 +13,10 @@ from typing import Any, Iterable, Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from lorapool.types import ErrorDetail, ErrorResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lorapool.types import ErrorDetail, ErrorResponse
 
 log = logging.getLogger("lorapool.api")
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from lorapool.types import LoraParams
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lorapool.types import LoraParams
 
 from ..store import ModelEntry
 from ..train.spec import TrainSpec

@@ -13,9 +13,10 @@ from typing import Any, Literal, Optional
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
-from lorapool.types import FileDeleted, FileObject, ListResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
+
+from lorapool.types import FileDeleted, FileObject, ListResponse
 
 from ..store import NotFound
 from . import convert

@@ -16,8 +16,9 @@ from typing import Any, AsyncIterator, Optional
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
-from lorapool.types import FineTuningJob, JobCheckpoint, JobEvent, ListResponse
 from starlette.concurrency import run_in_threadpool
+
+from lorapool.types import FineTuningJob, JobCheckpoint, JobEvent, ListResponse
 
 from ..store import TERMINAL, JobRecord, NotFound, new_id
 from . import convert

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from fastapi import APIRouter, Depends, Query
+
 from lorapool.types import Adapter, ListResponse, Model, Node
 
 from ..store import NotFound

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .agent import AgentConfig, NAMESPACE, start_agent
+from .agent import NAMESPACE, AgentConfig, start_agent
 
 TOKEN_ENV = "RAY_AUTH_TOKEN"
 TOKEN_FILE_ENV = "LORAPOOL_RAY_TOKEN_FILE"

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
 from lorapool.service.train.data_render import (
     FALLBACK_CHAT_TEMPLATE,
     IGNORE_INDEX,
@@ -58,6 +59,7 @@ from lorapool.service.train.errors import DataError, LineError
 
 if TYPE_CHECKING:  # datasets is heavy; only the trainer's side imports it, lazily
     import datasets
+
     from lorapool.service.train.spec import TrainSpec
 
 __all__ = [

@@ -31,6 +31,7 @@ import warnings
 from typing import Any, Literal
 
 from jinja2 import TemplateError
+
 from lorapool.service.train.data_validate import InvalidRecord, check_record
 from lorapool.service.train.errors import DataError
 

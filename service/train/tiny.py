@@ -34,7 +34,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def make_char_tokenizer(chat_template: str | None = CHATML_TEMPLATE):
     """A fast tokenizer with one token per printable ASCII character plus ChatML specials."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+
 from lorapool.service.admin import (
     AdminError,
     add_model,

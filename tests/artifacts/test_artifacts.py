@@ -6,6 +6,7 @@ import hashlib
 import io
 
 import pytest
+
 from lorapool.service.artifacts import (
     ArtifactError,
     ArtifactNotFound,

@@ -7,8 +7,13 @@ import asyncio
 import pytest
 
 from lorapool import AsyncClient
-from lorapool.errors import (BadRequestError, InternalServerError, InvalidParameterError,
-                             NotFoundError, UnsafeArchiveError)
+from lorapool.errors import (
+    BadRequestError,
+    InternalServerError,
+    InvalidParameterError,
+    NotFoundError,
+    UnsafeArchiveError,
+)
 
 # Same as conftest.py (which --import-mode=importlib does not make importable).
 API_KEY = "sk-test-good"

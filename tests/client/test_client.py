@@ -10,11 +10,22 @@ import time
 import pytest
 
 from lorapool import Client
-from lorapool.errors import (APIConnectionError, APITimeoutError, AuthenticationError,
-                             BadRequestError, ConflictError, InternalServerError,
-                             InvalidParameterError, InvalidRequestError, JobWaitTimeout,
-                             LorapoolError, NotFoundError, PayloadTooLargeError, RateLimitError,
-                             UnsafeArchiveError)
+from lorapool.errors import (
+    APIConnectionError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ConflictError,
+    InternalServerError,
+    InvalidParameterError,
+    InvalidRequestError,
+    JobWaitTimeout,
+    LorapoolError,
+    NotFoundError,
+    PayloadTooLargeError,
+    RateLimitError,
+    UnsafeArchiveError,
+)
 
 JOBS = "/v1/fine_tuning/jobs"
 

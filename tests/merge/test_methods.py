@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+
 from lorapool.service.merge import METHODS, merge_adapters
 from lorapool.service.merge.adapter_io import LoraModule
 from lorapool.service.merge.methods import factor_task_arithmetic

@@ -18,6 +18,7 @@ import hashlib
 
 import pytest
 import torch
+
 from lorapool.service.merge import merge_adapters
 
 

@@ -8,6 +8,7 @@ import pickle
 import shutil
 
 import pytest
+
 from lorapool.service.merge import MergeError, load_adapter, merge_adapters
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import torch
+
 from lorapool.service.merge import load_adapter, merge_adapters
 
 

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
 from lorapool.service.pool.placement import (
     FirstFitStatic,
     JobView,

@@ -8,6 +8,7 @@ import sqlite3
 import threading
 
 import pytest
+
 from lorapool.service.store import JobRecord, NotFound, Store, new_id
 
 

@@ -9,6 +9,7 @@ import random
 import numpy as np
 import pytest
 import torch
+
 from lorapool.service.train import TrainError
 from lorapool.service.train import checkpoint as ckpt
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from lorapool.service.train import data as data_mod
 from lorapool.service.train import data_render
 from lorapool.service.train.data import (

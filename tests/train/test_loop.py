@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from lorapool.service.train import (
     DataError,
     LoraSpec,
@@ -18,7 +20,6 @@ from lorapool.service.train import (
 )
 from lorapool.service.train import loop as loop_mod
 from lorapool.service.train.loop import Trainer
-from safetensors.torch import load_file
 
 DEVICES = [
     "cpu",
@@ -88,8 +89,9 @@ def test_loss_falls_and_adapter_is_written(tiny_model_dir, data, tmp_path, devic
 @pytest.mark.parametrize("device", DEVICES)
 def test_saved_adapter_loads_with_plain_peft_and_gives_same_logits(tiny_model_dir, data,
                                                                     tmp_path, device):
-    from lorapool.service.train import load_base_model
     from peft import PeftModel
+
+    from lorapool.service.train import load_base_model
 
     spec = _spec(tiny_model_dir, device=device, max_steps=3)
     trainer = Trainer(spec, data["train"], tmp_path / "out", cache_dir=tmp_path / "cache")

@@ -10,6 +10,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+
 from lorapool.service.train import memory
 from lorapool.service.train.memory import MemoryEstimate, estimate_memory, model_shape
 from lorapool.service.train.spec import DeviceInfo, TrainSpec

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+
 from lorapool.service.train import LoraSpec, ModelLoadError, TrainSpec
 from lorapool.service.train.model import (
     attach_lora,
