@@ -31,6 +31,7 @@ from . import checkpoint as ckpt
 from .data import DataSource, TokenizedData, build_dataset, collate
 from .errors import NonFiniteLossError, OutOfMemoryError, TrainError
 from .events import EventSink, TrainEvent, TrainResult
+from .init_adapter import load_init_adapter
 from .model import (
     attach_lora,
     load_base_model,
@@ -120,6 +121,11 @@ class Trainer:
         self.base_sha256 = model_sha256(self.base_dir)
         model, self.tokenizer = load_base_model(spec, self.device, cache_dir=self.cache_dir)
         self.model = attach_lora(model, spec)
+        if spec.init_adapter and self.resume_from is None:
+            # A resumed run's checkpoint already holds the adapter weights it reached.
+            n = load_init_adapter(self.model, spec.init_adapter)
+            self.events.emit("status", message=f"LoRA modules start from adapter "
+                             f"{Path(spec.init_adapter).name} ({n} modules)")
         self.compute_dtype = select_compute_dtype(spec, self.device)
         # Eager attention adds the mask to its scores and needs a float mask; SDPA takes bool.
         attn = getattr(self.model.config, "_attn_implementation", None)

@@ -43,6 +43,9 @@ class TrainSpec(BaseModel):
     compute_dtype: ComputeDtype = "auto"
 
     lora: LoraSpec = Field(default_factory=LoraSpec)
+    # A PEFT adapter folder to start the LoRA modules from instead of peft's init (a federated
+    # round's global adapter); same rank and modules as `lora`. Ignored when resuming.
+    init_adapter: Optional[str] = None
 
     # Data.
     max_seq_len: int = Field(1024, ge=8, le=131072)
