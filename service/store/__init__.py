@@ -6,9 +6,11 @@ from .records import (
     TERMINAL,
     AdapterRecord,
     CheckpointRecord,
+    EvaluationRecord,
     EventRecord,
     FileRecord,
     JobRecord,
+    MergeRecord,
     ModelEntry,
 )
 from .store import NotFound, Store, new_id
@@ -16,4 +18,5 @@ from .store import NotFound, Store, new_id
 __all__ = [
     "ACTIVE", "TERMINAL", "AdapterRecord", "CheckpointRecord", "EventRecord", "FileRecord",
     "JobRecord", "ModelEntry", "NotFound", "Store", "new_id",
+    "EvaluationRecord", "MergeRecord",
 ]

@@ -74,6 +74,8 @@ class JobRecord(_Record):
     micro_batch_size: Optional[int] = None
     learning_rate: Optional[float] = None
     checkpoint_every: Optional[int] = None
+    # Where it may run (lorapool.types.JobPlacement fields; empty: anywhere it fits).
+    placement: dict[str, Any] = Field(default_factory=dict)
     # The resolved TrainSpec fields, except `base_model` (a head path the scheduler fills in).
     spec: dict[str, Any] = Field(default_factory=dict)
     idempotency_key: Optional[str] = None
@@ -126,3 +128,61 @@ class AdapterRecord(_Record):
     sha256: Optional[str] = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     created_at: int
+
+
+# -- merges and evaluations (pool tasks) ------------------------------------------------------
+
+TASK_STATUSES = ("queued", "running", "succeeded", "failed")
+TASK_TERMINAL = frozenset({"succeeded", "failed"})
+
+
+class _TaskRecord(_Record):
+    id: str
+    tenant: str
+    status: str = "queued"
+    idempotency_key: Optional[str] = None
+    created_at: int = Field(default_factory=lambda: int(time.time()))
+    started_at: Optional[int] = None
+    finished_at: Optional[int] = None
+    node: Optional[str] = None
+    attempt: int = 0
+    error_code: Optional[str] = None
+    error_message: Optional[str] = None
+    error_param: Optional[str] = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TASK_TERMINAL
+
+
+class MergeRecord(_TaskRecord):
+    """A merge of adapters as asked (`adapters`, `method`, `weights`, `params`) and as done."""
+
+    method: str
+    adapters: list[str] = Field(default_factory=list)
+    weights: Optional[list[float]] = None  # None: the adapters' sample counts (FedAvg)
+    params: dict[str, Any] = Field(default_factory=dict)  # merge_adapters' keyword arguments
+    name: Optional[str] = None
+    suffix: Optional[str] = None
+    evaluate_on: Optional[str] = None  # a file id: evaluate the result on it when done
+    result_adapter: Optional[str] = None
+    applied_weights: Optional[list[float]] = None
+    rank: Optional[int] = None
+    relative_error: Optional[float] = None
+    deviation_from_exact: Optional[float] = None
+    evaluation_id: Optional[str] = None
+
+
+class EvaluationRecord(_TaskRecord):
+    """Held-out loss of base model `model` (+ `adapter_id`, when given) on file `file_id`."""
+
+    model: str
+    model_sha256: Optional[str] = None
+    adapter_id: Optional[str] = None
+    file_id: str
+    params: dict[str, Any] = Field(default_factory=dict)  # quantization, max_seq_len, …
+    merge_id: Optional[str] = None
+    loss: Optional[float] = None
+    perplexity: Optional[float] = None
+    tokens: Optional[int] = None
+    examples: Optional[int] = None

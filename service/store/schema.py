@@ -121,6 +121,7 @@ class JobRow(Base):
     learning_rate: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
     checkpoint_every: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    placement: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     idempotency_key: Mapped[Optional[str]] = mapped_column(String(255), nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     node_id: Mapped[Optional[str]] = mapped_column(String(128), nullable=True)
@@ -178,3 +179,86 @@ class AdapterRow(Base):
     sha256: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+# -- sharing, merges and evaluations (issue 6) ----------------------------------------------
+
+
+class AdapterShareRow(Base):
+    """`tenant` may use (get, download, merge, evaluate) adapter `adapter_id` it does not own."""
+
+    __tablename__ = "adapter_shares"
+    __table_args__ = (
+        UniqueConstraint("adapter_id", "tenant", name="uq_adapter_shares_adapter_tenant"),
+        Index("ix_adapter_shares_tenant", "tenant"),
+        _TABLE_ARGS,
+    )
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    adapter_id: Mapped[str] = mapped_column(String(64), index=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class _PoolTaskColumns:
+    """What merges and evaluations share: a tenant's request run once on the pool."""
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(32))
+    idempotency_key: Mapped[Optional[str]] = mapped_column(String(255), nullable=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    started_at: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
+    finished_at: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
+    node: Mapped[Optional[str]] = mapped_column(String(128), nullable=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    error_code: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    error_message: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    error_param: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+
+
+class MergeRow(_PoolTaskColumns, Base):
+    __tablename__ = "merges"
+    __table_args__ = (
+        UniqueConstraint("tenant", "idempotency_key", name="uq_merges_tenant_idempotency_key"),
+        Index("ix_merges_tenant_seq", "tenant", "seq"),
+        Index("ix_merges_status_seq", "status", "seq"),
+        _TABLE_ARGS,
+    )
+
+    method: Mapped[str] = mapped_column(String(32))
+    adapters: Mapped[list[str]] = mapped_column(JSON, default=list)
+    weights: Mapped[Optional[list[float]]] = mapped_column(JSON, nullable=True)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    name: Mapped[Optional[str]] = mapped_column(String(128), nullable=True)
+    suffix: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    evaluate_on: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    result_adapter: Mapped[Optional[str]] = mapped_column(String(64), nullable=True, index=True)
+    applied_weights: Mapped[Optional[list[float]]] = mapped_column(JSON, nullable=True)
+    rank: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    relative_error: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    deviation_from_exact: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    evaluation_id: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+
+
+class EvaluationRow(_PoolTaskColumns, Base):
+    __tablename__ = "evaluations"
+    __table_args__ = (
+        UniqueConstraint("tenant", "idempotency_key",
+                         name="uq_evaluations_tenant_idempotency_key"),
+        Index("ix_evaluations_tenant_seq", "tenant", "seq"),
+        Index("ix_evaluations_status_seq", "status", "seq"),
+        _TABLE_ARGS,
+    )
+
+    model: Mapped[str] = mapped_column(String(128))
+    model_sha256: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    adapter_id: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    file_id: Mapped[str] = mapped_column(String(64))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    merge_id: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    loss: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    perplexity: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    tokens: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
+    examples: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)

@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .db import WRITE_OPTION, make_engine
+from .pool_tasks import PoolTaskStore
 from .records import (
     ACTIVE,
     AdapterRecord,
@@ -116,7 +117,7 @@ def _rec(cls: Any, row: Any) -> Any:
     return cls(**{f: getattr(row, f) for f in cls.model_fields})
 
 
-class Store:
+class Store(PoolTaskStore):
     """See the module docstring. Thread-safe; one per process is enough."""
 
     def __init__(self, url: str) -> None:
