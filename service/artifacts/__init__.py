@@ -1,13 +1,16 @@
 """Content-addressed storage of datasets, checkpoints and adapters (see `store.py`)."""
 
 from .store import (
+    ArtifactCorrupt,
     ArtifactError,
     ArtifactNotFound,
     ArtifactStore,
+    ArtifactStoreFull,
     ArtifactTooLarge,
     ArtifactWriter,
 )
 
 __all__ = [
-    "ArtifactError", "ArtifactNotFound", "ArtifactStore", "ArtifactTooLarge", "ArtifactWriter",
+    "ArtifactCorrupt", "ArtifactError", "ArtifactNotFound", "ArtifactStore", "ArtifactStoreFull",
+    "ArtifactTooLarge", "ArtifactWriter",
 ]

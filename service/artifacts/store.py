@@ -3,12 +3,16 @@
 An object's id is `sha256:<hex>` of its bytes and it lives at `objects/<ab>/<cdef…>`; the same
 content stored twice is one object. Writes go to a temp file under `tmp/` (same file system),
 are hashed while they stream, fsynced, then `os.replace`d into place, so a reader never sees a
-half-written object and a failed or refused write leaves nothing behind. A folder is stored as
-one object per file plus a JSON manifest object; the manifest's id names the folder.
+half-written object and a failed or refused write leaves nothing behind. A full disk raises
+`ArtifactStoreFull` and, like any failed write, leaves the objects already stored untouched.
+Reads (`read_bytes`, `get_dir`) re-hash what they read and raise `ArtifactCorrupt` when the
+bytes no longer match their id (bit rot, a truncated copy). A folder is stored as one object per
+file plus a JSON manifest object; the manifest's id names the folder.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -37,6 +41,21 @@ class ArtifactTooLarge(ArtifactError, ValueError):
     def __init__(self, limit: int) -> None:
         super().__init__(f"the data exceeds the limit of {limit} bytes ({_human(limit)})")
         self.limit = limit
+
+
+class ArtifactStoreFull(ArtifactError, OSError):
+    """The disk under the store ran out of space (or quota) during a write; nothing was kept."""
+
+    def __init__(self, root: Path, cause: OSError) -> None:
+        super().__init__(errno.ENOSPC, f"the artifact store at {root} is full "
+                         f"({cause.strerror or cause}); nothing was written")
+
+
+class ArtifactCorrupt(ArtifactError):
+    """An object's bytes no longer hash to its id."""
+
+
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def _human(n: int) -> str:
@@ -90,7 +109,13 @@ class ArtifactWriter:
             self.abort()
             raise ArtifactTooLarge(self.max_bytes)
         self._hash.update(chunk)
-        self._fh.write(chunk)
+        try:
+            self._fh.write(chunk)
+        except OSError as exc:
+            self.abort()
+            if exc.errno in _FULL_ERRNOS:
+                raise ArtifactStoreFull(self._store.root, exc) from exc
+            raise
 
     def commit(self) -> tuple[str, int]:
         if self._fh is None:
@@ -102,6 +127,11 @@ class ArtifactWriter:
             self._fh = None
             artifact_id = f"sha256:{self._hash.hexdigest()}"
             self._store._install(self._tmp, artifact_id)
+        except OSError as exc:
+            self.abort()
+            if exc.errno in _FULL_ERRNOS:
+                raise ArtifactStoreFull(self._store.root, exc) from exc
+            raise
         except BaseException:
             self.abort()
             raise
@@ -110,7 +140,10 @@ class ArtifactWriter:
 
     def abort(self) -> None:
         if self._fh is not None:
-            self._fh.close()
+            try:
+                self._fh.close()
+            except OSError:  # the buffered tail could not be flushed: the file goes anyway
+                pass
             self._fh = None
         self._tmp.unlink(missing_ok=True)
 
@@ -120,6 +153,17 @@ class ArtifactWriter:
     def __exit__(self, *exc: object) -> None:
         if self.id is None:
             self.abort()
+
+
+def _copy_verified(src: Path, dst: Path, artifact_id: str) -> None:
+    h = hashlib.sha256()
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        for block in iter(lambda: fin.read(CHUNK), b""):
+            h.update(block)
+            fout.write(block)
+    if h.hexdigest() != _hex(artifact_id):
+        raise ArtifactCorrupt(f"{artifact_id} ({src.name}) is corrupt: its bytes no longer "
+                              "match its id")
 
 
 class ArtifactStore:
@@ -212,7 +256,11 @@ class ArtifactStore:
         return open(self._existing(artifact_id), "rb")
 
     def read_bytes(self, artifact_id: str) -> bytes:
-        return self._existing(artifact_id).read_bytes()
+        """The object's bytes, checked against its id (`ArtifactCorrupt` when they differ)."""
+        data = self._existing(artifact_id).read_bytes()
+        if hashlib.sha256(data).hexdigest() != _hex(artifact_id):
+            raise ArtifactCorrupt(f"{artifact_id} is corrupt: its bytes no longer match its id")
+        return data
 
     def size(self, artifact_id: str) -> int:
         return self._existing(artifact_id).stat().st_size
@@ -258,7 +306,7 @@ class ArtifactStore:
             for rel, (oid, _) in files.items():
                 target = tmp.joinpath(*_safe_relpath(rel).parts)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(self._existing(oid), target)
+                _copy_verified(self._existing(oid), target, oid)
             os.replace(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -8,9 +8,11 @@ import io
 import pytest
 
 from lorapool.service.artifacts import (
+    ArtifactCorrupt,
     ArtifactError,
     ArtifactNotFound,
     ArtifactStore,
+    ArtifactStoreFull,
     ArtifactTooLarge,
 )
 
@@ -119,3 +121,38 @@ def test_a_manifest_naming_a_path_outside_the_folder_is_refused(store, tmp_path)
     with pytest.raises(ArtifactError, match="unsafe path"):
         store.get_dir(mid, tmp_path / "x" / "y")
     assert not (tmp_path / "evil").exists() and not (tmp_path / "x" / "evil").exists()
+
+
+def test_reads_verify_the_bytes_against_the_id(store, tmp_path):
+    aid = store.put_bytes(b"checkpoint bytes")
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "adapter.safetensors").write_bytes(b"weights")
+    manifest = store.put_dir(folder)
+    # Bit rot / a truncated copy on disk: readers must notice, not hand back wrong bytes.
+    store.path(aid).write_bytes(b"checkpoint bytez")
+    with pytest.raises(ArtifactCorrupt, match="corrupt"):
+        store.read_bytes(aid)
+    assert not store.verify(aid)
+    weights = store.manifest(manifest)["adapter.safetensors"][0]
+    store.path(weights).write_bytes(b"w")
+    with pytest.raises(ArtifactCorrupt):
+        store.get_dir(manifest, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_full_disk_fails_cleanly_and_keeps_older_objects(tmp_path):
+    from tests.support.small_disk import fill, small_disk
+
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        store = ArtifactStore(disk / "artifacts")
+        older = store.put_bytes(b"older checkpoint" * 100)
+        filler = fill(disk, leave=64 * 1024)
+        with pytest.raises(ArtifactStoreFull, match="full") as err:
+            store.put_bytes(b"x" * (256 * 1024))
+        assert isinstance(err.value, OSError)
+        assert not list(store.tmp_dir.iterdir()), "a failed write left a temp file"
+        assert store.read_bytes(older) == b"older checkpoint" * 100
+        filler.unlink()
+        # Space back: writes work again.
+        assert store.read_bytes(store.put_bytes(b"y" * 1000)) == b"y" * 1000
