@@ -15,13 +15,38 @@ from __future__ import annotations
 
 from ._async import AsyncClient
 from ._sync import Client
-from .errors import (APIConnectionError, APIResponseValidationError, APIStatusError,
-                     APITimeoutError, AuthenticationError, BadRequestError, ConflictError,
-                     InternalServerError, InvalidParameterError, InvalidRequestError,
-                     JobWaitTimeout, LorapoolError, NotFoundError, PayloadTooLargeError,
-                     PermissionDeniedError, RateLimitError, UnsafeArchiveError)
-from .types import (TERMINAL_STATUSES, Adapter, FileObject, FineTuningJob, JobCheckpoint,
-                    JobEvent, ListResponse, LoraParams, Model, Node)
+from .errors import (
+                     APIConnectionError,
+                     APIResponseValidationError,
+                     APIStatusError,
+                     APITimeoutError,
+                     AuthenticationError,
+                     BadRequestError,
+                     ConflictError,
+                     InternalServerError,
+                     InvalidParameterError,
+                     InvalidRequestError,
+                     JobWaitTimeout,
+                     LorapoolError,
+                     NotFoundError,
+                     PayloadTooLargeError,
+                     PermissionDeniedError,
+                     RateLimitError,
+                     UnsafeArchiveError,
+)
+from .types import (
+                     TERMINAL_STATUSES,
+                     Adapter,
+                     FileObject,
+                     FineTuningJob,
+                     JobCheckpoint,
+                     JobEvent,
+                     JobPlacement,
+                     ListResponse,
+                     LoraParams,
+                     Model,
+                     Node,
+)
 
 __all__ = [
     "Client", "AsyncClient",
@@ -31,5 +56,5 @@ __all__ = [
     "PayloadTooLargeError", "RateLimitError", "InternalServerError", "InvalidParameterError",
     "JobWaitTimeout", "UnsafeArchiveError",
     "FineTuningJob", "JobEvent", "JobCheckpoint", "FileObject", "Model", "Adapter", "Node",
-    "ListResponse", "LoraParams", "TERMINAL_STATUSES",
+    "JobPlacement", "ListResponse", "LoraParams", "TERMINAL_STATUSES",
 ]

@@ -11,14 +11,43 @@ from typing import Any, AsyncIterator, Optional, Union
 import httpx
 
 from . import _plans as plans
-from ._base import (DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, Call, CloseStream, Download, Emit,
-                    OpenStream, Plan, ReadEvent, RetryPolicy, SSEDecoder, SSEMessage, Sleep,
-                    build_request, default_headers, make_timeout, resolve_api_key,
-                    resolve_base_url, stream_timeout, wrap_transport_error)
+from ._base import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    Call,
+    CloseStream,
+    Download,
+    Emit,
+    OpenStream,
+    Plan,
+    ReadEvent,
+    RetryPolicy,
+    Sleep,
+    SSEDecoder,
+    SSEMessage,
+    build_request,
+    default_headers,
+    make_timeout,
+    resolve_api_key,
+    resolve_base_url,
+    stream_timeout,
+    wrap_transport_error,
+)
 from ._progress import JobProgress
 from .errors import LorapoolError, error_from_response
-from .types import (Adapter, FileDeleted, FileObject, FineTuningJob, JobCheckpoint, JobEvent,
-                    ListResponse, LoraParams, Model, Node)
+from .types import (
+    Adapter,
+    FileDeleted,
+    FileObject,
+    FineTuningJob,
+    JobCheckpoint,
+    JobEvent,
+    JobPlacement,
+    ListResponse,
+    LoraParams,
+    Model,
+    Node,
+)
 
 
 class _AsyncEventStream:
@@ -98,6 +127,7 @@ class AsyncClient:
         suffix: Optional[str] = None,
         seed: Optional[int] = None,
         metadata: Optional[dict[str, str]] = None,
+        placement: Union[dict[str, Any], JobPlacement, None] = None,
         idempotency_key: Optional[str] = None,
         extra_body: Optional[dict[str, Any]] = None,
     ) -> FineTuningJob:

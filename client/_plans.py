@@ -18,13 +18,43 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ._base import (IDEMPOTENCY_HEADER, Call, CloseStream, Download, Emit, OpenStream, Plan,
-                    ReadEvent, RetryPolicy, SSEMessage, Sleep, new_idempotency_key)
+from ._base import (
+    IDEMPOTENCY_HEADER,
+    Call,
+    CloseStream,
+    Download,
+    Emit,
+    OpenStream,
+    Plan,
+    ReadEvent,
+    RetryPolicy,
+    Sleep,
+    SSEMessage,
+    new_idempotency_key,
+)
 from ._extract import safe_extract
-from .errors import (APIConnectionError, APIResponseValidationError, APITimeoutError,
-                     InvalidParameterError, JobWaitTimeout)
-from .types import (TERMINAL_STATUSES, Adapter, FileDeleted, FileObject, FineTuningJob,
-                    JobCheckpoint, JobEvent, ListResponse, LoraParams, Model, Node, Quantization)
+from .errors import (
+    APIConnectionError,
+    APIResponseValidationError,
+    APITimeoutError,
+    InvalidParameterError,
+    JobWaitTimeout,
+)
+from .types import (
+    TERMINAL_STATUSES,
+    Adapter,
+    FileDeleted,
+    FileObject,
+    FineTuningJob,
+    JobCheckpoint,
+    JobEvent,
+    JobPlacement,
+    ListResponse,
+    LoraParams,
+    Model,
+    Node,
+    Quantization,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -212,6 +242,7 @@ class SubmitParams(BaseModel):
     suffix: Optional[str] = Field(None, max_length=64)
     seed: Optional[int] = None
     metadata: Optional[dict[str, str]] = None
+    placement: Optional[JobPlacement] = None
     idempotency_key: Optional[str] = None
     extra_body: Optional[dict[str, Any]] = None
 
@@ -241,6 +272,8 @@ class SubmitParams(BaseModel):
             body["hyperparameters"] = hyper
         if self.lora is not None:
             body["lora"] = self.lora.model_dump()
+        if self.placement is not None:
+            body["placement"] = self.placement.model_dump(exclude_defaults=True)
         for name in ("learning_rate", "quantization", "max_seq_len", "micro_batch_size",
                      "checkpoint_every", "suffix", "seed", "metadata"):
             value = getattr(self, name)

@@ -23,8 +23,14 @@ class JobProgress:
         if not self.enabled:
             return self
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn,
-                                   TextColumn, TimeElapsedColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         # stderr: stdout stays clean for what a script wants to capture (ids, JSON).
         console = self._console or Console(stderr=True)

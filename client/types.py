@@ -61,6 +61,24 @@ class MemoryInfo(BaseModel):
     breakdown: dict[str, int] = Field(default_factory=dict)
 
 
+class JobPlacement(BaseModel):
+    """Where a job may run (lorapool's own): the scheduler honours every field it is given."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    node: Optional[str] = Field(None, min_length=1, max_length=128,
+                                description="run only on this node (name)")
+    labels: dict[str, str] = Field(default_factory=dict,
+                                   description="the node must carry every one of these labels")
+    min_memory_gib: Optional[float] = Field(None, gt=0, le=4096,
+                                            description="the node's GPU must have at least this")
+    require_bf16: bool = False
+    priority: int = Field(0, ge=-100, le=100, description="higher goes first within a tenant")
+    min_seq_len: Optional[int] = Field(
+        None, ge=8, le=32768, description="auto-fit may shorten max_seq_len down to this")
+    allow_autofit: bool = Field(True, description="false: run exactly as submitted, or wait")
+
+
 class FineTuningJob(_Resource):
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
     id: str
@@ -88,6 +106,7 @@ class FineTuningJob(_Resource):
     micro_batch_size: Optional[int] = None
     learning_rate: Optional[float] = None
     checkpoint_every: Optional[int] = None
+    placement: Optional[JobPlacement] = None
     node_id: Optional[str] = None
     attempt: int = 0
     step: Optional[int] = None
@@ -158,6 +177,20 @@ class Adapter(_Resource):
     shared_with: list[str] = Field(default_factory=list)
 
 
+class NodeDataset(BaseModel):
+    """A node-local data set a donor offers (`lorapool donate --dataset NAME=PATH`): only its
+    counts and validation errors ever leave the node, never its content or path."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    examples: Optional[int] = None
+    lines: Optional[int] = None
+    format: Optional[str] = None
+    valid: bool = False
+    errors: list[str] = Field(default_factory=list)  # "line N: reason", as for an upload
+
+
 class Node(_Resource):
     object: Literal["node"] = "node"
     id: str
@@ -171,6 +204,8 @@ class Node(_Resource):
     state: Literal["idle", "training", "reclaimed", "offline"] = "idle"
     jobs: list[str] = Field(default_factory=list)
     labels: dict[str, str] = Field(default_factory=dict)
+    # Node-local data sets a job may name as `dataset: "NODE:NAME"` instead of a file.
+    datasets: list[NodeDataset] = Field(default_factory=list)
     last_heartbeat: Optional[float] = None
 
 

@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lorapool.types import LoraParams
+from lorapool.types import JobPlacement, LoraParams
 
 from ..store import ModelEntry
 from ..train.spec import TrainSpec
@@ -85,6 +85,7 @@ class CreateJobRequest(BaseModel):
     micro_batch_size: Optional[int] = Field(None, ge=1, le=1024)
     learning_rate: Optional[float] = Field(None, gt=0, le=1.0)
     checkpoint_every: Optional[int] = Field(None, ge=1, le=1_000_000)
+    placement: Optional[JobPlacement] = None
 
     @field_validator("metadata")
     @classmethod
@@ -177,6 +178,10 @@ def resolve(req: CreateJobRequest, model: ModelEntry) -> tuple[TrainSpec, dict[s
         spec = TrainSpec(**fields)
     except ValidationError as exc:
         raise from_pydantic(exc, SPEC_PARAM) from exc
+    pl = req.placement
+    if pl is not None and pl.min_seq_len is not None and pl.min_seq_len > spec.max_seq_len:
+        raise bad_request(f"placement.min_seq_len ({pl.min_seq_len}) exceeds max_seq_len "
+                          f"({spec.max_seq_len})", param="placement.min_seq_len")
     resolved = {"n_epochs": n_epochs, "batch_size": batch_size,
                 "learning_rate_multiplier": lr / BASE_LEARNING_RATE}
     return spec, resolved

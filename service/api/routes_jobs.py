@@ -78,7 +78,8 @@ def create_job(
     _check_file(ctx, owner, req.validation_file, "validation_file")
     spec, hyper = resolve(req, model)
 
-    refusal = ctx.executor.check_fits(spec)
+    placement = req.placement.model_dump(exclude_defaults=True) if req.placement else {}
+    refusal = ctx.executor.check_fits(spec, placement)
     if refusal:
         raise APIError(400, f"No node of the pool can hold this job: {refusal}",
                        code="insufficient_memory")
@@ -102,6 +103,7 @@ def create_job(
         learning_rate=spec.learning_rate,
         checkpoint_every=spec.checkpoint_every,
         spec=spec.model_dump(mode="json", exclude={"base_model"}),
+        placement=placement,
         idempotency_key=idempotency_key,
     )
     stored = ctx.store.create_job(record)

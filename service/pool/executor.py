@@ -8,7 +8,7 @@ refuse at submit time a job that no node of the pool could ever hold.
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 from lorapool.types import Node
 
@@ -22,9 +22,11 @@ class JobExecutor(Protocol):
     def cancel(self, job_id: str) -> None:
         """Ask a running job to stop between steps; the executor marks it `cancelled`."""
 
-    def check_fits(self, spec: TrainSpec) -> Optional[str]:
-        """None when some node could hold the job (now or once free), else the refusal reason,
-        e.g. "needs 9.1 GiB; largest free node has 7.6 GiB (rtx-3070-desk12)"."""
+    def check_fits(self, spec: TrainSpec,
+                   placement: Optional[dict[str, Any]] = None) -> Optional[str]:
+        """None when some node could hold the job (now or once free) under its placement
+        constraints (`lorapool.types.JobPlacement` fields), else the refusal reason, e.g.
+        "needs 9.1 GiB; largest free node has 7.6 GiB (rtx-3070-desk12)"."""
 
     def nodes(self) -> list[Node]:
         """Every known node, for GET /v1/nodes."""

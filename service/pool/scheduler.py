@@ -66,6 +66,23 @@ class _Active:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def job_view(job_id: str, tenant: str, spec: TrainSpec, submitted_at: float,
+             placement: Optional[dict[str, Any]]) -> Any:
+    """The placement policy's view of a job: its spec plus the constraints it asked for."""
+    from .placement import JobView
+
+    p = placement or {}
+    gib = p.get("min_memory_gib")
+    return JobView(job_id=job_id, tenant=tenant, spec=spec, submitted_at=submitted_at,
+                   priority=int(p.get("priority", 0)),
+                   min_memory=int(gib * GiB) if gib else None,
+                   labels=dict(p.get("labels") or {}),
+                   node_id=p.get("node"),
+                   require_bf16=bool(p.get("require_bf16", False)),
+                   min_seq_len=p.get("min_seq_len"),
+                   allow_autofit=bool(p.get("allow_autofit", True)))
+
+
 def _fmt_gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB"
 
@@ -125,14 +142,13 @@ class RayExecutor:
             active.runner.request_stop.remote("cancelled by user")
         self._wake.set()
 
-    def check_fits(self, spec: TrainSpec) -> Optional[str]:
-        from .placement import JobView
-
+    def check_fits(self, spec: TrainSpec,
+                   placement: Optional[dict[str, Any]] = None) -> Optional[str]:
         self._refresh_nodes(force=not self._nodes)
         views = self._node_views(include_busy=True)
         if not views:
             return None  # an empty pool may still get donors: the job waits
-        job = JobView(job_id="(new)", tenant="", spec=spec, submitted_at=time.time())
+        job = job_view("(new)", "", spec, time.time(), placement)
         return self.placer.check_fits(job, views)
 
     def nodes(self) -> list[Node]:
@@ -156,6 +172,7 @@ class RayExecutor:
                 state="offline" if st.offline else r.get("state", "idle"),
                 jobs=sorted(a.job_id for a in active if a.node == st.name),
                 labels=r.get("labels", {}),
+                datasets=r.get("dataset_info", []),  # counts and errors only, never content
                 last_heartbeat=st.seen_at,
             ))
         return out
@@ -411,8 +428,6 @@ class RayExecutor:
 
     # -- placing queued jobs ---------------------------------------------------------------
     def _schedule(self) -> None:
-        from .placement import JobView
-
         with self._lock:
             active_ids = set(self._active)
         queued = [j for j in self.store.jobs_in_status("queued") if j.id not in active_ids]
@@ -429,8 +444,7 @@ class RayExecutor:
                 self.store.transition(j.id, {"queued"}, "failed", finished_at=int(time.time()),
                                       error_code="model_not_found", error_message=str(exc))
                 continue
-            jobs.append(JobView(job_id=j.id, tenant=j.tenant, spec=spec,
-                                submitted_at=float(j.created_at)))
+            jobs.append(job_view(j.id, j.tenant, spec, float(j.created_at), j.placement))
         running_by_tenant: dict[str, int] = {}
         with self._lock:
             for a in self._active.values():

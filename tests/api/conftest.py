@@ -33,6 +33,7 @@ class RecordingExecutor:
         self.cancelled: list[str] = []
         self.checked: list[Any] = []
         self.refusal: Optional[str] = None
+        self.placements: list[dict[str, Any]] = []
         self.node_list: list[Any] = []
 
     def wake(self) -> None:
@@ -41,8 +42,9 @@ class RecordingExecutor:
     def cancel(self, job_id: str) -> None:
         self.cancelled.append(job_id)
 
-    def check_fits(self, spec: Any) -> Optional[str]:
+    def check_fits(self, spec: Any, placement: Optional[dict[str, Any]] = None) -> Optional[str]:
         self.checked.append(spec)
+        self.placements.append(placement or {})
         return self.refusal
 
     def nodes(self) -> list[Any]:

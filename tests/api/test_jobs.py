@@ -108,6 +108,10 @@ def test_unknown_or_foreign_file_is_refused_naming_the_param(client, env, file_i
     ({"frobnicate": True}, "frobnicate"),
     ({"hyperparameters": {"learning_rate_multiplier": 2}, "learning_rate": 1e-4},
      "learning_rate"),
+    ({"placement": {"min_memory_gib": -1}}, "placement.min_memory_gib"),
+    ({"placement": {"priority": 1000}}, "placement.priority"),
+    ({"placement": {"nodes": "desk1"}}, "placement.nodes"),
+    ({"max_seq_len": 64, "placement": {"min_seq_len": 128}}, "placement.min_seq_len"),
 ])
 def test_absurd_parameters_are_400_naming_the_param(client, env, file_id, body, param):
     r = _create(client, file_id, **body)
@@ -134,6 +138,20 @@ def test_a_job_no_node_can_hold_is_refused_with_the_reason(client, env, file_id)
     err = error_of(r)
     assert err["code"] == "insufficient_memory" and "rtx-3070-desk12" in err["message"]
     assert env.store.list_jobs("acme")[0] == []
+
+
+def test_placement_constraints_reach_the_executor_and_come_back(client, env, file_id):
+    placement = {"node": "rtx-4090-desk3", "labels": {"dept": "legal"}, "min_memory_gib": 8,
+                 "require_bf16": True, "priority": 5, "min_seq_len": 64}
+    r = _create(client, file_id, max_seq_len=128, placement=placement)
+    assert r.status_code == 200, r.text
+    assert env.executor.placements[-1] == placement
+    assert r.json()["placement"] == {**placement, "allow_autofit": True}
+    stored = env.store.get_job(r.json()["id"])
+    assert stored.placement == placement
+    # A job without constraints says so.
+    r = _create(client, file_id)
+    assert r.json()["placement"] is None and env.executor.placements[-1] == {}
 
 
 def test_idempotency_key_returns_the_first_job(client, env, file_id):

@@ -182,6 +182,23 @@ def test_auto_fit_shrinks_micro_batch_instead_of_refusing(pool):
     assert any(m.startswith("Auto-fit:") and "micro_batch_size" in m for m in events), events
 
 
+def test_constraints_pin_a_node_require_bf16_and_refuse_unknown_labels(pool):
+    from lorapool.errors import BadRequestError
+
+    client = pool["client"]()
+    kw = dict(max_seq_len=64, batch_size=4, micro_batch_size=4, lora={"r": 2, "alpha": 4})
+    # Best fit alone would put both on the 1650 (the smallest node that holds them).
+    pinned = client.submit("tiny-llama", pool["data"], placement={"node": "rtx-4090-desk3"}, **kw)
+    bf16 = client.submit("tiny-llama", pool["data"], placement={"require_bf16": True}, **kw)
+    with pytest.raises(BadRequestError) as err:
+        client.submit("tiny-llama", pool["data"], placement={"labels": {"dept": "legal"}}, **kw)
+    assert "no node matches" in str(err.value) and "dept=legal" in str(err.value)
+    done = _wait_all(client, [pinned.id, bf16.id])
+    assert [j.status for j in done] == ["succeeded", "succeeded"], [j.error for j in done]
+    assert done[0].node_id == "rtx-4090-desk3"
+    assert done[1].node_id == "rtx-3060-desk2"  # the smallest bf16 node
+
+
 def test_owner_returns_node_stops_taking_jobs_and_job_moves(pool):
     import ray
 
