@@ -28,6 +28,9 @@ ENV_VARS: dict[str, str] = {
     "host": "LORAPOOL_HOST",
     "port": "LORAPOOL_PORT",
     "ray_address": "LORAPOOL_RAY_ADDRESS",
+    "preempt_timeout": "LORAPOOL_PREEMPT_TIMEOUT",
+    "heartbeat_timeout": "LORAPOOL_HEARTBEAT_TIMEOUT",
+    "max_attempts": "LORAPOOL_MAX_ATTEMPTS",
 }
 
 
@@ -45,6 +48,12 @@ class Settings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     ray_address: Optional[str] = None
+    # Resilience: seconds a preempted job may take to checkpoint and stop before it is killed
+    # (and resumes from its last periodic checkpoint); seconds of silence before a node counts
+    # as lost; attempts a job gets when the infrastructure fails it (node lost, preempted, OOM).
+    preempt_timeout: float = Field(30.0, gt=0, le=3600)
+    heartbeat_timeout: float = Field(20.0, gt=0, le=3600)
+    max_attempts: int = Field(3, ge=1, le=100)
 
     @model_validator(mode="after")
     def _derive_paths(self) -> "Settings":

@@ -121,7 +121,11 @@ class Service:
         self._init_ray()
         if self.local_node:
             self._start_local_node()
-        self.executor = RayExecutor(self.store, self.artifacts, **self.executor_options)
+        options: dict[str, Any] = dict(preempt_timeout=self.settings.preempt_timeout,
+                                       heartbeat_timeout=self.settings.heartbeat_timeout,
+                                       max_attempts=self.settings.max_attempts)
+        options.update(self.executor_options)
+        self.executor = RayExecutor(self.store, self.artifacts, **options)
         self.executor.start()
         self.app = create_app(self.settings, self.store, self.artifacts, self.executor)
 

@@ -93,6 +93,8 @@ class JobView:
     require_bf16: bool = False
     min_seq_len: int | None = None  # auto-fit may shorten max_seq_len down to this
     allow_autofit: bool = True  # False: place exactly as submitted or wait
+    # Nodes where earlier attempts failed (lost, preempted, OOM): used only when no other fits.
+    avoid_nodes: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -302,6 +304,16 @@ class Placer:
 
     def _place_one(self, job: JobView, nodes: list[NodeView], avail: dict[str, int],
                    count: dict[str, int]) -> Placement | None:
+        if job.avoid_nodes:
+            others = [n for n in nodes
+                      if n.node_id not in job.avoid_nodes and n.name not in job.avoid_nodes]
+            placed = self._place_among(job, others, avail, count)
+            if placed is not None:
+                return placed
+        return self._place_among(job, nodes, avail, count)
+
+    def _place_among(self, job: JobView, nodes: list[NodeView], avail: dict[str, int],
+                     count: dict[str, int]) -> Placement | None:
         cands = [n for n in nodes if self.matches(job, n)
                  and (self.max_jobs_per_node is None or count[n.node_id] < self.max_jobs_per_node)]
         if not cands:

@@ -17,6 +17,7 @@ checkpoint, up to `max_attempts`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import threading
@@ -30,6 +31,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lorapool.types import Node
 
+from ..artifacts import ArtifactError
 from ..train.spec import DeviceInfo, TrainSpec
 from .agent import NAMESPACE, agent_name, list_agents
 from .runner import RemoteJobRunner
@@ -62,6 +64,7 @@ class _Active:
     last_checkpoint_step: int = -1
     stepped: bool = False
     stop_reason: Optional[str] = None
+    preempted_at: Optional[float] = None  # when its node asked it to checkpoint and stop
     events: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -100,6 +103,7 @@ class RayExecutor:
         heartbeat_timeout: float = 20.0,
         node_refresh_interval: float = 1.0,
         max_attempts: int = 3,
+        preempt_timeout: float = 30.0,
     ) -> None:
         from .placement import Placer
 
@@ -110,6 +114,9 @@ class RayExecutor:
         self.heartbeat_timeout = heartbeat_timeout
         self.node_refresh_interval = node_refresh_interval
         self.max_attempts = max_attempts
+        self.preempt_timeout = preempt_timeout
+        # Nodes where each job's earlier attempts ended badly: a retry goes elsewhere if it can.
+        self._failed_on: dict[str, set[str]] = {}
         self._nodes: dict[str, _NodeState] = {}
         self._active: dict[str, _Active] = {}
         self._model_refs: dict[str, dict[str, Any]] = {}
@@ -286,6 +293,19 @@ class RayExecutor:
                 self._finish(a, result)
             elif node is not None and node.offline:
                 self._lost(a, f"node {a.node} stopped sending heartbeats")
+            elif node is not None and node.report.get("state") == "reclaimed":
+                self._enforce_preemption(a)
+
+    def _enforce_preemption(self, a: _Active) -> None:
+        """A reclaimed node asked its job to checkpoint and stop; past `preempt_timeout` the
+        job is killed and resumes, elsewhere, from its last periodic checkpoint."""
+        now = time.time()
+        if a.preempted_at is None:
+            a.preempted_at = now
+            return
+        if now - a.preempted_at > self.preempt_timeout:
+            self._lost(a, f"preempted on {a.node} and did not stop within "
+                       f"{self.preempt_timeout:g} s; killed")
 
     def _absorb(self, a: _Active, item: dict[str, Any]) -> None:
         ev = item.get("event") or {}
@@ -317,7 +337,16 @@ class RayExecutor:
                          metrics: dict[str, Any]) -> None:
         if step <= a.last_checkpoint_step:
             return
-        artifact_id = self._put_folder(files)
+        try:
+            artifact_id = self._put_folder(files)
+        except ArtifactError as exc:
+            # The job trains on; the older checkpoints stay as they were.
+            log.warning("checkpoint of %s at step %d not stored: %s", a.job_id, step, exc)
+            self.store.add_event(
+                a.job_id, f"Checkpoint at step {step} could not be stored ({exc}); the last "
+                f"stored checkpoint (step {max(a.last_checkpoint_step, 0)}) stays", level="warn",
+                data={"step": step, "code": "storage_error"})
+            return
         self.store.add_checkpoint(a.job_id, step, artifact_id,
                                   {k: v for k, v in metrics.items() if v is not None})
         a.last_checkpoint_step = step
@@ -332,6 +361,9 @@ class RayExecutor:
     def _release(self, a: _Active) -> None:
         with self._lock:
             self._active.pop(a.job_id, None)
+        job = self.store.get_job(a.job_id)
+        if job is None or job.status in ("succeeded", "failed", "cancelled"):
+            self._failed_on.pop(a.job_id, None)
         st = self._nodes.get(a.node)
         if st is not None and st.handle is not None:
             try:
@@ -350,7 +382,17 @@ class RayExecutor:
         peak = result.get("peak_memory")
         if status == "completed":
             metrics = result.get("metrics") or {}
-            artifact_id = self._put_folder(result["adapter_files"])
+            try:
+                artifact_id = self._put_folder(result["adapter_files"])
+            except ArtifactError as exc:
+                self.store.transition(a.job_id, {"running"}, "failed",
+                                      finished_at=int(time.time()), error_code="storage_error",
+                                      error_message=f"the adapter could not be stored: {exc}",
+                                      measured_peak_memory=peak)
+                self.store.add_event(a.job_id, f"Job failed: the adapter could not be stored "
+                                     f"({exc}); its checkpoints stay downloadable", level="error")
+                self._wake.set()
+                return
             size = sum(len(b) for b in result["adapter_files"].values())
             adapter = self.store.add_adapter(
                 tenant=a.tenant,
@@ -397,6 +439,7 @@ class RayExecutor:
         self._wake.set()
 
     def _requeue(self, a: _Active, reason: str) -> None:
+        self._failed_on.setdefault(a.job_id, set()).add(a.node)
         if self.store.transition(a.job_id, {"running"}, "queued", node_id=None,
                                  attempt=a.attempt + 1):
             self.store.add_event(
@@ -444,7 +487,11 @@ class RayExecutor:
                 self.store.transition(j.id, {"queued"}, "failed", finished_at=int(time.time()),
                                       error_code="model_not_found", error_message=str(exc))
                 continue
-            jobs.append(job_view(j.id, j.tenant, spec, float(j.created_at), j.placement))
+            view = job_view(j.id, j.tenant, spec, float(j.created_at), j.placement)
+            avoid = self._failed_on.get(j.id)
+            if avoid:
+                view = dataclasses.replace(view, avoid_nodes=frozenset(avoid))
+            jobs.append(view)
         running_by_tenant: dict[str, int] = {}
         with self._lock:
             for a in self._active.values():
@@ -506,8 +553,21 @@ class RayExecutor:
             "validation": self._file_payload(job.validation_file),
             "resume": resume,
             "attempt": int(getattr(job, "attempt", 0) or 0),
+            # A node-local data set travels by name only; the runner opens it on its node.
+            "dataset": (getattr(job, "dataset", None) or {}).get("name"),
+            "init_adapter": self._adapter_payload(getattr(job, "init_adapter", None)),
         }
         return payload, resume_step
+
+    def _adapter_payload(self, adapter_id: Optional[str]) -> Optional[dict[str, Any]]:
+        """An adapter to start from, as bytes like a resume checkpoint (federated rounds)."""
+        if not adapter_id:
+            return None
+        rec = self.store.get_adapter(adapter_id)
+        with tempfile.TemporaryDirectory(prefix="lorapool-out-") as tmp:
+            files = read_folder(self.artifacts.get_dir(rec.artifact_id, Path(tmp) / "a"))
+        return {"key": rec.artifact_id.replace(":", "-"),
+                "files": {n: ray.put(b) for n, b in files.items()}}
 
     def _start(self, job: Any, placement: Any) -> None:
         st = self._nodes[placement.node_id]

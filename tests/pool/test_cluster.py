@@ -225,8 +225,15 @@ def test_owner_returns_node_stops_taking_jobs_and_job_moves(pool):
             time.sleep(0.3)
         events = [e.message for e in client.jobs.events(job.id)]
         assert any("owner is back" in m and "requeued" in m for m in events), events
-        nodes = {n.name: n for n in client.nodes.list()}
+        # The node list is refreshed from the agents' heartbeats: give it one or two.
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            nodes = {n.name: n for n in client.nodes.list()}
+            if nodes[first_node].state == "reclaimed":
+                break
+            time.sleep(0.3)
         assert nodes[first_node].state == "reclaimed"
+        assert not nodes[first_node].jobs
         client.jobs.cancel(job.id)
         client.jobs.wait(job.id, timeout=300)
     finally:

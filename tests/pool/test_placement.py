@@ -275,3 +275,16 @@ def test_first_fit_static_ignores_free_memory_and_releases_units(model):
     assert len(ff.plan(queue, nodes)) == per_node - 1
     ff.release("a")
     assert len(ff.plan(queue, nodes)) == 1
+
+
+def test_a_retry_avoids_the_nodes_where_it_failed_unless_none_other_fits(model):
+    s = spec(model, max_seq_len=256)
+    n = need(s)
+    nodes = [node("desk1", n + GiB), node("desk2", n + 2 * GiB)]
+    # Best fit picks desk1; after an attempt died there, desk2 is taken instead.
+    assert Placer().plan([job("j", s)], nodes, {})[0].node_id == "id-desk1"
+    retry = job("j", s, avoid_nodes=frozenset({"desk1"}))
+    assert Placer().plan([retry], nodes, {})[0].node_id == "id-desk2"
+    # When the avoided node is the only one with room, the retry still runs (there).
+    tight = [node("desk1", n + GiB), node("desk2", n // 2)]
+    assert Placer().plan([retry], tight, {})[0].node_id == "id-desk1"
