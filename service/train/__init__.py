@@ -33,6 +33,7 @@ _EXPORTS = {
     "validate_dataset": "data",
     "build_dataset": "data",
     "estimate_memory": "memory",
+    "evaluate": "evaluate",
     "MemoryEstimate": "memory",
 }
 
@@ -53,6 +54,7 @@ __all__ = [
     "attach_lora",
     "build_dataset",
     "estimate_memory",
+    "evaluate",
     "load_base_model",
     "resolve_base_model",
     "train",
@@ -83,6 +85,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
         OutOfMemoryError,
         TrainError,
     )
+    from .evaluate import evaluate
     from .events import TrainEvent, TrainResult
     from .loop import Trainer, train
     from .memory import MemoryEstimate, estimate_memory
