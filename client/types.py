@@ -107,6 +107,8 @@ class FineTuningJob(_Resource):
     learning_rate: Optional[float] = None
     checkpoint_every: Optional[int] = None
     placement: Optional[JobPlacement] = None
+    dataset: Optional[str] = None  # "NODE:NAME": a node-local data set instead of training_file
+    init_adapter: Optional[str] = None  # adapter id the LoRA modules started from
     node_id: Optional[str] = None
     attempt: int = 0
     step: Optional[int] = None
@@ -207,6 +209,66 @@ class Node(_Resource):
     # Node-local data sets a job may name as `dataset: "NODE:NAME"` instead of a file.
     datasets: list[NodeDataset] = Field(default_factory=list)
     last_heartbeat: Optional[float] = None
+
+
+class FederationParticipant(BaseModel):
+    """One participant of a federation: a name, and its data — an uploaded file of the
+    creator's, or a node-local data set ("NODE:NAME") that never leaves its node."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    tenant: Optional[str] = None
+    training_file: Optional[str] = None
+    dataset: Optional[str] = None
+    examples: Optional[int] = None
+    weight: Optional[float] = None
+
+
+class FederationRound(BaseModel):
+    """One round: the jobs it ran, who took part, who dropped out (and why), its global
+    adapter and metrics (aggregation weights, re-factorisation error, train loss)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    round: int
+    status: Literal["running", "completed", "failed", "cancelled"]
+    started_at: float
+    deadline_at: float
+    finished_at: Optional[int] = None
+    init_adapter: Optional[str] = None
+    jobs: dict[str, str] = Field(default_factory=dict)  # participant → job id
+    statuses: dict[str, str] = Field(default_factory=dict)
+    took_part: list[str] = Field(default_factory=list)
+    dropped: dict[str, str] = Field(default_factory=dict)  # participant → reason
+    global_adapter: Optional[str] = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    error: Optional[str] = None
+
+
+FederationStatus = Literal["running", "succeeded", "failed", "cancelled"]
+
+
+class Federation(_Resource):
+    object: Literal["federation"] = "federation"
+    id: str
+    created_at: int
+    finished_at: Optional[int] = None
+    organization_id: str
+    status: FederationStatus
+    model: str
+    participants: list[FederationParticipant] = Field(default_factory=list)
+    rounds_total: int
+    current_round: int = 0
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    min_quorum: int
+    round_deadline_s: float
+    local_steps: Optional[int] = None
+    local_epochs: Optional[int] = None
+    rounds: list[FederationRound] = Field(default_factory=list)
+    global_adapter: Optional[str] = None  # the latest round's
+    error: Optional[JobError] = None
 
 
 T = TypeVar("T")

@@ -64,6 +64,7 @@ class Service:
         self.store: Any = None
         self.artifacts: Any = None
         self.executor: Any = None
+        self.federations: Any = None  # pool.federation.FederationDriver: federated rounds
         self.app: Any = None
         self._server: Any = None
         self._thread: Optional[threading.Thread] = None
@@ -127,6 +128,10 @@ class Service:
         options.update(self.executor_options)
         self.executor = RayExecutor(self.store, self.artifacts, **options)
         self.executor.start()
+        from .pool.federation import FederationDriver
+
+        self.federations = FederationDriver(self.store, self.artifacts, self.executor)
+        self.federations.start()
         self.app = create_app(self.settings, self.store, self.artifacts, self.executor)
 
     def _uvicorn(self) -> Any:
@@ -164,6 +169,8 @@ class Service:
         if self._server is not None and self._thread is not None:
             self._server.should_exit = True
             self._thread.join(10)
+        if self.federations is not None:
+            self.federations.stop()
         if self.executor is not None:
             self.executor.stop()
         if self._started_ray:

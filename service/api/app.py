@@ -17,6 +17,7 @@ from ..config import Settings
 from ..store import Store
 from . import errors
 from .context import AppContext
+from .routes_federations import router as federations_router
 from .routes_files import router as files_router
 from .routes_jobs import router as jobs_router
 from .routes_resources import health_router
@@ -41,5 +42,6 @@ def create_app(settings: Settings, store: Store, artifacts: ArtifactStore,
     app.include_router(health_router)
     app.include_router(files_router)
     app.include_router(jobs_router)
+    app.include_router(federations_router)
     app.include_router(resources_router)
     return app

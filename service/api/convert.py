@@ -62,6 +62,8 @@ def job(rec: JobRecord) -> FineTuningJob:
         learning_rate=rec.learning_rate,
         checkpoint_every=rec.checkpoint_every,
         placement=JobPlacement(**rec.placement) if rec.placement else None,
+        dataset=f"{rec.dataset['node']}:{rec.dataset['name']}" if rec.dataset else None,
+        init_adapter=rec.init_adapter,
         node_id=rec.node_id,
         attempt=rec.attempt,
         step=rec.step,

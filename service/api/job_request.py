@@ -70,7 +70,10 @@ class CreateJobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1, max_length=128)
-    training_file: str = Field(min_length=1, max_length=64)
+    # One of training_file (an uploaded file) or dataset (a node-local data set, "NODE:NAME").
+    training_file: Optional[str] = Field(None, min_length=1, max_length=64)
+    dataset: Optional[Union[str, dict[str, str]]] = None
+    init_adapter: Optional[str] = Field(None, min_length=1, max_length=64)
     validation_file: Optional[str] = Field(None, min_length=1, max_length=64)
     hyperparameters: Optional[HyperparametersIn] = None
     suffix: Optional[str] = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")

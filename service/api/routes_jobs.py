@@ -25,6 +25,7 @@ from . import convert
 from .context import AppContext, context, tenant
 from .errors import APIError, bad_request, not_found
 from .job_request import CreateJobRequest, resolve
+from .local_data import check_dataset, check_init_adapter, pin_to_dataset_node
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine_tuning"])
 
@@ -74,11 +75,17 @@ def create_job(
             f"Unknown model '{req.model}'. Available models: "
             f"{', '.join(names) if names else '(none registered: lorapool models add NAME PATH)'}",
             param="model", code="model_not_found")
+    if (req.training_file is None) == (req.dataset is None):
+        raise bad_request("give exactly one of 'training_file' (an uploaded file) or 'dataset' "
+                          "(a node-local data set, 'NODE:NAME')", param="training_file")
     _check_file(ctx, owner, req.training_file, "training_file")
     _check_file(ctx, owner, req.validation_file, "validation_file")
+    dataset = check_dataset(ctx, req.dataset, "dataset") if req.dataset is not None else None
+    check_init_adapter(ctx, owner, req.init_adapter, model.sha256)
     spec, hyper = resolve(req, model)
 
     placement = req.placement.model_dump(exclude_defaults=True) if req.placement else {}
+    placement = pin_to_dataset_node(placement, dataset)
     refusal = ctx.executor.check_fits(spec, placement)
     if refusal:
         raise APIError(400, f"No node of the pool can hold this job: {refusal}",
@@ -104,13 +111,15 @@ def create_job(
         checkpoint_every=spec.checkpoint_every,
         spec=spec.model_dump(mode="json", exclude={"base_model"}),
         placement=placement,
+        dataset=dataset,
+        init_adapter=req.init_adapter,
         idempotency_key=idempotency_key,
     )
     stored = ctx.store.create_job(record)
     if stored.id != record.id:  # a concurrent retry with the same key got there first
         return convert.job(stored)
     ctx.store.add_event(stored.id, "Job queued", data={
-        "model": model.name, "training_file": req.training_file,
+        "model": model.name, "training_file": req.training_file, "dataset": dataset,
         "validation_file": req.validation_file, **hyper})
     ctx.wake()
     return convert.job(stored)

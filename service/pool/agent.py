@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import ray
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .devices import SimulatedGPU, detect_device
@@ -42,6 +42,14 @@ class AgentConfig(BaseModel):
     datasets: dict[str, str] = Field(default_factory=dict)  # node-local data sets: name → path
     policy: DonationPolicy = Field(default_factory=DonationPolicy)
 
+    @field_validator("datasets")
+    @classmethod
+    def _dataset_names(cls, v: dict[str, str]) -> dict[str, str]:
+        from .local_data import check_name
+
+        return {check_name(name): str(Path(path).expanduser().absolute())
+                for name, path in v.items()}
+
 
 class NodeAgent:
     """See the module docstring. Runs as a threaded Ray actor pinned to its node."""
@@ -59,6 +67,11 @@ class NodeAgent:
         self._availability = config.policy.checker(probe)
         self._pids: dict[str, Any] = {}
         self._simulated_free: Optional[int] = None
+        from .local_data import DatasetCatalog
+
+        # Validated here, on the node; reports carry only counts and line errors.
+        self._datasets = DatasetCatalog(config.datasets)
+        self._datasets.describe()
 
     # -- reports ---------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
@@ -93,6 +106,7 @@ class NodeAgent:
             "jobs": jobs,
             "labels": cfg.labels,
             "datasets": sorted(cfg.datasets),
+            "dataset_info": self._datasets.describe(),
             "heartbeat": time.time(),
         }
 

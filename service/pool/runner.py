@@ -95,17 +95,33 @@ class JobRunner:
         entry = blob.get("entry")
         return folder / entry if entry else folder
 
+    def _local_dataset(self, name: Optional[str]) -> Optional[Path]:
+        """A node-local data set by name, from this node's own config (never from the head)."""
+        if not name:
+            return None
+        from ..train.errors import DataError
+
+        path = self.datasets.get(name)
+        if path is None or not Path(path).is_file():
+            raise DataError(f"node-local data set {name!r} is not offered on this node "
+                            "(any more)", code="dataset_not_found")
+        return Path(path)
+
     def _run(self, payload: dict[str, Any]) -> dict[str, Any]:
         from ..train import TrainEvent, TrainSpec, train
 
         started = time.time()
         model_path = self._materialise("models", payload["model"])
-        data_path = self._materialise("data", payload["data"])
+        data_path = self._local_dataset(payload.get("dataset")) or self._materialise(
+            "data", payload["data"])
+        init_adapter = self._materialise("adapters", payload.get("init_adapter"))
         val_path = self._materialise("data", payload.get("validation"))
         resume = self._materialise("checkpoints", payload.get("resume"))
 
         spec_fields = dict(payload["spec"])
         spec_fields["base_model"] = str(model_path)
+        if init_adapter is not None:
+            spec_fields["init_adapter"] = str(init_adapter)
         if self.device_kind == "cpu" or spec_fields.get("device") == "cpu":
             spec_fields["device"] = "cpu"
         spec = TrainSpec(**spec_fields)

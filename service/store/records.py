@@ -76,6 +76,11 @@ class JobRecord(_Record):
     checkpoint_every: Optional[int] = None
     # Where it may run (lorapool.types.JobPlacement fields; empty: anywhere it fits).
     placement: dict[str, Any] = Field(default_factory=dict)
+    # A node-local data set instead of `training_file`: {"node", "name", "examples"}; the data
+    # stays on that node (the job is pinned there through `placement.node`).
+    dataset: Optional[dict[str, Any]] = None
+    # An adapter id whose weights the LoRA modules start from (federated rounds).
+    init_adapter: Optional[str] = None
     # The resolved TrainSpec fields, except `base_model` (a head path the scheduler fills in).
     spec: dict[str, Any] = Field(default_factory=dict)
     idempotency_key: Optional[str] = None

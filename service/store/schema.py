@@ -122,6 +122,8 @@ class JobRow(Base):
     checkpoint_every: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     placement: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    dataset: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
+    init_adapter: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
     idempotency_key: Mapped[Optional[str]] = mapped_column(String(255), nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     node_id: Mapped[Optional[str]] = mapped_column(String(128), nullable=True)

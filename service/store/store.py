@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .db import WRITE_OPTION, make_engine
+from .federations import FederationStore
 from .pool_tasks import PoolTaskStore
 from .records import (
     ACTIVE,
@@ -117,7 +118,7 @@ def _rec(cls: Any, row: Any) -> Any:
     return cls(**{f: getattr(row, f) for f in cls.model_fields})
 
 
-class Store(PoolTaskStore):
+class Store(PoolTaskStore, FederationStore):
     """See the module docstring. Thread-safe; one per process is enough."""
 
     def __init__(self, url: str) -> None:
