@@ -10,6 +10,7 @@ from typing import Any, AsyncIterator, Optional, Union
 
 import httpx
 
+from . import _federations as fed_plans
 from . import _plans as plans
 from ._base import (
     DEFAULT_MAX_RETRIES,
@@ -33,6 +34,7 @@ from ._base import (
     stream_timeout,
     wrap_transport_error,
 )
+from ._federations import AsyncFederations
 from ._progress import JobProgress
 from .errors import LorapoolError, error_from_response
 from .types import (
@@ -96,6 +98,7 @@ class AsyncClient:
         self.models = AsyncModels(self)
         self.adapters = AsyncAdapters(self)
         self.nodes = AsyncNodes(self)
+        self.federations = AsyncFederations(self)
 
     async def close(self) -> None:
         if self._owns_http:
@@ -110,11 +113,41 @@ class AsyncClient:
     def __repr__(self) -> str:
         return f"lorapool.AsyncClient({self.base_url!r})"
 
+    async def federate(
+        self,
+        model: str,
+        participants: list[Any],
+        *,
+        rounds: int,
+        local_steps: Optional[int] = None,
+        local_epochs: Optional[int] = None,
+        method: str = "exact",
+        params: Optional[dict[str, Any]] = None,
+        min_quorum: Optional[int] = None,
+        round_deadline_s: Optional[float] = None,
+        init_adapter: Optional[str] = None,
+        batch_size: Optional[int] = None,
+        micro_batch_size: Optional[int] = None,
+        learning_rate: Optional[float] = None,
+        lora: Union[dict[str, Any], LoraParams, None] = None,
+        quantization: Optional[str] = None,
+        max_seq_len: Optional[int] = None,
+        seed: Optional[int] = None,
+    ) -> Any:
+        """Start federated rounds: each participant (a dict with `dataset="NODE:NAME"` — a
+        node-local data set — or `training_file`, plus optional `name`, `tenant`, `weight`)
+        trains `local_steps`/`local_epochs` per round from the current global adapter; only
+        adapters are gathered and aggregated with `method` (any merge method). Returns the
+        `Federation`; `federations.wait(id)` follows it."""
+        kw = {k: v for k, v in locals().items() if k != "self" and v is not None}
+        return await self._run(fed_plans.federate(fed_plans.FederateParams.check(**kw)))
+
     async def submit(
         self,
         model: str,
-        training_file: Union[str, Path],
+        training_file: Union[str, Path, None] = None,
         *,
+        dataset: Union[str, dict[str, str], None] = None,
         validation_file: Union[str, Path, None] = None,
         n_epochs: Union[int, str, None] = None,
         batch_size: Union[int, str, None] = None,

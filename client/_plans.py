@@ -229,7 +229,9 @@ class SubmitParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1)
-    training_file: Union[str, Path]
+    training_file: Optional[Union[str, Path]] = None
+    # A node-local data set ("NODE:NAME") instead of training_file: it never leaves its node.
+    dataset: Optional[Union[str, dict[str, str]]] = None
     validation_file: Optional[Union[str, Path]] = None
     n_epochs: Optional[Union[Literal["auto"], int]] = Field(None)
     batch_size: Optional[Union[Literal["auto"], int]] = None
@@ -261,6 +263,9 @@ class SubmitParams(BaseModel):
             value = getattr(params, name)
             if isinstance(value, int) and value < 1:
                 raise InvalidParameterError(name, "must be at least 1 (or 'auto')")
+        if (params.training_file is None) == (params.dataset is None):
+            raise InvalidParameterError("training_file", "give exactly one of training_file "
+                                        "or dataset (a node-local data set, 'NODE:NAME')")
         return params
 
     def body(self) -> dict[str, Any]:
@@ -275,7 +280,7 @@ class SubmitParams(BaseModel):
         if self.placement is not None:
             body["placement"] = self.placement.model_dump(exclude_defaults=True)
         for name in ("learning_rate", "quantization", "max_seq_len", "micro_batch_size",
-                     "checkpoint_every", "suffix", "seed", "metadata"):
+                     "checkpoint_every", "suffix", "seed", "metadata", "dataset"):
             value = getattr(self, name)
             if value is not None:
                 body[name] = value

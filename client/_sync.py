@@ -9,6 +9,7 @@ from typing import Any, Iterator, Optional, Union
 
 import httpx
 
+from . import _federations as fed_plans
 from . import _plans as plans
 from ._base import (
     DEFAULT_MAX_RETRIES,
@@ -32,6 +33,7 @@ from ._base import (
     stream_timeout,
     wrap_transport_error,
 )
+from ._federations import Federations
 from ._progress import JobProgress
 from .errors import LorapoolError, error_from_response
 from .types import (
@@ -99,6 +101,7 @@ class Client:
         self.models = Models(self)
         self.adapters = Adapters(self)
         self.nodes = Nodes(self)
+        self.federations = Federations(self)
 
     # -- lifecycle --------------------------------------------------------------------------
     def close(self) -> None:
@@ -115,11 +118,41 @@ class Client:
         return f"lorapool.Client({self.base_url!r})"
 
     # -- the one top-level operation --------------------------------------------------------
+    def federate(
+        self,
+        model: str,
+        participants: list[Any],
+        *,
+        rounds: int,
+        local_steps: Optional[int] = None,
+        local_epochs: Optional[int] = None,
+        method: str = "exact",
+        params: Optional[dict[str, Any]] = None,
+        min_quorum: Optional[int] = None,
+        round_deadline_s: Optional[float] = None,
+        init_adapter: Optional[str] = None,
+        batch_size: Optional[int] = None,
+        micro_batch_size: Optional[int] = None,
+        learning_rate: Optional[float] = None,
+        lora: Union[dict[str, Any], LoraParams, None] = None,
+        quantization: Optional[str] = None,
+        max_seq_len: Optional[int] = None,
+        seed: Optional[int] = None,
+    ) -> Any:
+        """Start federated rounds: each participant (a dict with `dataset="NODE:NAME"` — a
+        node-local data set — or `training_file`, plus optional `name`, `tenant`, `weight`)
+        trains `local_steps`/`local_epochs` per round from the current global adapter; only
+        adapters are gathered and aggregated with `method` (any merge method). Returns the
+        `Federation`; `federations.wait(id)` follows it."""
+        kw = {k: v for k, v in locals().items() if k != "self" and v is not None}
+        return self._run(fed_plans.federate(fed_plans.FederateParams.check(**kw)))
+
     def submit(
         self,
         model: str,
-        training_file: Union[str, Path],
+        training_file: Union[str, Path, None] = None,
         *,
+        dataset: Union[str, dict[str, str], None] = None,
         validation_file: Union[str, Path, None] = None,
         n_epochs: Union[int, str, None] = None,
         batch_size: Union[int, str, None] = None,

@@ -333,6 +333,9 @@ def submit(
         "--config", "-c", help="YAML spec whose keys are submit()'s arguments; flags win.")
     ] = None,
     validation_file: Annotated[Optional[str], typer.Option()] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        help="A node-local data set NODE:NAME instead of TRAINING_FILE (stays on its node).")
+    ] = None,
     n_epochs: Annotated[Optional[int], typer.Option()] = None,
     batch_size: Annotated[Optional[int], typer.Option()] = None,
     learning_rate: Annotated[Optional[float], typer.Option()] = None,
@@ -358,6 +361,7 @@ def submit(
     """Submit a fine-tuning job (prints its id). A local data file is uploaded first."""
     args: dict[str, Any] = _load_config(config) if config else {}
     flags = {"model": model, "training_file": training_file, "validation_file": validation_file,
+             "dataset": dataset,
              "n_epochs": n_epochs, "batch_size": batch_size, "learning_rate": learning_rate,
              "quantization": quantization, "max_seq_len": max_seq_len,
              "micro_batch_size": micro_batch_size, "checkpoint_every": checkpoint_every,
@@ -378,8 +382,9 @@ def submit(
             _fail("'lora' in the config must be a mapping")
         args["lora"] = {**base, **lora_flags}
     for key in ("model", "training_file"):
-        if not args.get(key):
-            raise typer.BadParameter(f"give {key.upper()} as an argument or in --config",
+        if not args.get(key) and not (key == "training_file" and args.get("dataset")):
+            raise typer.BadParameter(f"give {key.upper()} as an argument or in --config"
+                                     + (" (or --dataset NODE:NAME)" if key != "model" else ""),
                                      param_hint=key.upper())
     with _client(ctx) as client:
         job = client.submit(**args)
@@ -527,11 +532,92 @@ def nodes(
     if as_json:
         print(json.dumps([n.model_dump(mode="json") for n in items], indent=2))
         return
-    table = Table("name", "gpu", "free GiB", "total GiB", "state", "jobs")
+    table = Table("name", "gpu", "free GiB", "total GiB", "state", "jobs", "data sets")
     for n in items:
+        sets = ", ".join(f"{d.name} ({d.examples} ex.)" if d.valid else f"{d.name} (invalid)"
+                         for d in n.datasets)
         table.add_row(n.name, n.gpu_name or "cpu", _gib(n.free_memory_bytes),
-                      _gib(n.total_memory_bytes), n.state, ", ".join(n.jobs))
+                      _gib(n.total_memory_bytes), n.state, ", ".join(n.jobs), sets)
     _out().print(table)
+
+
+def _participant(spec: str) -> dict[str, Any]:
+    """[NAME=]REF: REF is a local file or "file-…" id (training_file) or NODE:DATASET."""
+    name, sep, ref = spec.partition("=")
+    if not sep:
+        name, ref = "", spec
+    if not ref:
+        raise typer.BadParameter(f"expected [NAME=]NODE:DATASET or [NAME=]FILE, got {spec!r}",
+                                 param_hint="--participant")
+    entry: dict[str, Any] = {"name": name} if name else {}
+    if ref.startswith("file-") or Path(ref).expanduser().is_file() or ":" not in ref:
+        entry["training_file"] = ref
+    else:
+        entry["dataset"] = ref
+    return entry
+
+
+@app.command()
+@friendly
+def federate(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="Base model name.")],
+    participant: Annotated[list[str], typer.Option(
+        help="[NAME=]NODE:DATASET (node-local data) or [NAME=]FILE; repeatable.")],
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
+    local_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps per round.")
+                           ] = None,
+    local_epochs: Annotated[Optional[int], typer.Option(help="Epochs per round.")] = None,
+    method: Annotated[str, typer.Option(help="Aggregation (any merge method).")] = "exact",
+    density: Annotated[Optional[float], typer.Option(help="For ties/dare/magnitude_prune.")
+                       ] = None,
+    weight: Annotated[Optional[list[str]], typer.Option(help="NAME=WEIGHT, repeatable.")
+                      ] = None,
+    min_quorum: Annotated[Optional[int], typer.Option(help="Adapters a round needs.")] = None,
+    round_deadline: Annotated[Optional[float], typer.Option(help="Seconds per round.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option()] = None,
+    micro_batch_size: Annotated[Optional[int], typer.Option()] = None,
+    learning_rate: Annotated[Optional[float], typer.Option()] = None,
+    lora_r: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option()] = None,
+    max_seq_len: Annotated[Optional[int], typer.Option()] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait and print each round.")] = False,
+) -> None:
+    """Train one adapter in federated rounds; data stays where it is (prints the id)."""
+    parts = [_participant(p) for p in participant]
+    weights = {k: float(v) for k, v in _pairs(weight, "--weight").items()}
+    for p in parts:
+        if weights:
+            if p.get("name") not in weights:
+                raise typer.BadParameter("with --weight, name every participant (NAME=REF) and "
+                                         "give each a weight", param_hint="--weight")
+            p["weight"] = weights[p["name"]]
+    lora = {k: v for k, v in (("r", lora_r), ("alpha", lora_alpha)) if v is not None}
+    with _client(ctx) as client:
+        fed = client.federate(
+            model, parts, rounds=rounds, local_steps=local_steps, local_epochs=local_epochs,
+            method=method, params={"density": density} if density is not None else None,
+            min_quorum=min_quorum, round_deadline_s=round_deadline, batch_size=batch_size,
+            micro_batch_size=micro_batch_size, learning_rate=learning_rate,
+            lora=lora or None, max_seq_len=max_seq_len)
+        _err().print(f"Federation {fed.id}: {len(fed.participants)} participants, "
+                     f"{fed.rounds_total} rounds, {fed.method}")
+        print(fed.id)
+        if wait:
+            fed = client.federations.wait(fed.id)
+            for r in fed.rounds:
+                m = r.metrics
+                _err().print(f"round {r.round}: {r.status}; took part: {', '.join(r.took_part)}"
+                             + (f"; dropped: {r.dropped}" if r.dropped else "")
+                             + (f"; train loss {m['train_loss']:.4f}"
+                                if m.get("train_loss") is not None else "")
+                             + f"; adapter {r.global_adapter}")
+            if fed.status != "succeeded":
+                _fail(f"federation {fed.status}: {fed.error.message if fed.error else ''}")
+
+
+# Commands kept in their own modules register themselves on `app` when imported.
+from . import cli_merges  # noqa: E402,F401
 
 
 def main() -> None:
