@@ -37,6 +37,7 @@ from .errors import (
 from .types import (
                      TERMINAL_STATUSES,
                      Adapter,
+                     Evaluation,
                      FileObject,
                      FineTuningJob,
                      JobCheckpoint,
@@ -44,6 +45,7 @@ from .types import (
                      JobPlacement,
                      ListResponse,
                      LoraParams,
+                     Merge,
                      Model,
                      Node,
 )
@@ -57,4 +59,5 @@ __all__ = [
     "JobWaitTimeout", "UnsafeArchiveError",
     "FineTuningJob", "JobEvent", "JobCheckpoint", "FileObject", "Model", "Adapter", "Node",
     "JobPlacement", "ListResponse", "LoraParams", "TERMINAL_STATUSES",
+    "Merge", "Evaluation",
 ]

@@ -39,6 +39,7 @@ from ._progress import JobProgress
 from .errors import LorapoolError, error_from_response
 from .types import (
     Adapter,
+    Evaluation,
     FileDeleted,
     FileObject,
     FineTuningJob,
@@ -47,6 +48,7 @@ from .types import (
     JobPlacement,
     ListResponse,
     LoraParams,
+    Merge,
     Model,
     Node,
 )
@@ -98,6 +100,8 @@ class AsyncClient:
         self.models = AsyncModels(self)
         self.adapters = AsyncAdapters(self)
         self.nodes = AsyncNodes(self)
+        self.merges = AsyncMerges(self)
+        self.evaluations = AsyncEvaluations(self)
         self.federations = AsyncFederations(self)
 
     async def close(self) -> None:
@@ -167,6 +171,40 @@ class AsyncClient:
         """See `Client.submit`."""
         params = plans.SubmitParams.check(**{k: v for k, v in locals().items() if k != "self"})
         return await self._run(plans.submit(params))
+
+    async def merge(
+        self,
+        adapters: list[str],
+        method: str = "exact",
+        *,
+        weights: Optional[list[float]] = None,
+        normalize_weights: Optional[bool] = None,
+        density: Optional[float] = None,
+        majority_sign_method: Optional[str] = None,
+        target_rank: Optional[int] = None,
+        seed: Optional[int] = None,
+        name: Optional[str] = None,
+        suffix: Optional[str] = None,
+        evaluate_on: Union[str, Path, None] = None,
+        evaluation: Optional[dict[str, Any]] = None,
+        idempotency_key: Optional[str] = None,
+        wait: bool = True,
+        timeout: Optional[float] = None,
+        poll_interval: float = 1.0,
+    ) -> Merge:
+        """Merge adapters (yours or shared with you) on the pool into a new adapter of yours.
+
+        `method`: naive, exact, svd, ties, dare_linear, dare_ties, magnitude_prune or a *_svd
+        variant; `weights` default to the adapters' training-sample counts (FedAvg). With
+        `wait` (default) returns the finished merge (`result_adapter` is the new adapter's id,
+        `status` "failed" with `error` otherwise); JobWaitTimeout after `timeout` s."""
+        kw = {k: v for k, v in locals().items()
+              if k not in ("self", "wait", "timeout", "poll_interval") and v is not None}
+        merge = await self._run(plans.create_merge(plans.checked(plans.MergeParams, "merge", **kw)))
+        if not wait:
+            return merge
+        return await self._run(plans.wait_task("merge", merge.id, timeout=timeout,
+                                              poll_interval=poll_interval))
 
     # -- running plans ----------------------------------------------------------------------
     async def _sleep(self, seconds: float) -> None:
@@ -330,8 +368,17 @@ class AsyncModels(_AsyncResource):
 
 
 class AsyncAdapters(_AsyncResource):
-    async def list(self) -> list[Adapter]:
-        return await self._client._run(plans.list_adapters())
+    async def list(self, *, include_shared: bool = False) -> list[Adapter]:
+        """Your adapters (and, with `include_shared`, those shared with you), newest first."""
+        return await self._client._run(plans.list_adapters(include_shared))
+
+    async def share(self, adapter_id: str, tenant: str) -> Adapter:
+        """Let `tenant` get, download, merge and evaluate your adapter."""
+        return await self._client._run(plans.share_adapter(adapter_id, tenant))
+
+    async def unshare(self, adapter_id: str, tenant: str) -> Adapter:
+        """Revoke `tenant`'s use of your adapter (a no-op when it had none)."""
+        return await self._client._run(plans.unshare_adapter(adapter_id, tenant))
 
     async def get(self, adapter_id: str) -> Adapter:
         return await self._client._run(plans.get_adapter(adapter_id))
@@ -345,3 +392,76 @@ class AsyncAdapters(_AsyncResource):
 class AsyncNodes(_AsyncResource):
     async def list(self) -> list[Node]:
         return await self._client._run(plans.list_nodes())
+
+
+class AsyncMerges(_AsyncResource):
+    async def create(
+        self,
+        adapters: list[str],
+        method: str = "exact",
+        *,
+        weights: Optional[list[float]] = None,
+        normalize_weights: Optional[bool] = None,
+        density: Optional[float] = None,
+        majority_sign_method: Optional[str] = None,
+        target_rank: Optional[int] = None,
+        seed: Optional[int] = None,
+        name: Optional[str] = None,
+        suffix: Optional[str] = None,
+        evaluate_on: Union[str, Path, None] = None,
+        evaluation: Optional[dict[str, Any]] = None,
+        idempotency_key: Optional[str] = None,
+    ) -> Merge:
+        """Queue a merge (see `AsyncClient.merge`, which also waits)."""
+        kw = {k: v for k, v in locals().items() if k != "self" and v is not None}
+        return await self._client._run(plans.create_merge(
+            plans.checked(plans.MergeParams, "merge", **kw)))
+
+    async def get(self, merge_id: str) -> Merge:
+        return await self._client._run(plans.get_merge(merge_id))
+
+    async def list(self, *, after: Optional[str] = None,
+             limit: Optional[int] = None) -> ListResponse[Merge]:
+        return await self._client._run(plans.list_merges(after, limit))
+
+    async def wait(self, merge_id: str, *, poll_interval: float = 1.0,
+             timeout: Optional[float] = None) -> Merge:
+        """Until the merge succeeded or failed; JobWaitTimeout after `timeout` s."""
+        return await self._client._run(plans.wait_task("merge", merge_id,
+                                                     poll_interval=poll_interval,
+                                                     timeout=timeout))
+
+
+class AsyncEvaluations(_AsyncResource):
+    async def create(
+        self,
+        file: Union[str, Path],
+        *,
+        model: Optional[str] = None,
+        adapter: Optional[str] = None,
+        quantization: Optional[str] = None,
+        max_seq_len: Optional[int] = None,
+        loss_on: Optional[str] = None,
+        batch_size: Optional[int] = None,
+        idempotency_key: Optional[str] = None,
+    ) -> Evaluation:
+        """Queue an evaluation of `model` (+ `adapter`; `model` defaults to the adapter's base)
+        on `file` (a "file-…" id, or a local JSONL file, uploaded first): held-out loss and
+        perplexity, with the adapter's training settings unless overridden."""
+        kw = {k: v for k, v in locals().items() if k != "self" and v is not None}
+        return await self._client._run(plans.create_evaluation(
+            plans.checked(plans.EvaluationParams, "evaluation", **kw)))
+
+    async def get(self, evaluation_id: str) -> Evaluation:
+        return await self._client._run(plans.get_evaluation(evaluation_id))
+
+    async def list(self, *, after: Optional[str] = None,
+             limit: Optional[int] = None) -> ListResponse[Evaluation]:
+        return await self._client._run(plans.list_evaluations(after, limit))
+
+    async def wait(self, evaluation_id: str, *, poll_interval: float = 1.0,
+             timeout: Optional[float] = None) -> Evaluation:
+        """Until the evaluation succeeded or failed; JobWaitTimeout after `timeout` s."""
+        return await self._client._run(plans.wait_task("evaluation", evaluation_id,
+                                                     poll_interval=poll_interval,
+                                                     timeout=timeout))

@@ -41,8 +41,10 @@ from .errors import (
     JobWaitTimeout,
 )
 from .types import (
+    TASK_TERMINAL_STATUSES,
     TERMINAL_STATUSES,
     Adapter,
+    Evaluation,
     FileDeleted,
     FileObject,
     FineTuningJob,
@@ -51,6 +53,7 @@ from .types import (
     JobPlacement,
     ListResponse,
     LoraParams,
+    Merge,
     Model,
     Node,
     Quantization,
@@ -171,8 +174,9 @@ def list_nodes() -> Plan:
     return (yield from list_all("/v1/nodes", Node))
 
 
-def list_adapters() -> Plan:
-    return (yield from list_all("/v1/adapters", Adapter))
+def list_adapters(include_shared: bool = False) -> Plan:
+    params = {"include_shared": "true"} if include_shared else None
+    return (yield from list_all("/v1/adapters", Adapter, params))
 
 
 def get_adapter(adapter_id: str) -> Plan:
@@ -453,3 +457,149 @@ def download_checkpoint(job_id: str, checkpoint_id: str, dest: Union[str, Path],
     path = (f"{JOBS}/{_seg(job_id, 'job_id')}/checkpoints/"
             f"{_seg(checkpoint_id, 'checkpoint_id')}/download")
     return (yield from download_archive(path, dest, overwrite=overwrite))
+
+
+# -- sharing, merges and evaluations ---------------------------------------------------------
+
+MERGES = "/v1/merges"
+EVALUATIONS = "/v1/evaluations"
+
+
+def checked(cls: Any, what: str, **kwargs: Any) -> Any:
+    """`cls(**kwargs)`, with the first validation error as an InvalidParameterError."""
+    try:
+        return cls(**kwargs)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err.get("loc", ()) if not str(p).startswith(
+            ("literal[", "function-")))
+        raise InvalidParameterError(loc or what, err.get("msg", "invalid")) from exc
+
+
+def share_adapter(adapter_id: str, tenant: str) -> Plan:
+    # Sharing twice is sharing once, so a retried POST is safe; the key tells the retry policy.
+    return (yield Call("POST", f"/v1/adapters/{_seg(adapter_id, 'adapter_id')}/share",
+                       json={"tenant": tenant},
+                       headers={IDEMPOTENCY_HEADER: new_idempotency_key()},
+                       parse=parse_model(Adapter)))
+
+
+def unshare_adapter(adapter_id: str, tenant: str) -> Plan:
+    return (yield Call("DELETE", f"/v1/adapters/{_seg(adapter_id, 'adapter_id')}/share/"
+                       f"{_seg(tenant, 'tenant')}", parse=parse_model(Adapter)))
+
+
+class EvaluationOptions(BaseModel):
+    """How to evaluate (defaults: as the adapter was trained)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    quantization: Optional[Quantization] = None
+    max_seq_len: Optional[int] = Field(None, ge=8)
+    loss_on: Optional[Literal["assistant", "all"]] = None
+    batch_size: Optional[int] = Field(None, ge=1)
+
+    def body(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class MergeParams(BaseModel):
+    """The arguments of `merges.create()` / `merge()`, checked before anything is sent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapters: list[str] = Field(min_length=1)
+    method: str = Field("exact", min_length=1)
+    weights: Optional[list[float]] = None
+    normalize_weights: Optional[bool] = None
+    density: Optional[float] = Field(None, gt=0, le=1)
+    majority_sign_method: Optional[Literal["total", "frequency"]] = None
+    target_rank: Optional[int] = Field(None, ge=1)
+    seed: Optional[int] = Field(None, ge=0)
+    name: Optional[str] = None
+    suffix: Optional[str] = None
+    evaluate_on: Optional[Union[str, Path]] = None  # a file id, or a local file to upload
+    evaluation: Optional[EvaluationOptions] = None
+    idempotency_key: Optional[str] = None
+
+    def body(self) -> dict[str, Any]:
+        body = self.model_dump(exclude_none=True, exclude={"idempotency_key", "evaluate_on",
+                                                           "evaluation"})
+        if self.evaluation is not None:
+            body["evaluation"] = self.evaluation.body()
+        return body
+
+
+def create_merge(params: MergeParams) -> Plan:
+    """Upload a local `evaluate_on` file if one was given, then create the merge."""
+    body = params.body()
+    ref = file_ref(params.evaluate_on, "evaluate_on")
+    if isinstance(ref, Path):
+        body["evaluate_on"] = (yield from upload_file(ref, param="evaluate_on")).id
+    elif ref is not None:
+        body["evaluate_on"] = ref
+    key = params.idempotency_key or new_idempotency_key()
+    return (yield Call("POST", MERGES, json=body, headers={IDEMPOTENCY_HEADER: key},
+                       parse=parse_model(Merge)))
+
+
+def get_merge(merge_id: str) -> Plan:
+    return (yield from get(f"{MERGES}/{_seg(merge_id, 'merge_id')}", Merge))
+
+
+def list_merges(after: Optional[str], limit: Optional[int]) -> Plan:
+    return (yield from page(MERGES, Merge, after=after, limit=limit))
+
+
+class EvaluationParams(EvaluationOptions):
+    """The arguments of `evaluations.create()`."""
+
+    file: Union[str, Path]  # a file id, or a local file to upload
+    model: Optional[str] = None
+    adapter: Optional[str] = None
+    idempotency_key: Optional[str] = None
+
+
+def create_evaluation(params: EvaluationParams) -> Plan:
+    if params.model is None and params.adapter is None:
+        raise InvalidParameterError("model", "give model, adapter or both")
+    ref = file_ref(params.file, "file")
+    body = params.body()
+    body.pop("idempotency_key", None)
+    if isinstance(ref, Path):
+        body["file"] = (yield from upload_file(ref, param="file")).id
+    else:
+        body["file"] = ref
+    key = params.idempotency_key or new_idempotency_key()
+    return (yield Call("POST", EVALUATIONS, json=body, headers={IDEMPOTENCY_HEADER: key},
+                       parse=parse_model(Evaluation)))
+
+
+def get_evaluation(evaluation_id: str) -> Plan:
+    return (yield from get(f"{EVALUATIONS}/{_seg(evaluation_id, 'evaluation_id')}",
+                           Evaluation))
+
+
+def list_evaluations(after: Optional[str], limit: Optional[int]) -> Plan:
+    return (yield from page(EVALUATIONS, Evaluation, after=after, limit=limit))
+
+
+def wait_task(kind: Literal["merge", "evaluation"], task_id: str, *,
+              poll_interval: float = 1.0, timeout: Optional[float] = None) -> Plan:
+    """Poll a merge or evaluation until it succeeded or failed; returns the final record."""
+    if poll_interval <= 0:
+        raise InvalidParameterError("poll_interval", "must be positive")
+    getter = get_merge if kind == "merge" else get_evaluation
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        rec = yield from getter(task_id)
+        if rec.status in TASK_TERMINAL_STATUSES:
+            return rec
+        wait = poll_interval
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise JobWaitTimeout(f"{kind} {task_id} is still {rec.status} after {timeout} s",
+                                     job=rec)
+            wait = min(wait, left)
+        yield Sleep(wait)

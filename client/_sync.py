@@ -38,6 +38,7 @@ from ._progress import JobProgress
 from .errors import LorapoolError, error_from_response
 from .types import (
     Adapter,
+    Evaluation,
     FileDeleted,
     FileObject,
     FineTuningJob,
@@ -46,6 +47,7 @@ from .types import (
     JobPlacement,
     ListResponse,
     LoraParams,
+    Merge,
     Model,
     Node,
 )
@@ -101,6 +103,8 @@ class Client:
         self.models = Models(self)
         self.adapters = Adapters(self)
         self.nodes = Nodes(self)
+        self.merges = Merges(self)
+        self.evaluations = Evaluations(self)
         self.federations = Federations(self)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -173,6 +177,40 @@ class Client:
         first (a "file-…" id is used as is); every argument is checked before any upload."""
         params = plans.SubmitParams.check(**{k: v for k, v in locals().items() if k != "self"})
         return self._run(plans.submit(params))
+
+    def merge(
+        self,
+        adapters: list[str],
+        method: str = "exact",
+        *,
+        weights: Optional[list[float]] = None,
+        normalize_weights: Optional[bool] = None,
+        density: Optional[float] = None,
+        majority_sign_method: Optional[str] = None,
+        target_rank: Optional[int] = None,
+        seed: Optional[int] = None,
+        name: Optional[str] = None,
+        suffix: Optional[str] = None,
+        evaluate_on: Union[str, Path, None] = None,
+        evaluation: Optional[dict[str, Any]] = None,
+        idempotency_key: Optional[str] = None,
+        wait: bool = True,
+        timeout: Optional[float] = None,
+        poll_interval: float = 1.0,
+    ) -> Merge:
+        """Merge adapters (yours or shared with you) on the pool into a new adapter of yours.
+
+        `method`: naive, exact, svd, ties, dare_linear, dare_ties, magnitude_prune or a *_svd
+        variant; `weights` default to the adapters' training-sample counts (FedAvg). With
+        `wait` (default) returns the finished merge (`result_adapter` is the new adapter's id,
+        `status` "failed" with `error` otherwise); JobWaitTimeout after `timeout` s."""
+        kw = {k: v for k, v in locals().items()
+              if k not in ("self", "wait", "timeout", "poll_interval") and v is not None}
+        merge = self._run(plans.create_merge(plans.checked(plans.MergeParams, "merge", **kw)))
+        if not wait:
+            return merge
+        return self._run(plans.wait_task("merge", merge.id, timeout=timeout,
+                                              poll_interval=poll_interval))
 
     # -- running plans ----------------------------------------------------------------------
     def _sleep(self, seconds: float) -> None:
@@ -338,8 +376,17 @@ class Models(_Resource):
 
 
 class Adapters(_Resource):
-    def list(self) -> list[Adapter]:
-        return self._client._run(plans.list_adapters())
+    def list(self, *, include_shared: bool = False) -> list[Adapter]:
+        """Your adapters (and, with `include_shared`, those shared with you), newest first."""
+        return self._client._run(plans.list_adapters(include_shared))
+
+    def share(self, adapter_id: str, tenant: str) -> Adapter:
+        """Let `tenant` get, download, merge and evaluate your adapter."""
+        return self._client._run(plans.share_adapter(adapter_id, tenant))
+
+    def unshare(self, adapter_id: str, tenant: str) -> Adapter:
+        """Revoke `tenant`'s use of your adapter (a no-op when it had none)."""
+        return self._client._run(plans.unshare_adapter(adapter_id, tenant))
 
     def get(self, adapter_id: str) -> Adapter:
         return self._client._run(plans.get_adapter(adapter_id))
@@ -353,3 +400,76 @@ class Adapters(_Resource):
 class Nodes(_Resource):
     def list(self) -> list[Node]:
         return self._client._run(plans.list_nodes())
+
+
+class Merges(_Resource):
+    def create(
+        self,
+        adapters: list[str],
+        method: str = "exact",
+        *,
+        weights: Optional[list[float]] = None,
+        normalize_weights: Optional[bool] = None,
+        density: Optional[float] = None,
+        majority_sign_method: Optional[str] = None,
+        target_rank: Optional[int] = None,
+        seed: Optional[int] = None,
+        name: Optional[str] = None,
+        suffix: Optional[str] = None,
+        evaluate_on: Union[str, Path, None] = None,
+        evaluation: Optional[dict[str, Any]] = None,
+        idempotency_key: Optional[str] = None,
+    ) -> Merge:
+        """Queue a merge (see `Client.merge`, which also waits)."""
+        kw = {k: v for k, v in locals().items() if k != "self" and v is not None}
+        return self._client._run(plans.create_merge(
+            plans.checked(plans.MergeParams, "merge", **kw)))
+
+    def get(self, merge_id: str) -> Merge:
+        return self._client._run(plans.get_merge(merge_id))
+
+    def list(self, *, after: Optional[str] = None,
+             limit: Optional[int] = None) -> ListResponse[Merge]:
+        return self._client._run(plans.list_merges(after, limit))
+
+    def wait(self, merge_id: str, *, poll_interval: float = 1.0,
+             timeout: Optional[float] = None) -> Merge:
+        """Until the merge succeeded or failed; JobWaitTimeout after `timeout` s."""
+        return self._client._run(plans.wait_task("merge", merge_id,
+                                                     poll_interval=poll_interval,
+                                                     timeout=timeout))
+
+
+class Evaluations(_Resource):
+    def create(
+        self,
+        file: Union[str, Path],
+        *,
+        model: Optional[str] = None,
+        adapter: Optional[str] = None,
+        quantization: Optional[str] = None,
+        max_seq_len: Optional[int] = None,
+        loss_on: Optional[str] = None,
+        batch_size: Optional[int] = None,
+        idempotency_key: Optional[str] = None,
+    ) -> Evaluation:
+        """Queue an evaluation of `model` (+ `adapter`; `model` defaults to the adapter's base)
+        on `file` (a "file-…" id, or a local JSONL file, uploaded first): held-out loss and
+        perplexity, with the adapter's training settings unless overridden."""
+        kw = {k: v for k, v in locals().items() if k != "self" and v is not None}
+        return self._client._run(plans.create_evaluation(
+            plans.checked(plans.EvaluationParams, "evaluation", **kw)))
+
+    def get(self, evaluation_id: str) -> Evaluation:
+        return self._client._run(plans.get_evaluation(evaluation_id))
+
+    def list(self, *, after: Optional[str] = None,
+             limit: Optional[int] = None) -> ListResponse[Evaluation]:
+        return self._client._run(plans.list_evaluations(after, limit))
+
+    def wait(self, evaluation_id: str, *, poll_interval: float = 1.0,
+             timeout: Optional[float] = None) -> Evaluation:
+        """Until the evaluation succeeded or failed; JobWaitTimeout after `timeout` s."""
+        return self._client._run(plans.wait_task("evaluation", evaluation_id,
+                                                     poll_interval=poll_interval,
+                                                     timeout=timeout))

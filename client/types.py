@@ -176,7 +176,13 @@ class Adapter(_Resource):
     bytes: int = 0
     sha256: Optional[str] = None
     metrics: dict[str, Any] = Field(default_factory=dict)
+    # Sharing: the tenants it is shared with (shown to its owner only) and, for an adapter
+    # shared with you, who owns it.
     shared_with: list[str] = Field(default_factory=list)
+    owner: Optional[str] = None
+    # A merged adapter: the merge that made it and the name it was given.
+    merge_id: Optional[str] = None
+    name: Optional[str] = None
 
 
 class NodeDataset(BaseModel):
@@ -291,3 +297,57 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+# -- merges and evaluations (lorapool's own) --------------------------------------------------
+
+TaskStatus = Literal["queued", "running", "succeeded", "failed"]
+TASK_TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed"})
+
+
+class Merge(_Resource):
+    """A merge of adapters run on the pool (POST /v1/merges); its result is a new adapter."""
+
+    object: Literal["merge"] = "merge"
+    id: str
+    created_at: int
+    started_at: Optional[int] = None
+    finished_at: Optional[int] = None
+    status: TaskStatus
+    adapters: list[str]
+    method: str
+    weights: Optional[list[float]] = None  # as asked; None: training-sample counts (FedAvg)
+    applied_weights: Optional[list[float]] = None  # as applied (normalised)
+    params: dict[str, Any] = Field(default_factory=dict)
+    name: Optional[str] = None
+    suffix: Optional[str] = None
+    evaluate_on: Optional[str] = None
+    result_adapter: Optional[str] = None
+    rank: Optional[int] = None
+    relative_error: Optional[float] = None  # svd methods: what truncation to the rank lost
+    deviation_from_exact: Optional[float] = None
+    evaluation_id: Optional[str] = None
+    node: Optional[str] = None
+    error: Optional[JobError] = None
+
+
+class Evaluation(_Resource):
+    """Held-out loss and perplexity of a base model (+ an adapter) on a file, run on the pool."""
+
+    object: Literal["evaluation"] = "evaluation"
+    id: str
+    created_at: int
+    started_at: Optional[int] = None
+    finished_at: Optional[int] = None
+    status: TaskStatus
+    model: str
+    adapter: Optional[str] = None  # None: the base model alone
+    file: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    merge_id: Optional[str] = None
+    loss: Optional[float] = None
+    perplexity: Optional[float] = None
+    tokens: Optional[int] = None  # label tokens scored
+    examples: Optional[int] = None
+    node: Optional[str] = None
+    error: Optional[JobError] = None

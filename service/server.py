@@ -64,6 +64,7 @@ class Service:
         self.store: Any = None
         self.artifacts: Any = None
         self.executor: Any = None
+        self.tasks: Any = None  # pool.task_queue.PoolTasks: merges and evaluations
         self.federations: Any = None  # pool.federation.FederationDriver: federated rounds
         self.app: Any = None
         self._server: Any = None
@@ -114,6 +115,7 @@ class Service:
         from .api.app import create_app
         from .artifacts import ArtifactStore
         from .pool.scheduler import RayExecutor
+        from .pool.task_queue import PoolTasks
         from .store import Store
 
         Path(self.settings.data_dir).mkdir(parents=True, exist_ok=True)
@@ -132,7 +134,10 @@ class Service:
 
         self.federations = FederationDriver(self.store, self.artifacts, self.executor)
         self.federations.start()
-        self.app = create_app(self.settings, self.store, self.artifacts, self.executor)
+        self.tasks = PoolTasks(self.store, self.artifacts)
+        self.tasks.start()
+        self.app = create_app(self.settings, self.store, self.artifacts, self.executor,
+                              tasks=self.tasks)
 
     def _uvicorn(self) -> Any:
         import uvicorn
@@ -171,6 +176,8 @@ class Service:
             self._thread.join(10)
         if self.federations is not None:
             self.federations.stop()
+        if self.tasks is not None:
+            self.tasks.stop()
         if self.executor is not None:
             self.executor.stop()
         if self._started_ray:

@@ -28,11 +28,19 @@ class AppContext:
     store: Store
     artifacts: ArtifactStore
     executor: Any  # a pool.executor.JobExecutor
+    # pool.task_queue.PoolTasks (merges, evaluations); None: this server runs no pool tasks.
+    tasks: Any = None
     # Guards "is this stored object still referenced?" against a concurrent upload of the
     # same bytes, so deleting a file never pulls an object from under a new one.
     objects_lock: threading.Lock = field(default_factory=threading.Lock)
     sse_poll_interval: float = 0.5
     sse_keepalive: float = 10.0
+
+    def wake_tasks(self) -> None:
+        try:
+            self.tasks.wake()
+        except Exception:  # the record is safely queued; the task loop's own poll will find it
+            log.exception("tasks.wake() failed")
 
     def wake(self) -> None:
         try:

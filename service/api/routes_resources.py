@@ -1,8 +1,9 @@
 """/v1/models, /v1/adapters (list, get, download) and /v1/nodes, plus the unauthenticated
 /healthz.
 
-Models are the service's (every tenant sees the same list); adapters are their tenant's own
-(another tenant gets a 404, as for anything it does not own); nodes come from the executor.
+Models are the service's (every tenant sees the same list); adapters are their tenant's own or
+shared with it (another tenant gets a 404, as for anything it may not use; see access.py);
+nodes come from the executor.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from lorapool.types import Adapter, ListResponse, Model, Node
 
 from ..store import NotFound
 from . import convert
+from .access import adapter_resource, visible_adapter
 from .archive import folder_archive_response
 from .context import AppContext, context, tenant
 from .errors import bad_request, not_found
@@ -52,32 +54,30 @@ def get_model(model_id: str, _owner: str = Depends(tenant),
 def list_adapters(
     after: Optional[str] = None,
     limit: int = Query(100, ge=1, le=1000),
+    include_shared: bool = Query(False, description="also those shared with you"),
     owner: str = Depends(tenant),
     ctx: AppContext = Depends(context),
 ) -> Any:
+    lister = ctx.store.list_visible_adapters if include_shared else ctx.store.list_adapters
     try:
-        recs, more = ctx.store.list_adapters(owner, after=after, limit=limit)
+        recs, more = lister(owner, after=after, limit=limit)
     except NotFound as exc:
         raise bad_request(f"'after' names no adapter of yours: '{after}'", param="after") from exc
-    return convert.page([convert.adapter(r) for r in recs], more)
+    return convert.page([adapter_resource(ctx, r, owner) for r in recs], more)
 
 
 @router.get("/v1/adapters/{adapter_id}", response_model=Adapter)
 def get_adapter(adapter_id: str, owner: str = Depends(tenant),
                 ctx: AppContext = Depends(context)) -> Any:
-    rec = ctx.store.get_adapter(adapter_id, owner)
-    if rec is None:
-        raise not_found("adapter", adapter_id)
-    return convert.adapter(rec)
+    """An adapter you own or one shared with you."""
+    return adapter_resource(ctx, visible_adapter(ctx, adapter_id, owner), owner)
 
 
 @router.get("/v1/adapters/{adapter_id}/download")
 def download_adapter(adapter_id: str, owner: str = Depends(tenant),
                      ctx: AppContext = Depends(context)) -> Any:
     """The PEFT folder as a tar.gz (members at the top level) with a `lorapool.json`."""
-    rec = ctx.store.get_adapter(adapter_id, owner)
-    if rec is None:
-        raise not_found("adapter", adapter_id)
+    rec = visible_adapter(ctx, adapter_id, owner)
     job = ctx.store.get_job(rec.job_id) if rec.job_id else None
     meta = {
         "adapter_id": rec.id,
