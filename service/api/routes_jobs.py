@@ -76,8 +76,10 @@ def create_job(
             f"{', '.join(names) if names else '(none registered: lorapool models add NAME PATH)'}",
             param="model", code="model_not_found")
     if (req.training_file is None) == (req.dataset is None):
-        raise bad_request("give exactly one of 'training_file' (an uploaded file) or 'dataset' "
-                          "(a node-local data set, 'NODE:NAME')", param="training_file")
+        what = "Missing" if req.training_file is None else "Both given:"
+        raise bad_request(f"{what} 'training_file' (an uploaded file) or 'dataset' (a "
+                          "node-local data set, 'NODE:NAME'): give exactly one",
+                          param="training_file")
     _check_file(ctx, owner, req.training_file, "training_file")
     _check_file(ctx, owner, req.validation_file, "validation_file")
     dataset = check_dataset(ctx, req.dataset, "dataset") if req.dataset is not None else None
