@@ -128,7 +128,7 @@ def _participants(ctx: AppContext, owner: str, req: CreateFederationRequest,
             entry.update(dataset=ds, examples=ds["examples"])
             default_name = ds["name"]
         entry["name"] = p.name or default_name
-        if any(weighted) and not all(weighted):
+        if any(weighted) and p.weight is None:
             raise bad_request(f"{at}.weight: give a weight for every participant or for none "
                               "(none: each participant's example count, FedAvg)",
                               param=f"{at}.weight")
