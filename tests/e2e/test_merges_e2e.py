@@ -117,9 +117,10 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("method, extra", [("exact", {}), ("ties", {"density": 0.5}),
                                            ("svd", {"target_rank": 3})])
 def test_merge_matches_the_library_and_loads_in_peft(env, trained_job, tmp_path, method, extra):
-    from lorapool.service.merge import merge_adapters
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    from lorapool.service.merge import merge_adapters
 
     client = _client(env)
     ids, folders = env["ids"], env["folders"]
@@ -241,9 +242,10 @@ def test_evaluation_trained_adapter_beats_the_base(env, trained_job):
 
 
 def test_async_client_and_cli(env, monkeypatch):
+    from typer.testing import CliRunner
+
     from lorapool import AsyncClient
     from lorapool.cli import app
-    from typer.testing import CliRunner
 
     ids = env["ids"]
 
