@@ -116,6 +116,8 @@ class FederationDriver:
         current.update(statuses=statuses, took_part=list(decision.took_part),
                        dropped=decision.dropped, finished_at=int(now))
         if decision.action == "fail":
+            # The federation ends: no job of the round may go on using the pool.
+            self._cancel_jobs(current["jobs"].values(), f"round {current['round']} failed")
             current.update(status="failed", error=decision.reason)
             self._fail(fed, "quorum_not_met", f"round {current['round']}: {decision.reason}",
                        rounds)
@@ -158,7 +160,8 @@ class FederationDriver:
             model_sha256=fed.model_sha256, status="queued",
             training_file=p.get("training_file"), dataset=dataset,
             init_adapter=fed.global_adapter,
-            hyperparameters=dict(fed.hyperparameters), seed=int(fed.spec.get("seed", 42)) + k - 1,
+            hyperparameters=dict(fed.hyperparameters),
+            seed=int(fed.spec.get("seed", 42)) + k - 1,
             metadata={"federation": fed.id, "round": str(k), "participant": p["name"]},
             lora=dict(fed.spec.get("lora") or {}),
             quantization=fed.spec.get("quantization", "nf4"),
