@@ -61,14 +61,14 @@ def _failed(code: str, message: str, *, retryable: bool = False,
     return out
 
 
-# -- merge ------------------------------------------------------------------------------------
-
-
 def _relabel(message: str, root: Path) -> str:
     """The message without this node's folder: the merge library names adapters by folder, and
     each folder here is named by its adapter id, so what is left are the ids the caller knows;
     a caller has no business with a donor's paths either."""
     return message.replace(f"{root}/", "").replace(str(root), "")
+
+
+# -- merge ------------------------------------------------------------------------------------
 
 
 def _rewrite_provenance(out_dir: Path, adapters: list[dict[str, Any]],
