@@ -51,13 +51,15 @@ class Service:
         self,
         settings: Any,
         *,
-        local_node: bool = True,
+        local_node: Optional[bool] = None,
         local_node_options: Optional[dict[str, Any]] = None,
         executor_options: Optional[dict[str, Any]] = None,
         ray_init_options: Optional[dict[str, Any]] = None,
     ) -> None:
         self.settings = settings
-        self.local_node = local_node
+        # The embedded head trains on this machine too; a head that joins a cluster leaves
+        # training to the donors (`lorapool donate`) unless told otherwise.
+        self.local_node = (not settings.ray_address) if local_node is None else local_node
         self.local_node_options = local_node_options or {}
         self.executor_options = executor_options or {}
         self.ray_init_options = ray_init_options or {}
@@ -174,10 +176,10 @@ class Service:
         if self._server is not None and self._thread is not None:
             self._server.should_exit = True
             self._thread.join(10)
-        if self.federations is not None:
-            self.federations.stop()
         if self.tasks is not None:
             self.tasks.stop()
+        if self.federations is not None:
+            self.federations.stop()
         if self.executor is not None:
             self.executor.stop()
         if self._started_ray:

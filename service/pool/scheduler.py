@@ -200,13 +200,20 @@ class RayExecutor:
 
     def _recover(self) -> None:
         """Jobs the store says are running but no runner of ours drives: back to the queue."""
+        agents = None
         for job in self.store.jobs_in_status("running"):
             if job.id in self._active:
                 continue
             self._kill_runner_named(job.id)
-            if self.store.transition(job.id, {"running"}, "queued", node_id=None):
-                self.store.add_event(job.id, "The service restarted; job requeued from its "
-                                     "last checkpoint", level="warn")
+            # Its node still counts the old runner's memory as reserved: free it.
+            agents = list_agents() if agents is None else agents
+            for handle in agents.values():
+                handle.unregister_job.remote(job.id)
+            if self.store.transition(job.id, {"running"}, "queued", node_id=None,
+                                     attempt=(job.attempt or 0) + 1):
+                self.store.add_event(job.id, f"The service restarted; attempt "
+                                     f"{(job.attempt or 0) + 1} on {job.node_id} was stopped and "
+                                     "the job requeued from its last checkpoint", level="warn")
 
     # -- nodes ------------------------------------------------------------------------------
     def _refresh_nodes(self, force: bool = False) -> None:
