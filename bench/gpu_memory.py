@@ -32,13 +32,15 @@ from pathlib import Path
 
 GiB = 1024**3
 
-# (label, max_seq_len, micro_batch_size, gradient_checkpointing)
+# (label, max_seq_len, micro_batch_size, gradient_checkpointing, quantization)
 CONFIGS = [
-    ("seq2048 mb1 ckpt", 2048, 1, True),
-    ("seq2048 mb4 ckpt", 2048, 4, True),
-    ("seq2048 mb1 no-ckpt", 2048, 1, False),
-    ("seq512 mb1 ckpt", 512, 1, True),
-    ("seq2048 mb8 capped", 2048, 8, True),
+    ("seq2048 mb1 ckpt", 2048, 1, True, "nf4"),
+    ("seq2048 mb4 ckpt", 2048, 4, True, "nf4"),
+    ("seq2048 mb1 no-ckpt", 2048, 1, False, "nf4"),
+    ("seq512 mb1 ckpt", 512, 1, True, "nf4"),
+    ("seq2048 mb1 ckpt bf16", 2048, 1, True, "none"),
+    ("seq2048 mb1 no-ckpt bf16", 2048, 1, False, "none"),
+    ("seq2048 mb8 capped", 2048, 8, True, "nf4"),
 ]
 
 
@@ -87,7 +89,7 @@ def context_bytes() -> int:
     return (total - free) - torch.cuda.memory_reserved()
 
 
-def run_one(model: Path, label: str, seq: int, micro: int, ckpt: bool, steps: int,
+def run_one(model: Path, label: str, seq: int, micro: int, ckpt: bool, quant: str, steps: int,
             out: Path, context: int, cap: int | None = None) -> dict:
     import torch
 
@@ -97,7 +99,7 @@ def run_one(model: Path, label: str, seq: int, micro: int, ckpt: bool, steps: in
     spec = TrainSpec(base_model=str(model), base_model_id="random-llama-1b-shape",
                      lora=LoraSpec(r=16, alpha=32), max_seq_len=seq, micro_batch_size=micro,
                      batch_size=batch, max_steps=steps, gradient_checkpointing=ckpt,
-                     learning_rate=1e-4, device="cuda", seed=0)
+                     learning_rate=1e-4, device="cuda", seed=0, quantization=quant)
     props = torch.cuda.get_device_properties(0)
     device = DeviceInfo(kind="cuda", name=props.name, total_memory=props.total_memory,
                         compute_capability=(props.major, props.minor))
@@ -155,21 +157,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"{props.name}, {props.total_memory / GiB:.1f} GiB, cc {props.major}.{props.minor}; "
           f"torch {torch.__version__}; CUDA context {context / GiB:.2f} GiB")
     rows = []
-    for label, seq, micro, ckpt in CONFIGS:
+    for label, seq, micro, ckpt, quant in CONFIGS:
         if args.only and args.only not in label:
             continue
         cap = None
         if "capped" in label:
             cap = int(1.3 * rows[0]["predicted"]) if rows else 8 * GiB
-        rows.append(run_one(model, label, seq, micro, ckpt, args.steps, out, context, cap))
+        rows.append(run_one(model, label, seq, micro, ckpt, quant, args.steps, out, context,
+                            cap))
         r = rows[-1]
         print(f"  done {label}: {r['wall_s']:.0f} s", flush=True)
 
-    head = (f"{'config':<22}{'predicted':>11}{'driver peak':>13}{'pred/meas':>11}"
+    head = (f"{'config':<26}{'predicted':>11}{'driver peak':>13}{'pred/meas':>11}"
             f"{'torch alloc':>13}{'tokens/s':>10}{'loss':>8}{'mb used':>9}")
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
-        print(f"{r['config']:<22}{r['predicted'] / GiB:>9.2f}Gi{r['driver_peak'] / GiB:>11.2f}Gi"
+        print(f"{r['config']:<26}{r['predicted'] / GiB:>9.2f}Gi{r['driver_peak'] / GiB:>11.2f}Gi"
               f"{r['predicted'] / r['driver_peak']:>11.2f}{r['torch_peak_alloc'] / GiB:>11.2f}Gi"
               f"{r['tokens_per_s'] or 0:>10.0f}{r['final_loss'] or float('nan'):>8.3f}"
               f"{r['micro_batch_used'] or 0:>9}")
