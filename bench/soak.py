@@ -21,7 +21,6 @@ import argparse
 import json
 import random
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -146,29 +145,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     submitted: list[str] = []
     chaos_log: list[str] = []
-    stop = threading.Event()
     t_end = time.time() + args.minutes * 60
 
     def chaos() -> None:
-        while not stop.wait(rng.uniform(args.chaos_min, args.chaos_max)):
-            pool.release_due(after=40.0)
-            live = [n for n in pool.agents if n not in pool.reclaimed]
-            if not live:
-                continue
-            victim = rng.choice(live)
-            if rng.random() < 0.5:
-                pool.kill(victim)
-                chaos_log.append(f"{time.strftime('%H:%M:%S')} killed {victim}")
-                replacement = pool.add_donor()
-                chaos_log.append(f"{time.strftime('%H:%M:%S')} {replacement} joined")
-            else:
-                pool.reclaim(victim)
-                chaos_log.append(f"{time.strftime('%H:%M:%S')} reclaimed {victim}")
+        """One chaos event. Runs on the main thread: adding a raylet installs signal handlers."""
+        pool.release_due(after=40.0)
+        live = [n for n in pool.agents if n not in pool.reclaimed]
+        if not live:
+            return
+        victim = rng.choice(live)
+        if rng.random() < 0.5:
+            pool.kill(victim)
+            chaos_log.append(f"{time.strftime('%H:%M:%S')} killed {victim}")
+            replacement = pool.add_donor()
+            chaos_log.append(f"{time.strftime('%H:%M:%S')} {replacement} joined")
+        else:
+            pool.reclaim(victim)
+            chaos_log.append(f"{time.strftime('%H:%M:%S')} reclaimed {victim}")
 
-    chaos_thread = threading.Thread(target=chaos, daemon=True)
-    chaos_thread.start()
+    next_chaos = time.time() + rng.uniform(args.chaos_min, args.chaos_max)
     try:
         while time.time() < t_end:
+            if time.time() >= next_chaos:
+                chaos()
+                next_chaos = time.time() + rng.uniform(args.chaos_min, args.chaos_max)
             active = [j for j in client.jobs.list(limit=100).data
                       if j.status in ("queued", "running", "validating_files")]
             for _ in range(max(0, args.in_flight - len(active))):
@@ -178,8 +178,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                     seed=rng.randint(0, 1000))
                 submitted.append(job.id)
             time.sleep(2.0)
-        stop.set()
-        chaos_thread.join(5)
         for name in list(pool.reclaimed):
             pool.release_due(after=0)
         drain_end = time.time() + args.drain_minutes * 60
@@ -225,7 +223,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print("lost:", i, client.jobs.get(i).status)
         return summary
     finally:
-        stop.set()
         svc.stop()
         pool.shutdown()
 

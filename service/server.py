@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -23,6 +24,14 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+class _StopRequested(Exception):
+    """SIGTERM arrived (after uvicorn's graceful shutdown)."""
+
+
+def _stop_requested(signum: int, frame: Any) -> None:
+    raise _StopRequested()
 
 
 def _is_loopback(address: str) -> bool:
@@ -163,13 +172,22 @@ class Service:
         return self
 
     def serve_forever(self) -> None:
-        """Start everything and serve in this thread until SIGINT/SIGTERM (uvicorn's handlers)."""
+        """Start everything and serve in this thread until SIGINT/SIGTERM, then shut down in
+        order (API, scheduler, Ray, store) and return normally (exit status 0)."""
         self.build()
         self._server = self._uvicorn()
         log.info("lorapool serving on %s (data in %s)", self.base_url, self.settings.data_dir)
+        # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again under the
+        # handler that was there before it: make that one end the loop instead of the process,
+        # so that the rest of the service is stopped too.
+        previous = signal.signal(signal.SIGTERM, _stop_requested)
         try:
             self._server.run()
+        except (KeyboardInterrupt, _StopRequested):
+            pass
         finally:
+            signal.signal(signal.SIGTERM, previous)
+            log.info("lorapool stopping")
             self.stop()
 
     def stop(self) -> None:

@@ -169,6 +169,29 @@ def test_jobs_land_only_where_they_fit_and_nothing_names_head_paths(pool):
     assert any(p.is_dir() for p in node_cache.iterdir())
 
 
+def test_best_fit_runs_a_mixed_queue_at_once(pool):
+    """Two small jobs and a big one arrive together. Best fit puts each small job on the
+    smallest node that holds it, which keeps the 4090 free for the big one: all three run at
+    once. (First fit would put a small job on the big node and make the big one wait;
+    bench/placement.py measures that on a 50-node pool.)"""
+    client = pool["client"]()
+    small = dict(max_seq_len=64, batch_size=4, micro_batch_size=4, lora={"r": 2, "alpha": 4},
+                 n_epochs=6)
+    # ~1.8 GiB at micro-batch 2: only the 4090 (3 GiB free) holds it; no auto-fit allowed.
+    big = dict(max_seq_len=16384, batch_size=4, micro_batch_size=2, lora={"r": 2, "alpha": 4},
+               n_epochs=6, placement={"allow_autofit": False})
+    ids = [client.submit("tiny-llama", pool["data"], **small).id,
+           client.submit("tiny-llama", pool["data"], **small).id,
+           client.submit("tiny-llama", pool["data"], **big).id]
+    done = _wait_all(client, ids)
+    assert all(j.status == "succeeded" for j in done), [(j.id, j.error) for j in done]
+    assert {done[0].node_id, done[1].node_id} == {"gtx-1650-desk1", "rtx-3060-desk2"}
+    assert done[2].node_id == "rtx-4090-desk3"
+    # None waited for another: every placement came before the first job finished.
+    first_end = min(j.finished_at for j in done)
+    assert max(_placed_at(client, i) for i in ids) <= first_end
+
+
 def test_auto_fit_shrinks_micro_batch_instead_of_refusing(pool):
     client = pool["client"]()
     # As submitted it needs ~5.5 GiB at micro-batch 8; no node has that much free (the 4090
