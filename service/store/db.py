@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, MetaData, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 
@@ -59,3 +59,56 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN")
 
     return engine
+
+
+def add_missing_columns(engine: Engine, metadata: MetaData) -> list[str]:
+    """Bring tables made by an older lorapool up to this version's columns; the added ones.
+
+    New columns are only ever added (never renamed or dropped), so `ALTER TABLE … ADD COLUMN`
+    with the column's constant default (or NULL) is a complete migration; rows written by the
+    older version read back with that default.
+    """
+    missing = []
+    with engine.connect() as conn:
+        existing = inspect(conn)
+        tables = set(existing.get_table_names())
+        for table in metadata.sorted_tables:
+            if table.name in tables:
+                have = {c["name"] for c in existing.get_columns(table.name)}
+                missing += [(table.name, col) for col in table.columns if col.name not in have]
+    if not missing:
+        return []
+    with engine.begin() as conn:
+        for table_name, col in missing:
+            ddl = col.type.compile(engine.dialect)
+            default = _default_value(col)
+            if default is not None:
+                ddl += f" DEFAULT {_literal(default)}"
+            conn.exec_driver_sql(f'ALTER TABLE "{table_name}" ADD COLUMN "{col.name}" {ddl}')
+    return [f"{t}.{c.name}" for t, c in missing]
+
+
+def _default_value(col: Any) -> Any:
+    d = col.default
+    if d is None:
+        return None
+    if getattr(d, "is_scalar", False):
+        return d.arg
+    if getattr(d, "is_callable", False):  # `default=dict` / `default=list` (JSON columns)
+        try:
+            return d.arg(None)
+        except Exception:  # noqa: BLE001 - a default that needs a context: leave it NULL
+            return None
+    return None
+
+
+def _literal(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (dict, list)):
+        value = json.dumps(value)
+    return "'" + str(value).replace("'", "''") + "'"

@@ -21,7 +21,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .db import WRITE_OPTION, make_engine
+from .db import WRITE_OPTION, add_missing_columns, make_engine
 from .federations import FederationStore
 from .pool_tasks import PoolTaskStore
 from .records import (
@@ -132,6 +132,11 @@ class Store(PoolTaskStore, FederationStore):
         except OperationalError:
             # Another process created the tables between the check and the CREATE.
             Base.metadata.create_all(self.engine)
+        try:
+            add_missing_columns(self.engine, Base.metadata)
+        except OperationalError:
+            # Another process added them at the same moment ("duplicate column"): check again.
+            add_missing_columns(self.engine, Base.metadata)
 
     def close(self) -> None:
         self.engine.dispose()

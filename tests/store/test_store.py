@@ -211,3 +211,28 @@ def test_float_metrics_for_integer_fields_read_back_valid(store):
     assert (got.trained_tokens, got.step, got.predicted_memory) == (1234, 7, 1_500_000_000)
     assert got.measured_peak_memory is None
     assert got.memory_breakdown == {"weights": 1_000_000_000, "activations": 250_000_000}
+
+
+def test_a_database_from_an_older_version_gets_the_new_columns(tmp_path):
+    """Columns are only ever added: opening an older file adds them, and old rows read back."""
+    import sqlite3
+
+    from lorapool.service.store import Store
+
+    db = tmp_path / "old.db"
+    store = Store(f"sqlite:///{db}")
+    store.close()
+    con = sqlite3.connect(db)
+    con.execute("ALTER TABLE jobs DROP COLUMN placement")
+    con.execute("INSERT INTO jobs (id, tenant, model, status, created_at, hyperparameters, seed, "
+                "result_files, lora, quantization, max_seq_len, spec, cancel_requested, attempt, "
+                "memory_breakdown) VALUES ('ftjob-old', 'acme', 'm', 'queued', 1, '{}', 42, "
+                "'[]', '{}', 'nf4', 64, '{}', 0, 0, '{}')")
+    con.commit()
+    con.close()
+    store = Store(f"sqlite:///{db}")
+    try:
+        job = store.get_job("ftjob-old")
+        assert job is not None and job.placement == {}
+    finally:
+        store.close()
