@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -34,46 +33,23 @@ from ..merge.errors import MergeError
 from ..merge.federation import RoundPolicy, aggregate_round, decide_round, weighted_mean
 from ..store import JobRecord, new_id
 from ..store.federations import FederationRecord
+from .background import BackgroundLoop
 from .transfer import content_id, read_folder
 
 log = logging.getLogger("lorapool.federation")
 
 
-class FederationDriver:
+class FederationDriver(BackgroundLoop):
     """See the module docstring. `start()`/`stop()` like the scheduler; `tick()` for tests."""
+
+    thread_name = "lorapool-federations"
 
     def __init__(self, store: Any, artifacts: Any, executor: Any, *,
                  poll_interval: float = 0.5) -> None:
+        super().__init__(poll_interval)
         self.store = store
         self.artifacts = artifacts
         self.executor = executor
-        self.poll_interval = poll_interval
-        self._stopping = threading.Event()
-        self._wake = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="lorapool-federations",
-                                        daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stopping.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def _loop(self) -> None:
-        while not self._stopping.is_set():
-            self._wake.wait(self.poll_interval)
-            self._wake.clear()
-            try:
-                self.tick()
-            except Exception:  # the loop must outlive any one bad tick
-                log.exception("federation tick failed")
 
     # -- one pass ---------------------------------------------------------------------------
     def tick(self, now: Optional[float] = None) -> None:

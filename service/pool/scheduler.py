@@ -34,6 +34,7 @@ from lorapool.types import Node
 from ..artifacts import ArtifactError
 from ..train.spec import DeviceInfo, TrainSpec
 from .agent import NAMESPACE, agent_name, list_agents
+from .background import BackgroundLoop
 from .runner import RemoteJobRunner
 from .transfer import content_id, read_folder, write_folder
 
@@ -90,8 +91,10 @@ def _fmt_gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB"
 
 
-class RayExecutor:
+class RayExecutor(BackgroundLoop):
     """Drives jobs through the pool; see the module docstring."""
+
+    thread_name = "lorapool-scheduler"
 
     def __init__(
         self,
@@ -107,10 +110,10 @@ class RayExecutor:
     ) -> None:
         from .placement import Placer
 
+        super().__init__(poll_interval)
         self.store = store
         self.artifacts = artifacts
         self.placer = placer or Placer()
-        self.poll_interval = poll_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.node_refresh_interval = node_refresh_interval
         self.max_attempts = max_attempts
@@ -121,25 +124,11 @@ class RayExecutor:
         self._active: dict[str, _Active] = {}
         self._model_refs: dict[str, dict[str, Any]] = {}
         self._lock = threading.RLock()
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
-        self._thread: Optional[threading.Thread] = None
         self._last_refresh = 0.0
 
     # -- JobExecutor ------------------------------------------------------------------------
-    def start(self) -> None:
+    def on_start(self) -> None:
         self._recover()
-        self._thread = threading.Thread(target=self._loop, name="lorapool-scheduler", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stopping.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def wake(self) -> None:
-        self._wake.set()
 
     def cancel(self, job_id: str) -> None:
         with self._lock:
@@ -185,18 +174,10 @@ class RayExecutor:
         return out
 
     # -- the loop ---------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while not self._stopping.is_set():
-            self._wake.wait(self.poll_interval)
-            self._wake.clear()
-            if self._stopping.is_set():
-                break
-            try:
-                self._refresh_nodes()
-                self._poll_active()
-                self._schedule()
-            except Exception:  # the loop must outlive any one bad tick
-                log.exception("scheduler tick failed")
+    def tick(self) -> None:
+        self._refresh_nodes()
+        self._poll_active()
+        self._schedule()
 
     def _recover(self) -> None:
         """Jobs the store says are running but no runner of ours drives: back to the queue."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..store import EvaluationRecord, MergeRecord, new_id
 from .agent import agent_name, list_agents
+from .background import BackgroundLoop
 from .tasks import METADATA_FILE, evaluate_task, merge_task
 from .transfer import content_id, read_folder, write_folder
 
@@ -60,51 +60,29 @@ class _Flight:
     attempt: int
 
 
-class PoolTasks:
+class PoolTasks(BackgroundLoop):
     """Runs merges and evaluations on the pool; see the module docstring."""
+
+    thread_name = "lorapool-pool-tasks"
 
     def __init__(self, store: Any, artifacts: Any, *, poll_interval: float = 0.5,
                  max_in_flight: int = 2, max_attempts: int = 2, model_cache: int = 2) -> None:
+        super().__init__(poll_interval)
         self.store = store
         self.artifacts = artifacts
-        self.poll_interval = poll_interval
         self.max_in_flight = max_in_flight
         self.max_attempts = max_attempts
         self._model_cache = model_cache
         self._model_refs: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._in_flight: dict[tuple[str, str], _Flight] = {}
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
-        self._thread: Optional[threading.Thread] = None
 
     # -- lifecycle --------------------------------------------------------------------------
-    def start(self) -> None:
+    def on_start(self) -> None:
         self._recover()
-        self._thread = threading.Thread(target=self._loop, name="lorapool-pool-tasks",
-                                        daemon=True)
-        self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stopping.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def wake(self) -> None:
-        """A merge or evaluation was queued: look soon (non-blocking)."""
-        self._wake.set()
-
-    def _loop(self) -> None:
-        while not self._stopping.is_set():
-            self._wake.wait(self.poll_interval)
-            self._wake.clear()
-            if self._stopping.is_set():
-                break
-            try:
-                self._poll()
-                self._start_queued()
-            except Exception:  # the loop must outlive any one bad tick
-                log.exception("pool task tick failed")
+    def tick(self) -> None:
+        self._poll()
+        self._start_queued()
 
     def _recover(self) -> None:
         """Records the store says are running but no task of ours drives: queue them again
