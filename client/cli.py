@@ -240,6 +240,17 @@ def _pairs(values: Optional[list[str]], option: str) -> dict[str, str]:
     return out
 
 
+def _grants(values: Optional[list[str]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in values or []:
+        name, sep, tenant = item.partition("=")
+        if not sep or not name or not tenant:
+            raise typer.BadParameter(f"expected NAME=TENANT, got {item!r}",
+                                     param_hint="--dataset-tenant")
+        out.setdefault(name, []).append(tenant)
+    return out
+
+
 @app.command()
 @friendly
 def donate(
@@ -261,6 +272,9 @@ def donate(
     label: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE node label.")] = None,
     dataset: Annotated[Optional[list[str]], typer.Option(
         help="NAME=PATH node-local data set (never leaves this machine).")] = None,
+    dataset_tenant: Annotated[Optional[list[str]], typer.Option(
+        help="NAME=TENANT: let TENANT train on data set NAME (repeatable; a data set granted "
+        "to no tenant is offered to none).")] = None,
     node_ip: Annotated[Optional[str], typer.Option(help="This node's IP for Ray.")] = None,
 ) -> None:
     """Join a lorapool cluster and lend this machine's GPU until Ctrl-C."""
@@ -274,6 +288,7 @@ def donate(
         cpu_only=cpu_only,
         labels=_pairs(label, "--label"),
         datasets=_pairs(dataset, "--dataset"),
+        dataset_tenants=_grants(dataset_tenant),
         policy=DonationPolicy(schedule=schedule, only_when_unused=only_when_unused),
     ))
     run(address, config, token_file=token_file, gpus=gpus, node_ip=node_ip, console=_out())

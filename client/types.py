@@ -197,6 +197,8 @@ class NodeDataset(BaseModel):
     format: Optional[str] = None
     valid: bool = False
     errors: list[str] = Field(default_factory=list)  # "line N: reason", as for an upload
+    # The tenants the donor granted it to: the server's own business, never serialised.
+    tenants: Optional[list[str]] = Field(None, exclude=True)
 
 
 class Node(_Resource):

@@ -15,8 +15,9 @@ from .context import AppContext
 from .errors import APIError, bad_request
 
 
-def check_dataset(ctx: AppContext, value: Any, param: str) -> dict[str, Any]:
-    """{"node", "name", "examples"} for a data set some node offers and validated, else a 400."""
+def check_dataset(ctx: AppContext, value: Any, param: str, tenant: str) -> dict[str, Any]:
+    """{"node", "name", "examples"} for a data set some node offers to `tenant` and validated
+    there, else a 400. A set the donor did not grant to `tenant` reads as not offered."""
     try:
         node_name, name = parse_ref(value)
     except ValueError as exc:
@@ -28,7 +29,7 @@ def check_dataset(ctx: AppContext, value: Any, param: str) -> dict[str, Any]:
         raise bad_request(f"Invalid value for '{param}': no node named '{node_name}' is in the "
                           f"pool (nodes offering data sets: {', '.join(known) or 'none'})",
                           param=param, code="dataset_not_found")
-    offered = {d.name: d for d in getattr(node, "datasets", [])}
+    offered = {d.name: d for d in usable_datasets(node, tenant)}
     info = offered.get(name)
     if info is None:
         raise bad_request(f"Invalid value for '{param}': node '{node.name}' offers no data set "
@@ -39,6 +40,21 @@ def check_dataset(ctx: AppContext, value: Any, param: str) -> dict[str, Any]:
                           "failed validation there:\n" + "\n".join(info.errors),
                           param=param, code="invalid_training_file")
     return {"node": node.name, "name": name, "examples": info.examples}
+
+
+def usable_datasets(node: Any, tenant: str) -> list[Any]:
+    """The data sets of `node` its donor granted to `tenant`."""
+    return [d for d in getattr(node, "datasets", None) or []
+            if tenant in (getattr(d, "tenants", None) or [])]
+
+
+def nodes_for(ctx: AppContext, tenant: str) -> list[Any]:
+    """GET /v1/nodes as `tenant` sees it: each node's data sets cut to those it may use (the
+    grants themselves are never serialised)."""
+    out = []
+    for node in ctx.executor.nodes():
+        out.append(node.model_copy(update={"datasets": usable_datasets(node, tenant)}))
+    return out
 
 
 def pin_to_dataset_node(placement: dict[str, Any], dataset: Optional[dict[str, Any]],

@@ -124,7 +124,7 @@ def _participants(ctx: AppContext, owner: str, req: CreateFederationRequest,
             entry.update(training_file=rec.id, examples=rec.examples)
             default_name = who if who != owner else f"file-{i + 1}"
         else:
-            ds = check_dataset(ctx, p.dataset, f"{at}.dataset")
+            ds = check_dataset(ctx, p.dataset, f"{at}.dataset", who)
             entry.update(dataset=ds, examples=ds["examples"])
             default_name = ds["name"]
         entry["name"] = p.name or default_name

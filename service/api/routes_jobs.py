@@ -82,7 +82,7 @@ def create_job(
                           param="training_file")
     _check_file(ctx, owner, req.training_file, "training_file")
     _check_file(ctx, owner, req.validation_file, "validation_file")
-    dataset = check_dataset(ctx, req.dataset, "dataset") if req.dataset is not None else None
+    dataset = check_dataset(ctx, req.dataset, "dataset", owner) if req.dataset is not None else None
     check_init_adapter(ctx, owner, req.init_adapter, model.sha256)
     spec, hyper = resolve(req, model)
 

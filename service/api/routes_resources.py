@@ -20,6 +20,7 @@ from .access import adapter_resource, visible_adapter
 from .archive import folder_archive_response
 from .context import AppContext, context, tenant
 from .errors import bad_request, not_found
+from .local_data import nodes_for
 
 router = APIRouter(tags=["resources"])
 health_router = APIRouter(tags=["health"])
@@ -96,7 +97,7 @@ def download_adapter(adapter_id: str, owner: str = Depends(tenant),
 def list_nodes(
     after: Optional[str] = None,
     limit: int = Query(100, ge=1, le=1000),
-    _owner: str = Depends(tenant),
+    owner: str = Depends(tenant),
     ctx: AppContext = Depends(context),
 ) -> Any:
-    return convert.slice_page(list(ctx.executor.nodes()), after, limit, "node")
+    return convert.slice_page(nodes_for(ctx, owner), after, limit, "node")

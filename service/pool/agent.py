@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import ray
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .devices import SimulatedGPU, detect_device
@@ -40,6 +40,9 @@ class AgentConfig(BaseModel):
     cpu_memory: Optional[int] = None  # what a --cpu-only donor offers
     labels: dict[str, str] = Field(default_factory=dict)
     datasets: dict[str, str] = Field(default_factory=dict)  # node-local data sets: name → path
+    # Who may train on each data set (name → tenants). Secure by default: a data set nobody
+    # was granted is offered to nobody.
+    dataset_tenants: dict[str, list[str]] = Field(default_factory=dict)
     policy: DonationPolicy = Field(default_factory=DonationPolicy)
 
     @field_validator("datasets")
@@ -49,6 +52,14 @@ class AgentConfig(BaseModel):
 
         return {check_name(name): str(Path(path).expanduser().absolute())
                 for name, path in v.items()}
+
+    @model_validator(mode="after")
+    def _grants_name_offered_sets(self) -> "AgentConfig":
+        unknown = sorted(set(self.dataset_tenants) - set(self.datasets))
+        if unknown:
+            raise ValueError(f"tenants granted to data sets this node does not offer: "
+                             f"{', '.join(unknown)}")
+        return self
 
 
 class NodeAgent:
@@ -70,7 +81,7 @@ class NodeAgent:
         from .local_data import DatasetCatalog
 
         # Validated here, on the node; reports carry only counts and line errors.
-        self._datasets = DatasetCatalog(config.datasets)
+        self._datasets = DatasetCatalog(config.datasets, config.dataset_tenants)
         self._datasets.describe()
 
     # -- reports ---------------------------------------------------------------------------

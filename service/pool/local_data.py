@@ -50,8 +50,10 @@ def parse_ref(value: Any) -> tuple[str, str]:
 class DatasetCatalog:
     """One node's offered data sets and their validation, cached per file version."""
 
-    def __init__(self, datasets: dict[str, str]) -> None:
+    def __init__(self, datasets: dict[str, str],
+                 tenants: Optional[dict[str, list[str]]] = None) -> None:
         self.paths = {check_name(n): str(Path(p).expanduser()) for n, p in datasets.items()}
+        self.tenants = {n: sorted(set(t)) for n, t in (tenants or {}).items()}
         self._cache: dict[str, tuple[Optional[tuple[int, int]], dict[str, Any]]] = {}
 
     def path(self, name: str) -> Optional[Path]:
@@ -59,8 +61,10 @@ class DatasetCatalog:
         return Path(p) if p else None
 
     def describe(self) -> list[dict[str, Any]]:
-        """Counts and line errors of every data set (no content, no path)."""
-        return [self._describe(name) for name in sorted(self.paths)]
+        """Counts and line errors of every data set (no content, no path), and the tenants the
+        donor granted it to (the server shows each tenant only the sets it may use)."""
+        return [{**self._describe(name), "tenants": self.tenants.get(name, [])}
+                for name in sorted(self.paths)]
 
     def _describe(self, name: str) -> dict[str, Any]:
         path = self.paths[name]

@@ -10,9 +10,12 @@ import pytest
 from lorapool.types import Node, NodeDataset
 
 ACME_NODE = Node(id="n1", name="desk-a", datasets=[
-    NodeDataset(name="sales", examples=24, lines=24, format="chat", valid=True),
-    NodeDataset(name="broken", valid=False,
+    NodeDataset(name="sales", examples=24, lines=24, format="chat", valid=True,
+                tenants=["acme", "globex"]),
+    NodeDataset(name="broken", valid=False, tenants=["acme"],
                 errors=["training file has 1 invalid line(s):", "line 2: invalid JSON"]),
+    NodeDataset(name="payroll", examples=9, lines=9, format="chat", valid=True,
+                tenants=["hr"]),
 ])
 
 
@@ -126,3 +129,18 @@ def test_a_job_on_a_node_local_data_set_is_pinned_and_checked(api, env):
     err = _err(api.post("/v1/fine_tuning/jobs", json={
         "model": "tiny-llama", "dataset": "desk-a:sales", "init_adapter": "ft-adapter-x"}))
     assert err["param"] == "init_adapter"
+
+
+def test_a_data_set_not_granted_to_the_tenant_is_not_offered_to_it(api, env):
+    # The donor granted "payroll" to hr only: acme can neither train on it nor see it.
+    r = api.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama",
+                                                "dataset": "desk-a:payroll"})
+    err = _err(r)
+    assert err["param"] == "dataset" and "offers no data set 'payroll'" in err["message"]
+    assert "payroll" not in err["message"].split("it offers:")[1]
+    err = _err(api.post("/v1/federations", json=_body(
+        participants=[{"dataset": "desk-a:payroll"}])))
+    assert err["param"] == "participants[0].dataset"
+    nodes = api.get("/v1/nodes").json()["data"]
+    assert sorted(d["name"] for d in nodes[0]["datasets"]) == ["broken", "sales"]
+    assert all("tenants" not in d for d in nodes[0]["datasets"])

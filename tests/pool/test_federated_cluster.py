@@ -87,6 +87,8 @@ def pool(tmp_path_factory) -> Any:
                                              _records("legal", 8, 3)))
         agents[node] = start_agent(AgentConfig(
             name=node, work_dir=str(folder / "work"), datasets=datasets,
+            # The donor lets the federation's tenants train on its sets; nobody else.
+            dataset_tenants={name: ["hq", "globex"] for name in datasets},
             simulate_gpu=SimulatedGPU(name=node, total_memory=8 * GiB, free_memory=6 * GiB,
                                       compute_capability=(8, 6))),
             node_id=raylets[node].node_id)

@@ -25,10 +25,12 @@ def test_catalog_reports_counts_and_line_errors_never_content_or_paths(tmp_path)
     good.write_text("".join(json.dumps({"text": f"SECRET-{i}"}) + "\n" for i in range(5)))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "SECRET-x"}\nnot json\n')
-    cat = DatasetCatalog({"good": str(good), "bad": str(bad), "gone": str(tmp_path / "no")})
+    cat = DatasetCatalog({"good": str(good), "bad": str(bad), "gone": str(tmp_path / "no")},
+                         {"good": ["acme", "acme", "hr"]})
     info = {d["name"]: d for d in cat.describe()}
     assert info["good"] == {"name": "good", "examples": 5, "lines": 5, "format": "text",
-                            "valid": True, "errors": []}
+                            "valid": True, "errors": [], "tenants": ["acme", "hr"]}
+    assert info["bad"]["tenants"] == []  # granted to nobody: offered to nobody
     assert not info["bad"]["valid"] and any(e.startswith("line 2:") for e in info["bad"]["errors"])
     assert not info["gone"]["valid"] and "missing" in info["gone"]["errors"][0]
     text = json.dumps(info)
@@ -48,3 +50,11 @@ def test_agent_config_refuses_bad_data_set_names():
     assert os.path.isabs(cfg.datasets["sales"])
     with pytest.raises(ValidationError, match="data set name"):
         AgentConfig(name="n", work_dir="/tmp/w", datasets={"../x": "/d.jsonl"})
+
+
+def test_grants_must_name_data_sets_the_node_offers():
+    from lorapool.service.pool.agent import AgentConfig
+
+    with pytest.raises(ValueError, match="does not offer: payroll"):
+        AgentConfig(name="n", work_dir="/tmp/w", datasets={"sales": "/d.jsonl"},
+                    dataset_tenants={"payroll": ["hr"]})
