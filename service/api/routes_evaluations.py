@@ -21,10 +21,10 @@ from .access import evaluation_resource, require_tasks, visible_adapter
 from .context import AppContext, context, tenant
 from .errors import bad_request, not_found
 from .evaluation_request import EvaluationParams, check_eval_file, resolve_eval_params
+from .idempotency import checked_idempotency_key
 
 router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"])
 
-MAX_IDEMPOTENCY_KEY = 255
 
 
 class CreateEvaluationRequest(EvaluationParams):
@@ -64,11 +64,7 @@ def create_evaluation(
     ctx: AppContext = Depends(context),
 ) -> Any:
     require_tasks(ctx, "evaluations")
-    if idempotency_key is not None:
-        idempotency_key = idempotency_key.strip()
-        if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
-            raise bad_request(f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} characters",
-                              param="Idempotency-Key")
+    idempotency_key = checked_idempotency_key(idempotency_key)
     adapter = visible_adapter(ctx, req.adapter, owner, param="adapter") if req.adapter else None
     model = _model(ctx, req, adapter)
     check_eval_file(ctx, owner, req.file, "file")

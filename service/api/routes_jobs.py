@@ -24,12 +24,12 @@ from ..store import TERMINAL, JobRecord, NotFound, new_id
 from . import convert
 from .context import AppContext, context, tenant
 from .errors import APIError, bad_request, not_found
+from .idempotency import checked_idempotency_key
 from .job_request import CreateJobRequest, resolve
 from .local_data import check_dataset, check_init_adapter, pin_to_dataset_node
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine_tuning"])
 
-MAX_IDEMPOTENCY_KEY = 255
 
 
 def _own_job(ctx: AppContext, job_id: str, owner: str) -> JobRecord:
@@ -59,11 +59,8 @@ def create_job(
     owner: str = Depends(tenant),
     ctx: AppContext = Depends(context),
 ) -> Any:
+    idempotency_key = checked_idempotency_key(idempotency_key)
     if idempotency_key is not None:
-        idempotency_key = idempotency_key.strip()
-        if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
-            raise bad_request(f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} characters",
-                              param="Idempotency-Key")
         first = ctx.store.find_job_by_idempotency_key(owner, idempotency_key)
         if first is not None:
             return convert.job(first)

@@ -31,11 +31,11 @@ from .access import merge_resource, require_tasks, visible_adapter
 from .context import AppContext, context, tenant
 from .errors import APIError, bad_request, not_found
 from .evaluation_request import EvaluationParams, check_eval_file, resolve_eval_params
+from .idempotency import checked_idempotency_key
 
 router = APIRouter(prefix="/v1/merges", tags=["merges"])
 
 MAX_ADAPTERS = 16
-MAX_IDEMPOTENCY_KEY = 255
 AdapterId = Annotated[str, Field(min_length=1, max_length=64)]
 
 
@@ -127,11 +127,7 @@ def create_merge(
     ctx: AppContext = Depends(context),
 ) -> Any:
     require_tasks(ctx, "merges")
-    if idempotency_key is not None:
-        idempotency_key = idempotency_key.strip()
-        if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
-            raise bad_request(f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} characters",
-                              param="Idempotency-Key")
+    idempotency_key = checked_idempotency_key(idempotency_key)
     recs = [visible_adapter(ctx, a, owner, param=f"adapters[{i}]")
             for i, a in enumerate(req.adapters)]
     _same_base(recs)
