@@ -265,6 +265,8 @@ def donate(
     memory_cap_gib: Annotated[Optional[float], typer.Option(
         help="Offer at most this much GPU memory.")] = None,
     cpu_only: Annotated[bool, typer.Option(help="Donate CPU only (no GPU).")] = False,
+    cpu_threads: Annotated[Optional[int], typer.Option(
+        help="CPU threads a job may use when it trains on the CPU.")] = None,
     schedule: Annotated[Optional[str], typer.Option(
         help='When the GPU may be used, e.g. "19:00-07:00,sat,sun".')] = None,
     only_when_unused: Annotated[bool, typer.Option(
@@ -286,6 +288,7 @@ def donate(
         work_dir=str(work_dir.expanduser()),
         memory_cap=None if memory_cap_gib is None else int(memory_cap_gib * 1024**3),
         cpu_only=cpu_only,
+        cpu_threads=cpu_threads,
         labels=_pairs(label, "--label"),
         datasets=_pairs(dataset, "--dataset"),
         dataset_tenants=_grants(dataset_tenant),

@@ -34,6 +34,20 @@ def _answer(model: Any, tokenizer: Any, question: str) -> str:
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+def _quiet_libraries() -> None:
+    """The demo prints its own story: keep the libraries' progress bars and notices out of it."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    # bitsandbytes says it could not fetch an optional CPU kernel from the hub: by design.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def run_demo(data_dir: Optional[Path] = None, console: Any = None) -> dict[str, Any]:
     """Run the demo; returns the numbers it printed (for tests and scripts)."""
     from rich.console import Console
@@ -83,6 +97,7 @@ def run_demo(data_dir: Optional[Path] = None, console: Any = None) -> dict[str, 
     before, after = metrics.get("initial_eval_loss"), metrics.get("eval_loss")
     console.print(f"Validation loss: before {before:.3f} → after {after:.3f}")
 
+    _quiet_libraries()
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

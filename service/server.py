@@ -120,6 +120,9 @@ class Service:
         opts = dict(self.local_node_options)
         opts.setdefault("name", socket.gethostname() or "local")
         opts.setdefault("work_dir", str(Path(self.settings.data_dir) / "node"))
+        # The embedded head is a machine of its own: a job training on its CPU may use it all.
+        opts.setdefault("cpu_threads", len(os.sched_getaffinity(0)) if hasattr(
+            os, "sched_getaffinity") else (os.cpu_count() or 1))
         self._agent = start_agent(AgentConfig(**opts))
 
     def build(self) -> None:
@@ -145,7 +148,7 @@ class Service:
 
         self.federations = FederationDriver(self.store, self.artifacts, self.executor)
         self.federations.start()
-        self.tasks = PoolTasks(self.store, self.artifacts)
+        self.tasks = PoolTasks(self.store, self.artifacts, models=self.executor.models)
         self.tasks.start()
         self.app = create_app(self.settings, self.store, self.artifacts, self.executor,
                               tasks=self.tasks)

@@ -38,6 +38,9 @@ class AgentConfig(BaseModel):
     memory_cap: Optional[int] = Field(None, ge=0)  # "at most 10 GiB of my 12"
     cpu_only: bool = False
     cpu_memory: Optional[int] = None  # what a --cpu-only donor offers
+    # CPU threads a job on this node may use when it trains on the CPU (None: Ray's default of
+    # one per actor, right where several jobs share a machine's cores).
+    cpu_threads: Optional[int] = Field(None, ge=1, le=1024)
     labels: dict[str, str] = Field(default_factory=dict)
     datasets: dict[str, str] = Field(default_factory=dict)  # node-local data sets: name → path
     # Who may train on each data set (name → tenants). Secure by default: a data set nobody
@@ -127,7 +130,7 @@ class NodeAgent:
         if kind is None:
             kind = detect_device(None, gpu_index=self.config.gpu_index).kind
         return {"work_dir": self.config.work_dir, "device_kind": kind,
-                "datasets": dict(self.config.datasets)}
+                "datasets": dict(self.config.datasets), "cpu_threads": self.config.cpu_threads}
 
     # -- jobs ------------------------------------------------------------------------------
     def register_job(self, job_id: str, runner: Any, reserve_bytes: int) -> bool:

@@ -45,6 +45,7 @@ class JobRunner:
         self.work_dir = Path(local["work_dir"])
         self.device_kind = local["device_kind"]
         self.datasets: dict[str, str] = local["datasets"]
+        self.cpu_threads: Optional[int] = local.get("cpu_threads")
         self._lock = threading.Lock()
         self._outbox: list[dict[str, Any]] = []
         self._stop_reason: Optional[str] = None
@@ -125,6 +126,10 @@ class JobRunner:
         if self.device_kind == "cpu" or spec_fields.get("device") == "cpu":
             spec_fields["device"] = "cpu"
         spec = TrainSpec(**spec_fields)
+        if spec.device == "cpu" and self.cpu_threads:
+            import torch
+
+            torch.set_num_threads(self.cpu_threads)
         out_dir = self.work_dir / "jobs" / self.job_id / f"attempt-{payload.get('attempt', 0)}"
 
         def on_event(event: TrainEvent) -> None:

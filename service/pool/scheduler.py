@@ -35,6 +35,7 @@ from ..artifacts import ArtifactError
 from ..train.spec import DeviceInfo, TrainSpec
 from .agent import NAMESPACE, agent_name, list_agents
 from .background import BackgroundLoop
+from .model_objects import ModelObjects
 from .runner import RemoteJobRunner
 from .transfer import content_id, read_folder, write_folder
 
@@ -107,6 +108,7 @@ class RayExecutor(BackgroundLoop):
         node_refresh_interval: float = 1.0,
         max_attempts: int = 3,
         preempt_timeout: float = 30.0,
+        models: Optional[ModelObjects] = None,
     ) -> None:
         from .placement import Placer
 
@@ -122,7 +124,7 @@ class RayExecutor(BackgroundLoop):
         self._failed_on: dict[str, set[str]] = {}
         self._nodes: dict[str, _NodeState] = {}
         self._active: dict[str, _Active] = {}
-        self._model_refs: dict[str, dict[str, Any]] = {}
+        self.models = models or ModelObjects()
         self._lock = threading.RLock()
         self._last_refresh = 0.0
 
@@ -502,13 +504,7 @@ class RayExecutor(BackgroundLoop):
         return TrainSpec(**fields)
 
     def _model_payload(self, model: Any) -> dict[str, Any]:
-        path = Path(model.path)
-        key = model.sha256
-        if key not in self._model_refs:
-            files = read_folder(path)
-            self._model_refs[key] = {name: ray.put(data) for name, data in files.items()}
-        return {"key": key, "files": self._model_refs[key],
-                "entry": path.name if path.is_file() else None}
+        return self.models.payload(model)
 
     def _file_payload(self, file_id: Optional[str]) -> Optional[dict[str, Any]]:
         if not file_id:

@@ -24,7 +24,6 @@ import json
 import logging
 import tempfile
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -35,8 +34,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ..store import EvaluationRecord, MergeRecord, new_id
 from .agent import agent_name, list_agents
 from .background import BackgroundLoop
+from .model_objects import ModelObjects
 from .tasks import METADATA_FILE, evaluate_task, merge_task
-from .transfer import content_id, read_folder, write_folder
+from .transfer import content_id, write_folder
 
 log = logging.getLogger("lorapool.pool.tasks")
 
@@ -66,14 +66,15 @@ class PoolTasks(BackgroundLoop):
     thread_name = "lorapool-pool-tasks"
 
     def __init__(self, store: Any, artifacts: Any, *, poll_interval: float = 0.5,
-                 max_in_flight: int = 2, max_attempts: int = 2, model_cache: int = 2) -> None:
+                 max_in_flight: int = 2, max_attempts: int = 2, model_cache: int = 2,
+                 models: Optional[ModelObjects] = None) -> None:
         super().__init__(poll_interval)
         self.store = store
         self.artifacts = artifacts
         self.max_in_flight = max_in_flight
         self.max_attempts = max_attempts
-        self._model_cache = model_cache
-        self._model_refs: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        # Shared with the scheduler (the server passes one): a model is put once.
+        self.models = models or ModelObjects(max_models=model_cache)
         self._in_flight: dict[tuple[str, str], _Flight] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -181,15 +182,7 @@ class PoolTasks(BackgroundLoop):
                                "suffix": rec.suffix}}
 
     def _model_payload(self, model: Any) -> dict[str, Any]:
-        path = Path(model.path)
-        if model.sha256 not in self._model_refs:
-            files = read_folder(path)
-            self._model_refs[model.sha256] = {n: ray.put(b) for n, b in files.items()}
-            while len(self._model_refs) > self._model_cache:  # base models are large
-                self._model_refs.popitem(last=False)
-        self._model_refs.move_to_end(model.sha256)
-        return {"key": model.sha256, "files": self._model_refs[model.sha256],
-                "entry": path.name if path.is_file() else None}
+        return self.models.payload(model)
 
     def _evaluation_payload(self, rec: EvaluationRecord) -> dict[str, Any]:
         model = self.store.get_model(rec.model)
