@@ -240,6 +240,25 @@ def _pairs(values: Optional[list[str]], option: str) -> dict[str, str]:
     return out
 
 
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+          "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4,
+          "tb": 1000**4, "tib": 1024**4}
+
+
+def _size(value: Optional[str], option: str) -> Optional[int]:
+    """"10GiB", "8 GB", "512MiB" or plain bytes → bytes."""
+    if value is None:
+        return None
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise typer.BadParameter(f"expected a size like 10GiB or 8GB, got {value!r}",
+                                 param_hint=option)
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
 def _grants(values: Optional[list[str]]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for item in values or []:
@@ -262,15 +281,22 @@ def donate(
     token_file: Annotated[Optional[str], typer.Option(
         help="File with the cluster's Ray auth token (or LORAPOOL_RAY_TOKEN_FILE).")] = None,
     gpus: Annotated[Optional[str], typer.Option(help="CUDA_VISIBLE_DEVICES to donate.")] = None,
-    memory_cap_gib: Annotated[Optional[float], typer.Option(
-        help="Offer at most this much GPU memory.")] = None,
+    memory_cap: Annotated[Optional[str], typer.Option(
+        help='Offer at most this much GPU memory, e.g. "10GiB" (the rest stays the owner\'s).')
+    ] = None,
     cpu_only: Annotated[bool, typer.Option(help="Donate CPU only (no GPU).")] = False,
+    memory: Annotated[Optional[str], typer.Option(
+        help='With --cpu-only: how much system memory jobs may use, e.g. "8GiB".')] = None,
     cpu_threads: Annotated[Optional[int], typer.Option(
         help="CPU threads a job may use when it trains on the CPU.")] = None,
     schedule: Annotated[Optional[str], typer.Option(
         help='When the GPU may be used, e.g. "19:00-07:00,sat,sun".')] = None,
     only_when_unused: Annotated[bool, typer.Option(
         help="Take the GPU back whenever another process uses it.")] = False,
+    max_other_utilization: Annotated[Optional[float], typer.Option(
+        help="Take the GPU back when other processes keep it above this % busy …")] = None,
+    busy_minutes: Annotated[float, typer.Option(
+        help="… for this many minutes.")] = 1.0,
     label: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE node label.")] = None,
     dataset: Annotated[Optional[list[str]], typer.Option(
         help="NAME=PATH node-local data set (never leaves this machine).")] = None,
@@ -286,13 +312,16 @@ def donate(
     config = _server_errors(lambda: AgentConfig(
         name=name or socket.gethostname() or "node",
         work_dir=str(work_dir.expanduser()),
-        memory_cap=None if memory_cap_gib is None else int(memory_cap_gib * 1024**3),
+        memory_cap=_size(memory_cap, "--memory-cap"),
         cpu_only=cpu_only,
+        cpu_memory=_size(memory, "--memory"),
         cpu_threads=cpu_threads,
         labels=_pairs(label, "--label"),
         datasets=_pairs(dataset, "--dataset"),
         dataset_tenants=_grants(dataset_tenant),
-        policy=DonationPolicy(schedule=schedule, only_when_unused=only_when_unused),
+        policy=DonationPolicy(schedule=schedule, only_when_unused=only_when_unused,
+                              max_other_utilization=max_other_utilization,
+                              busy_minutes=busy_minutes),
     ))
     run(address, config, token_file=token_file, gpus=gpus, node_ip=node_ip, console=_out())
 

@@ -150,3 +150,17 @@ def test_server_command_without_the_service_extra_prints_the_hint(run, monkeypat
     assert result.exit_code == 1
     assert "pip install 'lorapool[service]'" in result.stderr and "sqlalchemy" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_donate_sizes_read_like_the_deploy_recipe():
+    import typer
+
+    from lorapool.cli import _size
+
+    assert _size("10GiB", "--memory-cap") == 10 * 1024**3
+    assert _size("8 GB", "--memory") == 8 * 1000**3
+    assert _size("1.5gib", "--memory") == int(1.5 * 1024**3)
+    assert _size("4096", "--memory") == 4096
+    assert _size(None, "--memory") is None
+    with pytest.raises(typer.BadParameter, match="10GiB"):
+        _size("ten gigs", "--memory-cap")
