@@ -62,7 +62,7 @@ def main() -> None:
 
     from lorapool.service.merge.federation import aggregate_round
     from lorapool.service.train import LoraSpec, TrainSpec, train
-    from lorapool.service.train.evaluate import evaluate
+    from lorapool.service.train.evaluation import evaluate
 
     tmp = Path(tempfile.mkdtemp(prefix="lorapool-fedbench-"))
     cache = tmp / "cache"

@@ -4,7 +4,7 @@ Each is a Ray task (num_cpus=1) whose payload is data only: adapters, the base m
 data file travel as {relative path: ObjectRef | bytes} bundles (see `transfer.py`), never as
 paths of the head. A task writes what it receives into the node's own folder — the NodeAgent's
 work_dir when the head names the agent of the node it placed the task on, else a private
-temporary folder — runs the pure library (`service.merge`, `service.train.evaluate`) and
+temporary folder — runs the pure library (`service.merge`, `service.train.evaluation`) and
 returns plain data: the merged adapter's files, or the loss. Every failure comes back as data
 too, {"status": "failed", "code", "message", "retryable"}, so the head never unpickles an
 exception from a node.

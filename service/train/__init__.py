@@ -33,7 +33,7 @@ _EXPORTS = {
     "validate_dataset": "data",
     "build_dataset": "data",
     "estimate_memory": "memory",
-    "evaluate": "evaluate",
+    "evaluate": "evaluation",
     "MemoryEstimate": "memory",
 }
 
@@ -85,7 +85,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
         OutOfMemoryError,
         TrainError,
     )
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     from .events import TrainEvent, TrainResult
     from .loop import Trainer, train
     from .memory import MemoryEstimate, estimate_memory

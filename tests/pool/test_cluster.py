@@ -100,6 +100,16 @@ def pool(tmp_path_factory) -> Any:
         cluster.shutdown()
 
 
+def _wait_idle(client, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        nodes = client.nodes.list()
+        if all(not n.jobs and not n.reserved_memory_bytes for n in nodes):
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"nodes still busy: {[(n.name, n.jobs) for n in nodes]}")
+
+
 def _wait_all(client, ids, timeout=600):
     return [client.jobs.wait(i, timeout=timeout) for i in ids]
 
@@ -180,6 +190,7 @@ def test_best_fit_runs_a_mixed_queue_at_once(pool):
     # ~1.8 GiB at micro-batch 2: only the 4090 (3 GiB free) holds it; no auto-fit allowed.
     big = dict(max_seq_len=16384, batch_size=4, micro_batch_size=2, lora={"r": 2, "alpha": 4},
                n_epochs=6, placement={"allow_autofit": False})
+    _wait_idle(client)  # the last test's job may still hold its node for a heartbeat
     ids = [client.submit("tiny-llama", pool["data"], **small).id,
            client.submit("tiny-llama", pool["data"], **small).id,
            client.submit("tiny-llama", pool["data"], **big).id]

@@ -153,7 +153,7 @@ def test_federated_rounds_keep_data_home_and_beat_the_base_model(pool, tmp_path)
     import shutil
 
     from lorapool.service.train import TrainSpec
-    from lorapool.service.train.evaluate import evaluate
+    from lorapool.service.train.evaluation import evaluate
 
     client = pool["client"]
     participants = [{"name": d, "dataset": f"{node}:{d}"}
