@@ -105,7 +105,7 @@ def run_demo(data_dir: Optional[Path] = None, console: Any = None) -> dict[str, 
 
     model_entry = next(m for m in list_models(settings) if m.name == DEMO_MODEL)
     base_dir = resolve_base_model(TrainSpec(base_model=str(model_entry.path)),
-                                  Path(data_dir) / "cache")
+                                  Path(data_dir) / "node" / "cache")  # the job's cache
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     base_answer = _answer(base, tokenizer, DEMO_QUESTION)
