@@ -285,6 +285,8 @@ class RayExecutor(BackgroundLoop):
                 self._lost(a, f"node {a.node} stopped sending heartbeats")
             elif node is not None and node.report.get("state") == "reclaimed":
                 self._enforce_preemption(a)
+            else:
+                a.preempted_at = None  # the owner left again before the deadline
 
     def _enforce_preemption(self, a: _Active) -> None:
         """A reclaimed node asked its job to checkpoint and stop; past `preempt_timeout` the
