@@ -353,9 +353,6 @@ class RayExecutor(BackgroundLoop):
     def _release(self, a: _Active) -> None:
         with self._lock:
             self._active.pop(a.job_id, None)
-        job = self.store.get_job(a.job_id)
-        if job is None or job.status in ("succeeded", "failed", "cancelled"):
-            self._failed_on.pop(a.job_id, None)
         st = self._nodes.get(a.node)
         if st is not None and st.handle is not None:
             try:
@@ -428,7 +425,14 @@ class RayExecutor(BackgroundLoop):
                                       error_message=message, measured_peak_memory=peak)
                 self.store.add_event(a.job_id, f"Job failed: {message}", level="error",
                                      data={"code": code})
+        self._forget_if_done(a.job_id)
         self._wake.set()
+
+    def _forget_if_done(self, job_id: str) -> None:
+        """A job that reached an end state needs no memory of where it failed."""
+        job = self.store.get_job(job_id)
+        if job is None or job.status in ("succeeded", "failed", "cancelled"):
+            self._failed_on.pop(job_id, None)
 
     def _requeue(self, a: _Active, reason: str) -> None:
         self._failed_on.setdefault(a.job_id, set()).add(a.node)
@@ -454,6 +458,7 @@ class RayExecutor(BackgroundLoop):
             self.store.transition(a.job_id, {"running"}, "failed", finished_at=int(time.time()),
                                   error_code="node_lost", error_message=reason)
             self.store.add_event(a.job_id, f"Job failed: {reason}", level="error")
+        self._forget_if_done(a.job_id)
 
     def _kill_runner_named(self, job_id: str) -> None:
         try:
@@ -520,11 +525,14 @@ class RayExecutor(BackgroundLoop):
         if not checkpoints:
             return None, 0
         last = max(checkpoints, key=lambda c: c.step)
+        return self._folder_payload(last.artifact_id), last.step
+
+    def _folder_payload(self, artifact_id: str) -> dict[str, Any]:
+        """A stored folder (checkpoint, adapter) as Ray objects, keyed by its content id."""
         with tempfile.TemporaryDirectory(prefix="lorapool-out-") as tmp:
-            folder = self.artifacts.get_dir(last.artifact_id, Path(tmp) / "ckpt")
-            files = read_folder(folder)
-        key = last.artifact_id.replace(":", "-")
-        return {"key": key, "files": {n: ray.put(b) for n, b in files.items()}}, last.step
+            files = read_folder(self.artifacts.get_dir(artifact_id, Path(tmp) / "f"))
+        return {"key": artifact_id.replace(":", "-"),
+                "files": {n: ray.put(b) for n, b in files.items()}}
 
     def _build_payload(self, job: Any, placement: Any) -> tuple[dict[str, Any], int]:
         """What travels to the node: data and object refs, never a path of the head's."""
@@ -549,11 +557,7 @@ class RayExecutor(BackgroundLoop):
         """An adapter to start from, as bytes like a resume checkpoint (federated rounds)."""
         if not adapter_id:
             return None
-        rec = self.store.get_adapter(adapter_id)
-        with tempfile.TemporaryDirectory(prefix="lorapool-out-") as tmp:
-            files = read_folder(self.artifacts.get_dir(rec.artifact_id, Path(tmp) / "a"))
-        return {"key": rec.artifact_id.replace(":", "-"),
-                "files": {n: ray.put(b) for n, b in files.items()}}
+        return self._folder_payload(self.store.get_adapter(adapter_id).artifact_id)
 
     def _start(self, job: Any, placement: Any) -> None:
         st = self._nodes[placement.node_id]
