@@ -128,6 +128,7 @@ class Service:
     def build(self) -> None:
         from .api.app import create_app
         from .artifacts import ArtifactStore
+        from .pool.federation import FederationDriver
         from .pool.scheduler import RayExecutor
         from .pool.task_queue import PoolTasks
         from .store import Store
@@ -144,8 +145,6 @@ class Service:
         options.update(self.executor_options)
         self.executor = RayExecutor(self.store, self.artifacts, **options)
         self.executor.start()
-        from .pool.federation import FederationDriver
-
         self.federations = FederationDriver(self.store, self.artifacts, self.executor)
         self.federations.start()
         self.tasks = PoolTasks(self.store, self.artifacts, models=self.executor.models)
