@@ -9,6 +9,7 @@ back the same way, as `{relative path: bytes}`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -49,8 +50,13 @@ def _safe_relpath(name: str) -> Path:
     return rel
 
 
-def write_folder(files: Mapping[str, bytes], dest: str | Path) -> Path:
-    """Write {relpath: bytes} to `dest` atomically (a temp sibling, then rename)."""
+def write_folder(files: Mapping[str, bytes], dest: str | Path, *,
+                 overwrite: bool = True) -> Path:
+    """Write {relpath: bytes} to `dest` atomically (a temp sibling, then rename).
+
+    With `overwrite=False` an existing `dest` is left alone and `FileExistsError` raised: a
+    reader that already holds `dest` never sees it vanish.
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
@@ -60,8 +66,16 @@ def write_folder(files: Mapping[str, bytes], dest: str | Path) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
         if dest.exists():
+            if not overwrite:
+                raise FileExistsError(f"{dest} exists")
             shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError as exc:
+            # Another writer renamed its copy into place between our check and our rename.
+            if overwrite or exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise FileExistsError(f"{dest} exists") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -84,4 +98,13 @@ def materialise(
         return dest
     blobs = {name: fetch(ref) for name, ref in files.items()}
     blobs[".complete"] = key.encode()
-    return write_folder(blobs, dest)
+    if (dest / ".complete").exists():  # another job here finished it while we fetched
+        return dest
+    if dest.exists():  # a leftover without its marker (an older version's half copy)
+        shutil.rmtree(dest, ignore_errors=True)
+    try:
+        # Never replace a copy another job on this node may already be reading: two jobs
+        # materialising one model at once used to remove it under the first one's feet.
+        return write_folder(blobs, dest, overwrite=False)
+    except FileExistsError:
+        return dest  # the same key is the same content: theirs is as good as ours
