@@ -7,7 +7,8 @@ raylet (the machine is gone; a fresh donor joins in its place a little later) or
 drain and prints:
 
 - jobs submitted / succeeded / failed (each with its reason) / lost (never reached an end state);
-- steps redone (trained twice because a node went away between checkpoints);
+- steps redone: step numbers reported twice because a node went away between checkpoints
+  (a lower bound: steps a dying node trained but had not yet reported are not seen);
 - the chaos events that happened.
 
 Target: none lost, none stuck, every failure with a reason. Not part of CI (it takes minutes):
