@@ -14,18 +14,28 @@ from pathlib import Path
 import pytest
 
 
-@contextlib.contextmanager
-def small_disk(path: Path, size: str = "2m") -> Iterator[Path]:
-    """Mount a tmpfs of `size` at `path` for the duration of the block."""
+def mount_small_disk(path: Path, size: str) -> str | None:
+    """Mount a tmpfs of `size` at `path`; None when done, else why it could not be."""
     path.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                           capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a size-limited tmpfs here: {done.stderr.strip()}")
+    return None if done.returncode == 0 else (done.stderr.strip() or "mount failed")
+
+
+def unmount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str = "2m") -> Iterator[Path]:
+    """Mount a tmpfs of `size` at `path` for the duration of the block (or skip the test)."""
+    why = mount_small_disk(path, size)
+    if why is not None:
+        pytest.skip(f"cannot mount a size-limited tmpfs here: {why}")
     try:
         yield path
     finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+        unmount(path)
 
 
 def fill(path: Path, leave: int = 0) -> Path:
