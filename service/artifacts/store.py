@@ -20,7 +20,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Iterable, Iterator, Optional, Union
+from typing import BinaryIO, Iterable, Iterator, Mapping, Optional, Union
 
 CHUNK = 1024 * 1024
 _ID_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
@@ -226,6 +226,18 @@ class ArtifactStore:
             if f.is_file():
                 rel = f.relative_to(path).as_posix()
                 files[rel] = [self.put_file(f), f.stat().st_size]
+        return self._put_manifest(files)
+
+    def put_files(self, files: Mapping[str, bytes]) -> str:
+        """Store a folder given as {relative path: bytes} (what a node sends back) exactly as
+        `put_dir` would store it on disk; the manifest's id. No temporary copy is written."""
+        entries: dict[str, list] = {}
+        for rel in sorted(files):
+            _safe_relpath(rel)
+            entries[rel] = [self.put_bytes(files[rel]), len(files[rel])]
+        return self._put_manifest(entries)
+
+    def _put_manifest(self, files: dict[str, list]) -> str:
         manifest = {"kind": MANIFEST_KIND, "files": files}
         return self.put_bytes(json.dumps(manifest, sort_keys=True).encode())
 
@@ -290,6 +302,10 @@ class ArtifactStore:
             _hex(oid)
             out[rel] = (oid, int(size))
         return out
+
+    def read_files(self, manifest_id: str) -> dict[str, bytes]:
+        """A stored folder as {relative path: bytes}, each file checked against its id."""
+        return {rel: self.read_bytes(oid) for rel, (oid, _) in self.manifest(manifest_id).items()}
 
     def get_dir(self, manifest_id: str, dest: Union[str, Path]) -> Path:
         """Materialise a stored folder at `dest` (built in a temp sibling, then renamed).

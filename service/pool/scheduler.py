@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import ray
@@ -37,7 +35,7 @@ from .agent import NAMESPACE, agent_name, list_agents
 from .background import BackgroundLoop
 from .model_objects import ModelObjects
 from .runner import RemoteJobRunner
-from .transfer import content_id, read_folder, write_folder
+from .transfer import content_id
 
 log = logging.getLogger("lorapool.pool")
 
@@ -330,7 +328,7 @@ class RayExecutor(BackgroundLoop):
         if step <= a.last_checkpoint_step:
             return
         try:
-            artifact_id = self._put_folder(files)
+            artifact_id = self.artifacts.put_files(files)
         except ArtifactError as exc:
             # The job trains on; the older checkpoints stay as they were.
             log.warning("checkpoint of %s at step %d not stored: %s", a.job_id, step, exc)
@@ -345,10 +343,6 @@ class RayExecutor(BackgroundLoop):
         self.store.add_event(a.job_id, f"Checkpoint saved at step {step}",
                              data={"step": step, "artifact": artifact_id})
 
-    def _put_folder(self, files: dict[str, bytes]) -> str:
-        with tempfile.TemporaryDirectory(prefix="lorapool-in-") as tmp:
-            folder = write_folder(files, Path(tmp) / "f")
-            return self.artifacts.put_dir(folder)
 
     def _release(self, a: _Active) -> None:
         with self._lock:
@@ -372,7 +366,7 @@ class RayExecutor(BackgroundLoop):
         if status == "completed":
             metrics = result.get("metrics") or {}
             try:
-                artifact_id = self._put_folder(result["adapter_files"])
+                artifact_id = self.artifacts.put_files(result["adapter_files"])
             except ArtifactError as exc:
                 self.store.transition(a.job_id, {"running"}, "failed",
                                       finished_at=int(time.time()), error_code="storage_error",
@@ -529,10 +523,8 @@ class RayExecutor(BackgroundLoop):
 
     def _folder_payload(self, artifact_id: str) -> dict[str, Any]:
         """A stored folder (checkpoint, adapter) as Ray objects, keyed by its content id."""
-        with tempfile.TemporaryDirectory(prefix="lorapool-out-") as tmp:
-            files = read_folder(self.artifacts.get_dir(artifact_id, Path(tmp) / "f"))
         return {"key": artifact_id.replace(":", "-"),
-                "files": {n: ray.put(b) for n, b in files.items()}}
+                "files": {n: ray.put(b) for n, b in self.artifacts.read_files(artifact_id).items()}}
 
     def _build_payload(self, job: Any, placement: Any) -> tuple[dict[str, Any], int]:
         """What travels to the node: data and object refs, never a path of the head's."""

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import ray
@@ -36,7 +34,7 @@ from .agent import agent_name, list_agents
 from .background import BackgroundLoop
 from .model_objects import ModelObjects
 from .tasks import METADATA_FILE, evaluate_task, merge_task
-from .transfer import content_id, write_folder
+from .transfer import content_id
 
 log = logging.getLogger("lorapool.pool.tasks")
 
@@ -155,8 +153,7 @@ class PoolTasks(BackgroundLoop):
 
     # -- payloads ---------------------------------------------------------------------------
     def _folder_refs(self, artifact_id: str) -> dict[str, Any]:
-        manifest = self.artifacts.manifest(artifact_id)
-        return {rel: ray.put(self.artifacts.read_bytes(oid)) for rel, (oid, _) in manifest.items()}
+        return {rel: ray.put(data) for rel, data in self.artifacts.read_files(artifact_id).items()}
 
     def _visible_adapter(self, adapter_id: str, tenant: str) -> Any:
         rec = self.store.get_visible_adapter(adapter_id, tenant)
@@ -256,9 +253,6 @@ class PoolTasks(BackgroundLoop):
                                    finished_at=int(time.time()), error_code=code,
                                    error_message=message, error_param=param)
 
-    def _put_folder(self, files: dict[str, bytes]) -> str:
-        with tempfile.TemporaryDirectory(prefix="lorapool-in-") as tmp:
-            return self.artifacts.put_dir(write_folder(files, Path(tmp) / "f"))
 
     def _merge_succeeded(self, merge_id: str, result: dict[str, Any]) -> None:
         rec = self.store.get_task("merge", merge_id)
@@ -273,7 +267,7 @@ class PoolTasks(BackgroundLoop):
         adapter = self.store.add_adapter(
             tenant=rec.tenant, base_model=first.base_model,
             base_model_sha256=first.base_model_sha256, job_id=None,
-            artifact_id=self._put_folder(files), bytes=sum(len(b) for b in files.values()),
+            artifact_id=self.artifacts.put_files(files), bytes=sum(len(b) for b in files.values()),
             sha256=content_id(files), metrics={k: v for k, v in metrics.items() if v is not None})
         evaluation_id = None
         if rec.evaluate_on:

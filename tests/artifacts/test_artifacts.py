@@ -156,3 +156,16 @@ def test_a_full_disk_fails_cleanly_and_keeps_older_objects(tmp_path):
         filler.unlink()
         # Space back: writes work again.
         assert store.read_bytes(store.put_bytes(b"y" * 1000)) == b"y" * 1000
+
+
+def test_put_files_stores_a_folder_like_put_dir_and_read_files_returns_it(store, tmp_path):
+    files = {"adapter_config.json": b"{}", "adapter_model.safetensors": b"w" * 100,
+             "sub/x.json": b"1"}
+    folder = tmp_path / "f"
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    assert store.put_files(files) == store.put_dir(folder)  # the same manifest, the same id
+    assert store.read_files(store.put_files(files)) == files
+    with pytest.raises(ArtifactError, match="unsafe"):
+        store.put_files({"../escape": b"x"})
