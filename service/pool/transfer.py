@@ -100,11 +100,19 @@ def materialise(
     blobs[".complete"] = key.encode()
     if (dest / ".complete").exists():  # another job here finished it while we fetched
         return dest
-    if dest.exists():  # a leftover without its marker (an older version's half copy)
-        shutil.rmtree(dest, ignore_errors=True)
     try:
         # Never replace a copy another job on this node may already be reading: two jobs
         # materialising one model at once used to remove it under the first one's feet.
         return write_folder(blobs, dest, overwrite=False)
     except FileExistsError:
-        return dest  # the same key is the same content: theirs is as good as ours
+        if (dest / ".complete").exists():
+            return dest  # the same key is the same content: theirs is as good as ours
+    # A folder without the marker is nothing this code leaves (the marker arrives with the
+    # rename): move it aside atomically, then write ours.
+    stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=dest.parent))
+    os.replace(dest, stale / "old")
+    shutil.rmtree(stale, ignore_errors=True)
+    try:
+        return write_folder(blobs, dest, overwrite=False)
+    except FileExistsError:
+        return dest

@@ -70,3 +70,11 @@ def test_write_folder_without_overwrite_leaves_an_existing_folder(tmp_path: Path
         write_folder({"a": b"2"}, dest, overwrite=False)
     assert (dest / "a").read_bytes() == b"1"
     assert write_folder({"a": b"3"}, dest).joinpath("a").read_bytes() == b"3"
+
+
+def test_a_stray_folder_without_the_marker_is_replaced(tmp_path: Path) -> None:
+    (tmp_path / "k").mkdir()
+    (tmp_path / "k" / "half.bin").write_bytes(b"x")
+    dest = materialise(tmp_path, "k", FILES)
+    assert read_folder(dest) == {**FILES, ".complete": b"k"}
+    assert [p.name for p in tmp_path.iterdir()] == ["k"]
