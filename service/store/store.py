@@ -18,10 +18,10 @@ from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Literal, Optional
 
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .db import WRITE_OPTION, add_missing_columns, make_engine
+from .db import WRITE_OPTION, make_engine, migrate
 from .federations import FederationStore
 from .pool_tasks import PoolTaskStore
 from .records import (
@@ -35,7 +35,6 @@ from .records import (
 )
 from .schema import (
     AdapterRow,
-    Base,
     CheckpointRow,
     EventRow,
     FileRow,
@@ -127,16 +126,7 @@ class Store(PoolTaskStore, FederationStore):
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(self.engine.execution_options(**{WRITE_OPTION: True}),
                                    expire_on_commit=False)
-        try:
-            Base.metadata.create_all(self.engine)
-        except OperationalError:
-            # Another process created the tables between the check and the CREATE.
-            Base.metadata.create_all(self.engine)
-        try:
-            add_missing_columns(self.engine, Base.metadata)
-        except OperationalError:
-            # Another process added them at the same moment ("duplicate column"): check again.
-            add_missing_columns(self.engine, Base.metadata)
+        migrate(self.engine)  # Alembic revisions up to head; see db.py
 
     def close(self) -> None:
         self.engine.dispose()
