@@ -175,7 +175,7 @@ def migrate(engine: Engine, script_location: Union[str, Path, None] = None) -> M
     baseline_tables = set(_baseline_metadata(script).tables)
     url = str(engine.url)
     with engine.connect() as conn:
-        before, legacy = _state(conn, baseline_tables)
+        before, _ = _state(conn, baseline_tables)
         conn.rollback()
     if before == head:
         return MigrateResult(before, head, migrated=False)
