@@ -133,7 +133,10 @@ def _flex_fn(compiled: bool):
     if key not in _FLEX:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _FLEX[key] = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+        # Flat rows change length every micro-batch: compile with dynamic shapes so a new
+        # length does not recompile (and, past the recompile limit, fall back to the unfused
+        # reference that materialises the scores).
+        _FLEX[key] = torch.compile(flex_attention, dynamic=True) if compiled else flex_attention
     return _FLEX[key]
 
 
