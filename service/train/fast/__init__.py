@@ -1,0 +1,220 @@
+"""The fast path of the trainer: which pieces run on this device, and plugging them in.
+
+Pieces (issue 9): `fused_lora` (fast/lora.py), `offload_activations` (fast/offload.py),
+`kernels` (Liger, fast/kernels.py), `padding_free` (fast/attention.py) and `chunked_loss`
+(the trainer's loss.py). `TrainSpec.fast` switches each "auto", "on" or "off";
+`resolve_fast(spec, device)` turns that into a `FastPlan` for the device:
+
+- CUDA: "auto" is on wherever the piece can run;
+- CPU: "auto" is off (the reference path) except `chunked_loss`, which is numerically the
+  same and always saves memory;
+- "on" forces a piece wherever it can run at all; where it cannot, it is off and
+  `plan.reasons` says why.
+
+The trainer then merges `prepare_for_fast(plan, spec)` into its `from_pretrained` kwargs and,
+after peft wrapped the model and checkpointing is on, calls `apply_fast_path(...)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Mapping
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PIECES = ("fused_lora", "offload_activations", "kernels", "padding_free", "chunked_loss")
+Switch = Literal["auto", "on", "off"]
+_SWITCHES = ("auto", "on", "off")
+
+try:  # tcore's spec.py defines FastSpec; before that lands, an equivalent private one serves
+    from ..spec import FastSpec  # type: ignore[attr-defined]
+except ImportError:
+    from pydantic import BaseModel, ConfigDict
+
+    class FastSpec(BaseModel):  # type: ignore[no-redef]
+        """Per-piece switches of the fast path (fallback twin of spec.FastSpec)."""
+
+        model_config = ConfigDict(extra="forbid")
+        fused_lora: Switch = "auto"
+        offload_activations: Switch = "auto"
+        kernels: Switch = "auto"
+        padding_free: Switch = "auto"
+        chunked_loss: Switch = "auto"
+
+
+@dataclass(frozen=True)
+class FastPlan:
+    """What the fast path does on one device; `reasons[piece]` says why each piece is on/off."""
+
+    fused_lora: bool
+    offload_activations: bool
+    kernels: bool
+    padding_free: bool
+    chunked_loss: bool
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for events and lorapool.json."""
+        return asdict(self)
+
+    @property
+    def any_on(self) -> bool:
+        return any(getattr(self, p) for p in PIECES)
+
+
+def fast_switches(spec: Any) -> dict[str, str]:
+    """The per-piece switches of `spec.fast`: "auto"/"off", a FastSpec, or a plain dict.
+
+    Works with a TrainSpec that has no `fast` field yet (everything "auto").
+    """
+    if hasattr(spec, "fast_spec") and callable(spec.fast_spec):
+        fast: Any = spec.fast_spec()
+    else:
+        fast = getattr(spec, "fast", "auto")
+    if fast is None or fast == "auto":
+        return {p: "auto" for p in PIECES}
+    if fast == "off":
+        return {p: "off" for p in PIECES}
+    if isinstance(fast, str):
+        raise ValueError(f"fast must be 'auto', 'off' or per-piece switches, not {fast!r}")
+    if isinstance(fast, Mapping):
+        fast = FastSpec(**fast)  # validates names and values
+    out = {}
+    for p in PIECES:
+        value = getattr(fast, p, "auto")
+        if value not in _SWITCHES:
+            raise ValueError(f"fast.{p} must be one of {_SWITCHES}, not {value!r}")
+        out[p] = value
+    return out
+
+
+def _can_run(piece: str, spec: Any, device: torch.device) -> tuple[bool, str]:
+    """Whether `piece` can run at all for this spec on this device, and if not why."""
+    if piece == "fused_lora":
+        from .lora import fused_lora_available
+
+        quant = getattr(spec, "quantization", "nf4")
+        if quant not in ("nf4", "fp4"):
+            return False, f"fused LoRA needs nf4/fp4 quantization (spec has {quant!r})"
+        lora = getattr(spec, "lora", None)
+        if lora is not None and getattr(lora, "use_dora", False):
+            return False, "fused LoRA does not do DoRA (peft's DoRA layer runs instead)"
+        return fused_lora_available()
+    if piece == "offload_activations":
+        if not getattr(spec, "gradient_checkpointing", True):
+            return False, "activation offload needs gradient_checkpointing on"
+        return True, ""
+    if piece == "kernels":
+        from .kernels import kernels_available
+
+        return kernels_available(device)
+    if piece == "padding_free":
+        try:
+            from transformers import AttentionInterface  # noqa: F401
+            from transformers.masking_utils import AttentionMaskInterface  # noqa: F401
+        except ImportError as exc:
+            return False, f"transformers has no attention registry ({exc})"
+        return True, ""
+    return True, ""  # chunked_loss is pure torch
+
+
+def _what_runs(piece: str, device: torch.device) -> str:
+    if piece == "padding_free":
+        from .attention import flex_attention_supported
+
+        ok, why = flex_attention_supported(device)
+        return "flex_attention document mask" if ok else f"per-document SDPA ({why})"
+    if piece == "offload_activations" and device.type != "cuda":
+        return "custom checkpoint, inputs stay in host memory (already on the CPU)"
+    return {"fused_lora": "fused NF4 dequant + base matmul + LoRA autograd function",
+            "offload_activations": "checkpointed layer inputs in pinned host memory",
+            "kernels": "Liger RMSNorm/SwiGLU/RoPE",
+            "chunked_loss": "chunked linear + cross-entropy"}[piece]
+
+
+def resolve_fast(spec: Any, device: torch.device | str) -> FastPlan:
+    """The fast-path plan for `spec` on `device` (see the module docstring for the rules)."""
+    device = torch.device(device)
+    switches = fast_switches(spec)
+    on: dict[str, bool] = {}
+    reasons: dict[str, str] = {}
+    for piece in PIECES:
+        switch = switches[piece]
+        if switch == "off":
+            on[piece], reasons[piece] = False, "off: switched off"
+            continue
+        if switch == "auto" and device.type != "cuda" and piece != "chunked_loss":
+            on[piece], reasons[piece] = False, "off: auto keeps the reference path on the CPU"
+            continue
+        ok, why = _can_run(piece, spec, device)
+        if not ok:
+            on[piece], reasons[piece] = False, f"off: {why}"
+            continue
+        on[piece], reasons[piece] = True, f"on ({switch}): {_what_runs(piece, device)}"
+    return FastPlan(reasons=reasons, **on)
+
+
+def prepare_for_fast(plan: FastPlan, spec: Any) -> dict[str, Any]:
+    """Extra kwargs for `AutoModelForCausalLM.from_pretrained` that the plan needs."""
+    if plan.padding_free:
+        from .attention import register_doc_attention
+
+        return {"attn_implementation": register_doc_attention()}
+    return {}
+
+
+def apply_fast_path(model: torch.nn.Module, plan: FastPlan, spec: Any,
+                    device: torch.device | str) -> None:
+    """Plug the plan's pieces into a peft-wrapped model (after checkpointing was enabled).
+
+    What was done is left on the model as `model.lorapool_fast` (a dict) for events; a piece
+    that finds nothing to do says so there instead of failing.
+    """
+    done: dict[str, str] = {}
+    if plan.fused_lora:
+        from .lora import apply_fused_lora
+
+        n = apply_fused_lora(model)
+        done["fused_lora"] = f"{n} LoRA Linear4bit modules fused" if n else \
+            "no peft LoRA Linear4bit module found"
+    if plan.offload_activations:
+        from .offload import install_offloaded_checkpointing
+
+        n = install_offloaded_checkpointing(model)
+        done["offload_activations"] = f"{n} checkpointed layers offload their inputs" if n else \
+            "no checkpointed decoder layer (gradient checkpointing off?)"
+    if plan.kernels:
+        from .kernels import apply_kernels
+
+        ok, why = apply_kernels(model)
+        done["kernels"] = why if ok else f"off: {why}"
+    if plan.padding_free:
+        from .attention import register_doc_attention
+
+        name = register_doc_attention()
+        config = getattr(model, "config", None)
+        if config is not None and getattr(config, "_attn_implementation", None) != name:
+            # The loader did not take prepare_for_fast's kwargs: switch the loaded model over.
+            _set_attention(model, name)
+        done["padding_free"] = name
+    try:
+        model.lorapool_fast = done
+    except Exception:  # a module that refuses attributes: the log line is enough
+        pass
+    log.info("fast path: %s", done)
+
+
+def _set_attention(model: torch.nn.Module, name: str) -> None:
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    setter = getattr(hf, "set_attn_implementation", None)
+    if callable(setter):
+        setter(name)
+    else:  # transformers without the setter: the config field is what the layers read
+        hf.config._attn_implementation = name
+
+
+__all__ = ["FastPlan", "FastSpec", "PIECES", "apply_fast_path", "fast_switches",
+           "prepare_for_fast", "resolve_fast"]
