@@ -10,6 +10,13 @@ halve the micro-batch (and double the accumulation) mid-run without changing the
 After each step the loop polls `should_stop` (preemption, cancel: checkpoint and return
 "stopped"), evaluates every `eval_every` steps and checkpoints every `checkpoint_every` steps.
 A finished run writes `output_dir/adapter/` (see output.py).
+
+The recipe's parts come from builders, so the fast path plugs in instead of branching here:
+`build_model` (model.py: model, tokenizer, fast plan — reported in a "status" event), the plan's
+`Collator` (collate.py), `token_loss_sum` (loss.py, shared with evaluation), `RunState`
+(runstate.py: the position and metrics, exactly what a checkpoint saves) and `LossScaler`
+(scaling.py: fp16 compute scales the loss and skips overflowing steps, counted in
+`metrics["skipped_steps"]`; bf16/fp32 run unscaled).
 """
 
 from __future__ import annotations

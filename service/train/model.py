@@ -1,10 +1,15 @@
-"""Base model: find it (HF folder or GGUF), load it quantised, and attach the LoRA adapter.
+"""Base model: find it (HF folder or GGUF), load it quantised, attach the LoRA adapter — and
+`build_model`, the one builder training and evaluation share.
 
 `resolve_base_model` turns what a user named into a plain Hugging Face folder (a GGUF file is
 dequantised once and cached by the file's sha256); `load_base_model` loads that folder in 4-bit
 NF4/FP4 (optionally double-quantised), 8-bit or unquantised with the compute dtype the device
-supports; `attach_lora` freezes the base, turns on activation checkpointing and wraps the model
-with peft. Nothing here downloads: every load is `local_files_only`.
+supports (`select_compute_dtype`, over resolve.py's torch-free rule); `attach_lora` freezes the
+base, turns on activation checkpointing and wraps the model with peft. `build_model(spec,
+device, for_training=...)` does all of it in order, resolves the fast plan (fastpath.py), merges
+its `from_pretrained` kwargs, applies it after peft wrapped the model, and returns a
+`BuiltModel` (model, tokenizer, base folder and hash, compute dtype, plan, collator). Nothing
+here downloads: every load is `local_files_only`.
 """
 
 from __future__ import annotations
