@@ -187,7 +187,9 @@ def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], *, chunked: bool,
     lm = _causal_lm(model)
     hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
     head = lm.get_output_embeddings()
-    hidden = hidden.reshape(-1, hidden.shape[-1])
+    # The model's own lm_head call would see the same dtypes; a mismatch only arises where a
+    # norm was upcast and the head was not (then the head's dtype is what the logits use).
+    hidden = hidden.reshape(-1, hidden.shape[-1]).to(head.weight.dtype)
     target = target.reshape(-1)
     if hidden.is_cuda and not head.weight.requires_grad and head.bias is None:
         liger = _liger_loss()
