@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "TrainSpec": "spec",
+    "FastSpec": "spec",
     "LoraSpec": "spec",
     "DeviceInfo": "spec",
     "TrainError": "errors",
@@ -30,6 +31,10 @@ _EXPORTS = {
     "load_base_model": "model",
     "resolve_base_model": "model",
     "attach_lora": "model",
+    "build_model": "model",
+    "BuiltModel": "model",
+    "token_loss_sum": "loss",
+    "RunState": "runstate",
     "validate_dataset": "data",
     "build_dataset": "data",
     "estimate_memory": "memory",
@@ -38,14 +43,17 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "BuiltModel",
     "DataError",
     "DeviceInfo",
+    "FastSpec",
     "LineError",
     "LoraSpec",
     "MemoryEstimate",
     "ModelLoadError",
     "NonFiniteLossError",
     "OutOfMemoryError",
+    "RunState",
     "TrainError",
     "TrainEvent",
     "TrainResult",
@@ -53,10 +61,12 @@ __all__ = [
     "Trainer",
     "attach_lora",
     "build_dataset",
+    "build_model",
     "estimate_memory",
     "evaluate",
     "load_base_model",
     "resolve_base_model",
+    "token_loss_sum",
     "train",
     "validate_dataset",
 ]
@@ -88,6 +98,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from .evaluation import evaluate
     from .events import TrainEvent, TrainResult
     from .loop import Trainer, train
+    from .loss import token_loss_sum
     from .memory import MemoryEstimate, estimate_memory
-    from .model import attach_lora, load_base_model, resolve_base_model
-    from .spec import DeviceInfo, LoraSpec, TrainSpec
+    from .model import BuiltModel, attach_lora, build_model, load_base_model, resolve_base_model
+    from .runstate import RunState
+    from .spec import DeviceInfo, FastSpec, LoraSpec, TrainSpec

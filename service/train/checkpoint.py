@@ -6,8 +6,9 @@ A checkpoint folder (`output_dir/checkpoints/step-000010/`) holds
 - `optimizer.safetensors` + `optimizer.json`: the optimizer's tensors and the rest of its state;
 - `scheduler.json`: the LR scheduler's state;
 - `rng.safetensors` + `rng.json`: torch (CPU and every CUDA device), python `random`, numpy;
-- `trainer_state.json`: step, data position (epoch, index in the epoch's shuffled order),
-  micro-batch size and accumulation in use, running metrics, the spec and the base model hash.
+- `trainer_state.json`: the run's `RunState` (runstate.py) as JSON: step, data position (epoch,
+  index in the epoch's shuffled order), micro-batch size and accumulation in use, running
+  metrics, the spec, the base model hash and the fp16 loss scaler's state.
 
 Tensors are saved on the CPU and moved to the parameters' device on load, so a checkpoint written
 on a GPU resumes on the CPU and back. Folders are written under a temporary name and renamed into
@@ -24,7 +25,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import TrainError
+from .runstate import FORMAT_VERSION, RunState
 
-FORMAT_VERSION = 1
+__all__ = ["FORMAT_VERSION", "Checkpoint", "RunState", "TrainerState", "atomic_dir",
+           "checkpoint_name", "load_checkpoint", "save_checkpoint", "prune_checkpoints"]
+
 STATE_FILE = "trainer_state.json"
 CHECKPOINT_PREFIX = "step-"
 
@@ -182,25 +186,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
 # -- the checkpoint as a whole -------------------------------------------------------------------
 
 
-@dataclass
-class TrainerState:
-    """Where a run stands after optimizer step `step`."""
-
-    step: int
-    total_steps: int
-    epoch: int  # current epoch (0-based)
-    index_in_epoch: int  # examples of the epoch's shuffled order already consumed
-    micro_batch_size: int
-    grad_accum: int
-    n_examples: int
-    seed: int
-    base_model_sha256: str = ""
-    metrics: dict[str, Any] = field(default_factory=dict)
-    spec: dict[str, Any] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+# Kept for callers of the old name: the checkpointed state is the run's own state.
+TrainerState = RunState
 
 
 @dataclass
@@ -208,14 +195,14 @@ class Checkpoint:
     """A checkpoint read back from disk (tensors on the CPU)."""
 
     path: Path
-    state: TrainerState
+    state: RunState
     adapter_weights: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     rng: dict[str, Any]
 
 
-def save_checkpoint(dest: str | Path, *, model, optimizer, scheduler, state: TrainerState) -> Path:
+def save_checkpoint(dest: str | Path, *, model, optimizer, scheduler, state: RunState) -> Path:
     """Write a checkpoint of the run to `dest` atomically; returns `dest`."""
     dest = Path(dest)
     with atomic_dir(dest) as tmp:
@@ -235,13 +222,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if missing:
         raise TrainError(f"resume_from {path} is not a lorapool checkpoint (missing "
                          f"{', '.join(missing)})", code="invalid_checkpoint")
-    raw = json.loads((path / STATE_FILE).read_text())
-    if raw.get("format_version") != FORMAT_VERSION:
-        raise TrainError(f"checkpoint {path} has format_version {raw.get('format_version')}, "
-                         f"this trainer reads {FORMAT_VERSION}", code="invalid_checkpoint")
+    try:
+        state = RunState.from_json(json.loads((path / STATE_FILE).read_text()))
+    except ValueError as exc:  # includes a JSON syntax error
+        raise TrainError(f"checkpoint {path} has an unreadable {STATE_FILE}: {exc}",
+                         code="invalid_checkpoint") from exc
     return Checkpoint(
         path=path,
-        state=TrainerState(**raw),
+        state=state,
         adapter_weights=load_file(str(path / "adapter_model.safetensors"), device="cpu"),
         optimizer=load_state(path, "optimizer"),
         scheduler=load_state(path, "scheduler"),

@@ -22,7 +22,9 @@ Policies, stated once:
   block-diagonal causal mask so that no token attends across examples.
 
 Without ``cache_dir`` the cache lives in ``$LORAPOOL_DATA_CACHE`` or
-``~/.cache/lorapool/datasets``.
+``<$LORAPOOL_CACHE or ~/.cache/lorapool>/datasets`` (`resolve.resolve_cache_dir`).
+
+Batching lives in collate.py (`PaddedCollator`, `FlatCollator`); `collate` is re-exported here.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from lorapool.service.train.collate import collate, packed_mask_dtype
 from lorapool.service.train.data_render import (
     FALLBACK_CHAT_TEMPLATE,
     IGNORE_INDEX,
@@ -56,6 +58,7 @@ from lorapool.service.train.data_validate import (
     validate_dataset,
 )
 from lorapool.service.train.errors import DataError, LineError
+from lorapool.service.train.resolve import resolve_cache_dir
 
 if TYPE_CHECKING:  # datasets is heavy; only the trainer's side imports it, lazily
     import datasets
@@ -103,7 +106,8 @@ class TokenizedData:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("LORAPOOL_DATA_CACHE") or Path.home() / ".cache/lorapool/datasets")
+    """Where tokenized data is cached without an explicit `cache_dir` (resolve.py decides)."""
+    return resolve_cache_dir(None, "datasets")
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -231,7 +235,7 @@ def build_dataset(source: DataSource, tokenizer: Any, spec: TrainSpec, *,
     """Validate, tokenize (once per content/tokenizer/spec) and optionally pack a data set."""
     report = validate_dataset(source)
     key = _cache_key(report, tokenizer, spec)
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = resolve_cache_dir(cache_dir, "datasets")
     final = root / f"tok-{key[:32]}"
     if (final / _STATS_FILE).is_file():
         return _load(final, spec.packing)
@@ -307,69 +311,3 @@ def build_dataset(source: DataSource, tokenizer: Any, spec: TrainSpec, *,
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return _load(final, spec.packing)
-
-
-def _segments(position_ids: torch.Tensor) -> torch.Tensor:
-    """Example index of each position: a new example starts wherever positions do not count
-    up by one (the rule transformers uses to detect packed sequences)."""
-    diff = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
-    return (diff != 1).cumsum(-1)
-
-
-def packed_mask_dtype(model: Any) -> torch.dtype | None:
-    """The `mask_dtype` `collate` should use for packed rows on `model`: None (boolean) for
-    SDPA, the model's dtype for eager attention. Kernels that take no 4D mask (flash attention,
-    flex) cannot run our packed rows: use "sdpa" or "eager" with packing."""
-    impl = getattr(model.config, "_attn_implementation", None) or "eager"
-    if impl == "sdpa":
-        return None
-    if impl == "eager":
-        return model.dtype
-    raise ValueError(f"packing needs attn_implementation 'sdpa' or 'eager', not {impl!r}")
-
-
-def collate(rows: list[dict], pad_token_id: int, *,
-            mask_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch into tensors: input_ids (pad_token_id), labels (-100),
-    attention_mask.
-
-    Unpacked rows get the usual 2D 0/1 attention_mask. Packed rows (with position_ids) also get
-    position_ids and a 4D mask (batch, 1, seq, seq) that is causal *within* each example and
-    blocks attention across examples; transformers passes a 4D mask to the attention kernels
-    as is. By default it is boolean (True = may attend), which SDPA (transformers' default
-    attention) takes directly on CPU and CUDA, whatever the compute dtype. Eager attention adds
-    the mask to its scores, so it needs an additive 0 / finfo.min mask: pass `mask_dtype` =
-    the model's compute dtype exactly (`packed_mask_dtype(model)` picks it). A float32 mask on
-    a bf16 model gave NaN logits under SDPA on an H100 (transformers 5.17, torch 2.11).
-    Padding forms its own segment so no row is fully masked (which would give NaN).
-    Count tokens with `labels != -100`, not with the attention mask.
-    """
-    if not rows:
-        raise ValueError("collate needs at least one row")
-    packed = "position_ids" in rows[0]
-    lengths = [len(r["input_ids"]) for r in rows]
-    batch, seq = len(rows), max(lengths)
-    input_ids = torch.full((batch, seq), pad_token_id, dtype=torch.long)
-    labels = torch.full((batch, seq), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((batch, seq), dtype=torch.long)
-    positions = torch.zeros((batch, seq), dtype=torch.long)
-    for b, (row, n) in enumerate(zip(rows, lengths)):
-        input_ids[b, :n] = torch.as_tensor(row["input_ids"], dtype=torch.long)
-        labels[b, :n] = torch.as_tensor(row["labels"], dtype=torch.long)
-        attention[b, :n] = 1
-        if packed:
-            positions[b, :n] = torch.as_tensor(row["position_ids"], dtype=torch.long)
-            positions[b, n:] = torch.arange(seq - n)  # padding: one more "example"
-    out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
-    if not packed:
-        return out
-    seg = _segments(positions)
-    causal = torch.ones((seq, seq), dtype=torch.bool).tril()
-    allowed = (seg[:, :, None] == seg[:, None, :]) & causal  # (batch, q, kv)
-    mask = allowed[:, None, :, :]
-    if mask_dtype is not None and mask_dtype != torch.bool:
-        mask = torch.zeros(mask.shape, dtype=mask_dtype).masked_fill(
-            ~mask, torch.finfo(mask_dtype).min)
-    out["attention_mask"] = mask
-    out["position_ids"] = positions
-    return out

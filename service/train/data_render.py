@@ -34,8 +34,8 @@ from jinja2 import TemplateError
 
 from lorapool.service.train.data_validate import InvalidRecord, check_record
 from lorapool.service.train.errors import DataError
+from lorapool.service.train.resolve import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 LossOn = Literal["assistant", "all"]
 
 FALLBACK_CHAT_TEMPLATE = (

@@ -10,6 +10,13 @@ halve the micro-batch (and double the accumulation) mid-run without changing the
 After each step the loop polls `should_stop` (preemption, cancel: checkpoint and return
 "stopped"), evaluates every `eval_every` steps and checkpoints every `checkpoint_every` steps.
 A finished run writes `output_dir/adapter/` (see output.py).
+
+The recipe's parts come from builders, so the fast path plugs in instead of branching here:
+`build_model` (model.py: model, tokenizer, fast plan — reported in a "status" event), the plan's
+`Collator` (collate.py), `token_loss_sum` (loss.py, shared with evaluation), `RunState`
+(runstate.py: the position and metrics, exactly what a checkpoint saves) and `LossScaler`
+(scaling.py: fp16 compute scales the loss and skips overflowing steps, counted in
+`metrics["skipped_steps"]`; bf16/fp32 run unscaled).
 """
 
 from __future__ import annotations
@@ -21,32 +28,27 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .data import DataSource, TokenizedData, build_dataset, collate
+from .collate import n_input_tokens
+from .data import DataSource, TokenizedData, build_dataset
 from .errors import NonFiniteLossError, OutOfMemoryError, TrainError
 from .events import EventSink, TrainEvent, TrainResult
+from .fastpath import describe
 from .init_adapter import load_init_adapter
-from .model import (
-    attach_lora,
-    load_base_model,
-    model_sha256,
-    resolve_base_model,
-    select_compute_dtype,
-    select_device,
-    trainable_parameters,
-)
+from .loss import token_loss_sum
+from .model import BuiltModel, build_model, select_device, trainable_parameters
 from .output import ADAPTER_DIRNAME, save_adapter
+from .resolve import IGNORE_INDEX
+from .runstate import RunState
+from .scaling import LossScaler, needs_loss_scaling
 from .spec import TrainSpec
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 KEEP_CHECKPOINTS = 3  # older step folders are deleted; each was already reported by its event
 
 
@@ -108,6 +110,19 @@ class Trainer:
         self.events = EventSink(on_event, self.device)
         self.model = None
         self.tokenizer = None
+        self.state = RunState(seed=spec.seed, micro_batch_size=spec.micro_batch_size)
+
+    # The run's position lives in `self.state` (what a checkpoint saves); these read through.
+    step = property(lambda self: self.state.step,
+                    lambda self, v: setattr(self.state, "step", v))
+    epoch = property(lambda self: self.state.epoch,
+                     lambda self, v: setattr(self.state, "epoch", v))
+    index_in_epoch = property(lambda self: self.state.index_in_epoch,
+                              lambda self, v: setattr(self.state, "index_in_epoch", v))
+    micro_batch_size = property(lambda self: self.state.micro_batch_size,
+                                lambda self, v: setattr(self.state, "micro_batch_size", v))
+    metrics = property(lambda self: self.state.metrics,
+                       lambda self, v: setattr(self.state, "metrics", v))
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -117,19 +132,19 @@ class Trainer:
         spec = self.spec
         seed_everything(spec.seed)
         self.events.emit("status", message=f"loading base model {spec.base_model_id or spec.base_model}")
-        self.base_dir = resolve_base_model(spec, self.cache_dir)
-        self.base_sha256 = model_sha256(self.base_dir)
-        model, self.tokenizer = load_base_model(spec, self.device, cache_dir=self.cache_dir)
-        self.model = attach_lora(model, spec)
+        built: BuiltModel = build_model(spec, self.device, cache_dir=self.cache_dir)
+        self.built = built
+        self.model, self.tokenizer = built.model, built.tokenizer
+        self.base_dir, self.base_sha256 = built.base_dir, built.base_sha256
+        self.compute_dtype, self.mask_dtype = built.compute_dtype, built.mask_dtype
+        self.plan = built.plan
+        self.collator = built.collator()
+        self.events.emit("status", message=describe(self.plan), data={"fast": self.plan.as_dict()})
         if spec.init_adapter and self.resume_from is None:
             # A resumed run's checkpoint already holds the adapter weights it reached.
             n = load_init_adapter(self.model, spec.init_adapter)
             self.events.emit("status", message=f"LoRA modules start from adapter "
                              f"{Path(spec.init_adapter).name} ({n} modules)")
-        self.compute_dtype = select_compute_dtype(spec, self.device)
-        # Eager attention adds the mask to its scores and needs a float mask; SDPA takes bool.
-        attn = getattr(self.model.config, "_attn_implementation", None)
-        self.mask_dtype = self.compute_dtype if attn == "eager" else None
 
         self.events.emit("status", message="tokenizing data")
         self.train_data: TokenizedData = build_dataset(self.data_source, self.tokenizer, spec,
@@ -154,15 +169,16 @@ class Trainer:
         self.params = list(trainable_parameters(self.model).values())
         self.optimizer = _optimizer(spec, self.params, self.device)
         self.scheduler = _scheduler(spec, self.optimizer, self.total_steps)
+        self.scaler = LossScaler(needs_loss_scaling(self.compute_dtype), self.device.type)
 
-        self.step = 0
-        self.epoch = 0
-        self.index_in_epoch = 0
-        self.micro_batch_size = spec.micro_batch_size
-        self.metrics: dict[str, Any] = {"trained_tokens": 0, "n_examples": stats.n_examples,
-                                        "n_rows": self.n_rows,
-                                        "n_truncated": stats.n_truncated,
-                                        "n_dropped": stats.n_dropped}
+        self.state = RunState(
+            total_steps=self.total_steps, micro_batch_size=spec.micro_batch_size,
+            grad_accum=spec.grad_accum_steps, n_examples=self.n_rows, seed=spec.seed,
+            base_model_sha256=self.base_sha256, spec=spec.model_dump(mode="json"),
+            metrics={"trained_tokens": 0, "n_examples": stats.n_examples, "n_rows": self.n_rows,
+                     "n_truncated": stats.n_truncated, "n_dropped": stats.n_dropped})
+        if self.scaler.enabled:
+            self.metrics["skipped_steps"] = 0
         self._orders: dict[int, torch.Tensor] = {}
         if self.resume_from is not None:
             self._resume(self.resume_from)
@@ -192,8 +208,10 @@ class Trainer:
         ckpt.load_optimizer_state(self.optimizer, c.optimizer)
         self.scheduler.load_state_dict(c.scheduler)
         ckpt.restore_rng(c.rng)
+        self.scaler.load_state_dict(st.loss_scaler)
         self.step, self.epoch, self.index_in_epoch = st.step, st.epoch, st.index_in_epoch
         self.micro_batch_size = st.micro_batch_size
+        self.state.skipped_steps = st.skipped_steps
         self.metrics.update({k: v for k, v in st.metrics.items() if k not in
                              ("n_examples", "n_rows", "n_truncated", "n_dropped")})
         self.events.emit("status", self.step, message=f"resumed from {path.name} at step {self.step}",
@@ -226,22 +244,15 @@ class Trainer:
         # Longest first, so each micro-batch holds similar lengths and pads little; the step's
         # update does not depend on the grouping (see the module docstring).
         rows = sorted(rows, key=lambda r: -len(r["input_ids"]))
-        pad = self.tokenizer.pad_token_id
-        return [collate(rows[i:i + size], pad, mask_dtype=self.mask_dtype)
-                for i in range(0, len(rows), size)]
+        return [self.collator(rows[i:i + size]) for i in range(0, len(rows), size)]
 
     # -- one forward ------------------------------------------------------------------------------
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """Summed next-token cross-entropy over the label tokens of `batch`, and their count."""
+        """Summed next-token cross-entropy over the label tokens of `batch`, and their count
+        (loss.py's `token_loss_sum`, the same function evaluation uses)."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        labels = batch.pop("labels")
-        out = self.model(**batch, use_cache=False)
-        logits = out.logits[:, :-1, :].float()
-        target = labels[:, 1:]
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss, int((target != IGNORE_INDEX).sum())
+        return token_loss_sum(self.model, batch, chunked=self.built.chunked_loss)
 
     @staticmethod
     def _label_count(batch: dict[str, torch.Tensor]) -> int:
@@ -252,8 +263,7 @@ class Trainer:
     def _optimizer_step(self, rows: list[dict]) -> dict[str, float]:
         batches = self._micro_batches(rows, self.micro_batch_size)
         n_labels = sum(self._label_count(b) for b in batches)
-        n_tokens = sum(int(b["input_ids"].numel() if b["attention_mask"].dim() != 2
-                           else b["attention_mask"].sum()) for b in batches)
+        n_tokens = sum(n_input_tokens(b) for b in batches)
         loss_total = 0.0
         self.optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(batches):
@@ -264,15 +274,26 @@ class Trainer:
                 raise NonFiniteLossError(
                     f"loss became {value} at step {self.step + 1} (micro-batch {i + 1} of "
                     f"{len(batches)}); try a lower learning_rate (now {self.spec.learning_rate})")
-            (loss_sum / max(1, n_labels)).backward()
+            self.scaler.scale(loss_sum / max(1, n_labels)).backward()
             loss_total += value
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         max_norm = self.spec.max_grad_norm if self.spec.max_grad_norm is not None else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        if not math.isfinite(grad_norm):
+        if not math.isfinite(grad_norm) and not self.scaler.enabled:
             raise NonFiniteLossError(f"gradient norm became {grad_norm} at step {self.step + 1}")
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
+        # fp16: an overflowing step is skipped and the scale lowered (scaling.py); the LR
+        # schedule then waits too, as accelerate does.
+        if self.scaler.step(self.optimizer):
+            self.scheduler.step()
+        else:
+            self.state.skipped_steps += 1
+            self.metrics["skipped_steps"] = self.state.skipped_steps
+            self.events.emit("warning", self.step + 1, epoch=self._epoch_float(),
+                             message=f"fp16 gradients overflowed at step {self.step + 1}: step "
+                             f"skipped, loss scale now {self.scaler.scale_value:g}",
+                             data={"skipped_steps": self.state.skipped_steps,
+                                   "loss_scale": self.scaler.scale_value})
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss_total / max(1, n_labels), "grad_norm": grad_norm, "lr": lr,
                 "tokens": n_tokens}
@@ -335,15 +356,11 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        state = ckpt.TrainerState(
-            step=self.step, total_steps=self.total_steps, epoch=self.epoch,
-            index_in_epoch=self.index_in_epoch, micro_batch_size=self.micro_batch_size,
-            grad_accum=math.ceil(self.spec.batch_size / self.micro_batch_size),
-            n_examples=self.n_rows, seed=self.spec.seed, base_model_sha256=self.base_sha256,
-            metrics=dict(self.metrics), spec=self.spec.model_dump(mode="json"))
+        self.state.grad_accum = math.ceil(self.spec.batch_size / self.micro_batch_size)
+        self.state.loss_scaler = self.scaler.state_dict()
         folder = self.output_dir / "checkpoints"
         path = ckpt.save_checkpoint(folder / ckpt.checkpoint_name(self.step), model=self.model,
-                                    optimizer=self.optimizer, scheduler=self.scheduler, state=state)
+                                    optimizer=self.optimizer, scheduler=self.scheduler, state=self.state)
         self.last_checkpoint = path
         self.events.emit("checkpoint", self.step, epoch=self._epoch_float(), path=str(path),
                          loss=self.metrics.get("train_loss"),  # the service lists it per checkpoint
@@ -409,7 +426,7 @@ class Trainer:
             adapter_dir = save_adapter(
                 self.model, self.output_dir / ADAPTER_DIRNAME, self.spec,
                 base_model_sha256=self.base_sha256, metrics=self.metrics,
-                n_examples=self.train_data.stats.n_examples)
+                n_examples=self.train_data.stats.n_examples, fast=self.plan.as_dict())
         self.events.emit("done", self.step, epoch=self._epoch_float(), message=status,
                          loss=self.metrics.get("train_loss"),
                          path=str(adapter_dir) if adapter_dir else None,

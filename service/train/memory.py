@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .resolve import resolve_dtype_name
 from .spec import DeviceInfo, TrainSpec
 
 MiB = 1024**2
@@ -293,12 +294,10 @@ def model_shape(spec: TrainSpec, *, config: Any = None) -> ModelShape:
 
 # -- the estimate -------------------------------------------------------------------------------
 def resolve_compute_dtype(spec: TrainSpec, device: DeviceInfo) -> str:
-    """"bf16" / "fp16" / "fp32": the spec's choice, or what "auto" picks on this device."""
-    if spec.device == "cpu" or device.kind == "cpu":
-        return "fp32" if spec.compute_dtype == "auto" else spec.compute_dtype
-    if spec.compute_dtype != "auto":
-        return spec.compute_dtype
-    return "bf16" if device.supports_bf16 else "fp16"
+    """"bf16" / "fp16" / "fp32": the spec's choice, or what "auto" picks on this device
+    (the trainer's own rule, resolve.py, so estimate and run agree)."""
+    kind = "cpu" if spec.device == "cpu" else device.kind
+    return resolve_dtype_name(spec.compute_dtype, device_kind=kind, bf16_ok=device.supports_bf16)
 
 
 def _quantized_weight_bytes(spec: TrainSpec, shape: ModelShape, a: int) -> int:

@@ -1,10 +1,15 @@
-"""Base model: find it (HF folder or GGUF), load it quantised, and attach the LoRA adapter.
+"""Base model: find it (HF folder or GGUF), load it quantised, attach the LoRA adapter — and
+`build_model`, the one builder training and evaluation share.
 
 `resolve_base_model` turns what a user named into a plain Hugging Face folder (a GGUF file is
 dequantised once and cached by the file's sha256); `load_base_model` loads that folder in 4-bit
 NF4/FP4 (optionally double-quantised), 8-bit or unquantised with the compute dtype the device
-supports; `attach_lora` freezes the base, turns on activation checkpointing and wraps the model
-with peft. Nothing here downloads: every load is `local_files_only`.
+supports (`select_compute_dtype`, over resolve.py's torch-free rule); `attach_lora` freezes the
+base, turns on activation checkpointing and wraps the model with peft. `build_model(spec,
+device, for_training=...)` does all of it in order, resolves the fast plan (fastpath.py), merges
+its `from_pretrained` kwargs, applies it after peft wrapped the model, and returns a
+`BuiltModel` (model, tokenizer, base folder and hash, compute dtype, plan, collator). Nothing
+here downloads: every load is `local_files_only`.
 """
 
 from __future__ import annotations
@@ -16,12 +21,15 @@ import os
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .collate import Collator, FlatCollator, PaddedCollator
 from .errors import ModelLoadError
+from .resolve import resolve_cache_dir, resolve_dtype_name
 from .spec import TrainSpec
 
 log = logging.getLogger(__name__)
@@ -42,29 +50,26 @@ def select_device(spec: TrainSpec) -> torch.device:
     return torch.device("cpu")
 
 
-def select_compute_dtype(spec: TrainSpec, device: torch.device) -> torch.dtype:
-    """bf16 on CUDA compute capability >= 8.0, fp16 on older GPUs, fp32 on the CPU.
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-    The CPU default is fp32 because bf16/fp16 matmuls there are slow or emulated; an explicit
-    `spec.compute_dtype` wins, except bf16 on a GPU that has no bf16 units (an error, not a
-    silent downgrade, so a job's numerics never change behind the user's back).
+
+def select_compute_dtype(spec: TrainSpec, device: torch.device) -> torch.dtype:
+    """The compute dtype for `spec` on `device`: resolve.py's rule (bf16 on CUDA compute
+    capability >= 8.0, fp16 on older GPUs, fp32 on the CPU; an explicit choice wins).
+
+    bf16 asked for on a GPU without bf16 units is an error, not a silent downgrade, so a job's
+    numerics never change behind the user's back.
     """
-    explicit = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if device.type == "cuda":
-        bf16_ok = torch.cuda.get_device_capability(device) >= (8, 0)
-        if spec.compute_dtype == "bf16" and not bf16_ok:
-            name = torch.cuda.get_device_name(device)
-            raise ModelLoadError(
-                f"compute_dtype 'bf16' needs compute capability >= 8.0; {name} has "
-                f"{torch.cuda.get_device_capability(device)} (use 'fp16' or 'auto')",
-                code="unsupported_dtype",
-            )
-        if spec.compute_dtype == "auto":
-            return torch.bfloat16 if bf16_ok else torch.float16
-        return explicit[spec.compute_dtype]
-    if spec.compute_dtype == "auto":
-        return torch.float32
-    return explicit[spec.compute_dtype]
+    bf16_ok = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type == "cuda" and spec.compute_dtype == "bf16" and not bf16_ok:
+        name = torch.cuda.get_device_name(device)
+        raise ModelLoadError(
+            f"compute_dtype 'bf16' needs compute capability >= 8.0; {name} has "
+            f"{torch.cuda.get_device_capability(device)} (use 'fp16' or 'auto')",
+            code="unsupported_dtype",
+        )
+    return _DTYPES[resolve_dtype_name(spec.compute_dtype, device_kind=device.type,
+                                      bf16_ok=bf16_ok)]
 
 
 # -- hashing --------------------------------------------------------------------------------------
@@ -105,7 +110,8 @@ def model_sha256(folder: str | Path) -> str:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("LORAPOOL_CACHE", Path.home() / ".cache" / "lorapool"))
+    """Where dequantised GGUF models are cached without an explicit `cache_dir`."""
+    return resolve_cache_dir(None, "models")
 
 
 def _gguf_location(spec: TrainSpec) -> tuple[Path, str] | None:
@@ -154,7 +160,7 @@ def resolve_base_model(spec: TrainSpec, cache_dir: str | Path | None = None) -> 
     if not gguf_path.is_file():
         raise ModelLoadError(f"GGUF file {gguf_path} not found")
     digest = file_sha256(gguf_path)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = resolve_cache_dir(cache_dir, "models")
     dest = cache / f"{GGUF_CACHE_PREFIX}{digest}"
     if (dest / SOURCE_FILE).is_file():
         return dest
@@ -241,10 +247,12 @@ def load_tokenizer(folder: str | Path, spec: TrainSpec):
 
 
 def load_base_model(spec: TrainSpec, device: torch.device | str | None = None,
-                    *, cache_dir: str | Path | None = None):
+                    *, cache_dir: str | Path | None = None,
+                    extra_kwargs: dict[str, Any] | None = None):
     """(model, tokenizer) for `spec`, quantised as it asks, on `device` (default: the spec's).
 
-    The model is frozen and in eval mode; `attach_lora` makes it trainable.
+    `extra_kwargs` go to `from_pretrained` (the fast path's attention implementation). The
+    model is frozen and in eval mode; `attach_lora` makes it trainable.
     """
     from transformers import AutoModelForCausalLM
 
@@ -261,6 +269,7 @@ def load_base_model(spec: TrainSpec, device: torch.device | str | None = None,
             device_map=device_map,
             local_files_only=True,
             trust_remote_code=spec.trust_remote_code,
+            **(extra_kwargs or {}),
         )
     except Exception as exc:
         raise ModelLoadError(f"cannot load base model {folder}: {exc}") from exc
@@ -317,13 +326,17 @@ def _enable_checkpointing(model) -> None:
     model.enable_input_require_grads()
 
 
-def attach_lora(model, spec: TrainSpec):
+def attach_lora(model, spec: TrainSpec, *, plan: Any = None):
     """Freeze the base, upcast its non-quantised weights for stable training (peft's
     `prepare_model_for_kbit_training`), turn on activation checkpointing if asked, and wrap it
-    in a peft LoRA model whose only trainable parameters are the adapter's."""
+    in a peft LoRA model whose only trainable parameters are the adapter's.
+
+    With `plan.fused_lora` on, the upcast is skipped: the fused path keeps the non-LoRA weights
+    in the compute dtype (LoRA A/B stay fp32 master weights, peft's `autocast_adapter_dtype`).
+    """
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if spec.quantization != "none":
+    if spec.quantization != "none" and not getattr(plan, "fused_lora", False):
         # Checkpointing is enabled below, through the non-deprecated transformers API.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if spec.gradient_checkpointing:
@@ -339,3 +352,87 @@ def attach_lora(model, spec: TrainSpec):
 
 def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def attach_adapter(model: Any, adapter_dir: str | Path) -> Any:
+    """`model` with the PEFT adapter in `adapter_dir` on top, frozen (for evaluation).
+
+    Only safetensors weights are read: a pickle (`adapter_model.bin`) is refused, never unpickled.
+    """
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        pickled = [p.name for p in adapter_dir.glob("*.bin")]
+        why = (f"its weights are a pickle ({pickled[0]}); only safetensors are read"
+               if pickled else "no adapter_model.safetensors")
+        raise ModelLoadError(f"cannot load adapter {adapter_dir.name}: {why}",
+                             code="invalid_adapter")
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except Exception as exc:  # a mismatched adapter (other base, other modules) lands here
+        raise ModelLoadError(f"cannot load adapter {adapter_dir.name} onto the base model: "
+                             f"{exc}", code="invalid_adapter") from exc
+
+
+# -- the builder ----------------------------------------------------------------------------------
+
+
+@dataclass
+class BuiltModel:
+    """What `build_model` hands the Trainer and `evaluate()`."""
+
+    model: Any  # a peft model (training, or evaluation with an adapter) or the frozen base
+    tokenizer: Any
+    base_dir: Path  # the HF folder actually loaded (a GGUF's dequantised cache folder)
+    base_sha256: str
+    compute_dtype: torch.dtype
+    plan: Any  # the resolved FastPlan (fastpath.py / service/train/fast)
+    mask_dtype: torch.dtype | None = None  # for PaddedCollator's packed 4D masks
+    chunked_loss: bool = False  # the plan's chunked_loss, unless the model cannot use it
+
+    def collator(self) -> Collator:
+        """The batching that matches the plan: flat rows when padding_free is on."""
+        if self.plan.padding_free:
+            return FlatCollator()
+        return PaddedCollator(self.tokenizer.pad_token_id, mask_dtype=self.mask_dtype)
+
+
+def build_model(spec: TrainSpec, device: torch.device, *, cache_dir: str | Path | None = None,
+                for_training: bool = True, adapter_dir: str | Path | None = None) -> BuiltModel:
+    """Resolve, load and prepare the model of `spec` on `device`: the one builder of training
+    and evaluation.
+
+    Training: the base gets LoRA (`attach_lora`, checkpointing as the spec says). Evaluation
+    (`for_training=False`): the frozen base, with the adapter in `adapter_dir` when given, in
+    eval mode; the plan's pieces that only matter with a backward (activation offload) are
+    off. Then the fast path's pieces are applied (`fastpath.apply`), and the chunked loss is
+    turned off with a recorded reason where the model cannot use it (loss.py).
+    """
+    from . import fastpath
+    from .loss import chunked_loss_unsupported
+
+    base_dir = resolve_base_model(spec, cache_dir)
+    base_sha256 = model_sha256(base_dir)
+    compute_dtype = select_compute_dtype(spec, device)
+    plan = fastpath.resolve_plan(spec, device)
+    if not for_training:
+        plan = fastpath.without(plan, {"offload_activations": "no backward in evaluation"})
+    model, tokenizer = load_base_model(spec, device, cache_dir=cache_dir,
+                                       extra_kwargs=fastpath.prepare_kwargs(plan, spec))
+    if for_training:
+        model = attach_lora(model, spec, plan=plan)
+    elif adapter_dir is not None:
+        model = attach_adapter(model, adapter_dir)
+        model.eval()
+    fastpath.apply(model, plan, spec, device)
+    if plan.chunked_loss:
+        why = chunked_loss_unsupported(model)
+        if why:
+            plan = fastpath.without(plan, {"chunked_loss": why})
+    # Eager attention adds the mask to its scores and needs a float mask; SDPA takes bool.
+    attn = getattr(model.config, "_attn_implementation", None)
+    return BuiltModel(model=model, tokenizer=tokenizer, base_dir=Path(base_dir),
+                      base_sha256=base_sha256, compute_dtype=compute_dtype, plan=plan,
+                      mask_dtype=compute_dtype if attn == "eager" else None,
+                      chunked_loss=bool(plan.chunked_loss))

@@ -2,7 +2,8 @@
 
 `output_dir/adapter/` holds `adapter_config.json` and `adapter_model.safetensors` exactly as peft
 writes them (so `PeftModel.from_pretrained(base, folder)` loads it unchanged) and `lorapool.json`
-with what the service records next to it: base model id and sha256, the spec, final metrics.
+with what the service records next to it: base model id and sha256, the spec, final metrics,
+and the resolved fast-path plan (`"fast"`: which pieces ran, and why the others did not).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ ADAPTER_DIRNAME = "adapter"
 
 
 def adapter_metadata(spec: TrainSpec, *, base_model_sha256: str, metrics: dict[str, Any],
-                     n_examples: int) -> dict[str, Any]:
+                     n_examples: int, fast: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "format": "lorapool-adapter/1",
         "base_model": spec.base_model_id or spec.base_model,
@@ -28,12 +29,14 @@ def adapter_metadata(spec: TrainSpec, *, base_model_sha256: str, metrics: dict[s
         "spec": spec.model_dump(mode="json"),
         "metrics": metrics,
         "n_examples": n_examples,
+        "fast": fast,  # the resolved fast-path plan the adapter was trained with
         "created_at": int(time.time()),
     }
 
 
 def save_adapter(model, dest: str | Path, spec: TrainSpec, *, base_model_sha256: str,
-                 metrics: dict[str, Any], n_examples: int) -> Path:
+                 metrics: dict[str, Any], n_examples: int,
+                 fast: dict[str, Any] | None = None) -> Path:
     """Write the adapter of peft `model` and its metadata to `dest` (atomically); returns `dest`."""
     dest = Path(dest)
     with atomic_dir(dest) as tmp:
@@ -44,7 +47,7 @@ def save_adapter(model, dest: str | Path, spec: TrainSpec, *, base_model_sha256:
         cfg["base_model_name_or_path"] = spec.base_model_id or cfg.get("base_model_name_or_path")
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
         meta = adapter_metadata(spec, base_model_sha256=base_model_sha256, metrics=metrics,
-                                n_examples=n_examples)
+                                n_examples=n_examples, fast=fast)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
     return dest
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Quantization = Literal["nf4", "fp4", "int8", "none"]
 ComputeDtype = Literal["auto", "bf16", "fp16", "fp32"]
+Switch = Literal["auto", "on", "off"]
 
 
 class LoraSpec(BaseModel):
@@ -26,6 +27,24 @@ class LoraSpec(BaseModel):
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
     use_rslora: bool = False
     use_dora: bool = False
+
+
+class FastSpec(BaseModel):
+    """Per-piece switches of the fast path (issue 9). "auto" lets `resolve_fast` decide per
+    device (CUDA: on where it can run; CPU: off, except chunked_loss); "on" forces a piece
+    wherever it can run at all; "off" keeps the reference path for it. The resolved plan is
+    recorded in the run's events and in lorapool.json under "fast"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fused_lora: Switch = "auto"  # fused NF4-dequant + base matmul + LoRA autograd fn (fast/lora.py)
+    offload_activations: Switch = "auto"  # checkpointed layer inputs to pinned CPU (fast/offload.py)
+    kernels: Switch = "auto"  # Liger RMSNorm/SwiGLU/RoPE (CUDA + triton + liger-kernel only)
+    padding_free: Switch = "auto"  # flat packed rows, position_ids restart, doc-masked attention
+    chunked_loss: Switch = "auto"  # linear+CE without full logits (service/train/loss.py)
+
+
+FAST_PIECES = tuple(FastSpec.model_fields)
 
 
 class TrainSpec(BaseModel):
@@ -70,6 +89,8 @@ class TrainSpec(BaseModel):
     checkpoint_every: Optional[int] = Field(None, ge=1)  # optimizer steps
     eval_every: Optional[int] = Field(None, ge=1)  # optimizer steps
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # The fast path: "auto" (every piece "auto"), "off" (the reference path), or per piece.
+    fast: Union[Literal["auto", "off"], FastSpec] = "auto"
 
     @model_validator(mode="after")
     def _micro_divides_batch(self) -> "TrainSpec":
@@ -87,6 +108,14 @@ class TrainSpec(BaseModel):
     @property
     def grad_accum_steps(self) -> int:
         return self.batch_size // self.micro_batch_size
+
+    def fast_spec(self) -> FastSpec:
+        """`fast` as per-piece switches: "auto" -> all "auto", "off" -> all "off"."""
+        if isinstance(self.fast, FastSpec):
+            return self.fast
+        if self.fast == "off":
+            return FastSpec(**{name: "off" for name in FAST_PIECES})
+        return FastSpec()
 
 
 class DeviceInfo(BaseModel):

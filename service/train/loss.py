@@ -1,0 +1,200 @@
+"""The one home of the training and evaluation loss: summed next-token cross-entropy.
+
+`token_loss_sum(model, batch, chunked=...)` returns the *sum* of the next-token cross-entropy
+over the label tokens of a collated batch (labels != IGNORE_INDEX) and their count; the loop
+divides by the label tokens of the whole optimizer step, evaluation by those of the whole set.
+Training (loop.py) and evaluation (evaluation.py, `Trainer.evaluate`) both call it, so their
+numbers are the same function of the same weights.
+
+Two ways to compute it, the same number to rounding:
+
+- full (the reference): the model's logits (tokens x vocab, compute dtype), cast to fp32, into
+  `F.cross_entropy`. For a 128k vocabulary at seq 2048 that is 1 GiB of bf16 logits plus 2 GiB of
+  fp32 copy, held until backward.
+- chunked (`fast.chunked_loss`): the decoder's hidden states go into `chunked_linear_cross_entropy`,
+  an autograd function that runs the lm_head matmul + cross-entropy over `chunk` tokens at a
+  time, upcasting each chunk's logits to fp32, and computes the gradient wrt the hidden states
+  (and wrt the lm_head weight, only if it is trainable) chunk by chunk *in forward*; backward
+  only scales them by the incoming gradient. The (tokens x vocab) logits never exist at once.
+  On CUDA, Liger-Kernel's fused linear cross-entropy is used instead when it is importable and
+  the lm_head is frozen (`LORAPOOL_LIGER_FLCE=0` turns it off).
+
+The labels are shifted by one (position t predicts token t+1); the last position's target is
+IGNORE_INDEX. Every example's first label is IGNORE_INDEX (data.py), so in a flat padding-free
+row (collate.py's `FlatCollator`) no example is predicted from the one before it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .resolve import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+# fp32 logits of one chunk are at most this many bytes (plus their softmax, in place).
+CHUNK_BYTES = 256 * 2**20
+MIN_CHUNK = 64
+
+__all__ = ["chunked_linear_cross_entropy", "chunked_loss_unsupported", "shifted_targets",
+           "token_loss_sum"]
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """labels[:, 1:] padded with IGNORE_INDEX at the end: the target of every position."""
+    pad = torch.full_like(labels[:, :1], IGNORE_INDEX)
+    return torch.cat([labels[:, 1:], pad], dim=1)
+
+
+def default_chunk(n_tokens: int, vocab: int) -> int:
+    return max(MIN_CHUNK, min(n_tokens, CHUNK_BYTES // (4 * max(1, vocab))))
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """sum over valid rows of CE(hidden @ weight.T + bias, target), without the full logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, chunk: int, ignore_index: int,
+                grad_hidden: bool, grad_weight: bool):
+        n = hidden.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        g_hidden = torch.zeros_like(hidden) if grad_hidden else None
+        g_weight = torch.zeros_like(weight, dtype=torch.float32) if grad_weight else None
+        for start in range(0, n, chunk):
+            h = hidden[start:start + chunk]
+            t = target[start:start + chunk]
+            valid = t != ignore_index
+            if not bool(valid.any()):
+                continue  # nothing to learn here: zero loss, zero gradient
+            logits = F.linear(h, weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            safe_t = t.clamp_min(0)
+            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+            total += ((lse - picked) * valid).sum()
+            if g_hidden is None and g_weight is None:
+                continue
+            # d(lse - logit_t)/d logits = softmax - onehot(t); rows without a label get 0.
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad[torch.arange(len(t), device=t.device), safe_t] -= 1.0
+            grad.mul_(valid[:, None])
+            # Same rounding as autograd on the full path: the logits' gradient is cast back to
+            # the matmul's dtype before it meets the weight.
+            grad = grad.to(weight.dtype)
+            if g_hidden is not None:
+                g_hidden[start:start + chunk] = grad @ weight
+            if g_weight is not None:
+                g_weight += grad.t().float() @ h.float()
+        ctx.save_for_backward(g_hidden if g_hidden is not None else torch.empty(0),
+                              g_weight if g_weight is not None else torch.empty(0))
+        ctx.flags = (g_hidden is not None, g_weight is not None, weight.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        g_hidden, g_weight = ctx.saved_tensors
+        has_h, has_w, w_dtype = ctx.flags
+        dh = (g_hidden * grad_out.to(g_hidden.dtype)) if has_h else None
+        dw = (g_weight * grad_out).to(w_dtype) if has_w else None
+        return dh, dw, None, None, None, None, None, None
+
+
+def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
+                                 target: torch.Tensor, *, bias: torch.Tensor | None = None,
+                                 chunk: int | None = None,
+                                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Sum of CE(hidden @ weight.T + bias, target) over rows whose target != ignore_index.
+
+    `hidden` is (N, H), `weight` (V, H), `target` (N,). Logits are computed `chunk` rows at a
+    time and upcast to fp32 for the softmax; gradients flow to `hidden` and, when it requires
+    grad, to `weight` (accumulated in fp32). A frozen `bias` is added, never trained.
+    """
+    if bias is not None and bias.requires_grad:
+        raise ValueError("chunked_linear_cross_entropy does not train a bias")
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    target = target.reshape(-1)
+    chunk = chunk or default_chunk(hidden.shape[0], weight.shape[0])
+    need = torch.is_grad_enabled()
+    return _ChunkedLinearCE.apply(hidden, weight, bias, target, int(chunk), ignore_index,
+                                  need and hidden.requires_grad, need and weight.requires_grad)
+
+
+# -- the model side -------------------------------------------------------------------------------
+
+
+def _causal_lm(model: Any) -> Any:
+    """The transformers *ForCausalLM inside a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def chunked_loss_unsupported(model: Any) -> str | None:
+    """Why the chunked loss cannot reproduce this model's logits (None when it can)."""
+    lm = _causal_lm(model)
+    cfg = getattr(lm, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+            return f"the model scales its logits ({attr})"
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear:  # a LoRA-wrapped or quantized head has no plain weight
+        return f"the output head is a {type(head).__name__}, not a plain Linear"
+    if head.bias is not None and head.bias.requires_grad:
+        return "the output head has a trainable bias"
+    try:
+        lm.get_decoder()
+    except Exception:  # noqa: BLE001 — any model without a decoder accessor
+        return "the model has no get_decoder()"
+    return None
+
+
+def _liger_loss():
+    """Liger's fused linear cross-entropy (sum reduction), or None where it cannot run."""
+    if os.environ.get("LORAPOOL_LIGER_FLCE", "1") == "0":
+        return None
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except Exception:  # not installed, or no triton: the pure-torch version
+        return None
+    # Old releases subclassed CrossEntropyLoss and silently ignored `reduction` (always a mean).
+    if issubclass(LigerFusedLinearCrossEntropyLoss, torch.nn.CrossEntropyLoss) or \
+            "reduction" not in inspect.signature(LigerFusedLinearCrossEntropyLoss).parameters:
+        return None
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], *, chunked: bool,
+                   chunk: int | None = None) -> tuple[torch.Tensor, int]:
+    """(summed next-token CE over the label tokens of `batch`, their count).
+
+    `batch` is a collated micro-batch already on the model's device (labels included). With
+    `chunked`, the model must pass `chunked_loss_unsupported(model) is None` (the caller checks
+    once and falls back with a recorded reason).
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    target = shifted_targets(batch["labels"])
+    count = int((target != IGNORE_INDEX).sum())
+    if not chunked:
+        logits = model(**inputs, use_cache=False).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss, count
+
+    lm = _causal_lm(model)
+    hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    head = lm.get_output_embeddings()
+    # The model's own lm_head call would see the same dtypes; a mismatch only arises where a
+    # norm was upcast and the head was not (then the head's dtype is what the logits use).
+    hidden = hidden.reshape(-1, hidden.shape[-1]).to(head.weight.dtype)
+    target = target.reshape(-1)
+    if hidden.is_cuda and not head.weight.requires_grad and head.bias is None:
+        liger = _liger_loss()
+        if liger is not None:
+            out = liger(head.weight, hidden, target)
+            return (out[0] if isinstance(out, tuple) else out), count
+    loss = chunked_linear_cross_entropy(hidden, head.weight, target, bias=head.bias, chunk=chunk)
+    return loss, count
