@@ -108,7 +108,7 @@ def test_falls_back_to_peft_when_disabled_or_merged():
 def _fast_spec(spec: TrainSpec, fast) -> TrainSpec:
     """`spec` with `fast` set, before (no field yet) and after tcore's spec.py gains it."""
     try:
-        return TrainSpec(**spec.model_dump(), fast=fast)
+        return TrainSpec(**{**spec.model_dump(), "fast": fast})
     except Exception:
         return spec.model_copy(update={"fast": fast})
 

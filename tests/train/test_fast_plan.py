@@ -26,7 +26,7 @@ def _spec(fast=None, **kw) -> TrainSpec:
     if fast is None:
         return spec
     try:  # after tcore's spec.py gains `fast`
-        return TrainSpec(**spec.model_dump(), fast=fast)
+        return TrainSpec(**{**spec.model_dump(), "fast": fast})
     except Exception:  # before: the field is read with getattr
         return spec.model_copy(update={"fast": fast})
 
