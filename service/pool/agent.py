@@ -2,7 +2,8 @@
 
 It reports the node's device (GPU name, compute capability, bf16, total and free memory as the
 driver sees it, or a simulated GPU), the memory lorapool's own jobs hold, whether the node is
-accepting work, and a heartbeat. When the owner takes the GPU back (`reclaim()`, or the
+accepting work, and a heartbeat. A CPU node reports its RAM (available now, less what its jobs
+are still expected to grow into) and its cores, and takes at most `cpu_slots` jobs at once. When the owner takes the GPU back (`reclaim()`, or the
 donation policy says so) it asks every job running here to checkpoint and stop, and stops
 accepting new ones. Job runners on the node ask it for the node-local working folder, so no
 path ever travels from the head.
@@ -19,7 +20,7 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .devices import SimulatedGPU, detect_device
+from .devices import SimulatedGPU, cpu_cores, cpu_slots, detect_device
 from .policy import DonationPolicy, GpuActivity
 
 NAMESPACE = "lorapool"
@@ -41,6 +42,9 @@ class AgentConfig(BaseModel):
     # CPU threads a job on this node may use when it trains on the CPU (None: Ray's default of
     # one per actor, right where several jobs share a machine's cores).
     cpu_threads: Optional[int] = Field(None, ge=1, le=1024)
+    # Jobs a CPU node trains at once (None: its cores // cpu_threads, at least one). Each job is
+    # a process with torch loaded; more of them than cores only thrash.
+    cpu_slots: Optional[int] = Field(None, ge=1, le=1024)
     labels: dict[str, str] = Field(default_factory=dict)
     datasets: dict[str, str] = Field(default_factory=dict)  # node-local data sets: name → path
     # Who may train on each data set (name → tenants). Secure by default: a data set nobody
@@ -79,7 +83,9 @@ class NodeAgent:
         self._reclaimed: Optional[str] = None
         # Returns a reason when the owner wants the GPU back (schedule/idle rules), else None.
         self._availability = config.policy.checker(probe)
-        self._pids: dict[str, Any] = {}
+        self._pids: dict[str, Any] = {}  # job -> ObjectRef of its runner's pid
+        self._pid_values: dict[str, int] = {}  # resolved pids
+        self._cpu: Optional[bool] = None  # does this node train on its CPU (decided once)
         self._simulated_free: Optional[int] = None
         from .local_data import DatasetCatalog
 
@@ -100,13 +106,20 @@ class NodeAgent:
                 sim = sim.model_copy(update={"free_memory": self._simulated_free})
             device = detect_device(sim, gpu_index=cfg.gpu_index, memory_cap=cfg.memory_cap,
                                    cpu_memory=cfg.cpu_memory)
+        self._cpu = device.kind == "cpu"
         with self._lock:
             reserved = sum(self._reserved.values())
             jobs = sorted(self._runners)
             reclaimed = self._reclaimed
+            estimates = dict(self._reserved)
         free = device.free_memory if device.free_memory is not None else device.total_memory
-        if cfg.simulate_gpu is not None or device.kind == "cpu":
-            # A simulated GPU (or system RAM) does not see our jobs' allocations: subtract them.
+        cores = slots = None
+        if device.kind == "cpu":
+            cores = cpu_cores()
+            slots = cpu_slots(cores, cfg.cpu_threads, cfg.cpu_slots)
+            free = self._cpu_free(device.total_memory, free, estimates)
+        elif cfg.simulate_gpu is not None:
+            # A simulated GPU does not see our jobs' allocations: subtract them.
             free = max(0, free - reserved)
         return {
             "node_id": self.node_id,
@@ -121,8 +134,33 @@ class NodeAgent:
             "labels": cfg.labels,
             "datasets": sorted(cfg.datasets),
             "dataset_info": self._datasets.describe(),
+            "cpu_cores": cores,
+            "cpu_slots": slots,
             "heartbeat": time.time(),
         }
+
+    def _cpu_free(self, total: int, available: int, estimates: dict[str, int]) -> int:
+        """RAM a new job may take: available now, less what each job here is still expected to
+        grow into (its estimate minus the RSS it already holds, which `available` has seen);
+        and never more than the offered total less every job's max(estimate, RSS)."""
+        rss = self._runner_rss()
+        outstanding = sum(max(0, est - rss.get(job, 0)) for job, est in estimates.items())
+        held = sum(max(est, rss.get(job, 0)) for job, est in estimates.items())
+        return max(0, min(available - outstanding, total - held))
+
+    def _runner_rss(self) -> dict[str, int]:
+        import psutil
+
+        self._own_pids()  # resolves the pids that are known by now
+        with self._lock:
+            pids = dict(self._pid_values)
+        out = {}
+        for job, pid in pids.items():
+            try:
+                out[job] = int(psutil.Process(pid).memory_info().rss)
+            except (psutil.Error, OSError):
+                continue
+        return out
 
     def local_config(self) -> dict[str, Any]:
         """For runners on this node only: the node-local folder and device kind."""
@@ -134,9 +172,16 @@ class NodeAgent:
 
     # -- jobs ------------------------------------------------------------------------------
     def register_job(self, job_id: str, runner: Any, reserve_bytes: int) -> bool:
-        """Track a runner placed here; False (and nothing tracked) when reclaimed meanwhile."""
+        """Track a runner placed here; False (and nothing tracked) when reclaimed meanwhile, or
+        when a CPU node's slots are all taken (the scheduler's count is the first guard, this
+        the node's own)."""
+        if self._cpu is None:
+            self.report()
         with self._lock:
             if self._reclaimed is not None:
+                return False
+            if self._cpu and job_id not in self._runners and len(self._runners) >= cpu_slots(
+                    cpu_cores(), self.config.cpu_threads, self.config.cpu_slots):
                 return False
             self._runners[job_id] = runner
             self._reserved[job_id] = int(reserve_bytes)
@@ -148,6 +193,7 @@ class NodeAgent:
             self._runners.pop(job_id, None)
             self._reserved.pop(job_id, None)
             self._pids.pop(job_id, None)
+            self._pid_values.pop(job_id, None)
 
     # -- the owner -------------------------------------------------------------------------
     def reclaim(self, reason: str = "the owner reclaimed the GPU") -> list[str]:
@@ -169,10 +215,24 @@ class NodeAgent:
         self._simulated_free = free_memory
 
     def _own_pids(self) -> set[int]:
+        """The pids of this node's runners known so far. Never waits: a runner still starting
+        (in a storm, dozens) must not hold every report up."""
         with self._lock:
-            refs = list(self._pids.values())
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0) if refs else ([], [])
-        return {ray.get(r) for r in ready}
+            pending = {job: ref for job, ref in self._pids.items() if job not in self._pid_values}
+        if pending:
+            ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=0)
+            ready_set = set(ready)
+            for job, ref in pending.items():
+                if ref in ready_set:
+                    try:
+                        pid = int(ray.get(ref, timeout=0))
+                    except Exception:  # the runner died before it answered: no pid to keep
+                        continue
+                    with self._lock:
+                        if job in self._pids:
+                            self._pid_values[job] = pid
+        with self._lock:
+            return set(self._pid_values.values())
 
     def _apply_policy(self) -> None:
         reason = self._availability(self._own_pids())

@@ -1,7 +1,8 @@
 """What GPU a node has and how much of its memory is free right now.
 
 Free memory is what the driver reports (`torch.cuda.mem_get_info`), so other users' processes
-count against it. A node without CUDA reports itself as a CPU device. Tests and CPU-only
+count against it. A node without CUDA reports itself as a CPU device: its RAM (total, and
+available now) and its cores, which bound how many jobs it trains at once (`cpu_slots`). Tests and CPU-only
 donors describe a simulated GPU instead (`SimulatedGPU`), which the whole pool then treats
 exactly like a real one: placement, memory accounting and reclaiming all run; only the
 arithmetic happens on the CPU.
@@ -69,17 +70,41 @@ def _detect_real(gpu_index: int, cpu_memory: Optional[int]) -> DeviceInfo:
             )
     except Exception:  # a broken driver must not keep a donor out of the pool as a CPU node
         pass
-    total = cpu_memory if cpu_memory is not None else _system_memory()
-    return DeviceInfo(kind="cpu", name="cpu", total_memory=total, free_memory=total,
-                      compute_capability=(0, 0))
+    # A CPU node: its RAM. Total is what the donor offers (`cpu_memory`) or the machine's RAM;
+    # free is what the kernel says is available now (other programs count), never above total.
+    total_ram, available = system_memory()
+    total = cpu_memory if cpu_memory is not None else total_ram
+    return DeviceInfo(kind="cpu", name="cpu", total_memory=total,
+                      free_memory=min(total, available), compute_capability=(0, 0))
 
 
-def _system_memory() -> int:
+def system_memory() -> tuple[int, int]:
+    """(total, available) bytes of this machine's RAM."""
     try:
         import psutil
 
-        return int(psutil.virtual_memory().available)
+        vm = psutil.virtual_memory()
+        return int(vm.total), int(vm.available)
     except Exception:
         import os
 
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+        page = os.sysconf("SC_PAGE_SIZE")
+        return (int(page * os.sysconf("SC_PHYS_PAGES")),
+                int(page * os.sysconf("SC_AVPHYS_PAGES")))
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's share)."""
+    import os
+
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def cpu_slots(cores: int, threads_per_job: Optional[int], configured: Optional[int]) -> int:
+    """How many jobs a CPU node trains at once: `configured`, else one per `threads_per_job`
+    cores (one per core when a job uses Ray's default single thread), at least one."""
+    if configured is not None:
+        return max(1, configured)
+    return max(1, cores // max(1, threads_per_job or 1))

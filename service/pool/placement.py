@@ -22,7 +22,9 @@ The rules, in the order `plan()` applies them:
    starting will take. Memory placed in this pass is promised at once (`estimate.total`).
 4. **Best fit.** Among nodes that fit, the one with the least memory left over wins (then fewer
    running jobs, then name), so big GPUs stay free for big jobs; several small jobs may share a
-   large GPU (`max_jobs_per_node` caps that when set).
+   large GPU (`max_jobs_per_node` caps that when set). A node may cap its own count too
+   (`NodeView.max_jobs`: a CPU node's slots, one job per `cpu_threads` cores), and its memory
+   is then its RAM, which the CPU estimate covers (runtime, weights as loaded, activations).
 5. **Auto-fit.** When the job as submitted fits no candidate now, smaller variants are tried, in
    this order, and the first that fits some node is placed with the changes recorded as
    human-readable text for the job's events: halve `micro_batch_size` down to 1 (doubling
@@ -72,6 +74,9 @@ class NodeView:
     labels: dict[str, str] = field(default_factory=dict)
     accepting: bool = True  # False: reclaimed, offline or outside the donation schedule
     running_jobs: int = 0
+    # At most this many jobs at once (a CPU node's slots: its cores over a job's threads); None:
+    # memory alone decides. Runners still dying count as running until they are gone.
+    max_jobs: int | None = None
 
     @property
     def available(self) -> int:
@@ -315,7 +320,8 @@ class Placer:
     def _place_among(self, job: JobView, nodes: list[NodeView], avail: dict[str, int],
                      count: dict[str, int]) -> Placement | None:
         cands = [n for n in nodes if self.matches(job, n)
-                 and (self.max_jobs_per_node is None or count[n.node_id] < self.max_jobs_per_node)]
+                 and (self.max_jobs_per_node is None or count[n.node_id] < self.max_jobs_per_node)
+                 and (n.max_jobs is None or count[n.node_id] < n.max_jobs)]
         if not cands:
             return None
         classes: dict[tuple, DeviceInfo] = {}
@@ -373,7 +379,8 @@ class Placer:
                 best_short = (cap, need, n)
         assert best_short is not None
         cap, need, node = best_short
-        msg = f"needs {_fmt(need)}; largest free node has {_fmt(cap)} ({node.name})"
+        ram = " of RAM" if node.device.kind == "cpu" else ""  # a CPU node trains in its RAM
+        msg = f"needs {_fmt(need)}{ram}; largest free node has {_fmt(cap)}{ram} ({node.name})"
         if len(variants) > 1:
             micro, ckpt, seq = smallest
             msg += (f" (smallest setting tried: micro_batch_size {micro}, "

@@ -7,6 +7,12 @@ adapter — for the head to collect with `drain()`. It never opens a path of the
 
 The runner is a threaded actor: `run()` trains in one thread while `drain()` and
 `request_stop()` answer in others.
+
+A stop request is honoured in every phase: before and between fetching the model, data and
+checkpoint; during the trainer's setup (loading the base model, tokenizing), where the next
+status event the trainer emits ends the run; and between steps, where the trainer checkpoints
+first. Until the first step there is nothing new to save, so stopping there loses nothing. (The
+scheduler still kills a runner that does not stop in time: a load can block for minutes.)
 """
 
 from __future__ import annotations
@@ -26,6 +32,11 @@ from .transfer import materialise, read_folder
 #   model / data / validation / resume: {"key": content id, "files": {relpath: ObjectRef|bytes},
 #                                        "entry": relpath of the file to use (gguf / jsonl)}
 #   attempt: int
+
+
+class _StopNow(BaseException):
+    """Raised from the event callback to leave the trainer's setup at once. A BaseException, as
+    the trainer's event sink rightly swallows a callback's ordinary errors."""
 
 
 def _fetch(value: Any) -> bytes:
@@ -108,16 +119,33 @@ class JobRunner:
                             "(any more)", code="dataset_not_found")
         return Path(path)
 
-    def _run(self, payload: dict[str, Any]) -> dict[str, Any]:
-        from ..train import TrainEvent, TrainSpec, train
+    def _stopped_early(self, started: float) -> dict[str, Any]:
+        """The result of a run stopped before its first step: nothing was trained or saved."""
+        return {"status": "stopped", "step": 0, "total_steps": None, "metrics": {},
+                "stop_reason": self._stop_reason, "seconds": time.time() - started,
+                "peak_memory": self._peak_memory, "phase": "setup"}
 
+    def _run(self, payload: dict[str, Any]) -> dict[str, Any]:
         started = time.time()
+        # Checked before each phase: a job cancelled while queued for this runner's process, or
+        # while its model arrives, never imports torch or loads anything.
+        if self._stop_reason is not None:
+            return self._stopped_early(started)
         model_path = self._materialise("models", payload["model"])
+        if self._stop_reason is not None:
+            return self._stopped_early(started)
         data_path = self._local_dataset(payload.get("dataset")) or self._materialise(
             "data", payload["data"])
         init_adapter = self._materialise("adapters", payload.get("init_adapter"))
         val_path = self._materialise("data", payload.get("validation"))
         resume = self._materialise("checkpoints", payload.get("resume"))
+        if self._stop_reason is not None:
+            return self._stopped_early(started)
+
+        from ..train import TrainEvent, TrainSpec, train
+
+        if self._stop_reason is not None:  # importing torch can take a while on a busy node
+            return self._stopped_early(started)
 
         spec_fields = dict(payload["spec"])
         spec_fields["base_model"] = str(model_path)
@@ -132,7 +160,13 @@ class JobRunner:
             torch.set_num_threads(self.cpu_threads)
         out_dir = self.work_dir / "jobs" / self.job_id / f"attempt-{payload.get('attempt', 0)}"
 
+        stepped = False
+
         def on_event(event: TrainEvent) -> None:
+            nonlocal stepped
+            stepped = stepped or event.type == "step"
+            if not stepped and event.type == "status" and self._stop_reason is not None:
+                raise _StopNow()
             item: dict[str, Any] = {"kind": "event", "event": event.model_dump(mode="json")}
             if event.memory_peak:
                 self._peak_memory = max(self._peak_memory or 0, int(event.memory_peak))
@@ -145,16 +179,19 @@ class JobRunner:
         def should_stop() -> bool:
             return self._stop_reason is not None
 
-        result = train(
-            spec,
-            data_path,
-            out_dir,
-            validation_data=val_path,
-            on_event=on_event,
-            resume_from=resume,
-            should_stop=should_stop,
-            cache_dir=self.work_dir / "cache",
-        )
+        try:
+            result = train(
+                spec,
+                data_path,
+                out_dir,
+                validation_data=val_path,
+                on_event=on_event,
+                resume_from=resume,
+                should_stop=should_stop,
+                cache_dir=self.work_dir / "cache",
+            )
+        except _StopNow:
+            return self._stopped_early(started)
         out: dict[str, Any] = {
             "status": result.status,
             "step": result.step,

@@ -13,6 +13,15 @@
 Failures are sorted by who caused them: the job's own (bad data, diverging loss) fail it at
 once; the infrastructure's (node lost, preempted, OOM on that node) requeue it from its last
 checkpoint, up to `max_attempts`.
+
+A cancel reaches a job in any phase: the runner is asked to stop (it checks between its own
+loading phases and the trainer between steps); a runner that has not stopped `cancel_timeout`
+seconds later (still loading, hung, or its process swamped) is killed and the job marked
+`cancelled`. A cancel stored by the API while the job was being started is picked up from the
+store on the next tick. A killed runner counts against its node's slots until Ray confirms it
+is gone, so a storm of cancels never stacks new runners onto dying ones. No job is left
+`running` without a runner: a lost runner requeues or ends its job, and `stop()` hands every
+job still running back to the queue (or to `cancelled` when a cancel was asked).
 """
 
 from __future__ import annotations
@@ -65,8 +74,19 @@ class _Active:
     stepped: bool = False
     stop_reason: Optional[str] = None
     preempted_at: Optional[float] = None  # when its node asked it to checkpoint and stop
+    cancel_at: Optional[float] = None  # when a cancel was sent to its runner
     events: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Dying:
+    """A runner that was killed: its node slot stays taken until Ray says it is gone."""
+
+    node: str
+    runner: Any
+    probe: Any  # an ObjectRef that fails once the actor is dead
+    since: float
 
 
 def job_view(job_id: str, tenant: str, spec: TrainSpec, submitted_at: float,
@@ -106,6 +126,8 @@ class RayExecutor(BackgroundLoop):
         node_refresh_interval: float = 1.0,
         max_attempts: int = 3,
         preempt_timeout: float = 30.0,
+        cancel_timeout: float = 30.0,
+        dying_timeout: float = 30.0,
         models: Optional[ModelObjects] = None,
     ) -> None:
         from .placement import Placer
@@ -118,6 +140,12 @@ class RayExecutor(BackgroundLoop):
         self.node_refresh_interval = node_refresh_interval
         self.max_attempts = max_attempts
         self.preempt_timeout = preempt_timeout
+        self.cancel_timeout = cancel_timeout
+        self.dying_timeout = dying_timeout
+        self._dying: dict[str, _Dying] = {}
+        # One report call in flight per agent: a slow agent never gets a queue of them.
+        self._report_refs: dict[str, Any] = {}
+        self._refresh_lock = threading.Lock()
         # Nodes where each job's earlier attempts ended badly: a retry goes elsewhere if it can.
         self._failed_on: dict[str, set[str]] = {}
         self._nodes: dict[str, _NodeState] = {}
@@ -133,10 +161,35 @@ class RayExecutor(BackgroundLoop):
     def cancel(self, job_id: str) -> None:
         with self._lock:
             active = self._active.get(job_id)
-        if active is not None:
-            active.stop_reason = active.stop_reason or "cancelled by user"
-            active.runner.request_stop.remote("cancelled by user")
+            if active is not None:
+                active.stop_reason = active.stop_reason or "cancelled by user"
+                first = active.cancel_at is None
+                active.cancel_at = active.cancel_at or time.time()
+        if active is not None and first:
+            try:
+                active.runner.request_stop.remote("cancelled by user")
+            except Exception:  # a dead runner: the deadline in _poll_active ends the job
+                pass
         self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop, then leave no job `running` without a runner: the runners go (this
+        head owns them), and their jobs go back to the queue, or to `cancelled` if asked."""
+        super().stop(timeout)
+        with self._lock:
+            actives = list(self._active.values())
+        for a in actives:
+            self._release(a)
+            job = self.store.get_job(a.job_id)
+            if job is not None and (job.cancel_requested or a.cancel_at is not None):
+                if self.store.transition(a.job_id, {"running"}, "cancelled",
+                                         finished_at=int(time.time())):
+                    self.store.add_event(a.job_id, "Job cancelled (the service stopped)")
+            elif self.store.transition(a.job_id, {"running"}, "queued", node_id=None,
+                                       attempt=a.attempt + 1):
+                self.store.add_event(
+                    a.job_id, f"The service stopped; attempt {a.attempt + 1} on {a.node} was "
+                    f"stopped and the job requeued from its last checkpoint", level="warn")
 
     def check_fits(self, spec: TrainSpec,
                    placement: Optional[dict[str, Any]] = None) -> Optional[str]:
@@ -176,6 +229,8 @@ class RayExecutor(BackgroundLoop):
     # -- the loop ---------------------------------------------------------------------------
     def tick(self) -> None:
         self._refresh_nodes()
+        self._reap_dying()
+        self._sync_cancels()
         self._poll_active()
         self._schedule()
 
@@ -198,17 +253,30 @@ class RayExecutor(BackgroundLoop):
 
     # -- nodes ------------------------------------------------------------------------------
     def _refresh_nodes(self, force: bool = False) -> None:
+        # The API's threads may ask too (check_fits, nodes): one refresh at a time.
+        with self._refresh_lock:
+            self._refresh_nodes_locked(force)
+
+    def _refresh_nodes_locked(self, force: bool) -> None:
         now = time.time()
         if not force and now - self._last_refresh < self.node_refresh_interval:
             return
         self._last_refresh = now
         agents = list_agents()
-        refs = {name: handle.report.remote() for name, handle in agents.items()}
+        refs = {}
+        for name, handle in agents.items():
+            ref = self._report_refs.get(name)
+            if ref is None:
+                ref = self._report_refs[name] = handle.report.remote()
+            refs[name] = ref
+        for name in set(self._report_refs) - set(agents):
+            self._report_refs.pop(name, None)
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=2.0) if refs else ([], [])
         ready_set = set(ready)
         with self._lock:
             for name, ref in refs.items():
                 if ref in ready_set:
+                    self._report_refs.pop(name, None)
                     try:
                         report = ray.get(ref)
                     except Exception:
@@ -247,7 +315,10 @@ class RayExecutor(BackgroundLoop):
                     promised=promised,
                     labels=dict(r.get("labels", {})),
                     accepting=bool(r.get("accepting", True)) or include_busy,
-                    running_jobs=sum(1 for a in self._active.values() if a.node == st.name),
+                    running_jobs=(sum(1 for a in self._active.values() if a.node == st.name)
+                                  + sum(1 for d in self._dying.values() if d.node == st.name)),
+                    max_jobs=(int(r["cpu_slots"]) if dev.kind == "cpu" and r.get("cpu_slots")
+                              else None),
                 ))
         return views
 
@@ -255,16 +326,27 @@ class RayExecutor(BackgroundLoop):
     def _poll_active(self) -> None:
         with self._lock:
             actives = list(self._active.values())
+        # Every runner is asked at once and answers within one shared timeout: dozens of runners
+        # still starting must not cost a timeout each.
+        drains = {a.job_id: a.runner.drain.remote() for a in actives}
+        ready, _ = (ray.wait(list(drains.values()), num_returns=len(drains), timeout=10)
+                    if drains else ([], []))
+        ready_set = set(ready)
         for a in actives:
             node = self._nodes.get(a.node)
+            if self._cancel_overdue(a):
+                continue
+            if drains[a.job_id] not in ready_set:
+                if node is not None and node.offline:
+                    self._lost(a, f"node {a.node} stopped sending heartbeats")
+                continue
             try:
-                items = ray.get(a.runner.drain.remote(), timeout=10)
+                items = ray.get(drains[a.job_id])
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
                 self._lost(a, f"node {a.node} lost ({type(exc).__name__})")
                 continue
-            except ray.exceptions.GetTimeoutError:
-                if node is not None and node.offline:
-                    self._lost(a, f"node {a.node} stopped sending heartbeats")
+            except ray.exceptions.RayTaskError as exc:
+                self._lost(a, f"runner on {a.node} failed ({exc})")
                 continue
             for item in items:
                 self._absorb(a, item)
@@ -285,6 +367,82 @@ class RayExecutor(BackgroundLoop):
                 self._enforce_preemption(a)
             else:
                 a.preempted_at = None  # the owner left again before the deadline
+
+    def _sync_cancels(self) -> None:
+        """Cancels the API stored while the job was being started (before it was active here)
+        reach its runner now."""
+        with self._lock:
+            if not self._active:
+                return
+            waiting = {j for j, a in self._active.items() if a.cancel_at is None}
+        if not waiting:
+            return
+        for job in self.store.jobs_in_status("running"):
+            if job.id in waiting and job.cancel_requested:
+                self.cancel(job.id)
+
+    def _cancel_overdue(self, a: _Active) -> bool:
+        """A cancelled job whose runner has not stopped within `cancel_timeout` (loading,
+        hung, swamped): kill the runner and end the job `cancelled`. True when it did."""
+        if a.cancel_at is None or time.time() - a.cancel_at <= self.cancel_timeout:
+            return False
+        ready, _ = ray.wait([a.run_ref], timeout=0)
+        if ready:  # it did stop (or fail) after all: let _poll_active read its result
+            return False
+        self._release(a)
+        if self.store.transition(a.job_id, {"running"}, "cancelled",
+                                 finished_at=int(time.time())):
+            self.store.add_event(
+                a.job_id, f"Job cancelled: its runner on {a.node} did not stop within "
+                f"{self.cancel_timeout:g} s of the cancel and was killed; its last stored "
+                f"checkpoint (step {max(a.last_checkpoint_step, 0)}) stays", level="warn")
+        self._forget_if_done(a.job_id)
+        self._wake.set()
+        return True
+
+    def _reap_dying(self) -> None:
+        """Forget killed runners Ray says are gone (their node slot is free again)."""
+        with self._lock:
+            dying = dict(self._dying)
+        if not dying:
+            return
+        probes = {d.probe: job for job, d in dying.items()}
+        ready, _ = ray.wait(list(probes), num_returns=len(probes), timeout=0)
+        now = time.time()
+        for ref in ready:
+            job = probes[ref]
+            d = dying[job]
+            try:
+                ray.get(ref, timeout=0)
+            except Exception:  # the actor is dead: the slot is free
+                with self._lock:
+                    self._dying.pop(job, None)
+                continue
+            # It answered: the kill has not landed yet. Ask again next tick.
+            try:
+                d.probe = d.runner.pid.remote()
+            except Exception:
+                with self._lock:
+                    self._dying.pop(job, None)
+        for job, d in dying.items():
+            if now - d.since > self.dying_timeout and job in self._dying:
+                log.warning("runner of %s on %s not confirmed dead after %.0f s", job, d.node,
+                            now - d.since)
+                with self._lock:
+                    self._dying.pop(job, None)
+
+    def _kill(self, job_id: str, node: str, runner: Any, run_ref: Any = None) -> None:
+        """Kill a runner and hold its node slot until it is gone."""
+        try:
+            ray.kill(runner, no_restart=True)
+        except Exception:
+            return
+        probe = run_ref
+        if probe is None or ray.wait([probe], timeout=0)[0]:
+            # A call after the kill fails once the actor is dead.
+            probe = runner.pid.remote()
+        with self._lock:
+            self._dying[job_id] = _Dying(node, runner, probe, time.time())
 
     def _enforce_preemption(self, a: _Active) -> None:
         """A reclaimed node asked its job to checkpoint and stop; past `preempt_timeout` the
@@ -353,10 +511,7 @@ class RayExecutor(BackgroundLoop):
                 st.handle.unregister_job.remote(a.job_id)
             except Exception:
                 pass
-        try:
-            ray.kill(a.runner, no_restart=True)
-        except Exception:
-            pass
+        self._kill(a.job_id, a.node, a.runner, a.run_ref)
 
     def _finish(self, a: _Active, result: dict[str, Any]) -> None:
         self._release(a)
@@ -565,8 +720,13 @@ class RayExecutor(BackgroundLoop):
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
         ).remote(job.id, agent_name(st.name))
         estimate = int(placement.estimate.total)
-        if not ray.get(st.handle.register_job.remote(job.id, runner, estimate), timeout=10):
-            ray.kill(runner, no_restart=True)
+        try:
+            registered = ray.get(st.handle.register_job.remote(job.id, runner, estimate),
+                                 timeout=10)
+        except Exception:
+            registered = False
+        if not registered:  # reclaimed, or the node's slots are full: it waits in the queue
+            self._kill(job.id, st.name, runner)
             return
         if not self.store.transition(
             job.id, {"queued"}, "running", node_id=st.name, started_at=int(time.time()),
@@ -574,13 +734,16 @@ class RayExecutor(BackgroundLoop):
         ):
             # Cancelled while we were placing it.
             st.handle.unregister_job.remote(job.id)
-            ray.kill(runner, no_restart=True)
+            self._kill(job.id, st.name, runner)
             return
         run_ref = runner.run.remote(payload)
         active = _Active(job.id, job.tenant, st.name, runner, run_ref, estimate, attempt,
                          time.time(), last_checkpoint_step=resume_step - 1 if resume else -1)
         with self._lock:
             self._active[job.id] = active
+        # A cancel the API stored between our transition and now found no active job: honour it.
+        if getattr(self.store.get_job(job.id), "cancel_requested", False):
+            self.cancel(job.id)
         dev = st.report["device"]
         msg = (f"Attempt {attempt + 1} placed on {st.name} ({dev.get('name')}, "
                f"{_fmt_gib(int(st.report['free_memory']))} free); predicted peak "

@@ -1,4 +1,4 @@
-"""Peak GPU memory of one QLoRA job, estimated from the model's config alone.
+"""Peak GPU memory (or CPU RAM) of one QLoRA job, estimated from the model's config alone.
 
 The scheduler places every queued job by this number, on every kind of node, so it must be
 cheap (shapes are read once per model, then each estimate is arithmetic) and it must show its
@@ -44,7 +44,9 @@ Assumptions (each is a named constant below, so calibration can change it in one
 - Calibration: with a quantized base, the per-layer activations above are multiplied by
   `KBIT_ACTIVATION_FACTOR` (2.5, measured on an H100; see the constant). An unquantized base is
   not calibrated yet.
-- CUDA context: 600 MiB on CUDA (measured 0.60 GiB with CUDA 13 and cuBLAS workspace), 0 on CPU.
+- CUDA context: 600 MiB on CUDA (measured 0.60 GiB with CUDA 13 and cuBLAS workspace).
+- On the CPU (`_cpu_estimate`) the same tensor terms live in the process's RAM, plus the
+  Python/torch runtime, tokenizer and data, and the stored weights as loaded (RSS-calibrated).
 - Allocator slack: 10 % of everything but the CUDA context (the caching allocator's rounding and
   fragmentation).
 
@@ -426,11 +428,75 @@ def estimate_memory(spec: TrainSpec, device: DeviceInfo, *, config: Any = None) 
         "logits": int(logits),
         "backward_workspace": int(workspace),
     }
-    breakdown["cuda_context"] = CUDA_CONTEXT_BYTES if kind == "cuda" else 0
+    if kind == "cpu":
+        return _cpu_estimate(spec, shape, breakdown, dtype)
+    breakdown["cuda_context"] = CUDA_CONTEXT_BYTES
     breakdown["allocator_slack"] = int(ALLOCATOR_SLACK * sum(
         v for k, v in breakdown.items() if k != "cuda_context"))
     return MemoryEstimate(breakdown=breakdown, total=sum(breakdown.values()),
                           compute_dtype=dtype, device_kind=kind)
+
+
+# -- the CPU branch ------------------------------------------------------------------------------
+# A job that trains on the CPU holds its tensors in the runner process's RAM, next to everything
+# the process itself is. Measured with psutil RSS (bench/cpu_memory.py, torch 2.13 CPU,
+# transformers 5.24, peft 0.21, bitsandbytes 0.50): a runner that has imported the trainer and
+# trained the 0.1M-parameter tiny model peaks at ~577 MiB, i.e. the runtime alone; a
+# SmolLM2-135M-shaped model (fp32 safetensors, 652 MB, seq 256, micro-batch 2) at ~1.9 GiB. The
+# estimate below is 1.03x and 1.12x those peaks (conservative, as a placement bound should be).
+CPU_RUNTIME_BYTES = 512 * MiB  # python + torch + transformers + peft + bitsandbytes + Ray worker
+CPU_TOKENIZER_DATA_BYTES = 64 * MiB  # tokenizer, the tokenized data set and its collator
+CPU_ALLOCATOR_SLACK = 0.10  # glibc malloc keeps freed arenas; the fp32 CPU path copies more
+
+_ckpt_lock = threading.Lock()
+_ckpt_cache: dict[tuple, int] = {}
+
+
+def _checkpoint_bytes(spec: TrainSpec, shape: ModelShape) -> int:
+    """Bytes of the base model's weights as stored (what loading reads into RAM before they are
+    quantized, and what the allocator keeps afterwards): the .safetensors / .gguf files' sizes,
+    or for a config-only folder the parameter count at the config's dtype (fp32 if unnamed)."""
+    path = Path(spec.base_model)
+    key = (str(path), spec.gguf_file, _mtime(spec))
+    with _ckpt_lock:
+        hit = _ckpt_cache.get(key)
+    if hit is not None:
+        return hit
+    n = 0
+    if path.is_file():
+        n = path.stat().st_size
+    elif path.is_dir():
+        files = [path / spec.gguf_file] if spec.gguf_file else list(path.glob("*.safetensors"))
+        n = sum(f.stat().st_size for f in files if f.is_file())
+        if not n:
+            dtype = None
+            try:
+                import json
+
+                cfg = json.loads((path / "config.json").read_text())
+                dtype = cfg.get("dtype") or cfg.get("torch_dtype")
+            except (OSError, ValueError):
+                pass
+            n = shape.total_params * {"bfloat16": 2, "float16": 2}.get(str(dtype), 4)
+    with _ckpt_lock:
+        if len(_ckpt_cache) >= _SHAPE_CACHE_MAX:
+            _ckpt_cache.clear()
+        _ckpt_cache[key] = n
+    return n
+
+
+def _cpu_estimate(spec: TrainSpec, shape: ModelShape, terms: dict[str, int],
+                  dtype: str) -> MemoryEstimate:
+    """Peak RAM of a job training on the CPU: the analytic tensor terms (as on a GPU, minus the
+    CUDA context) plus what the process and the load cost on the CPU: the Python/torch runtime,
+    the tokenizer and data, and the stored weights read in to be quantized."""
+    breakdown = dict(terms)
+    breakdown["checkpoint_load"] = int(_checkpoint_bytes(spec, shape))
+    breakdown["tokenizer_and_data"] = CPU_TOKENIZER_DATA_BYTES
+    breakdown["allocator_slack"] = int(CPU_ALLOCATOR_SLACK * sum(breakdown.values()))
+    breakdown["python_torch_runtime"] = CPU_RUNTIME_BYTES
+    return MemoryEstimate(breakdown=breakdown, total=sum(breakdown.values()),
+                          compute_dtype=dtype, device_kind="cpu")
 
 
 __all__ = [

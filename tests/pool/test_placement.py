@@ -288,3 +288,87 @@ def test_a_retry_avoids_the_nodes_where_it_failed_unless_none_other_fits(model):
     # When the avoided node is the only one with room, the retry still runs (there).
     tight = [node("desk1", n + GiB), node("desk2", n // 2)]
     assert Placer().plan([retry], tight, {})[0].node_id == "id-desk1"
+
+
+# -- CPU nodes: the estimate covers RAM, slots cap how many jobs run at once -------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    from lorapool.service.train.tiny import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny")
+
+
+def cpu_node(name: str, free: int, total: int | None = None, *, slots: int | None = None,
+             running: int = 0) -> NodeView:
+    dev = DeviceInfo(kind="cpu", name="cpu", total_memory=total or free, free_memory=free,
+                     compute_capability=(0, 0))
+    return NodeView(node_id=f"id-{name}", name=name, device=dev, free_memory=free,
+                    running_jobs=running, max_jobs=slots)
+
+
+def test_cpu_estimate_covers_the_process_and_the_stored_weights(tiny, model):
+    from lorapool.service.train import memory
+
+    cpu = DeviceInfo(kind="cpu", name="cpu", total_memory=64 * GiB)
+    gpu = DeviceInfo(kind="cuda", name="g", total_memory=64 * GiB, compute_capability=(8, 6))
+    s = TrainSpec(base_model=str(tiny), max_seq_len=128, batch_size=4, micro_batch_size=2)
+    est = estimate_memory(s, cpu)
+    # The tiny model's tensors are a few MiB: the runtime is what a CPU job really costs.
+    assert est.device_kind == "cpu" and est.total >= memory.CPU_RUNTIME_BYTES
+    assert est.breakdown["python_torch_runtime"] == memory.CPU_RUNTIME_BYTES
+    stored = sum(f.stat().st_size for f in tiny.glob("*.safetensors"))
+    assert stored > 0 and est.breakdown["checkpoint_load"] == stored
+    assert est.total == sum(est.breakdown.values())
+    # The GPU estimate keeps its own terms (no CPU runtime, a CUDA context).
+    g = estimate_memory(s, gpu)
+    assert "python_torch_runtime" not in g.breakdown and g.breakdown["cuda_context"] > 0
+    # A config-only folder: the parameters at the config's dtype (fp32 when unnamed).
+    big = estimate_memory(spec(model), cpu)
+    assert big.breakdown["checkpoint_load"] >= 2 * 1_000_000_000
+    # Longer sequences cost more RAM (activations and logits grow with tokens).
+    longer = estimate_memory(s.model_copy(update={"max_seq_len": 1024}), cpu)
+    assert longer.breakdown["activations"] > est.breakdown["activations"]
+    assert longer.total > est.total
+
+
+def test_cpu_node_takes_no_more_jobs_than_its_slots(tiny):
+    placer = Placer()
+    queue = [job(f"j{i}", spec(tiny, max_seq_len=128), t=i) for i in range(10)]
+    roomy = cpu_node("cpu-box", 64 * GiB, slots=2)
+    got = placer.plan(queue, [roomy])
+    assert len(got) == 2 and {p.node_id for p in got} == {"id-cpu-box"}
+    # One already running (or dying): one more.
+    assert len(placer.plan(queue, [replace(roomy, running_jobs=1)])) == 1
+    assert placer.plan(queue, [replace(roomy, running_jobs=2)]) == []
+    # No slot cap (a GPU node, or max_jobs None): memory alone decides, all ten fit.
+    assert len(placer.plan(queue, [replace(roomy, max_jobs=None)])) == 10
+
+
+def test_cpu_node_ram_bounds_the_jobs_too(tiny):
+    placer = Placer()
+    queue = [job(f"j{i}", spec(tiny, max_seq_len=128), t=i) for i in range(5)]
+    one = need(queue[0].spec, kind="cpu")
+    # Four slots but RAM for one job and a half: one job.
+    got = placer.plan(queue, [cpu_node("small", int(one * 1.5), slots=4)])
+    assert len(got) == 1
+    replay_fits(placer, got, [cpu_node("small", int(one * 1.5), slots=4)])
+    # Less RAM than one job needs: none, and the submit-time check refuses it with the numbers.
+    tight = cpu_node("tight", one // 2, total=one // 2, slots=4)
+    assert placer.plan(queue, [tight]) == []
+    msg = placer.check_fits(queue[0], [tight])
+    assert msg and "of RAM" in msg and "tight" in msg
+    gib = [float(x) for x in re.findall(r"(\d+\.\d) GiB", msg)]
+    assert gib[0] > gib[1]
+
+
+def test_a_job_no_cpu_node_could_hold_is_refused_at_submit(tiny):
+    placer = Placer()
+    nodes = [cpu_node("cpu-a", 8 * GiB, total=16 * GiB, slots=2),
+             cpu_node("cpu-b", 2 * GiB, total=4 * GiB, slots=1)]
+    huge = spec(tiny, batch_size=1024, micro_batch_size=1024, max_seq_len=32768)
+    msg = placer.check_fits(job("big", huge, allow_autofit=False), nodes)
+    assert msg is not None and "of RAM" in msg and "cpu-a" in msg
+    need_gib, cap_gib = (float(x) for x in re.findall(r"(\d+\.\d) GiB", msg)[:2])
+    assert cap_gib == 16.0 and need_gib > 1000  # a 1024 x 32768-token micro-batch: terabytes
+    # With auto-fit allowed the same job shrinks to micro-batch 1, which a 16 GiB node holds.
+    assert placer.check_fits(job("big", huge), nodes) is None
