@@ -104,10 +104,17 @@ def donate(
     os.environ.update({k: v for k, v in env.items() if k.startswith(("RAY_", "CUDA_"))})
     _reload_ray_auth()
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+
+    def on_signal() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+
+    on_signal()
     try:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+        # ray.init installs Ray's own fatal-signal handler (SIGTERM included): ours again, so
+        # that SIGTERM leaves cleanly (jobs checkpointed, exit 0) instead of killing us.
+        on_signal()
         agent = start_agent(config, detached=True)
         report = ray.get(agent.report.remote())
         if console is not None:
