@@ -3,17 +3,21 @@
 `Service` is the whole server as one object, used three ways: `lorapool serve` (blocking, until
 SIGINT/SIGTERM), `lorapool demo`, and tests (as a context manager, with uvicorn in a thread on
 a loopback port). With no Ray address it starts a local Ray head bound to 127.0.0.1 with the
-dashboard off, and donates this machine as the first node of the pool.
+dashboard and Ray's metrics off, and donates this machine as the first node of the pool; `stop()`
+ends every process that head started, agents that outlived the raylet included. With a Ray address
+it only connects, and ends nothing of that cluster.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -39,6 +43,12 @@ def _is_loopback(address: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1")
 
 
+# Ray's switch that stops it from rewriting a loopback node address into the machine's outward one
+# (ray-project/ray#26293). Read at import, so it is set both in the environment (for the Ray
+# processes started from here) and on the already imported constant (for this process).
+_LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 def _keep_loopback_addresses() -> None:
     """Let the driver reach a cluster whose nodes all listen on 127.0.0.1.
 
@@ -51,6 +61,39 @@ def _keep_loopback_addresses() -> None:
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """`values` in os.environ for the block (Ray's processes started in it inherit them)."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def embedded_ray_options(namespace: str) -> dict[str, Any]:
+    """`ray.init` options for the embedded head: every Ray process on 127.0.0.1, nothing that
+    lorapool does not use (dashboard, metrics export, usage stats)."""
+    return dict(
+        # "local": always a fresh head of our own, never a stray cluster found running.
+        address="local",
+        namespace=namespace,
+        include_dashboard=False,
+        # With ENABLE_RAY_CLUSTER off (see _keep_loopback_addresses) Ray keeps this address
+        # instead of replacing it with the outward IP, and since ray-project/ray#59852 its gRPC
+        # servers (GCS, raylet, object manager, workers) and agents bind to the node address.
+        _node_ip_address="127.0.0.1",
+        # No metrics: the dashboard agent then opens no Prometheus export port.
+        _system_config={"enable_metrics_collection": False},
+        log_to_driver=False,
+    )
 
 
 class Service:
@@ -82,6 +125,9 @@ class Service:
         self._thread: Optional[threading.Thread] = None
         self._started_ray = False
         self._agent: Any = None
+        # The processes the embedded head started (GCS, raylet, …): ended on stop() with all
+        # their descendants. Empty when joining a cluster: nothing of it is ours to end.
+        self._ray_roots: list[Any] = []
 
     @property
     def base_url(self) -> str:
@@ -102,16 +148,19 @@ class Service:
             ray.init(address=self.settings.ray_address, namespace=NAMESPACE,
                      log_to_driver=False, **self.ray_init_options)
         else:
-            opts: dict[str, Any] = dict(
-                # "local": always a fresh head of our own, never a stray cluster found running.
-                address="local",
-                namespace=NAMESPACE,
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                log_to_driver=False,
-            )
-            opts.update(self.ray_init_options)
-            ray.init(**opts)
+            import psutil
+
+            opts = embedded_ray_options(NAMESPACE)
+            extra = dict(self.ray_init_options)
+            opts["_system_config"] = {**opts["_system_config"],
+                                      **extra.pop("_system_config", {})}
+            opts.update(extra)
+            _keep_loopback_addresses()
+            before = {p.pid for p in psutil.Process().children()}
+            with _environ(**{_LOOPBACK_SWITCH: "0"}):
+                ray.init(**opts)
+            # What ray.init started: the head's processes, direct children of this one.
+            self._ray_roots = [p for p in psutil.Process().children() if p.pid not in before]
         self._started_ray = True
 
     def _start_local_node(self) -> None:
@@ -176,6 +225,11 @@ class Service:
     def serve_forever(self) -> None:
         """Start everything and serve in this thread until SIGINT/SIGTERM, then shut down in
         order (API, scheduler, Ray, store) and return normally (exit status 0)."""
+        from .processes import become_subreaper, descendants, end_processes
+
+        # Ray processes orphaned while we run are re-parented to us, so that they are found
+        # (and ended) below instead of living on under init.
+        become_subreaper()
         self.build()
         self._server = self._uvicorn()
         log.info("lorapool serving on %s (data in %s)", self.base_url, self.settings.data_dir)
@@ -191,6 +245,8 @@ class Service:
             signal.signal(signal.SIGTERM, previous)
             log.info("lorapool stopping")
             self.stop()
+            # Everything this process started is ours (with a joined cluster: nothing of it).
+            end_processes(descendants(), wait=2.0)
 
     def stop(self) -> None:
         if self._server is not None and self._thread is not None:
@@ -205,8 +261,16 @@ class Service:
         if self._started_ray:
             import ray
 
+            from .processes import descendants, end_processes
+
+            # Taken before the shutdown, while the agents are still the raylet's children.
+            ours = descendants(self._ray_roots)
             ray.shutdown()
             self._started_ray = False
+            # Ray stops its own processes, but its agents can outlive the raylet: end what is
+            # left of the head's processes, and only those.
+            end_processes(ours)
+            self._ray_roots = []
         if self.store is not None:
             self.store.close()
 

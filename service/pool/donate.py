@@ -5,6 +5,12 @@ authentication on — the token comes from a file or the environment, never the 
 starts this node's NodeAgent with the donor's terms (which GPU, a memory cap, a schedule, idle
 rules, node-local data sets), and stays in the foreground. Ctrl-C (or SIGTERM) asks the node's
 jobs to checkpoint and stop, waits for them, and leaves the cluster.
+
+Ray binds to the node address the donor names (`--node-ip-address`; by default the address
+this machine reaches the head from, 127.0.0.1 for a head on this machine) and to loopback, and
+Ray's metrics export is off. Leaving ends the processes this node started and only those:
+never `ray stop`, which would end every Ray process of the machine (a head running beside it
+included).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -46,6 +53,17 @@ def ray_auth_env(token_file: Optional[str | Path] = None) -> dict[str, str]:
     return env
 
 
+def _reload_ray_auth() -> None:
+    """Make this process's Ray read the auth settings just put in os.environ.
+
+    Ray reads RAY_AUTH_MODE and the token once, when it is first imported (here: before the
+    token file was known), so the driver would connect without a token and be refused."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 def donate(
     address: str,
     config: AgentConfig,
@@ -59,21 +77,44 @@ def donate(
     """Join the cluster at `address` and donate this machine until interrupted."""
     import ray
 
-    env = dict(os.environ, **ray_auth_env(token_file), RAY_USAGE_STATS_ENABLED="0")
+    from ..processes import become_subreaper, descendants, end_processes
+    from ..server import _is_loopback, _keep_loopback_addresses
+
+    # Ray's metrics export would open a port on every interface of a LAN node (its exporter
+    # binds all addresses unless the node address is loopback); lorapool does not read it.
+    env = dict(os.environ, **ray_auth_env(token_file), RAY_USAGE_STATS_ENABLED="0",
+               RAY_enable_metrics_collection="0")
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpus
-    cmd = ["ray", "start", f"--address={address}", "--disable-usage-stats"]
+    if node_ip is None and _is_loopback(address):
+        node_ip = "127.0.0.1"  # a head on this machine: this node needs no outward address
+    cmd = [sys.executable, "-m", "lorapool.service.pool.ray_node", "start",
+           f"--address={address}", "--disable-usage-stats"]
     if node_ip:
         cmd.append(f"--node-ip-address={node_ip}")
     if config.cpu_only:
         cmd.append("--num-gpus=0")
+    # `ray start` returns once the node runs; its processes (raylet, agents, workers) are then
+    # re-parented to this process, which finds and ends them when it leaves.
+    become_subreaper()
     subprocess.run(cmd, check=True, env=env)
+    ours = descendants()
+    if _is_loopback(address):
+        _keep_loopback_addresses()
     os.environ.update({k: v for k, v in env.items() if k.startswith(("RAY_", "CUDA_"))})
+    _reload_ray_auth()
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+
+    def on_signal() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+
+    on_signal()
     try:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+        # ray.init installs Ray's own fatal-signal handler (SIGTERM included): ours again, so
+        # that SIGTERM leaves cleanly (jobs checkpointed, exit 0) instead of killing us.
+        on_signal()
         agent = start_agent(config, detached=True)
         report = ray.get(agent.report.remote())
         if console is not None:
@@ -94,4 +135,6 @@ def donate(
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        subprocess.run(["ray", "stop"], check=False, env=env)
+        # This node's processes only (SIGTERM: the raylet leaves the cluster cleanly).
+        end_processes({p.pid: p for p in [*ours, *descendants()]}.values(), wait=0.0,
+                      grace=10.0)
