@@ -294,11 +294,13 @@ async def _models(http: Any, n: int, counts: Counter) -> list[float]:
     return out
 
 
-async def phase_followers(server: Server, token: str, followers: int, requests: int,
+async def phase_followers(server: Server, tokens: list[str], followers: int, requests: int,
                           deadline: float, stats: Stats) -> None:
     import httpx
 
-    headers = {"Authorization": f"Bearer {token}"}
+    # Each token's rate limit (default 20/s, burst 100) would refuse 200 connects at once:
+    # the followers share a few tokens of the tenant, as a few dashboards would.
+    headers = {"Authorization": f"Bearer {tokens[0]}"}
     counts: Counter = Counter()
     async with httpx.AsyncClient(base_url=server.url, timeout=60, headers=headers) as http:
         await http.get("/v1/models")
@@ -308,8 +310,9 @@ async def phase_followers(server: Server, token: str, followers: int, requests: 
     limits = httpx.Limits(max_connections=followers + 10, max_keepalive_connections=followers)
 
     async def follow(i: int, http: Any) -> None:
+        auth = {"Authorization": f"Bearer {tokens[1 + i % (len(tokens) - 1)]}"}
         async with http.stream("GET", f"{JOBS}/{job_id}/events", params={"stream": "true"},
-                               timeout=httpx.Timeout(60, read=120)) as r:
+                               headers=auth, timeout=httpx.Timeout(60, read=120)) as r:
             if r.status_code != 200:
                 received[i].append(f"HTTP {r.status_code}")
                 return
@@ -420,7 +423,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         root = Path(tmp)
         settings = Settings.from_env(environ={}, data_dir=root / "data")
         add_model(settings, "tiny-llama", make_tiny_llama(root / "tiny"))
-        lister, watcher = create_token(settings, "lister"), create_token(settings, "watch")
+        lister = create_token(settings, "lister")
+        watchers = [create_token(settings, "watch") for _ in range(1 + -(-args.followers // 80))]
         storm = [create_token(settings, f"storm-{i}") for i in range(args.clients)]
         t0 = time.monotonic()
         server = Server(root, pool=not args.no_pool)
@@ -430,7 +434,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if "list" not in args.skip:
                 asyncio.run(phase_list(server, lister, args.jobs, args.list_requests, stats))
             if "models" not in args.skip and time.monotonic() < deadline:
-                asyncio.run(phase_followers(server, watcher, args.followers,
+                asyncio.run(phase_followers(server, watchers, args.followers,
                                             args.model_requests, deadline, stats))
             if "storm" not in args.skip and time.monotonic() < deadline:
                 asyncio.run(phase_storm(server, storm, args.submits, args.settle, deadline,
