@@ -211,9 +211,11 @@ class RetryPolicy:
     def delay_for_response(self, call: Call, response: httpx.Response,
                            attempt: int) -> Optional[float]:
         """Seconds to wait before retrying after `response`, or None to give up."""
-        if attempt >= self.max_retries or not call.idempotent:
+        if attempt >= self.max_retries or response.status_code not in RETRY_STATUSES:
             return None
-        if response.status_code not in RETRY_STATUSES:
+        # A 429 is refused before the server acts on the request, so even a POST without an
+        # idempotency key is safe to send again.
+        if not call.idempotent and response.status_code != 429:
             return None
         after = self.retry_after(response)
         if after is not None and 0 <= after <= self.max_retry_after:

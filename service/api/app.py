@@ -7,7 +7,8 @@ hands them in; tests hand in their own executor. The app itself holds no state b
 from __future__ import annotations
 
 import logging
-from typing import Any
+import os
+from typing import Any, Optional
 
 from fastapi import FastAPI
 
@@ -17,6 +18,8 @@ from ..config import Settings
 from ..store import Store
 from . import errors
 from .context import AppContext
+from .event_hub import EventHub
+from .limits import Limits
 from .routes_evaluations import router as evaluations_router
 from .routes_federations import router as federations_router
 from .routes_files import router as files_router
@@ -30,10 +33,12 @@ log = logging.getLogger("lorapool.api")
 
 
 def create_app(settings: Settings, store: Store, artifacts: ArtifactStore,
-               executor: Any, *, tasks: Any = None) -> FastAPI:
+               executor: Any, *, tasks: Any = None, limits: Optional[Limits] = None,
+               hub: Optional[EventHub] = None, **stream_options: float) -> FastAPI:
     """The REST API (see DESIGN.md, "Contracts"); `executor` is a `pool.executor.JobExecutor`,
     `tasks` the `pool.task_queue.PoolTasks` that runs merges and evaluations (None: this
-    server answers 503 to them)."""
+    server answers 503 to them). `limits` default to the LORAPOOL_* variables (limits.py);
+    `hub` to a new hub fed by `store`; `stream_options` set AppContext's `sse_*` fields."""
     try:
         # The built-in demo model must be in the store for jobs (and the scheduler) to name it.
         sync_builtin_models(store)
@@ -42,7 +47,8 @@ def create_app(settings: Settings, store: Store, artifacts: ArtifactStore,
     app = FastAPI(title="lorapool", version="0.1.0",
                   description="QLoRA fine-tuning on pooled GPUs; OpenAI fine-tuning API shape.")
     app.state.ctx = AppContext(settings=settings, store=store, artifacts=artifacts,
-                               executor=executor, tasks=tasks)
+                               executor=executor, tasks=tasks,
+                               **_stream_context(store, limits, hub, stream_options))
     errors.install(app)
     app.include_router(health_router)
     app.include_router(files_router)
@@ -53,3 +59,28 @@ def create_app(settings: Settings, store: Store, artifacts: ArtifactStore,
     app.include_router(merges_router)
     app.include_router(evaluations_router)
     return app
+
+
+FALLBACK_POLL_ENV = "LORAPOOL_EVENTS_FALLBACK_POLL"
+
+
+def _stream_context(store: Store, limits: Optional[Limits], hub: Optional[EventHub],
+                    options: dict[str, float]) -> dict[str, Any]:
+    """The event hub (fed by the store's writes), the limits and the stream settings."""
+    unknown = {k for k in options if not k.startswith("sse_")}
+    if unknown:
+        raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    if hub is None:
+        hub = EventHub()
+        store.add_listener(hub.publish)
+    out: dict[str, Any] = {"hub": hub, "limits": limits or Limits(), **options}
+    raw = os.environ.get(FALLBACK_POLL_ENV, "").strip()
+    if raw and "sse_fallback_poll" not in options:
+        try:
+            poll = float(raw)
+        except ValueError:
+            poll = -1.0
+        if not poll >= 0:
+            raise ValueError(f"{FALLBACK_POLL_ENV}={raw!r}: expected seconds ≥ 0 (0: off)")
+        out["sse_fallback_poll"] = poll
+    return out

@@ -2,11 +2,13 @@
 
 `create_app` puts one `AppContext` on `app.state`; routes get it with `Depends(context)` and the
 caller's tenant with `Depends(tenant)`. Authentication: `Authorization: Bearer <token>`, the
-token's sha256 looked up in the store; anything else is a 401 before the route runs.
+token's sha256 looked up in the store; anything else is a 401 before the route runs. A known
+token then spends one request of its rate limit (`limits.py`), else a 429.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -18,6 +20,8 @@ from ..artifacts import ArtifactStore
 from ..config import Settings
 from ..store import Store
 from .errors import APIError
+from .event_hub import EventHub
+from .limits import Limits
 
 log = logging.getLogger("lorapool.api")
 
@@ -33,8 +37,18 @@ class AppContext:
     # Guards "is this stored object still referenced?" against a concurrent upload of the
     # same bytes, so deleting a file never pulls an object from under a new one.
     objects_lock: threading.Lock = field(default_factory=threading.Lock)
-    sse_poll_interval: float = 0.5
-    sse_keepalive: float = 10.0
+    # Event streams: the hub that feeds them (app.py subscribes it to the store), a comment
+    # line after this many quiet seconds (keeps proxies from closing the connection and
+    # notices a dropped client), how long a stream waits for trailing events once its job
+    # ended, how long a dropped slow follower may take to read its last message, and the
+    # database look at this interval for writes of other processes (0: this process is the
+    # only writer, the default).
+    hub: EventHub = field(default_factory=EventHub)
+    limits: Limits = field(default_factory=Limits)
+    sse_keepalive: float = 15.0
+    sse_linger: float = 0.3
+    sse_drop_grace: float = 10.0
+    sse_fallback_poll: float = 0.0
 
     def wake_tasks(self) -> None:
         try:
@@ -67,7 +81,9 @@ def tenant(request: Request) -> str:
     if scheme.lower() != "bearer" or not token.strip():
         raise APIError(401, "Malformed Authorization header: expected 'Bearer <token>'",
                        code="invalid_api_key", headers=_AUTH_HEADERS)
-    name = context(request).store.tenant_for_token(token.strip())
+    ctx = context(request)
+    name = ctx.store.tenant_for_token(token.strip())
     if name is None:
         raise APIError(401, "Invalid API key", code="invalid_api_key", headers=_AUTH_HEADERS)
+    ctx.limits.check_rate(hashlib.sha256(token.strip().encode("utf-8")).hexdigest())
     return name

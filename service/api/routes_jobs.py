@@ -5,6 +5,11 @@ Create validates everything it can before storing anything: the body's bounds, t
 whether any node could ever hold the job (`executor.check_fits`). The job is then stored
 `queued` and the executor woken; the pool takes it from there. An `Idempotency-Key` makes a
 retried create return the first job.
+
+`…/events?stream=true` follows a job live (Server-Sent Events): one catch-up read from the
+database, then each event as the store announces it through the event hub (event_hub.py);
+a follower that falls too far behind gets an `event: error` ("slow consumer") and the end of
+its stream. Open streams per tenant are limited (limits.py).
 """
 
 from __future__ import annotations
@@ -12,24 +17,26 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
+import anyio
 from fastapi import APIRouter, Body, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from lorapool.types import FineTuningJob, JobCheckpoint, JobEvent, ListResponse
 
-from ..store import TERMINAL, JobRecord, NotFound, new_id
+from ..store import TERMINAL, EventRecord, JobRecord, NotFound, new_id
+from ..store.records import JobStatusChange
 from . import convert
 from .context import AppContext, context, tenant
 from .errors import APIError, bad_request, not_found
+from .event_hub import SlowConsumer, Subscription
 from .idempotency import checked_idempotency_key
 from .job_request import CreateJobRequest, resolve
 from .local_data import check_dataset, check_init_adapter, pin_to_dataset_node
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine_tuning"])
-
 
 
 def _own_job(ctx: AppContext, job_id: str, owner: str) -> JobRecord:
@@ -196,44 +203,128 @@ def _sse(event: JobEvent) -> bytes:
     return f"id: {event.id}\nevent: message\ndata: {data}\n\n".encode()
 
 
-async def _follow(request: Request, ctx: AppContext, job_id: str,
-                  last_id: Optional[str]) -> AsyncIterator[bytes]:
-    """Every event after `last_id` (all, without one), oldest first, then each new one as it
-    is stored; ends once the job is finished and its last events are sent."""
-    yield b"retry: 2000\n\n"
-    last_sent = time.monotonic()
+def _sse_error(message: str, code: str) -> bytes:
+    body = {"error": {"message": message, "type": "stream_error", "param": None, "code": code}}
+    return f"event: error\ndata: {json.dumps(body, separators=(',', ':'))}\n\n".encode()
+
+
+CATCH_UP_PAGE = 500
+
+
+async def _catch_up(ctx: AppContext, job_id: str, after: Optional[str],
+                    after_seq: int) -> AsyncIterator[tuple[int, list[EventRecord]]]:
+    """Pages of stored events after the event `after` (or position `after_seq`), oldest
+    first, each with the position it ends at. An unknown `after` replays from the start."""
     while True:
         try:
-            recs = await run_in_threadpool(ctx.store.list_events, job_id, after=last_id,
-                                           limit=200, order="asc")
+            seq, recs = await run_in_threadpool(ctx.store.events_for_follower, job_id,
+                                                after=after, after_seq=after_seq,
+                                                limit=CATCH_UP_PAGE)
         except NotFound:  # an unknown Last-Event-ID: replay from the start
-            last_id = None
-            continue
+            seq, recs = await run_in_threadpool(ctx.store.events_for_follower, job_id,
+                                                limit=CATCH_UP_PAGE)
+        after, after_seq = None, (recs[-1].seq if recs else seq)
+        yield after_seq, recs
+        if len(recs) < CATCH_UP_PAGE:
+            return
+
+
+async def _follow(ctx: AppContext, job_id: str, sub: Subscription,
+                  last_id: Optional[str]) -> AsyncIterator[bytes]:
+    """Every event after `last_id` (all, without one), oldest first, then each new one as it
+    is written; ends once the job is finished and its trailing events are sent.
+
+    The subscription was taken before the one catch-up read from the database, so an event
+    written meanwhile is both read and queued: positions (`seq`) drop such duplicates, and
+    nothing written after the subscription can be missed. After that the follower only waits
+    on its queue: no database work while the job is quiet.
+    """
+    loop = asyncio.get_running_loop()
+    yield b"retry: 2000\n\n"
+    job = await run_in_threadpool(ctx.store.get_job, job_id)
+    ended = job is None or job.status in TERMINAL
+    last_seq = 0
+    async for last_seq, recs in _catch_up(ctx, job_id, last_id, 0):
         for r in recs:
-            last_id = r.id
             yield _sse(convert.event(r))
-            last_sent = time.monotonic()
-        if len(recs) == 200:
+    last_sent = last_polled = loop.time()
+    # Once the job ended: stop after `sse_linger` quiet seconds (the pool writes its last
+    # event — "Training finished", "Job cancelled" — just after the final status).
+    deadline = loop.time() + ctx.sse_linger if ended else None
+    poll = ctx.sse_fallback_poll
+    while True:
+        now = loop.time()
+        timeout = ctx.sse_keepalive - (now - last_sent)
+        if poll:
+            timeout = min(timeout, poll - (now - last_polled))
+        if deadline is not None:
+            timeout = min(timeout, deadline - now)
+        try:
+            item = await sub.get(max(0.0, timeout))
+        except SlowConsumer as exc:
+            yield _sse_error(str(exc), "slow_consumer")
+            return
+        except TimeoutError:
+            now = loop.time()
+            if deadline is not None and now >= deadline:
+                return
+            if poll and now - last_polled >= poll:
+                # Another process may write this database: look once per `poll` seconds.
+                last_polled = now
+                async for last_seq, recs in _catch_up(ctx, job_id, None, last_seq):
+                    for r in recs:
+                        yield _sse(convert.event(r))
+                        last_sent = loop.time()
+                job = await run_in_threadpool(ctx.store.get_job, job_id)
+                if deadline is None and (job is None or job.status in TERMINAL):
+                    deadline = loop.time() + ctx.sse_linger
+            if loop.time() - last_sent >= ctx.sse_keepalive:
+                yield b": keep-alive\n\n"
+                last_sent = loop.time()
             continue
-        job = await run_in_threadpool(ctx.store.get_job, job_id)
-        if job is None or job.status in TERMINAL:
-            # Events written just before the final status change are in by now.
-            tail = await run_in_threadpool(ctx.store.list_events, job_id, after=last_id,
-                                           limit=10_000, order="asc")
-            for r in tail:
-                yield _sse(convert.event(r))
-            return
-        if await request.is_disconnected():
-            return
-        if time.monotonic() - last_sent > ctx.sse_keepalive:
-            yield b": keep-alive\n\n"  # also how a dropped client is noticed
-            last_sent = time.monotonic()
-        await asyncio.sleep(ctx.sse_poll_interval)
+        if isinstance(item, EventRecord):
+            if item.seq <= last_seq:  # already sent by the catch-up read
+                continue
+            last_seq = item.seq
+            yield _sse(convert.event(item))
+            last_sent = loop.time()
+            if deadline is not None:
+                deadline = last_sent + ctx.sse_linger
+        elif isinstance(item, JobStatusChange) and item.terminal and deadline is None:
+            deadline = loop.time() + ctx.sse_linger
+
+
+class _EventStream(StreamingResponse):
+    """The SSE response: gives its tenant's stream slot and its subscription back however it
+    ends, and cuts off a dropped follower that does not read its last message in time (a
+    client that stopped reading would otherwise hold the connection forever)."""
+
+    def __init__(self, content: AsyncIterator[bytes], *, sub: Subscription, grace: float,
+                 on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._sub = sub
+        self._grace = grace
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                async def cut_off_when_dropped() -> None:
+                    await self._sub.dropped_event.wait()
+                    await anyio.sleep(self._grace)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(cut_off_when_dropped)
+                await super().__call__(scope, receive, send)
+                tg.cancel_scope.cancel()
+        finally:
+            self._sub.close()
+            self._on_close()
 
 
 @router.get("/{job_id}/events", response_model=ListResponse[JobEvent])
 async def list_events(
-    request: Request,
     job_id: str,
     after: Optional[str] = None,
     limit: int = Query(20, ge=1, le=100),
@@ -245,11 +336,16 @@ async def list_events(
     await run_in_threadpool(_own_job, ctx, job_id, owner)
     if not stream:
         return await run_in_threadpool(_page_events, ctx, job_id, after, limit)
-    return StreamingResponse(
-        _follow(request, ctx, job_id, last_event_id or after),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    ctx.limits.open_stream(owner)  # a 429 when the tenant has too many open
+    try:
+        # Subscribed before the catch-up read (see _follow), here on the event loop.
+        sub = ctx.hub.subscribe(f"job:{job_id}")
+    except BaseException:
+        ctx.limits.close_stream(owner)
+        raise
+    return _EventStream(_follow(ctx, job_id, sub, last_event_id or after), sub=sub,
+                        grace=ctx.sse_drop_grace,
+                        on_close=lambda: ctx.limits.close_stream(owner))
 
 
 @router.get("/{job_id}/checkpoints", response_model=ListResponse[JobCheckpoint])

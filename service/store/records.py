@@ -106,11 +106,26 @@ class JobRecord(_Record):
 class EventRecord(_Record):
     id: str
     job_id: str
+    # The row's position (autoincrement, commit order): followers use it to join a catch-up
+    # read with the live feed without a gap or a duplicate. 0 for a record not from the store.
+    seq: int = 0
     created_at: int
     level: str = "info"
     type: str = "message"
     message: str
     data: Optional[dict[str, Any]] = None
+
+
+class JobStatusChange(_Record):
+    """Published (never stored) when a job's status changes: followers of the job's event
+    stream learn from it that the job ended, without asking the database."""
+
+    job_id: str
+    status: str
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
 
 
 class CheckpointRecord(_Record):

@@ -4,18 +4,24 @@ The API and the pool's scheduler thread call these methods; every one opens a se
 its work, commits, and returns detached records (`records.py`), never live ORM objects. State
 changes that race (the scheduler starting a job while a user cancels it) go through
 `transition()`, an atomic compare-and-set on the job's status.
+
+Listeners (`add_listener`) hear of every job event and job status change once it is committed,
+from whichever thread wrote it; the API's event hub fans them out to stream followers, so no
+follower has to ask the database what is new. They hear only of this process's writes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import math
 import re
 import secrets
+import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Literal, Optional
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -31,6 +37,7 @@ from .records import (
     EventRecord,
     FileRecord,
     JobRecord,
+    JobStatusChange,
     ModelEntry,
 )
 from .schema import (
@@ -43,6 +50,11 @@ from .schema import (
     Tenant,
     Token,
 )
+
+log = logging.getLogger("lorapool.store")
+
+# A listener hears (topic, item): topic "job:<id>", item an EventRecord or a JobStatusChange.
+Listener = Callable[[str, Any], None]
 
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TOKEN_PREFIX = "lp-"
@@ -123,6 +135,10 @@ class Store(PoolTaskStore, FederationStore):
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
+        self._listeners: list[Listener] = []
+        # Held across an event's commit and its announcement, so listeners hear a job's events
+        # in commit (seq) order even when several threads write them.
+        self._event_lock = threading.Lock()
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(self.engine.execution_options(**{WRITE_OPTION: True}),
                                    expire_on_commit=False)
@@ -130,6 +146,27 @@ class Store(PoolTaskStore, FederationStore):
 
     def close(self) -> None:
         self.engine.dispose()
+
+    # -- change feed ------------------------------------------------------------------------
+    def add_listener(self, listener: Listener) -> None:
+        """Call `listener(topic, item)` after each committed job event or status change. It
+        runs on the writer's thread, so it must be quick and must not block."""
+        self._listeners = [*self._listeners, listener]
+
+    def remove_listener(self, listener: Listener) -> None:
+        self._listeners = [fn for fn in self._listeners if fn is not listener]
+
+    def _announce(self, topic: str, item: Any) -> None:
+        for fn in self._listeners:
+            try:
+                fn(topic, item)
+            except Exception:  # a listener's bug must not fail the write that is done
+                log.exception("store listener failed")
+
+    def _announce_status(self, job_id: str, fields: dict[str, Any]) -> None:
+        status = fields.get("status")
+        if status is not None and self._listeners:
+            self._announce(f"job:{job_id}", JobStatusChange(job_id=job_id, status=status))
 
     @contextmanager
     def _tx(self, write: bool = True) -> Iterator[Session]:
@@ -364,7 +401,9 @@ class Store(PoolTaskStore, FederationStore):
             for k, v in values.items():
                 setattr(row, k, v)
             s.flush()
-            return _job_record(row)
+            rec = _job_record(row)
+        self._announce_status(job_id, fields)
+        return rec
 
     def transition(self, job_id: str, from_statuses: Iterable[str], to_status: str,
                    **fields: Any) -> bool:
@@ -379,7 +418,10 @@ class Store(PoolTaskStore, FederationStore):
                 .values(**values)
                 .execution_options(synchronize_session=False)
             )
-            return result.rowcount == 1
+            moved = result.rowcount == 1
+        if moved:
+            self._announce_status(job_id, {"status": to_status})
+        return moved
 
     def request_cancel(self, job_id: str) -> JobRecord:
         return self.update_job(job_id, cancel_requested=True)
@@ -400,10 +442,13 @@ class Store(PoolTaskStore, FederationStore):
             raise ValueError(f"event type must be message or metrics, not {type!r}")
         row = EventRow(id=new_id("ftevent"), job_id=job_id, created_at=_now(), level=level,
                        type=type, message=str(message), data=_finite(data) if data else None)
-        with self._tx() as s:
-            s.add(row)
-            s.flush()
-            return _rec(EventRecord, row)
+        with self._event_lock:
+            with self._tx() as s:
+                s.add(row)
+                s.flush()
+                rec = _rec(EventRecord, row)
+            self._announce(f"job:{job_id}", rec)
+        return rec
 
     def list_events(
         self,
@@ -419,6 +464,24 @@ class Store(PoolTaskStore, FederationStore):
         with self._tx(write=False) as s:
             q = self._after(s, q, EventRow, after, order, EventRow.job_id == job_id)
             return [_rec(EventRecord, r) for r in s.scalars(q.limit(limit))]
+
+    def events_for_follower(self, job_id: str, *, after: Optional[str] = None,
+                            after_seq: Optional[int] = None, limit: int = 500,
+                            ) -> tuple[int, list[EventRecord]]:
+        """A follower's catch-up read: events of the job after the event `after` (or after
+        position `after_seq`), oldest first, and the position they follow (0: the start).
+        Raises NotFound for an `after` that is not an event of this job."""
+        with self._tx(write=False) as s:
+            seq = after_seq or 0
+            if after is not None:
+                found = s.scalar(select(EventRow.seq).where(EventRow.id == after,
+                                                            EventRow.job_id == job_id))
+                if found is None:
+                    raise NotFound(f"no such event to follow after: {after!r}")
+                seq = found
+            q = (select(EventRow).where(EventRow.job_id == job_id, EventRow.seq > seq)
+                 .order_by(EventRow.seq.asc()).limit(limit))
+            return seq, [_rec(EventRecord, r) for r in s.scalars(q)]
 
     # -- checkpoints ------------------------------------------------------------------------
     def add_checkpoint(self, job_id: str, step: int, artifact_id: str,
