@@ -32,7 +32,13 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.background import BackgroundTask
 
-from ..merge.adapter_import import ImportLimits, ImportRefused, check_adapter, unpack_archive
+from ..merge.adapter_import import (
+    ImportLimits,
+    ImportRefused,
+    check_adapter,
+    check_config,
+    unpack_archive,
+)
 from ..merge.export import FORMATS, PUBLIC_IDS, export_peft, public_id
 from ..pool.transfer import content_id, read_folder
 from .access import adapter_resource, require_tasks, visible_adapter
@@ -240,6 +246,7 @@ def _import(ctx: AppContext, owner: str, archive: Path, requested: Optional[str]
                             "adapter_config.json") from None
     if not isinstance(config, dict):
         raise ImportRefused("adapter_config.json must be a JSON object", "adapter_config.json")
+    check_config(config)  # a broken config is the first thing to say, before the base
     model = _resolve_base(ctx, requested, config)
     check_adapter(folder, model_path=model.path)
     # Recorded like a trained adapter: the registered base's name and hash, so merges,
