@@ -34,6 +34,7 @@ from .errors import (
                      RateLimitError,
                      UnsafeArchiveError,
 )
+from .load import load  # torch/peft are imported only when it is called
 from .types import (
                      TERMINAL_STATUSES,
                      Adapter,
@@ -51,7 +52,7 @@ from .types import (
 )
 
 __all__ = [
-    "Client", "AsyncClient",
+    "Client", "AsyncClient", "load",
     "LorapoolError", "APIConnectionError", "APITimeoutError", "APIStatusError",
     "APIResponseValidationError", "AuthenticationError", "BadRequestError",
     "InvalidRequestError", "PermissionDeniedError", "NotFoundError", "ConflictError",

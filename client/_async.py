@@ -360,6 +360,12 @@ class AsyncJobs(_AsyncResource):
 
 
 class AsyncModels(_AsyncResource):
+    async def download(self, model_id: str, dest: Union[str, Path], *, overwrite: bool = False,
+                 timeout: Optional[float] = None) -> Path:
+        """The base model (dequantised, an HF folder) into `dest`, where the admin allows it."""
+        return await self._client._run(plans.download_model(model_id, dest, overwrite=overwrite,
+                                                   timeout=timeout))
+
     async def get(self, model_id: str) -> Model:
         return await self._client._run(plans.get_model(model_id))
 
@@ -368,6 +374,16 @@ class AsyncModels(_AsyncResource):
 
 
 class AsyncAdapters(_AsyncResource):
+    async def export(self, adapter_id: str, format: str, dest: Union[str, Path], *,
+               overwrite: bool = False, timeout: Optional[float] = None) -> Path:
+        """The adapter as `format` ("peft", "merged" or "gguf"), extracted into `dest`."""
+        return await self._client._run(plans.export_adapter(adapter_id, format, dest, overwrite=overwrite,
+                                                     timeout=timeout))
+
+    async def import_(self, path: Union[str, Path], *, base_model: Optional[str] = None) -> Adapter:
+        """Upload a PEFT folder (or a .tar.gz/.zip of one) as a new adapter of yours."""
+        return await self._client._run(plans.import_adapter(path, base_model))
+
     async def list(self, *, include_shared: bool = False) -> list[Adapter]:
         """Your adapters (and, with `include_shared`, those shared with you), newest first."""
         return await self._client._run(plans.list_adapters(include_shared))

@@ -45,6 +45,7 @@ from .types import (
     TERMINAL_STATUSES,
     Adapter,
     Evaluation,
+    Export,
     FileDeleted,
     FileObject,
     FineTuningJob,
@@ -450,6 +451,73 @@ def download_archive(path: str, dest: Union[str, Path], *, overwrite: bool = Fal
 def download_adapter(adapter_id: str, dest: Union[str, Path], *, overwrite: bool = False) -> Plan:
     path = f"/v1/adapters/{_seg(adapter_id, 'adapter_id')}/download"
     return (yield from download_archive(path, dest, overwrite=overwrite))
+
+
+# -- exports, imports, bases (issue 13) -------------------------------------------------------
+
+EXPORT_FORMATS = ("peft", "merged", "gguf")
+
+
+def _prepared_download(path: str, params: dict[str, Any], dest: Union[str, Path], *,
+                       overwrite: bool, timeout: Optional[float], poll: float = 1.0) -> Plan:
+    """Ask `path?prepare=true` until the pool has built the export (the server holds each ask
+    up to `wait` seconds), then stream and safely extract it into `dest`."""
+    started = time.monotonic()
+    while True:
+        state = yield Call("GET", path, params={**params, "prepare": "true", "wait": 30},
+                           parse=parse_model(Export))
+        if state.status == "succeeded":
+            break
+        if timeout is not None and time.monotonic() - started > timeout:
+            raise TimeoutError(f"{path}: the export was still {state.status} after {timeout} s")
+        yield Sleep(poll)
+    dl = dict(params)
+    query = "&".join(f"{k}={quote(str(v), safe='')}" for k, v in dl.items())
+    return (yield from download_archive(f"{path}?{query}" if query else path, dest,
+                                        overwrite=overwrite))
+
+
+def export_adapter(adapter_id: str, fmt: str, dest: Union[str, Path], *,
+                   overwrite: bool = False, timeout: Optional[float] = None) -> Plan:
+    if fmt not in EXPORT_FORMATS:
+        raise InvalidParameterError("format", f"must be one of {', '.join(EXPORT_FORMATS)}")
+    path = f"/v1/adapters/{_seg(adapter_id, 'adapter_id')}/export"
+    return (yield from _prepared_download(path, {"format": fmt}, dest, overwrite=overwrite,
+                                          timeout=timeout))
+
+
+def download_model(model_id: str, dest: Union[str, Path], *, overwrite: bool = False,
+                   timeout: Optional[float] = None) -> Plan:
+    path = f"/v1/models/{_seg(model_id, 'model_id')}/download"
+    return (yield from _prepared_download(path, {}, dest, overwrite=overwrite, timeout=timeout))
+
+
+def import_adapter(path: Union[str, Path], base_model: Optional[str] = None) -> Plan:
+    """Upload a PEFT folder (packed here as a tar.gz) or an archive of one as a new adapter."""
+    import tarfile
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InvalidParameterError("path", f"{p} does not exist")
+    tmp: Optional[Path] = None
+    try:
+        if p.is_dir():
+            fd, name = tempfile.mkstemp(prefix=".lorapool-import-", suffix=".tar.gz")
+            os.close(fd)
+            tmp = Path(name)
+            with tarfile.open(tmp, "w:gz") as tar:
+                for f in sorted(p.iterdir()):
+                    if f.is_file() and not f.is_symlink():
+                        tar.add(f, arcname=f.name, recursive=False)
+            upload, filename = tmp, f"{p.name}.tar.gz"
+        else:
+            upload, filename = p, p.name
+        data = {"base_model": base_model} if base_model else None
+        return (yield Call("POST", "/v1/adapters", data=data, files={"file": (filename, upload)},
+                           parse=parse_model(Adapter)))
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def download_checkpoint(job_id: str, checkpoint_id: str, dest: Union[str, Path], *,

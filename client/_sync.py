@@ -368,6 +368,12 @@ class Jobs(_Resource):
 
 
 class Models(_Resource):
+    def download(self, model_id: str, dest: Union[str, Path], *, overwrite: bool = False,
+                 timeout: Optional[float] = None) -> Path:
+        """The base model (dequantised, an HF folder) into `dest`, where the admin allows it."""
+        return self._client._run(plans.download_model(model_id, dest, overwrite=overwrite,
+                                                   timeout=timeout))
+
     def get(self, model_id: str) -> Model:
         return self._client._run(plans.get_model(model_id))
 
@@ -376,6 +382,16 @@ class Models(_Resource):
 
 
 class Adapters(_Resource):
+    def export(self, adapter_id: str, format: str, dest: Union[str, Path], *,
+               overwrite: bool = False, timeout: Optional[float] = None) -> Path:
+        """The adapter as `format` ("peft", "merged" or "gguf"), extracted into `dest`."""
+        return self._client._run(plans.export_adapter(adapter_id, format, dest, overwrite=overwrite,
+                                                     timeout=timeout))
+
+    def import_(self, path: Union[str, Path], *, base_model: Optional[str] = None) -> Adapter:
+        """Upload a PEFT folder (or a .tar.gz/.zip of one) as a new adapter of yours."""
+        return self._client._run(plans.import_adapter(path, base_model))
+
     def list(self, *, include_shared: bool = False) -> list[Adapter]:
         """Your adapters (and, with `include_shared`, those shared with you), newest first."""
         return self._client._run(plans.list_adapters(include_shared))

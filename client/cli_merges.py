@@ -184,3 +184,58 @@ def eval_(
         print(e.model_dump_json(indent=2))
         return
     _report_eval(e)
+
+
+# -- export, import, base download (issue 13) -------------------------------------------------
+
+from .cli import models_app  # noqa: E402  (registered on the same app)
+
+
+@app.command("export")
+@friendly
+def export(
+    ctx: typer.Context,
+    adapter_id: str,
+    dest: Path,
+    format: Annotated[str, typer.Option(
+        "--format", "-f", help="peft (the adapter, for peft), merged (base + adapter, bf16 "
+        "safetensors, for transformers/vLLM) or gguf (a llama.cpp/Ollama adapter + Modelfile)"
+    )] = "peft",
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty DEST.")] = False,
+) -> None:
+    """Export an adapter into DEST in a format other tools load."""
+    with _client(ctx) as client:
+        path = client.adapters.export(adapter_id, format, dest, overwrite=overwrite)
+    _err().print(f"Adapter {escape(adapter_id)} ({escape(format)}) →")
+    print(path)
+
+
+@adapters_app.command("import")
+@friendly
+def adapters_import(
+    ctx: typer.Context,
+    path: Annotated[Path, typer.Argument(help="A PEFT folder, or a .tar.gz/.zip of one.")],
+    base_model: Annotated[Optional[str], typer.Option(
+        "--base-model", help="The registered model it was trained on (default: the one "
+        "adapter_config.json names).")] = None,
+) -> None:
+    """Bring your own adapter: it then merges, evaluates and shares like any other."""
+    with _client(ctx) as client:
+        a = client.adapters.import_(path, base_model=base_model)
+    _err().print(f"Imported as {escape(a.id)} (base {escape(a.base_model)})")
+    print(a.id)
+
+
+@models_app.command("download")
+@friendly
+def models_download(
+    ctx: typer.Context,
+    name: str,
+    dest: Path,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty DEST.")] = False,
+) -> None:
+    """Download a base model (dequantised, an HF folder) into DEST, where the admin allows it."""
+    with _client(ctx) as client:
+        path = client.models.download(name, dest, overwrite=overwrite)
+    _err().print(f"Model {escape(name)} →")
+    print(path)

@@ -164,6 +164,25 @@ class Model(_Resource):
     id: str
     created: int
     owned_by: str = "lorapool"
+    # GET /v1/models/{id} only: where it comes from, its content hash, the public (Hub) id its
+    # exported adapters name, and whether the admin lets `models download` fetch it.
+    source: Optional[Literal["builtin", "registered"]] = None
+    format: Optional[str] = None
+    sha256: Optional[str] = None
+    bytes: Optional[int] = None
+    public_id: Optional[str] = None
+    downloadable: Optional[bool] = None
+
+
+class Export(_Resource):
+    """The state of a pool-built export (merged model, GGUF adapter, base download)."""
+
+    object: Literal["export"] = "export"
+    id: Optional[str] = None
+    format: str
+    status: str
+    adapter: Optional[str] = None
+    model: Optional[str] = None
 
 
 class Adapter(_Resource):

@@ -21,6 +21,7 @@ from .context import AppContext
 from .event_hub import EventHub
 from .limits import Limits
 from .routes_evaluations import router as evaluations_router
+from .routes_export import router as export_router
 from .routes_federations import router as federations_router
 from .routes_files import router as files_router
 from .routes_jobs import router as jobs_router
@@ -58,6 +59,7 @@ def create_app(settings: Settings, store: Store, artifacts: ArtifactStore,
     app.include_router(sharing_router)
     app.include_router(merges_router)
     app.include_router(evaluations_router)
+    app.include_router(export_router)
     return app
 
 

@@ -42,13 +42,32 @@ def list_models(
     return convert.slice_page(models, after, limit, "model")
 
 
+# Before the `{model_id:path}` route below, which would otherwise take ".../download" as a name.
+@router.get("/v1/models/{model_id:path}/download")
+async def download_model(
+    model_id: str,
+    wait: float = Query(60.0, ge=0, le=600, description="seconds to wait for the pool task"),
+    prepare: bool = Query(False, description="answer the status, never the archive"),
+    _owner: str = Depends(tenant),
+    ctx: AppContext = Depends(context),
+) -> Any:
+    """The (dequantised) base as an HF folder tar.gz, where the admin allows it."""
+    from .routes_export import download_model as download
+
+    return await download(ctx, model_id, wait, prepare)
+
+
 @router.get("/v1/models/{model_id:path}", response_model=Model)
 def get_model(model_id: str, _owner: str = Depends(tenant),
               ctx: AppContext = Depends(context)) -> Any:
+    """The model, with its source (built-in or registered), format, content hash and, where
+    known, the public id its adapters name as their base."""
+    from .routes_export import model_details
+
     entry = ctx.store.get_model(model_id)
     if entry is None:
         raise not_found("model", model_id)
-    return convert.model(entry)
+    return convert.model(entry).model_copy(update=model_details(entry))
 
 
 @router.get("/v1/adapters", response_model=ListResponse[Adapter])

@@ -14,6 +14,12 @@ their results filed:
 3. a task lost with its node is queued again once (`max_attempts`), a refused one fails with
    the task's own code and message.
 
+Exports (a merged model, a GGUF adapter, the dequantised base) are a third kind. They are
+derived data — the same inputs always give the same files — so they are kept in memory, not in
+the store: `request_export` returns the `ExportState` of (format, model hash, adapter hash),
+starting it when new (or when the last try failed); its result is an artifact that the API
+streams and that later requests reuse. A restart forgets them; asking again rebuilds.
+
 Access is checked again when a task starts: an adapter whose share was revoked after the
 request was accepted fails the merge instead of being read.
 """
@@ -22,8 +28,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import ray
@@ -33,7 +40,7 @@ from ..store import EvaluationRecord, MergeRecord, new_id
 from .agent import agent_name, list_agents
 from .background import BackgroundLoop
 from .model_objects import ModelObjects
-from .tasks import METADATA_FILE, evaluate_task, merge_task
+from .tasks import METADATA_FILE, evaluate_task, export_task, merge_task
 from .transfer import content_id
 
 log = logging.getLogger("lorapool.pool.tasks")
@@ -58,6 +65,25 @@ class _Flight:
     attempt: int
 
 
+@dataclass
+class ExportState:
+    """One export: queued → running → succeeded (with `artifact_id`) or failed."""
+
+    id: str
+    key: tuple[str, str, str]  # (format, model sha256, adapter sha256 or "")
+    format: str
+    model: Any  # the ModelEntry
+    adapter: Any  # the AdapterRecord, None for the base
+    base_id: str
+    status: str = "queued"
+    artifact_id: Optional[str] = None
+    error_code: Optional[str] = None
+    error_message: Optional[str] = None
+    attempt: int = 0
+    node: Optional[str] = None
+    created_at: float = field(default_factory=time.time)
+
+
 class PoolTasks(BackgroundLoop):
     """Runs merges and evaluations on the pool; see the module docstring."""
 
@@ -74,6 +100,78 @@ class PoolTasks(BackgroundLoop):
         # Shared with the scheduler (the server passes one): a model is put once.
         self.models = models or ModelObjects(max_models=model_cache)
         self._in_flight: dict[tuple[str, str], _Flight] = {}
+        self._exports: dict[str, ExportState] = {}  # by id
+        self._export_keys: dict[tuple[str, str, str], str] = {}  # key → id
+        self._exports_lock = threading.Lock()
+
+    # -- exports (called from the API's threads) --------------------------------------------
+    def request_export(self, fmt: str, model: Any, adapter: Any = None, *,
+                       base_id: str) -> ExportState:
+        """The export of `adapter` (None: the base itself) in `fmt`, started if new or if the
+        last try failed; its files are the same whoever asks, so requests share one."""
+        key = (fmt, model.sha256, (adapter.sha256 or adapter.artifact_id) if adapter else "")
+        with self._exports_lock:
+            known = self._exports.get(self._export_keys.get(key, ""))
+            if known is not None and known.status != "failed" and (
+                    known.artifact_id is None or self.artifacts.exists(known.artifact_id)):
+                return known
+            state = ExportState(id=new_id("export"), key=key, format=fmt, model=model,
+                                adapter=adapter, base_id=base_id)
+            self._exports[state.id] = state
+            self._export_keys[key] = state.id
+        self._wake.set()
+        return state
+
+    def get_export(self, export_id: str) -> Optional[ExportState]:
+        with self._exports_lock:
+            return self._exports.get(export_id)
+
+    def _start_exports(self, free: int) -> None:
+        with self._exports_lock:
+            queued = [e for e in self._exports.values() if e.status == "queued"]
+        for state in sorted(queued, key=lambda e: e.created_at)[:max(free, 0)]:
+            try:
+                agent, node, node_id = self._pick_node()
+                payload = {"export_id": state.id, "agent": agent, "format": state.format,
+                           "model": self._model_payload(state.model), "base_id": state.base_id,
+                           "trust_remote_code": bool(state.model.trust_remote_code),
+                           "adapter": None}
+                if state.adapter is not None:
+                    a = state.adapter
+                    payload["adapter"] = {"id": a.id, "key": a.artifact_id.replace(":", "-"),
+                                          "files": self._folder_refs(a.artifact_id)}
+                options: dict[str, Any] = {}
+                if node_id is not None:
+                    options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                        node_id=node_id, soft=False)
+                state.status, state.node = "running", node
+                ref = export_task.options(**options).remote(payload)
+                self._in_flight[("export", state.id)] = _Flight("export", state.id, ref, node,
+                                                                state.attempt)
+            except Exception as exc:
+                log.exception("could not start export %s", state.id)
+                self._export_failed(state, "internal_error",
+                                    f"could not start: {type(exc).__name__}: {exc}")
+
+    def _export_failed(self, state: ExportState, code: str, message: str) -> None:
+        state.status, state.error_code, state.error_message = "failed", code, message
+
+    def _export_finished(self, f: _Flight, result: dict[str, Any]) -> None:
+        state = self.get_export(f.task_id)
+        if state is None:
+            return
+        if result.get("status") == "succeeded":
+            state.artifact_id = self.artifacts.put_files(result["files"])
+            state.status = "succeeded"
+            return
+        if result.get("traceback"):
+            log.warning("export %s failed on %s:\n%s", f.task_id, f.node, result["traceback"])
+        if result.get("retryable") and f.attempt + 1 < self.max_attempts:
+            state.attempt, state.status = f.attempt + 1, "queued"
+            self._wake.set()
+            return
+        self._export_failed(state, str(result.get("code") or "internal_error"),
+                            str(result.get("message") or "the export failed"))
 
     # -- lifecycle --------------------------------------------------------------------------
     def on_start(self) -> None:
@@ -109,6 +207,7 @@ class PoolTasks(BackgroundLoop):
                 log.exception("could not start %s %s", kind, rec.id)
                 self._fail(kind, rec.id, {"queued"}, "internal_error",
                            f"could not start: {type(exc).__name__}: {exc}")
+        self._start_exports(self.max_in_flight - len(self._in_flight))
 
     def _start(self, kind: str, rec: Any) -> None:
         agent, node, node_id = self._pick_node()
@@ -226,10 +325,19 @@ class PoolTasks(BackgroundLoop):
                 self._finish(f, result)
             except Exception as exc:
                 log.exception("could not file the result of %s %s", f.kind, f.task_id)
+                if f.kind == "export":
+                    state = self.get_export(f.task_id)
+                    if state is not None:
+                        self._export_failed(state, "internal_error",
+                                            f"could not store the result: {exc}")
+                    continue
                 self._fail(f.kind, f.task_id, {"running"}, "internal_error",
                            f"could not store the result: {type(exc).__name__}: {exc}")
 
     def _finish(self, f: _Flight, result: dict[str, Any]) -> None:
+        if f.kind == "export":
+            self._export_finished(f, result)
+            return
         if result.get("status") == "succeeded":
             if f.kind == "merge":
                 self._merge_succeeded(f.task_id, result)

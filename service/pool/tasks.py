@@ -1,4 +1,5 @@
-"""Short CPU tasks that run on any node of the pool: merging adapters, evaluating one.
+"""Short CPU tasks that run on any node of the pool: merging adapters, evaluating one,
+exporting one (merged model, GGUF adapter) or the dequantised base.
 
 Each is a Ray task (num_cpus=1) whose payload is data only: adapters, the base model and the
 data file travel as {relative path: ObjectRef | bytes} bundles (see `transfer.py`), never as
@@ -15,6 +16,9 @@ Payloads:
     evaluate: {"evaluation_id", "agent", "spec": TrainSpec fields without base_model,
                "model": {"key", "files", "entry"}, "adapter": {"id", "key", "files"} | None,
                "data": {"key", "files", "entry"}}
+    export:   {"export_id", "agent", "format": "merged" | "gguf" | "base",
+               "model": {"key", "files", "entry"}, "adapter": {"id", "key", "files"} | None,
+               "base_id", "trust_remote_code"}
 """
 
 from __future__ import annotations
@@ -150,6 +154,62 @@ def run_evaluation(payload: dict[str, Any]) -> dict[str, Any]:
                        retryable=True, with_traceback=True)
 
 
+# -- export -----------------------------------------------------------------------------------
+
+
+def run_export(payload: dict[str, Any]) -> dict[str, Any]:
+    """Build a merged model, a GGUF adapter or the dequantised base; {"status": "succeeded",
+    "files": {relative path: bytes}} or a failure. Only the output folder travels back."""
+    import json as _json
+
+    from ..merge import MergeError
+    from ..merge.export import export_base, export_merged
+    from ..merge.export_gguf import export_gguf
+    from ..train import TrainError, TrainSpec
+    from ..train.model import resolve_base_model
+
+    work, _ = _node_folder(payload.get("agent"))
+    cache = work / "cache"
+    work.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="export-", dir=work))
+    try:
+        model = payload["model"]
+        model_dir = materialise(cache / "models", model["key"], model["files"], _fetch)
+        base_path = model_dir / model["entry"] if model.get("entry") else model_dir
+        trust = bool(payload.get("trust_remote_code"))
+        # A .gguf base is dequantised once per node (cached by its hash), as training does.
+        base_dir = resolve_base_model(TrainSpec(base_model=str(base_path),
+                                                trust_remote_code=trust), cache_dir=cache)
+        fmt = payload["format"]
+        out = root / "out"
+        if fmt == "base":
+            export_base(base_dir, out)
+        else:
+            a = payload["adapter"]
+            adapter_dir = materialise(cache / "adapters", a["key"], a["files"], _fetch)
+            if fmt == "merged":
+                export_merged(adapter_dir, base_dir, out, base_id=payload["base_id"],
+                              trust_remote_code=trust)
+            elif fmt == "gguf":
+                base_config = _json.loads((base_dir / "config.json").read_text())
+                base_gguf = model["entry"] or f"{payload['base_id'].rsplit('/', 1)[-1]}.gguf"
+                export_gguf(adapter_dir, base_config, out, base_gguf=base_gguf,
+                            adapter_id=a["id"])
+            else:
+                return _failed("invalid_format", f"unknown export format {fmt!r}")
+        return {"status": "succeeded", "files": read_folder(out)}
+    except MergeError as exc:
+        return _failed("invalid_export", _relabel(_relabel(str(exc), root), cache))
+    except TrainError as exc:
+        return _failed(exc.code, _relabel(exc.message, cache), retryable=exc.retryable)
+    except Exception as exc:
+        return _failed("internal_error", _relabel(_relabel(f"{type(exc).__name__}: {exc}", root),
+                                                  cache), retryable=True, with_traceback=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 # max_retries=0: the head's queue decides about retries (it knows the attempt count).
 merge_task = ray.remote(num_cpus=1, max_retries=0)(run_merge)
 evaluate_task = ray.remote(num_cpus=1, max_retries=0)(run_evaluation)
+export_task = ray.remote(num_cpus=1, max_retries=0)(run_export)
