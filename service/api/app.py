@@ -16,6 +16,7 @@ from ..artifacts import ArtifactStore
 from ..config import Settings
 from ..store import Store
 from . import errors
+from .body_limits import JsonBodyGuard
 from .context import AppContext
 from .routes_evaluations import router as evaluations_router
 from .routes_federations import router as federations_router
@@ -44,6 +45,7 @@ def create_app(settings: Settings, store: Store, artifacts: ArtifactStore,
     app.state.ctx = AppContext(settings=settings, store=store, artifacts=artifacts,
                                executor=executor, tasks=tasks)
     errors.install(app)
+    app.add_middleware(JsonBodyGuard)  # bounded size and nesting for every JSON body
     app.include_router(health_router)
     app.include_router(files_router)
     app.include_router(jobs_router)

@@ -18,6 +18,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from ..artifacts import ArtifactStore, ArtifactTooLarge, ArtifactWriter
 
 MAX_FIELD_BYTES = 4096  # a text field (purpose): anything longer is not a form we expect
+MAX_HEADER_BYTES = 16 * 1024  # one part header (name + value), e.g. Content-Disposition
+MAX_PARTS = 16  # the form has two parts (file, purpose); a few more are tolerated, not thousands
 
 
 class UploadFormError(ValueError):
@@ -74,6 +76,7 @@ class MultipartUpload:
         self._header_field = bytearray()
         self._header_value = bytearray()
         self._files_seen = 0
+        self._n_parts = 0
         self._error: Optional[UploadFormError] = None
         self._parser = MultipartParser(boundary_of(content_type), callbacks={
             "on_part_begin": self._on_part_begin,
@@ -87,23 +90,38 @@ class MultipartUpload:
 
     # -- parser callbacks -------------------------------------------------------------------
     def _on_part_begin(self) -> None:
+        self._n_parts += 1
+        if self._n_parts > MAX_PARTS:
+            self._fail(UploadFormError(f"too many form parts (the limit is {MAX_PARTS})"))
         self._part = _Part()
 
     def _on_header_field(self, data: bytes, start: int, end: int) -> None:
         self._header_field += data[start:end]
+        self._check_header()
 
     def _on_header_value(self, data: bytes, start: int, end: int) -> None:
         self._header_value += data[start:end]
+        self._check_header()
+
+    def _check_header(self) -> None:
+        # Header bytes are buffered until the header ends: bound them.
+        if len(self._header_field) + len(self._header_value) > MAX_HEADER_BYTES:
+            self._header_field.clear()
+            self._header_value.clear()
+            self._fail(UploadFormError(f"a form part header is longer than {MAX_HEADER_BYTES} "
+                                       "bytes"))
 
     def _on_header_end(self) -> None:
-        assert self._part is not None
+        if self._part is None or self._error is not None:
+            return
         self._part.headers[bytes(self._header_field).lower()] = bytes(self._header_value)
         self._header_field.clear()
         self._header_value.clear()
 
     def _on_headers_finished(self) -> None:
         part = self._part
-        assert part is not None
+        if part is None or self._error is not None:
+            return  # refused already: open no writer
         _, opts = parse_options_header(part.headers.get(b"content-disposition", b""))
         part.name = opts.get(b"name", b"").decode("utf-8", "replace")
         if b"filename" in opts:
