@@ -105,6 +105,16 @@ def _inside(base: PurePosixPath, target: PurePosixPath) -> bool:
     return True
 
 
+def check_download_size(size: int, max_bytes: Optional[int]) -> None:
+    """ArchiveLimitError once a download has brought more than `max_bytes` (a gzip archive is
+    not bigger than what it unpacks to, so the byte limit bounds the download too)."""
+    if max_bytes is not None and size > max_bytes:
+        raise ArchiveLimitError(
+            f"the download is larger than {_human(max_bytes)} (the limit is {max_bytes} bytes, "
+            f"{MAX_BYTES_ENV}); stopped, nothing was kept", limit="bytes", maximum=max_bytes,
+            actual=size)
+
+
 def _check_member(m: tarfile.TarInfo) -> None:
     path = _check_name(m.name)
     if m.issym():

@@ -189,3 +189,39 @@ def test_client_download_of_a_bomb_writes_nothing(server, client, bomb, tmp_path
     with pytest.raises(ArchiveLimitError):
         client.adapters.download("ad-bomb", root / "adapter")
     assert only(root) == []  # neither the adapter, nor the downloaded .tar.gz, nor staging
+
+
+def test_a_download_over_the_byte_limit_is_stopped_and_removed(server, client, tmp_path,
+                                                               monkeypatch):
+    """The compressed download itself is bounded too (random bytes: no bomb, just big)."""
+    from .conftest import ARCHIVES
+
+    big = write_tar_gz(tmp_path / "big.tar.gz", [("w.bin", 3 * MiB, os.urandom(3 * MiB))])
+    monkeypatch.setitem(ARCHIVES, "ad-big", big.read_bytes())
+    monkeypatch.setenv("LORAPOOL_MAX_EXTRACT_BYTES", str(1 * MiB))
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(ArchiveLimitError) as exc:
+        client.adapters.download("ad-big", root / "adapter")
+    assert exc.value.limit == "bytes" and "the download is larger" in str(exc.value)
+    assert only(root) == []
+
+
+def test_async_client_download_of_a_bomb_writes_nothing(server, bomb, tmp_path, monkeypatch):
+    import asyncio
+
+    from lorapool import AsyncClient
+
+    from .conftest import API_KEY, ARCHIVES
+
+    monkeypatch.setitem(ARCHIVES, "ad-bomb", bomb.read_bytes())
+    root = tmp_path / "root"
+    root.mkdir()
+
+    async def main() -> None:
+        async with AsyncClient(server.base_url, api_key=API_KEY, timeout=30) as ac:
+            await ac.adapters.download("ad-bomb", root / "adapter")
+
+    with pytest.raises(ArchiveLimitError):
+        asyncio.run(main())
+    assert only(root) == []
