@@ -363,3 +363,26 @@ def test_huge_integer_in_job_body_is_a_400(fuzz_client) -> None:
                             headers={"Content-Type": "application/json"})
     assert resp.status_code == 400, resp.text
     assert error_of(resp)["code"] == "invalid_json"
+
+
+def test_multipart_with_too_many_parts_or_a_huge_header_is_a_400(fuzz_client, fuzz_env):
+    from lorapool.service.api.upload import MAX_PARTS
+
+    boundary = "b0undary"
+
+    def form(parts: list[tuple[str, bytes]]) -> bytes:
+        out = b""
+        for disposition, data in parts:
+            out += (f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n").encode()
+            out += data + b"\r\n"
+        return out + f"--{boundary}--\r\n".encode()
+
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    many = [(f'form-data; name="x{i}"', b"v") for i in range(MAX_PARTS + 1)]
+    resp = fuzz_client.post("/v1/files", content=form(many), headers=headers)
+    assert resp.status_code == 400 and f"limit is {MAX_PARTS}" in error_of(resp)["message"]
+    long_name = "a" * (1024 * 1024)  # a part header of 1 MiB is never buffered whole
+    resp = fuzz_client.post("/v1/files", headers=headers, content=form(
+        [(f'form-data; name="file"; filename="{long_name}"', b'{"text": "x"}')]))
+    assert resp.status_code == 400 and "header size" in error_of(resp)["message"]
+    assert not fuzz_env.tmp_files()
