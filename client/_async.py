@@ -34,6 +34,7 @@ from ._base import (
     stream_timeout,
     wrap_transport_error,
 )
+from ._extract import check_download_size
 from ._federations import AsyncFederations
 from ._progress import JobProgress
 from .errors import LorapoolError, error_from_response
@@ -261,8 +262,9 @@ class AsyncClient:
             try:
                 with open(step.dest, "wb") as fh:
                     async for chunk in response.aiter_bytes():
-                        fh.write(chunk)
                         size += len(chunk)
+                        check_download_size(size, step.max_bytes)
+                        fh.write(chunk)
             except httpx.TransportError as exc:
                 raise wrap_transport_error(exc, response.request) from exc
             finally:

@@ -106,10 +106,12 @@ class CloseStream:
 
 @dataclass
 class Download:
-    """Stream the body of `call` into the file `dest`; the result is the byte count."""
+    """Stream the body of `call` into the file `dest`; the result is the byte count.
+    Past `max_bytes` the download stops with ArchiveLimitError."""
 
     call: Call
     dest: Path
+    max_bytes: Optional[int] = None
 
 
 Step = Union[Call, Sleep, Emit, OpenStream, ReadEvent, CloseStream, Download]

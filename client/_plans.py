@@ -32,7 +32,7 @@ from ._base import (
     SSEMessage,
     new_idempotency_key,
 )
-from ._extract import safe_extract
+from ._extract import ExtractLimits, safe_extract
 from .errors import (
     APIConnectionError,
     APIResponseValidationError,
@@ -435,6 +435,7 @@ def download_archive(path: str, dest: Union[str, Path], *, overwrite: bool = Fal
     dest = Path(dest).expanduser()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not overwrite:
         raise FileExistsError(f"destination {dest} exists and is not empty (pass overwrite=True)")
+    limits = ExtractLimits.from_env()  # LORAPOOL_MAX_EXTRACT_*, read once for both steps
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tar.gz", dir=dest.parent)
     os.close(fd)
@@ -442,8 +443,8 @@ def download_archive(path: str, dest: Union[str, Path], *, overwrite: bool = Fal
     try:
         yield Download(Call("GET", path,
                             headers={"Accept": "application/gzip, application/octet-stream"}),
-                       tmp)
-        return safe_extract(tmp, dest, overwrite=overwrite)
+                       tmp, max_bytes=limits.max_bytes)
+        return safe_extract(tmp, dest, overwrite=overwrite, limits=limits)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -33,6 +33,7 @@ from ._base import (
     stream_timeout,
     wrap_transport_error,
 )
+from ._extract import check_download_size
 from ._federations import Federations
 from ._progress import JobProgress
 from .errors import LorapoolError, error_from_response
@@ -268,8 +269,9 @@ class Client:
             try:
                 with open(step.dest, "wb") as fh:
                     for chunk in response.iter_bytes():
-                        fh.write(chunk)
                         size += len(chunk)
+                        check_download_size(size, step.max_bytes)
+                        fh.write(chunk)
             except httpx.TransportError as exc:
                 raise wrap_transport_error(exc, response.request) from exc
             finally:

@@ -30,6 +30,19 @@ class UnsafeArchiveError(LorapoolError):
     """A downloaded archive had a member that would land outside the destination."""
 
 
+class ArchiveLimitError(UnsafeArchiveError):
+    """A downloaded archive is over an extraction limit (total bytes, member count or
+    compression ratio); nothing was written. `.limit` names it (``"bytes"``, ``"members"``,
+    ``"ratio"``), `.maximum` is the limit and `.actual` what the archive reached (or declared)
+    when it was refused."""
+
+    def __init__(self, message: str, *, limit: str, maximum: float, actual: float) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.maximum = maximum
+        self.actual = actual
+
+
 class JobWaitTimeout(LorapoolError, TimeoutError):
     """`jobs.wait(..., timeout=)` ran out before the job reached a terminal status."""
 

@@ -16,7 +16,8 @@ from ..admin import sync_builtin_models
 from ..artifacts import ArtifactStore
 from ..config import Settings
 from ..store import Store
-from . import errors
+from . import errors, openapi
+from .body_limits import JsonBodyGuard
 from .context import AppContext
 from .event_hub import EventHub
 from .limits import Limits
@@ -51,6 +52,8 @@ def create_app(settings: Settings, store: Store, artifacts: ArtifactStore,
                                executor=executor, tasks=tasks,
                                **_stream_context(store, limits, hub, stream_options))
     errors.install(app)
+    app.add_middleware(JsonBodyGuard)  # bounded size and nesting for every JSON body
+    openapi.install(app, settings.max_upload_bytes)  # limits, 400s, links (see openapi.py)
     app.include_router(health_router)
     app.include_router(files_router)
     app.include_router(jobs_router)

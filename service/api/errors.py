@@ -127,6 +127,9 @@ def from_pydantic(exc: ValidationError, rename: Optional[dict[str, str]] = None)
     return validation_error(exc.errors(include_url=False), rename)  # type: ignore[arg-type]
 
 
+_BODY_PARSE_FAILED = "There was an error parsing the body"
+
+
 # -- installing the handlers ----------------------------------------------------------------
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
@@ -143,6 +146,13 @@ def install(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404 and message == "Not Found":
             message = "No such route"
+        if exc.status_code == 400 and message == _BODY_PARSE_FAILED:
+            # FastAPI's words for a body json.loads refused with something other than a
+            # JSONDecodeError (e.g. an integer past Python's digit limit): say what it was.
+            cause = exc.__cause__
+            message = ("The request body could not be parsed as JSON"
+                       + (f": {cause}" if cause is not None else ""))[:500]
+            code = "invalid_json"
         return error_response(APIError(exc.status_code, message, code=code,
                                        headers=getattr(exc, "headers", None)))
 

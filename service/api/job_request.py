@@ -7,7 +7,7 @@ the parameter before anything is stored. `"auto"` hyperparameters get lorapool's
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -23,34 +23,32 @@ BASE_LEARNING_RATE = 2e-4  # learning_rate_multiplier 1.0 means this
 MAX_MICRO_BATCH_DEFAULT = 4  # when the client names none; auto-fit may shrink it further
 
 
+# The bounds are types (not validators), so the OpenAPI schema states them: a client or
+# fuzzer that follows the schema is not refused.
+Epochs = Annotated[int, Field(ge=1, le=100)]
+BatchSize = Annotated[int, Field(ge=1, le=1024)]
+# allow_inf_nan=False: NaN compares false with every bound; refuse it by name.
+LrMultiplier = Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]
+Metadata = Annotated[
+    dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+    Field(max_length=16, description="OpenAI's limits: 16 pairs, keys up to 64 characters, "
+          "values up to 512"),
+]
+# "NODE:NAME", or {"node": ..., "name": ...}
+DatasetRef = Union[
+    Annotated[str, Field(min_length=1, max_length=256)],
+    Annotated[dict[Annotated[str, Field(max_length=32)], Annotated[str, Field(max_length=256)]],
+              Field(max_length=4)],
+]
+
+
 class HyperparametersIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    n_epochs: Union[Literal["auto"], int] = Field("auto", description="1–100")
-    batch_size: Union[Literal["auto"], int] = Field("auto", description="1–1024")
-    learning_rate_multiplier: Union[Literal["auto"], float] = Field("auto", description="(0, 100]")
-
-    @field_validator("n_epochs")
-    @classmethod
-    def _epochs(cls, v: Any) -> Any:
-        if v != "auto" and not 1 <= v <= 100:
-            raise ValueError("must be between 1 and 100, or 'auto'")
-        return v
-
-    @field_validator("batch_size")
-    @classmethod
-    def _batch(cls, v: Any) -> Any:
-        if v != "auto" and not 1 <= v <= 1024:
-            raise ValueError("must be between 1 and 1024, or 'auto'")
-        return v
-
-    @field_validator("learning_rate_multiplier")
-    @classmethod
-    def _lrm(cls, v: Any) -> Any:
-        # `not 0 < v <= 100` is also true for NaN.
-        if v != "auto" and not 0 < v <= 100:
-            raise ValueError("must be greater than 0 and at most 100, or 'auto'")
-        return v
+    n_epochs: Union[Literal["auto"], Epochs] = Field("auto", description="1–100")
+    batch_size: Union[Literal["auto"], BatchSize] = Field("auto", description="1–1024")
+    learning_rate_multiplier: Union[Literal["auto"], LrMultiplier] = Field(
+        "auto", description="(0, 100]")
 
 
 class _Supervised(BaseModel):
@@ -72,38 +70,24 @@ class CreateJobRequest(BaseModel):
     model: str = Field(min_length=1, max_length=128)
     # One of training_file (an uploaded file) or dataset (a node-local data set, "NODE:NAME").
     training_file: Optional[str] = Field(None, min_length=1, max_length=64)
-    dataset: Optional[Union[str, dict[str, str]]] = None
+    dataset: Optional[DatasetRef] = None
     init_adapter: Optional[str] = Field(None, min_length=1, max_length=64)
     validation_file: Optional[str] = Field(None, min_length=1, max_length=64)
     hyperparameters: Optional[HyperparametersIn] = None
     suffix: Optional[str] = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     seed: Optional[int] = Field(None, ge=0, le=2**31 - 1)
-    metadata: Optional[dict[str, str]] = None
-    integrations: Optional[list[Any]] = None
+    metadata: Optional[Metadata] = None
+    integrations: Optional[list[Any]] = Field(
+        None, json_schema_extra={"maxItems": 0}, description="lorapool supports none")
     method: Optional[MethodIn] = None
     # lorapool's own.
     lora: Optional[LoraParams] = None
     quantization: Literal["nf4", "fp4", "int8", "none"] = "nf4"
     max_seq_len: int = Field(1024, ge=8, le=32768)
     micro_batch_size: Optional[int] = Field(None, ge=1, le=1024)
-    learning_rate: Optional[float] = Field(None, gt=0, le=1.0)
+    learning_rate: Optional[float] = Field(None, gt=0, le=1.0, allow_inf_nan=False)
     checkpoint_every: Optional[int] = Field(None, ge=1, le=1_000_000)
     placement: Optional[JobPlacement] = None
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata(cls, v: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
-        # OpenAI's limits: 16 pairs, keys up to 64 characters, values up to 512.
-        if v is None:
-            return v
-        if len(v) > 16:
-            raise ValueError(f"at most 16 keys (got {len(v)})")
-        for k, val in v.items():
-            if len(k) > 64:
-                raise ValueError(f"key {k[:20]!r}… is longer than 64 characters")
-            if len(val) > 512:
-                raise ValueError(f"value of {k!r} is longer than 512 characters")
-        return v
 
     @field_validator("integrations")
     @classmethod

@@ -132,8 +132,8 @@ async def create_file(request: Request, owner: str = Depends(tenant),
 
 @router.get("", response_model=ListResponse[FileObject])
 def list_files(
-    purpose: Optional[str] = None,
-    after: Optional[str] = None,
+    purpose: Optional[str] = Query(None, max_length=64),
+    after: Optional[str] = Query(None, max_length=64),
     limit: int = Query(10_000, ge=1, le=10_000),
     order: Literal["asc", "desc"] = "desc",
     owner: str = Depends(tenant),

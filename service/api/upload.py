@@ -18,6 +18,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from ..artifacts import ArtifactStore, ArtifactTooLarge, ArtifactWriter
 
 MAX_FIELD_BYTES = 4096  # a text field (purpose): anything longer is not a form we expect
+MAX_PARTS = 16  # the form has two parts (file, purpose); a few more are tolerated, not thousands
 
 
 class UploadFormError(ValueError):
@@ -74,6 +75,7 @@ class MultipartUpload:
         self._header_field = bytearray()
         self._header_value = bytearray()
         self._files_seen = 0
+        self._n_parts = 0
         self._error: Optional[UploadFormError] = None
         self._parser = MultipartParser(boundary_of(content_type), callbacks={
             "on_part_begin": self._on_part_begin,
@@ -87,8 +89,13 @@ class MultipartUpload:
 
     # -- parser callbacks -------------------------------------------------------------------
     def _on_part_begin(self) -> None:
+        self._n_parts += 1
+        if self._n_parts > MAX_PARTS:
+            self._fail(UploadFormError(f"too many form parts (the limit is {MAX_PARTS})"))
         self._part = _Part()
 
+    # Part headers are buffered until each ends; python-multipart bounds their size and count
+    # per part (a ParseError, answered 400 by the route).
     def _on_header_field(self, data: bytes, start: int, end: int) -> None:
         self._header_field += data[start:end]
 
@@ -96,14 +103,16 @@ class MultipartUpload:
         self._header_value += data[start:end]
 
     def _on_header_end(self) -> None:
-        assert self._part is not None
+        if self._part is None or self._error is not None:
+            return
         self._part.headers[bytes(self._header_field).lower()] = bytes(self._header_value)
         self._header_field.clear()
         self._header_value.clear()
 
     def _on_headers_finished(self) -> None:
         part = self._part
-        assert part is not None
+        if part is None or self._error is not None:
+            return  # refused already: open no writer
         _, opts = parse_options_header(part.headers.get(b"content-disposition", b""))
         part.name = opts.get(b"name", b"").decode("utf-8", "replace")
         if b"filename" in opts:

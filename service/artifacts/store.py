@@ -8,6 +8,14 @@ half-written object and a failed or refused write leaves nothing behind. A full 
 Reads (`read_bytes`, `get_dir`) re-hash what they read and raise `ArtifactCorrupt` when the
 bytes no longer match their id (bit rot, a truncated copy). A folder is stored as one object per
 file plus a JSON manifest object; the manifest's id names the folder.
+
+A writer killed mid-write (SIGKILL, power loss) cannot remove its temp file, so every new
+store clears `tmp/` of files no live writer owns. Ownership is an exclusive `flock` that each
+writer holds on its own temp file from creation until the file is committed or removed; the
+kernel drops it when the process dies, whatever killed it, and it cannot be confused by a
+reused pid. Several processes share one store: the sweep takes what is unlocked and nothing
+else, and a store-wide guard lock (`tmp.lock`, shared by writers for the two calls that
+create and lock a temp file, exclusive for the sweep) closes the gap between those two calls.
 """
 
 from __future__ import annotations
@@ -15,12 +23,21 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterable, Iterator, Mapping, Optional, Union
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; temp files of dead writers are then left alone
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("lorapool.artifacts")
 
 CHUNK = 1024 * 1024
 _ID_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
@@ -94,7 +111,7 @@ class ArtifactWriter:
         self.max_bytes = max_bytes
         self.size = 0
         self._hash = hashlib.sha256()
-        fd, name = tempfile.mkstemp(prefix="put-", dir=store.tmp_dir)
+        fd, name = store._new_temp()
         self._tmp = Path(name)
         self._fh: Optional[BinaryIO] = os.fdopen(fd, "wb")
         self.id: Optional[str] = None
@@ -123,10 +140,12 @@ class ArtifactWriter:
         try:
             self._fh.flush()
             os.fsync(self._fh.fileno())
+            artifact_id = f"sha256:{self._hash.hexdigest()}"
+            # Installed while still open: the file's lock (this writer's claim on it) must
+            # outlive its name in tmp/, or a sweep could take it in between.
+            self._store._install(self._tmp, artifact_id)
             self._fh.close()
             self._fh = None
-            artifact_id = f"sha256:{self._hash.hexdigest()}"
-            self._store._install(self._tmp, artifact_id)
         except OSError as exc:
             self.abort()
             if exc.errno in _FULL_ERRNOS:
@@ -139,13 +158,14 @@ class ArtifactWriter:
         return artifact_id, self.size
 
     def abort(self) -> None:
+        # Unlink first, close (and so unlock) after: see `commit`.
+        self._tmp.unlink(missing_ok=True)
         if self._fh is not None:
             try:
                 self._fh.close()
             except OSError:  # the buffered tail could not be flushed: the file goes anyway
                 pass
             self._fh = None
-        self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "ArtifactWriter":
         return self
@@ -173,8 +193,67 @@ class ArtifactStore:
         self.root = Path(root).expanduser().resolve()
         self.objects_dir = self.root / "objects"
         self.tmp_dir = self.root / "tmp"
+        self._guard_path = self.root / "tmp.lock"
         self.objects_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        removed = self.clear_dead_writers()
+        if removed:
+            log.info("removed %d temp file(s) of writers that died in %s", removed,
+                     self.tmp_dir)
+
+    # -- temp files and who owns them -------------------------------------------------------
+    @contextmanager
+    def _tmp_guard(self, mode: int) -> Iterator[None]:
+        if fcntl is None:
+            yield
+            return
+        fd = os.open(self._guard_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, mode)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _new_temp(self) -> tuple[int, str]:
+        """A new temp file in tmp/, open and locked by this writer: (fd, path)."""
+        with self._tmp_guard(fcntl.LOCK_SH if fcntl else 0):
+            fd, name = tempfile.mkstemp(prefix=f"put-{os.getpid()}-", dir=self.tmp_dir)
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new file: never contended
+                except BaseException:
+                    os.close(fd)
+                    os.unlink(name)
+                    raise
+        return fd, name
+
+    def clear_dead_writers(self) -> int:
+        """Remove the temp files in tmp/ that no live writer holds (left by a killed process);
+        the number removed. A live writer's file, in this process or another, is never
+        touched. Runs when a store is opened; safe to call any time."""
+        if fcntl is None:
+            return 0
+        removed = 0
+        with self._tmp_guard(fcntl.LOCK_EX):
+            for entry in os.scandir(self.tmp_dir):
+                if not entry.is_file(follow_symlinks=False):
+                    continue  # nothing a writer makes; not ours to judge
+                try:
+                    fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                except FileNotFoundError:
+                    continue  # committed or aborted meanwhile
+                try:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # a live writer holds it
+                    os.unlink(entry.path)
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+                finally:
+                    os.close(fd)
+        return removed
 
     # -- writing ----------------------------------------------------------------------------
     def writer(self, *, max_bytes: Optional[int] = None) -> ArtifactWriter:

@@ -10,13 +10,25 @@ A training file is JSONL in one of three formats, the same on every line:
 hashes the raw bytes on the way and reports *every* bad line with its 1-based number and the
 reason, e.g. ``line 7: messages[2].role must be one of system, user, assistant, tool (got 'bot')``.
 Blank lines are skipped but still counted, so numbers match what an editor shows.
+
+Every line is untrusted input, so each is bounded before it is decoded: at most
+`MAX_LINE_BYTES` (a longer line is reported and skipped without being held in memory whole),
+no NUL byte, strict UTF-8, and arrays/objects nested at most `MAX_JSON_DEPTH` deep. The depth is
+checked by a cheap, string-aware scan *before* `json.loads`, whose C parser recurses once per
+level and would otherwise end in a RecursionError (a 500) on ``[[[[…]]]]``. Numbers that JSON
+cannot carry (NaN, Infinity, overflowing floats, integers past Python's digit limit) are
+reported as such.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
+import math
+import operator
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +47,12 @@ _FORMAT_KEYS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
 }
 _FORMAT_NAMES = {"chat": "chat", "prompt_completion": "prompt/completion", "text": "text"}
+
+# One line is one example; even a 32k-token chat is well under 1 MiB of text, so 8 MiB leaves
+# room for long tool outputs while bounding what one line can make the server hold in memory.
+MAX_LINE_BYTES = 8 * 1024 * 1024
+# Chat records nest 3 levels (object → messages list → message object); tool schemas a few more.
+MAX_JSON_DEPTH = 64
 
 
 @dataclass
@@ -75,11 +93,43 @@ def open_source(source: DataSource) -> IO[bytes]:
     )
 
 
-def iter_lines(stream: IO[bytes], hasher: Any | None = None) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw line without the newline) for every line, hashing as it goes."""
-    for number, raw in enumerate(stream, start=1):
+class LineTooLong(bytes):
+    """What `iter_lines` yields in place of a line over its limit: its first bytes only;
+    `.length` is the whole line's length in bytes."""
+
+    length: int
+
+
+def iter_lines(stream: IO[bytes], hasher: Any | None = None,
+               max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line without the newline) for every line, hashing as it goes.
+
+    A line longer than `max_line_bytes` is yielded as a `LineTooLong` (its head only); the rest
+    of it is read in bounded pieces and hashed, never held whole."""
+    number = 0
+    while True:
+        raw = stream.readline(max_line_bytes + 1)
+        if not raw:
+            return
+        number += 1
         if hasher is not None:
             hasher.update(raw)
+        if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+            length = len(raw)
+            while True:
+                piece = stream.readline(1024 * 1024)
+                if not piece:
+                    break
+                length += len(piece)
+                if hasher is not None:
+                    hasher.update(piece)
+                if piece.endswith(b"\n"):
+                    length -= 1
+                    break
+            head = LineTooLong(raw[:80])
+            head.length = length
+            yield number, head
+            continue
         yield number, raw.rstrip(b"\r\n")
 
 
@@ -104,6 +154,15 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _check_text(where: str, value: str) -> None:
+    # JSON may spell a lone UTF-16 surrogate ("\\ud800"); no tokenizer can encode it.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRecord(f"{where} holds a lone surrogate (U+{ord(value[exc.start]):04X}), "
+                            "which is not valid Unicode text") from None
+
+
 def check_record(record: Any, expected: Format | None = None) -> Format:
     """Validate one decoded record; return its format. Raises InvalidRecord with the reason."""
     if not isinstance(record, dict):
@@ -122,12 +181,14 @@ def check_record(record: Any, expected: Format | None = None) -> Format:
                 raise InvalidRecord(f"missing '{key}' (prompt/completion format needs both)")
             if not isinstance(record[key], str):
                 raise InvalidRecord(f"{key} must be a string (got {_type_name(record[key])})")
+            _check_text(key, record[key])
         if not record["completion"].strip():
             raise InvalidRecord("completion must not be empty")
     else:
         text = record["text"]
         if not isinstance(text, str):
             raise InvalidRecord(f"text must be a string (got {_type_name(text)})")
+        _check_text("text", text)
         if not text.strip():
             raise InvalidRecord("text must not be empty")
     return fmt
@@ -153,6 +214,7 @@ def _check_chat(messages: Any) -> None:
         content = msg["content"]
         if not isinstance(content, str):
             raise InvalidRecord(f"{where}.content must be a string (got {_type_name(content)})")
+        _check_text(f"{where}.content", content)
         if "weight" in msg and (
             role != "assistant" or isinstance(msg["weight"], bool) or msg["weight"] not in (0, 1)
         ):
@@ -166,8 +228,55 @@ def _check_chat(messages: Any) -> None:
         raise InvalidRecord("no assistant message: a chat example needs at least one to learn from")
 
 
-def parse_line(raw: bytes) -> Any:
-    """Decode one raw line (strict UTF-8, then JSON); InvalidRecord with the reason."""
+# A complete JSON string (escapes included); what is left outside strings is structure.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# Bracket bytes → 2 (open) / 0 (close), every other byte deleted (see `json_depth`).
+_DEPTH_TABLE = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def scan_depth(raw: bytes) -> int:
+    """How deep arrays/objects nest in the JSON text `raw`, as far as a parser would get.
+
+    Strings are cut out (C regex), brackets kept, and the running depth's maximum taken with
+    C-level iterators: no Python loop per byte, so a 8 MiB line takes milliseconds."""
+    outside = _JSON_STRING.sub(b"", raw)
+    quote = outside.find(b'"')
+    if quote >= 0:  # an unterminated string: a parser stops there, so does the count
+        outside = outside[:quote]
+    steps = outside.translate(_DEPTH_TABLE, _NOT_BRACKETS)
+    return max(itertools.accumulate(map(operator.sub, steps, itertools.repeat(1))), default=0)
+
+
+def nests_deeper_than(raw: bytes, limit: int) -> bool:
+    """Whether arrays/objects in the JSON text `raw` nest more than `limit` levels deep.
+
+    Cheap enough for every line: a text with no more than `limit` opening brackets at all
+    (strings included) cannot nest deeper, and is not scanned."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    return scan_depth(raw) > limit
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidRecord(f"invalid JSON: {name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise InvalidRecord(f"invalid JSON: the number {text[:40]} is too large for a float")
+    return value
+
+
+def parse_line(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Decode one raw line (bounded, strict UTF-8, then JSON); InvalidRecord with the reason."""
+    if isinstance(raw, LineTooLong):
+        raise InvalidRecord(f"line is {raw.length} bytes long; the limit for one example is "
+                            f"{MAX_LINE_BYTES} bytes ({MAX_LINE_BYTES // 1024**2} MiB)")
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise InvalidRecord(f"contains a NUL byte at position {nul} (binary data is not JSONL)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -175,10 +284,19 @@ def parse_line(raw: bytes) -> Any:
             f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at position {exc.start})"
         ) from None
     text = text.removeprefix("\ufeff")  # a byte-order mark, as Windows editors write one
+    if nests_deeper_than(raw, max_depth):
+        raise InvalidRecord(f"arrays/objects nest deeper than {max_depth} levels (the limit)")
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except InvalidRecord:
+        raise
     except json.JSONDecodeError as exc:
         raise InvalidRecord(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except RecursionError:  # cannot happen below the depth limit; a 400 all the same
+        raise InvalidRecord(f"arrays/objects nest deeper than {max_depth} levels (the limit)") \
+            from None
+    except ValueError as exc:  # e.g. an integer past sys.get_int_max_str_digits()
+        raise InvalidRecord(f"invalid JSON: a number is too large ({exc})") from None
 
 
 def format_errors(errors: list[LineError], n_more: int) -> str:
@@ -200,7 +318,7 @@ def validate_dataset(source: DataSource, *, max_errors: int = 100) -> DatasetRep
     with open_source(source) as stream:
         for number, raw in iter_lines(stream, hasher):
             n_lines = number
-            if not raw.strip():
+            if not raw.strip() and not isinstance(raw, LineTooLong):
                 continue  # blank lines are allowed and skipped
             try:
                 record = parse_line(raw)
