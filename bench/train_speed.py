@@ -238,7 +238,7 @@ def run_hand(job: dict, clock) -> dict:
             return {"status": "unavailable", "reason": f"{type(exc).__name__}: {exc}"[:500]}
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=str(folder), max_seq_length=job["seq"], dtype=torch.bfloat16,
-            load_in_4bit=True)
+            load_in_4bit=True, fix_tokenizer=False)  # the char tokenizer needs no fixing
         model = FastLanguageModel.get_peft_model(
             model, r=16, lora_alpha=32, lora_dropout=0, target_modules=TARGETS, bias="none",
             use_gradient_checkpointing="unsloth", random_state=job["seed"])
@@ -282,6 +282,7 @@ def run_lorapool(job: dict, clock) -> dict:
     if has_fast:
         kw["fast"] = fast
     spec = TrainSpec(**kw)
+    predicted = _predict(spec) if job.get("predict") else {}
     losses: list[float] = []
     notes: list[str] = []
 
@@ -303,7 +304,26 @@ def run_lorapool(job: dict, clock) -> dict:
     return {"status": "ok", "losses": losses, "adapter_dir": str(result.adapter_dir),
             "fast_requested": fast if has_fast else "n/a (TrainSpec has no `fast`)",
             "micro_batch_used": result.metrics.get("micro_batch_size"),
-            "notes": notes[-12:]}
+            "notes": notes[-12:], **predicted}
+
+
+def _predict(spec) -> dict:
+    """lorapool's own estimate for `spec` on this GPU (gpu_memory.py compares it)."""
+    import torch
+
+    from lorapool.service.train import DeviceInfo, estimate_memory
+
+    try:
+        if spec.device == "cpu":  # the CPU smoke test of the plumbing
+            dev = DeviceInfo(kind="cpu", name="cpu", total_memory=0)
+        else:
+            p = torch.cuda.get_device_properties(0)
+            dev = DeviceInfo(kind="cuda", name=p.name, total_memory=p.total_memory,
+                             compute_capability=(p.major, p.minor))
+        est = estimate_memory(spec, dev)
+        return {"predicted": est.total, "breakdown": est.breakdown}
+    except Exception as exc:  # noqa: BLE001 - report, the measurement still counts
+        return {"predict_error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
 class Clock:
@@ -345,7 +365,7 @@ def child_main(job: dict) -> dict:
     runner = job["runner"]
     res = run_lorapool(job, clock) if runner.startswith("lorapool") else run_hand(job, clock)
     res.update(runner=runner, shape=job["shape"], mb=job["mb"], seq=job["seq"],
-               steps=job["steps"], warmup=job["warmup"])
+               steps=job["steps"], warmup=job["warmup"], device_name=device_line())
     if res["status"] != "ok":
         return res
     n_timed = len(clock.steps) - job["warmup"]
@@ -495,6 +515,10 @@ def print_table(results: list[dict], header: str) -> None:
               f"{_f(r.get('peak_reserved') and r['peak_reserved'] / GiB, '.2f'):>10}"
               f"{_f(r.get('driver_peak') and r['driver_peak'] / GiB, '.2f'):>12}"
               f"{_f(r.get('final_loss'), '.4f'):>9}{_f(r.get('load_s'), '.0f'):>8}  {status}")
+
+
+def _device_of(results) -> str:
+    return next((r["device_name"] for r in results if r.get("device_name")), "device unknown")
 
 
 def device_line() -> str:
@@ -686,22 +710,25 @@ def main(argv: list[str] | None = None) -> int:
     mbs = [int(x) for x in args.mb.split(",") if x]
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="lorapool-speed-out-"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(device_line(), flush=True)
-    report: dict[str, Any] = {"device": device_line(), "args": {k: str(v) for k, v in
-                                                                 vars(args).items()}}
+    # The parent never touches the GPU beyond is_available() (which creates no context), so
+    # each child's free-memory reading is its own; the device's name comes from the children.
+    report: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
     with open(out_dir / "train_speed.log", "a") as log:
         if args.check_same:
             same = check_same(args, device, deadline, log)
             report["check_same"] = same
+            report["device"] = _device_of(same.get("runs", {}).values())
+            print(report["device"])
             (out_dir / "train_speed.json").write_text(json.dumps(report, indent=1, default=str))
             print_same(same)
             return 0 if same.get("pass") else 1
         results = grid(args, runners, shapes, mbs, device, deadline, log)
     report["results"] = results
     report["checks"] = checks(results)
+    report["device"] = _device_of(results)
     (out_dir / "train_speed.json").write_text(json.dumps(report, indent=1, default=str))
     print_table(results, f"seq {args.seq}, {args.steps} steps ({args.warmup} warm-up), "
-                f"LoRA r16 all 7 projections, 8-bit AdamW, grad ckpt; {device_line()}")
+                f"LoRA r16 all 7 projections, 8-bit AdamW, grad ckpt; {report['device']}")
     if report["checks"]:
         print("\nissue 9 checks (lorapool rows):")
         for name, verdict, detail in report["checks"]:
