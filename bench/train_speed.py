@@ -75,7 +75,7 @@ SHAPES: dict[str, dict[str, Any]] = {
                num_attention_heads=32, num_key_value_heads=8),
 }
 SHAPE_TIMEOUT_S = {"tiny": 120, "1b": 150, "3b": 210, "8b": 300}  # one subprocess, load included
-SHAPE_BF16_GB = {"tiny": 0.0, "1b": 2.5, "3b": 7.3, "8b": 16.1}
+SHAPE_BF16_GB = {"tiny": 0.0, "1b": 3.0, "3b": 7.3, "8b": 16.1}  # untied lm_head, as tiny.py
 
 # Issue 9's bars.
 FLOOR_SPEED, FLOOR_MEM = 2.2, 0.55
@@ -302,9 +302,24 @@ def run_lorapool(job: dict, clock) -> dict:
     result = train(spec, job["rows_jsonl"], out, on_event=on_event,
                    cache_dir=Path(job["scratch"]) / "cache")
     return {"status": "ok", "losses": losses, "adapter_dir": str(result.adapter_dir),
+            "fast_plan": _recorded_fast(result.adapter_dir),
             "fast_requested": fast if has_fast else "n/a (TrainSpec has no `fast`)",
             "micro_batch_used": result.metrics.get("micro_batch_size"),
             "notes": notes[-12:], **predicted}
+
+
+def _recorded_fast(adapter_dir) -> Any:
+    """What the run recorded about its fast path in the adapter's lorapool.json, if anything."""
+    for name in ("lorapool.json", "lorapool_meta.json"):
+        meta = Path(adapter_dir or "") / name
+        if meta.is_file():
+            data = json.loads(meta.read_text())
+            found = {k: v for k, v in data.items() if "fast" in k.lower()}
+            for v in data.values():
+                if isinstance(v, dict):
+                    found.update({k: x for k, x in v.items() if "fast" in k.lower()})
+            return found or None
+    return None
 
 
 def _predict(spec) -> dict:
@@ -414,7 +429,8 @@ def run_child(job: dict, timeout_s: float, log) -> dict:
     errf.close()
     head = f"==== {job['runner']} {job['shape']} mb{job['mb']} seq{job['seq']} " \
            f"(rc {proc.returncode}, {wall:.0f} s)"
-    log.write(f"{head}\n{err[-6000:]}\n")
+    chatter = "\n".join(x for x in stdout.splitlines() if not x.startswith(RESULT_TAG))
+    log.write(f"{head}\n-- stdout --\n{chatter[-3000:]}\n-- stderr --\n{err[-6000:]}\n")
     log.flush()
     res = None
     for line in stdout.splitlines():
@@ -729,6 +745,10 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "train_speed.json").write_text(json.dumps(report, indent=1, default=str))
     print_table(results, f"seq {args.seq}, {args.steps} steps ({args.warmup} warm-up), "
                 f"LoRA r16 all 7 projections, 8-bit AdamW, grad ckpt; {report['device']}")
+    plans = {json.dumps(r.get("fast_plan"), sort_keys=True, default=str) for r in results
+             if r.get("runner") == "lorapool" and r.get("status") == "ok"}
+    for plan in sorted(plans):
+        print(f"lorapool's recorded fast path: {plan}")
     if report["checks"]:
         print("\nissue 9 checks (lorapool rows):")
         for name, verdict, detail in report["checks"]:
