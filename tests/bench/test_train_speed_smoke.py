@@ -24,6 +24,7 @@ SCRIPT = ROOT / "bench" / "train_speed.py"
 def _load():
     spec = importlib.util.spec_from_file_location("bench_train_speed", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
