@@ -258,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
             if not isinstance(folder, Path):
                 rows.append({**base, "status": "error", "reason": str(folder)})
                 continue
-            if left < 45:
+            full = args.timeout_s or ts.SHAPE_TIMEOUT_S.get(p.shape, 300) * (
+                1.5 if p.seq == 8192 else 1)
+            if left < max(45.0, 0.4 * full):  # too little left to finish: say so instead
                 rows.append({**base, "status": "skipped", "reason": "budget spent"})
                 continue
             data = work / p.name
@@ -270,8 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                        packing=p.packed, predict=True, device=device, model=str(folder),
                        steps=args.steps, warmup=min(1, args.steps - 1), seed=args.seed,
                        rows_jsonl=str(jsonl), scratch=str(data / "run"))
-            timeout = min(args.timeout_s or ts.SHAPE_TIMEOUT_S.get(p.shape, 300) *
-                          (1.5 if p.seq == 8192 else 1), left - 20)
+            timeout = min(full, left - 20)
             r = ts.run_child(job, timeout, log)
             r.update(base)
             rows.append(r)

@@ -369,6 +369,14 @@ class Clock:
 
 
 def child_main(job: dict) -> dict:
+    if job["runner"] == "unsloth":
+        # Unsloth sets its allocator options and patches at import: import it before torch
+        # touches the GPU (and before transformers/peft), as its users do.
+        try:
+            import unsloth  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 - any import failure means "cannot compare"
+            return {"status": "unavailable", "reason": f"{type(exc).__name__}: {exc}"[:500],
+                    "runner": "unsloth", "shape": job["shape"], "mb": job["mb"]}
     import torch
 
     device = job["device"]
@@ -569,11 +577,12 @@ def grid(args, runners: list[str], shapes: list[str], mbs: list[int], device: st
                 if not isinstance(built, Path):
                     results.append({**base, "status": "error", "reason": built})
                     continue
-                if left < 45:
+                full = args.timeout_s or SHAPE_TIMEOUT_S.get(shape, 300)
+                if left < max(45.0, 0.4 * full):  # too little left to finish: say so instead
                     results.append({**base, "status": "skipped",
                                     "reason": f"budget --budget-s {args.budget_s:.0f} spent"})
                     continue
-                timeout = min(args.timeout_s or SHAPE_TIMEOUT_S.get(shape, 300), left - 20)
+                timeout = min(full, left - 20)
                 job = dict(base, device=device, model=str(built), steps=args.steps,
                            warmup=args.warmup, seed=args.seed, rows=str(rows_dir / "rows.json"),
                            rows_jsonl=str(rows_dir / "rows.jsonl"),
