@@ -18,7 +18,16 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 
-before=$($PY -c 'import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)')
+pinned() {  # the image's own versions, read from metadata (no imports: fast)
+    $PY -c 'from importlib.metadata import PackageNotFoundError, version
+def v(d):
+    try:
+        return version(d)
+    except PackageNotFoundError:
+        return "none"
+print(*(v(d) for d in ("torch", "transformers", "peft", "accelerate", "triton")))'
+}
+before=$(pinned)
 if ! $PY -c 'import importlib.util as u, sys; sys.exit(any(u.find_spec(n) is None for n in
         ("bitsandbytes", "datasets", "pydantic", "liger_kernel", "trl", "unsloth", "lorapool")))'; then
     ls .wheels/*.whl >/dev/null  # fails clearly when the wheels were not carried
@@ -27,25 +36,34 @@ if ! $PY -c 'import importlib.util as u, sys; sys.exit(any(u.find_spec(n) is Non
     # so no build isolation (it would try to download them).
     $PY -m pip install -q --no-deps --no-index --no-build-isolation --no-cache-dir -e .
 fi
-after=$($PY -c 'import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)')
+after=$(pinned)
 if [ "$before" != "$after" ]; then
-    echo "device_setup: torch/transformers/peft changed: $before -> $after" >&2
+    echo "device_setup: torch/transformers/peft/accelerate/triton changed: $before -> $after" >&2
     exit 1
 fi
 
-$PY - <<'EOF'
-import importlib, torch
+$PY - <<'PYEOF'
+import importlib.util
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), GPU: "
       f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
-for name in ("triton", "transformers", "peft", "accelerate", "bitsandbytes", "datasets",
-             "pydantic", "liger_kernel", "trl", "unsloth_zoo", "lorapool"):
+# Versions from the installed metadata: importing unsloth or trl here would cost seconds.
+for dist, module in (("triton", "triton"), ("transformers", "transformers"), ("peft", "peft"),
+                     ("accelerate", "accelerate"), ("bitsandbytes", "bitsandbytes"),
+                     ("datasets", "datasets"), ("pydantic", "pydantic"),
+                     ("liger-kernel", "liger_kernel"), ("trl", "trl"), ("unsloth", "unsloth"),
+                     ("unsloth-zoo", "unsloth_zoo"), ("lorapool", "lorapool")):
     try:
-        mod = importlib.import_module(name)
-        version = getattr(mod, "__version__", None)
-        if version is None:
-            from importlib.metadata import version as dist_version
-            version = dist_version(name.replace("_", "-"))
-        print(f"  {name:<14}{version}")
-    except Exception as exc:  # report, do not stop: the bench says per runner what is missing
-        print(f"  {name:<14}NOT IMPORTABLE: {type(exc).__name__}: {exc}")
-EOF
+        found = importlib.util.find_spec(module) is not None
+        print(f"  {dist:<14}{version(dist)}{'' if found else '  (NOT IMPORTABLE)'}")
+    except PackageNotFoundError:
+        print(f"  {dist:<14}NOT INSTALLED")
+# Fail here, not in the middle of the benchmark, when the trainer cannot even be imported.
+import bitsandbytes  # noqa: E402,F401
+import lorapool.service.train.loop  # noqa: E402,F401
+
+print("bitsandbytes and lorapool.service.train.loop import")
+PYEOF
