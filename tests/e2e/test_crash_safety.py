@@ -126,10 +126,9 @@ def test_sigkill_during_upload_and_job_then_restart(tmp_path: Path, tiny_model_d
         finally:
             db.close()
 
+        # The restarted store swept tmp/ of the killed writer's partial file.
         leftovers = [p.name for p in half if p.exists()]
-        if leftovers:
-            pytest.xfail("the artifact store does not yet clear tmp/ of dead writers at start "
-                         f"(issue 12, 'Leftovers cleared'): {leftovers}")
+        assert not leftovers, leftovers
     finally:
         killed.set()
         first.cleanup()
