@@ -277,7 +277,7 @@ def run_lorapool(job: dict, clock) -> dict:
         lr_scheduler="constant", warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0,
         optimizer="adamw_8bit", device=device, seed=job["seed"], quantization="nf4",
         compute_dtype="bf16" if device == "cuda" else "auto", packing=job.get("packing", False))
-    fast = "off" if job["runner"] == "lorapool-ref" else "auto"
+    fast = job.get("fast") or ("off" if job["runner"] == "lorapool-ref" else "auto")
     has_fast = "fast" in TrainSpec.model_fields
     if has_fast:
         kw["fast"] = fast
@@ -299,13 +299,37 @@ def run_lorapool(job: dict, clock) -> dict:
             notes.append(json.dumps(ev.data, default=str)[:400])
 
     out = Path(job["scratch"]) / "lorapool-out"
+    prof = _profiler(job)
+    if prof is not None:
+        prof.start()
+        inner = on_event
+
+        def on_event(ev) -> None:  # noqa: F811 - the same sink, stepping the profiler too
+            inner(ev)
+            if ev.type == "step":
+                prof.step()
     result = train(spec, job["rows_jsonl"], out, on_event=on_event,
                    cache_dir=Path(job["scratch"]) / "cache")
+    if prof is not None:
+        prof.stop()
+        table = prof.key_averages().table(sort_by="cuda_time_total" if device == "cuda"
+                                          else "cpu_time_total", row_limit=40, max_name_column_width=60)
+        Path(job["profile"]).write_text(table)
     return {"status": "ok", "losses": losses, "adapter_dir": str(result.adapter_dir),
             "fast_plan": _recorded_fast(result.adapter_dir),
             "fast_requested": fast if has_fast else "n/a (TrainSpec has no `fast`)",
             "micro_batch_used": result.metrics.get("micro_batch_size"),
             "notes": notes[-12:], **predicted}
+
+
+def _profiler(job: dict):
+    """A torch profiler over steps 3-4 of this run when --profile asked for it (else None)."""
+    if not job.get("profile"):
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if job["device"] == "cuda" else [])
+    return profile(activities=acts, schedule=schedule(wait=2, warmup=1, active=2, repeat=1))
 
 
 def _recorded_fast(adapter_dir) -> Any:
@@ -317,7 +341,8 @@ def _recorded_fast(adapter_dir) -> Any:
             found = {k: v for k, v in data.items() if "fast" in k.lower()}
             for v in data.values():
                 if isinstance(v, dict):
-                    found.update({k: x for k, x in v.items() if "fast" in k.lower()})
+                    found.update({k: x for k, x in v.items()
+                                  if "fast" in k.lower() and k not in found})
             return found or None
     return None
 
@@ -583,7 +608,12 @@ def grid(args, runners: list[str], shapes: list[str], mbs: list[int], device: st
                                     "reason": f"budget --budget-s {args.budget_s:.0f} spent"})
                     continue
                 timeout = min(full, left - 20)
-                job = dict(base, device=device, model=str(built), steps=args.steps,
+                variant = runner.split("@", 1)[1] if "@" in runner else None
+                extra = {"fast": args.variants[variant]} if variant else {}
+                if runner in args.profile.split(",") and args.out:
+                    extra["profile"] = str(Path(args.out) / f"profile-{runner.replace('@', '-')}"
+                                           f"-{shape}-mb{mb}.txt")
+                job = dict(base, **extra, device=device, model=str(built), steps=args.steps,
                            warmup=args.warmup, seed=args.seed, rows=str(rows_dir / "rows.json"),
                            rows_jsonl=str(rows_dir / "rows.jsonl"),
                            scratch=str(work / f"{runner}-{shape}-mb{mb}"))
@@ -687,9 +717,19 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--check-steps", type=int, default=20)
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="tiny model on the CPU, 2 steps, plain + lorapool: tests the harness")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                    help="a lorapool fast-path variant, run as runner lorapool@NAME; e.g. "
+                    "'nolora={\"fused_lora\": \"off\"}' (ablations)")
+    ap.add_argument("--profile", default="", metavar="RUNNERS",
+                    help="comma-separated lorapool runners to profile (two steps each); "
+                    "tables under --out")
     ap.add_argument("--_child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--_build", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.variants = {}
+    for item in args.variant:
+        name, _, spec = item.partition("=")
+        args.variants[name] = json.loads(spec)
     if args.cpu_smoke:
         args.shapes, args.mb, args.seq = "tiny", "1", 64
         args.steps, args.warmup = max(2, min(args.steps, 2)), 1
@@ -725,7 +765,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         device = "cuda"
     runners = [r for r in args.runners.split(",") if r]
-    unknown = [r for r in runners if r not in RUNNERS]
+    unknown = [r for r in runners if r not in RUNNERS and not (
+        r.startswith("lorapool@") and r.split("@", 1)[1] in args.variants)]
     shapes = [s for s in args.shapes.split(",") if s]
     bad_shapes = [s for s in shapes if s not in SHAPES and not (args.cpu_smoke and s == "tiny")]
     if unknown or bad_shapes:
