@@ -7,9 +7,11 @@ and `AttentionMaskInterface` (a mask function that builds nothing, so no seq^2 m
 exists); the model is loaded with `attn_implementation=DOC_ATTENTION`. The attention function
 finds the documents from `position_ids`, which Llama passes through to it, and:
 
-- CUDA with a working flex_attention (compute capability >= 8.0, triton importable): one compiled
-  `flex_attention` call with a document-causal `BlockMask` (blocks that cross documents are
-  skipped, not computed and masked);
+- CUDA: the documents' bounds are read once per forward; a row of one document is a single
+  causal SDPA call (flash attention), a row of a few documents one SDPA call per document, and a
+  row of many (short chat examples) one compiled `flex_attention` call with a document-causal
+  `BlockMask` (blocks that cross documents are skipped, not computed and masked) where
+  flex_attention compiles (compute capability >= 8.0, triton), else SDPA per document;
 - elsewhere (the CPU, older GPUs): SDPA once per document, causal, which is exact.
 
 A batch that does come with an attention mask (padded evaluation batches) goes through
@@ -178,6 +180,41 @@ def flex_document_attention(query: torch.Tensor, key: torch.Tensor, value: torch
 _FLEX_OK: dict[torch.device, bool] = {}
 
 
+# A flat row of at most this many documents runs SDPA (flash) once per document; more, and one
+# flex_attention call that skips the blocks crossing documents is cheaper than many launches.
+MAX_DOCS_PER_ROW_FOR_SDPA = 8
+_BOUNDS_CACHE: dict[str, Any] = {"pos": None}
+
+
+def cached_document_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """`document_bounds` of every row, computed once per position_ids tensor: every layer (and
+    the checkpoint recompute) of one forward shares it, so the device sync happens once."""
+    cached = _BOUNDS_CACHE["pos"]
+    if cached is not None and cached() is position_ids and \
+            _BOUNDS_CACHE["version"] == position_ids._version:
+        return _BOUNDS_CACHE["bounds"]
+    bounds = [document_bounds(row) for row in position_ids.detach().cpu()]
+    _BOUNDS_CACHE.update(pos=weakref.ref(position_ids), version=position_ids._version,
+                         bounds=bounds)
+    return bounds
+
+
+def _sdpa_by_bounds(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    bounds: list[list[tuple[int, int]]], scaling: Optional[float],
+                    dropout: float) -> torch.Tensor:
+    """Causal SDPA per document from known bounds; (B, H, T, D) in, (B, T, H, D) out. A row of
+    one document is a single causal SDPA call (flash attention on a GPU)."""
+    gqa = key.shape[1] != query.shape[1]
+    rows = []
+    for b, row in enumerate(bounds):
+        pieces = [F.scaled_dot_product_attention(
+            query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
+            dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa) for s, e in row]
+        rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2))
+    out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+    return out.transpose(1, 2).contiguous()
+
+
 def doc_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                           value: torch.Tensor, attention_mask: Optional[torch.Tensor],
                           dropout: float = 0.0, scaling: Optional[float] = None,
@@ -191,13 +228,24 @@ def doc_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
     device = query.device
-    if dropout == 0.0 and device.type == "cuda":
-        if device not in _FLEX_OK:
-            _FLEX_OK[device] = flex_attention_supported(device)[0]
-        if _FLEX_OK[device]:
-            return flex_document_attention(query, key, value, position_ids, scaling=scaling), None
     if position_ids.shape[0] != query.shape[0]:
         position_ids = position_ids.expand(query.shape[0], -1)
+    if device.type == "cuda":
+        bounds = cached_document_bounds(position_ids)
+        most = max(len(row) for row in bounds)
+        if dropout == 0.0 and most > MAX_DOCS_PER_ROW_FOR_SDPA:
+            if device not in _FLEX_OK:
+                _FLEX_OK[device] = flex_attention_supported(device)[0]
+            if _FLEX_OK[device]:
+                try:
+                    return flex_document_attention(query, key, value, position_ids,
+                                                   scaling=scaling), None
+                except Exception as exc:  # noqa: BLE001 - inductor has no kernel for this shape
+                    # e.g. head dims too small for its templates: per-document SDPA is exact.
+                    log.warning("flex_attention failed (%s: %s); per-document SDPA from now on",
+                                type(exc).__name__, str(exc).splitlines()[0][:200])
+                    _FLEX_OK[device] = False
+        return _sdpa_by_bounds(query, key, value, bounds, scaling, dropout), None
     key, value = _expand_kv(module, key, value)
     return per_document_sdpa(query, key, value, position_ids, scaling=scaling,
                              dropout=dropout), None
