@@ -17,6 +17,7 @@ from ..config import Settings
 from ..store import Store
 from . import errors
 from .context import AppContext
+from .routes_chat import router as chat_router
 from .routes_evaluations import router as evaluations_router
 from .routes_federations import router as federations_router
 from .routes_files import router as files_router
@@ -52,4 +53,5 @@ def create_app(settings: Settings, store: Store, artifacts: ArtifactStore,
     app.include_router(sharing_router)
     app.include_router(merges_router)
     app.include_router(evaluations_router)
+    app.include_router(chat_router)
     return app

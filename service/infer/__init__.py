@@ -11,34 +11,35 @@ Like `service.train`, nothing here speaks Ray, HTTP or a database: the pool's
     for chunk in engine.run(job):
         print(chunk.text, end="")
 
-Pieces: `params` (request limits), `prompt` (chat template rendering), `adapters` (safetensors
-only), `cache` (LRU of loaded bases), `generate` (the decode loop with stop strings and
-streaming), `engine` (all of it together).
+Pieces: `params` (request limits, message shapes), `prompt` (chat template rendering),
+`adapters` (safetensors only), `cache` (LRU of loaded bases, adapters swapped on them),
+`generate` (the decode loop with stop strings and streaming), `engine` (all of it together).
+Names are imported lazily (PEP 562), so the API can check a request with `params` and `errors`
+without importing torch.
 """
 
-from .adapters import AdapterSource, check_adapter_folder
-from .cache import BaseCache, LoadedBase
-from .engine import InferenceEngine, Prepared, load_for_inference
-from .errors import InferenceError, InvalidRequest
-from .generate import Chunk, Usage, generate
-from .params import MAX_STOP_SEQUENCES, MAX_TOKENS_LIMIT, SamplingParams
-from .prompt import render_chat
+from __future__ import annotations
 
-__all__ = [
-    "MAX_STOP_SEQUENCES",
-    "MAX_TOKENS_LIMIT",
-    "AdapterSource",
-    "BaseCache",
-    "Chunk",
-    "InferenceEngine",
-    "InferenceError",
-    "InvalidRequest",
-    "LoadedBase",
-    "Prepared",
-    "SamplingParams",
-    "Usage",
-    "check_adapter_folder",
-    "generate",
-    "load_for_inference",
-    "render_chat",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AdapterSource": "adapters", "check_adapter_folder": "adapters",
+    "BaseCache": "cache", "LoadedBase": "cache",
+    "InferenceEngine": "engine", "Prepared": "engine", "load_for_inference": "engine",
+    "InferenceError": "errors", "InvalidRequest": "errors", "AdapterRefused": "errors",
+    "Chunk": "generate", "Usage": "generate", "generate": "generate",
+    "MAX_STOP_SEQUENCES": "params", "MAX_TOKENS_LIMIT": "params", "SamplingParams": "params",
+    "check_messages": "params",
+    "render_chat": "prompt",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

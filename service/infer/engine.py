@@ -15,8 +15,8 @@ from .adapters import AdapterSource
 from .cache import BaseCache, LoadedBase, Loader
 from .errors import InvalidRequest
 from .generate import Chunk, generate
-from .params import SamplingParams
-from .prompt import check_messages, render_chat
+from .params import SamplingParams, check_messages
+from .prompt import render_chat
 
 
 def load_for_inference(model_dir: str | Path, *, device: str = "auto",

@@ -9,6 +9,7 @@ could still turn into one.
 
 from __future__ import annotations
 
+import inspect
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
@@ -106,6 +107,14 @@ def _sampler(params: SamplingParams):
     return pick
 
 
+def _cache_argument(model: Any) -> str:
+    """The forward argument that takes the KV cache: `cache` in transformers 5, before that
+    `past_key_values` (still accepted by 5, with a deprecation warning per call)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else \
+        "past_key_values"
+
+
 _NO_IDS = torch.zeros((1, 0), dtype=torch.long)
 
 
@@ -123,13 +132,14 @@ def generate(model: Any, tokenizer: Any, prompt_ids: list[int], params: Sampling
 
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     past = None
+    cache_arg = _cache_argument(model)
     out_ids: list[int] = []
     emitted = 0  # characters of the decoded reply already handed out
     finish = "length"
     text = ""
     for _ in range(limit):
-        out = model(input_ids=ids, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=ids, use_cache=True, **{cache_arg: past})
+        past = getattr(out, "cache", None) or out.past_key_values
         # The warpers in use ignore the ids; only a shape is needed.
         token = pick(_NO_IDS, out.logits[0, -1])
         if token in eos:

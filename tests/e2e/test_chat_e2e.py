@@ -1,0 +1,156 @@
+"""Chat with an adapter end to end: real HTTP (uvicorn on loopback), a real local Ray head with
+a NodeAgent, the real trainer — then the official `openai` SDK's chat.completions.create with
+the trained adapter as `model`, streamed and not, against the base model, another tenant and
+bad requests.
+
+The adapter learns one fixed reply format ("<<ok>>" whatever the question) on the tiny random
+Llama: a format it picks up in ~50 optimizer steps, which its base never produces.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+
+GiB = 1024**3
+FORMAT = "<<ok>>"
+WORDS = ["apple", "river", "stone", "cloud", "green", "table", "music", "light", "house"]
+
+
+def _format_lines(n: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return "".join(json.dumps({"messages": [
+        {"role": "user", "content": f"say {rng.choice(WORDS)}"},
+        {"role": "assistant", "content": FORMAT}]}) + "\n" for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    from lorapool import Client
+    from lorapool.service.admin import add_model, create_token
+    from lorapool.service.config import Settings
+    from lorapool.service.server import Service, free_port
+    from lorapool.service.train.tiny import make_tiny_llama
+
+    root = tmp_path_factory.mktemp("chat-e2e")
+    model_dir = make_tiny_llama(root / "tiny-llama")
+    settings = Settings.from_env(data_dir=root / "data", host="127.0.0.1", port=free_port())
+    add_model(settings, "tiny-llama", model_dir)
+    tokens = {t: create_token(settings, t) for t in ("acme", "globex")}
+    svc = Service(
+        settings,
+        local_node_options={"name": "local-cpu", "cpu_only": True, "cpu_memory": 8 * GiB,
+                            "work_dir": str(root / "node-local")},
+        ray_init_options={"num_cpus": 2},
+    )
+    svc.start()
+    (root / "train.jsonl").write_text(_format_lines(48))
+    try:
+        client = Client(svc.base_url, api_key=tokens["acme"], timeout=30)
+        job = client.submit("tiny-llama", root / "train.jsonl", n_epochs=8, batch_size=8,
+                            micro_batch_size=8, learning_rate=1e-2, max_seq_len=64,
+                            quantization="none", lora={"r": 8, "alpha": 16}, seed=0)
+        job = client.jobs.wait(job.id, timeout=600)
+        assert job.status == "succeeded", job.error
+        yield {"svc": svc, "tokens": tokens, "adapter": job.fine_tuned_model}
+    finally:
+        svc.stop()
+
+
+def _openai(service, tenant="acme"):
+    import openai
+
+    return openai.OpenAI(base_url=service["svc"].base_url + "/v1",
+                         api_key=service["tokens"][tenant], max_retries=0, timeout=120)
+
+
+def _ask(oa, model, question="say river", **kw):
+    return oa.chat.completions.create(model=model, messages=[{"role": "user",
+                                                               "content": question}],
+                                      max_tokens=10, temperature=0, **kw)
+
+
+def test_adapter_answers_in_its_format_and_the_base_does_not(service):
+    oa = _openai(service)
+    tuned = _ask(oa, service["adapter"])
+    assert tuned.object == "chat.completion" and tuned.model == service["adapter"]
+    choice = tuned.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content.startswith(FORMAT), choice.message.content
+    assert tuned.usage.prompt_tokens > 0
+    assert tuned.usage.completion_tokens <= 10
+    assert tuned.usage.total_tokens == tuned.usage.prompt_tokens + tuned.usage.completion_tokens
+
+    base = _ask(oa, "tiny-llama")
+    assert FORMAT not in base.choices[0].message.content
+    assert base.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streamed_reply_equals_the_whole_one(service):
+    oa = _openai(service)
+    whole = _ask(oa, service["adapter"], question="say cloud")
+    chunks = list(_ask(oa, service["adapter"], question="say cloud", stream=True,
+                       stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert text.startswith(FORMAT)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == whole.choices[0].finish_reason and set(finishes[:-1]) == {None}
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_stop_seed_and_completions(service):
+    oa = _openai(service)
+    cut = _ask(oa, service["adapter"], stop=["ok"])
+    assert cut.choices[0].message.content == "<<" and cut.choices[0].finish_reason == "stop"
+    sampled = [oa.chat.completions.create(
+        model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=12,
+        temperature=1.0, seed=s).choices[0].message.content for s in (5, 5, 6)]
+    assert sampled[0] == sampled[1] != sampled[2]
+    done = oa.completions.create(model=service["adapter"], prompt="<|im_start|>user\nsay music"
+                                 "<|im_end|>\n<|im_start|>assistant\n", max_tokens=8,
+                                 temperature=0)
+    assert done.object == "text_completion" and done.choices[0].text.startswith(FORMAT)
+
+
+def test_tenant_without_share_gets_404_like_a_missing_adapter(service):
+    import openai
+
+    other = _openai(service, "globex")
+    with pytest.raises(openai.NotFoundError) as hidden:
+        _ask(other, service["adapter"])
+    with pytest.raises(openai.NotFoundError) as missing:
+        _ask(other, "ft-adapter-000000000000000000000000")
+    assert hidden.value.body["message"].replace(service["adapter"], "X") == \
+        missing.value.body["message"].replace("ft-adapter-000000000000000000000000", "X")
+    assert hidden.value.body["param"] == "model"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 10**6}, "max_tokens"),
+    ({"max_completion_tokens": -1}, "max_completion_tokens"),
+    ({"temperature": 3}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"n": 2}, "n"),
+    ({"messages": "hello"}, "messages"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"model": "no-such-model"}, "model"),
+    ({"model": None}, "model"),
+])
+def test_bad_requests_are_400_naming_the_field(service, body, param):
+    import httpx
+
+    request = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}],
+               "max_tokens": 4, **body}
+    r = httpx.post(service["svc"].base_url + "/v1/chat/completions", json=request,
+                   headers={"Authorization": f"Bearer {service['tokens']['acme']}"}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.text
