@@ -172,6 +172,37 @@ def test_worker_reserves_its_memory_with_the_node_agent(service):
     assert report["reserved_memory"] >= held["bytes"] > 0
 
 
+def test_reclaimed_node_unloads_and_gives_its_memory_back(service):
+    import time
+
+    import ray
+
+    from lorapool.service.pool.agent import list_agents
+    from lorapool.service.pool.inference import WORKER_PREFIX
+
+    oa = _openai(service)
+    _ask(oa, service["adapter"])
+    agent = list_agents()["local-cpu"]
+    worker = ray.get_actor(WORKER_PREFIX + "local-cpu", namespace="lorapool")
+    ray.get(agent.reclaim.remote("the owner is back"))
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline and ray.get(worker.loaded.remote())["bases"]:
+            time.sleep(0.2)
+        assert ray.get(worker.loaded.remote())["bases"] == []
+        report = ray.get(agent.report.remote())
+        assert WORKER_PREFIX + "local-cpu" not in report["jobs"]
+        assert report["reserved_memory"] == 0
+        import openai
+
+        with pytest.raises(openai.APIStatusError) as refused:  # no node accepts work now
+            _ask(oa, service["adapter"])
+        assert refused.value.status_code == 503
+    finally:
+        ray.get(agent.release.remote())
+    assert _ask(oa, service["adapter"]).choices[0].message.content.startswith(FORMAT)
+
+
 @pytest.mark.slow
 def test_smollm2_adapter_answers_in_its_format(service):
     """The same with the built-in SmolLM2-135M-Instruct (~1–2 min of CPU training)."""
