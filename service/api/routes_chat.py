@@ -148,21 +148,28 @@ def _collect(stream: Any) -> tuple[str, dict]:
 
 def _stream_events(stream: Any, make_chunk, include_usage: bool,
                    first_chunk: Optional[dict] = None) -> Iterator[str]:
-    """SSE lines from the node's chunks; a failure mid-stream is one error event, then end."""
-    if first_chunk is not None:
-        yield _sse(first_chunk)
-    for item in stream:
-        if "error" in item:
-            yield _sse({"error": {k: v for k, v in item["error"].items() if k != "status"}})
-            break
-        finish = item.get("finish_reason")
-        if item.get("text"):
-            yield _sse(make_chunk(text=item["text"], finish=None))
-        if finish:
-            yield _sse(make_chunk(text=None, finish=finish))
-            if include_usage and item.get("usage"):
-                yield _sse(make_chunk(text=None, finish=None, usage=item["usage"]))
-    yield "data: [DONE]\n\n"
+    """SSE lines from the node's chunks; a failure mid-stream is one error event, then end.
+    Closed early (the client went away), it asks the node to stop generating."""
+    finished = False
+    try:
+        if first_chunk is not None:
+            yield _sse(first_chunk)
+        for item in stream:
+            if "error" in item:
+                yield _sse({"error": {k: v for k, v in item["error"].items() if k != "status"}})
+                break
+            finish = item.get("finish_reason")
+            if item.get("text"):
+                yield _sse(make_chunk(text=item["text"], finish=None))
+            if finish:
+                yield _sse(make_chunk(text=None, finish=finish))
+                if include_usage and item.get("usage"):
+                    yield _sse(make_chunk(text=None, finish=None, usage=item["usage"]))
+        finished = True
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished:
+            stream.cancel()
 
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -27,6 +27,7 @@ import logging
 import os
 import tempfile
 import threading
+import uuid
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -68,6 +69,9 @@ class InferenceWorker:
         self.engine = InferenceEngine(max_models=max_models, max_bytes=max_bytes)
         self._lock = threading.Lock()
         self._reserved = 0
+        self._active: set[str] = set()  # request ids generating now
+        self._cancelled: set[str] = set()
+        self.cancelled = 0  # replies stopped early because their caller left
 
     def _local_config(self) -> tuple[Path, str]:
         if self.agent:
@@ -85,7 +89,15 @@ class InferenceWorker:
 
     def loaded(self) -> dict[str, Any]:
         return {"bases": self.engine.cache.keys(), "bytes": self.engine.cache.total_bytes,
-                "reserved": self._reserved, "loads": self.engine.cache.loads}
+                "reserved": self._reserved, "loads": self.engine.cache.loads,
+                "active": len(self._active), "cancelled": self.cancelled}
+
+    def cancel(self, request_id: str) -> None:
+        """The caller left (an HTTP client disconnected): stop generating for it. Ray would
+        otherwise run the generator to max_tokens, holding the base's lock all along."""
+        with self._lock:
+            if request_id in self._active:
+                self._cancelled.add(request_id)
 
     def request_stop(self, reason: str = "") -> None:
         """The owner reclaimed the node: let every base go and give the memory back."""
@@ -127,13 +139,23 @@ class InferenceWorker:
             yield _error(500, "internal_error", f"could not start: {type(exc).__name__}: {exc}")
             return
         self._reserve()
-        yield {"ready": True, "prompt_tokens": job.prompt_tokens}
+        rid = str(request.get("request_id") or id(request))
+        with self._lock:
+            self._active.add(rid)
         try:
+            yield {"ready": True, "prompt_tokens": job.prompt_tokens}
             for chunk in engine.run(job):
+                if rid in self._cancelled:
+                    self.cancelled += 1
+                    break  # closing engine.run releases the base
                 yield chunk.to_dict()
         except Exception as exc:
             log.exception("inference on %s failed", self.node)
             yield _error(500, "internal_error", f"generation failed: {type(exc).__name__}")
+        finally:
+            with self._lock:
+                self._active.discard(rid)
+                self._cancelled.discard(rid)
 
     def _prepare(self, request: dict[str, Any]):
         from ..infer import AdapterSource, SamplingParams, load_for_inference
@@ -166,9 +188,12 @@ class InferenceStream:
     chunk dicts."""
 
     def __init__(self, gen: Any, node: Optional[str], timeout: float,
-                 on_lost: Optional[Any] = None) -> None:
+                 on_lost: Optional[Any] = None, worker: Any = None,
+                 request_id: Optional[str] = None) -> None:
         self._gen = gen
         self._on_lost = on_lost
+        self._worker = worker
+        self._request_id = request_id
         self.node = node
         self._timeout = timeout
         self.first = self._next()
@@ -198,6 +223,14 @@ class InferenceStream:
             if "error" in item or item.get("finish_reason"):
                 return
 
+    def cancel(self) -> None:
+        """Ask the worker to stop generating this reply (the caller is gone)."""
+        if self._worker is not None and self._request_id is not None:
+            try:
+                self._worker.cancel.remote(self._request_id)
+            except Exception:  # the worker is gone: nothing left to stop
+                pass
+
 
 class InferencePool:
     """Head side: the node for a request (one that holds the base, else the accepting node with
@@ -223,14 +256,16 @@ class InferencePool:
         if node is None:
             return _Failed(_error(503, "no_capacity", need))
         worker = self._worker(node, node_id)
-        request = {"model": self.models.payload(model),
+        request_id = uuid.uuid4().hex
+        request = {"request_id": request_id, "model": self.models.payload(model),
                    "trust_remote_code": bool(getattr(model, "trust_remote_code", False)),
                    "adapter": self._adapter_payload(adapter) if adapter is not None else None,
                    "params": params, "messages": messages, "prompt": prompt}
         gen = worker.generate.options(num_returns="streaming").remote(request)
         with self._lock:
             self._homes[model.sha256] = node
-        return InferenceStream(gen, node, self.timeout, on_lost=self.forget)
+        return InferenceStream(gen, node, self.timeout, on_lost=self.forget, worker=worker,
+                               request_id=request_id)
 
     def _adapter_payload(self, rec: Any) -> dict[str, Any]:
         with self._lock:
@@ -303,3 +338,6 @@ class _Failed(InferenceStream):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(())
+
+    def cancel(self) -> None:
+        pass

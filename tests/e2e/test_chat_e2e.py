@@ -172,6 +172,35 @@ def test_worker_reserves_its_memory_with_the_node_agent(service):
     assert report["reserved_memory"] >= held["bytes"] > 0
 
 
+def test_client_leaving_mid_stream_stops_the_generation(service):
+    """A disconnected stream must not keep the base busy until max_tokens."""
+    import time
+
+    import httpx
+    import ray
+
+    from lorapool.service.pool.inference import WORKER_PREFIX
+
+    worker = ray.get_actor(WORKER_PREFIX + "local-cpu", namespace="lorapool")
+    before = ray.get(worker.loaded.remote())["cancelled"]
+    # Greedy on this prompt, the tiny random base never emits its end token: ~4000 tokens
+    # (tens of seconds) unless the reply is stopped.
+    request = {"model": "tiny-llama", "stream": True, "max_tokens": 4000, "temperature": 0,
+               "messages": [{"role": "user", "content": "tell me a long story"}]}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", service["svc"].base_url + "/v1/chat/completions",
+                         json=request, headers={"Authorization":
+                                                f"Bearer {service['tokens']['acme']}"}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(line for line in lines if '"content"' in line)
+    deadline = time.time() + 15
+    while time.time() < deadline and ray.get(worker.loaded.remote())["active"]:
+        time.sleep(0.2)
+    state = ray.get(worker.loaded.remote())
+    assert state["active"] == 0 and state["cancelled"] == before + 1, state
+
+
 def test_reclaimed_node_unloads_and_gives_its_memory_back(service):
     import time
 
