@@ -116,6 +116,11 @@ def test_stop_seed_and_completions(service):
                                  "<|im_end|>\n<|im_start|>assistant\n", max_tokens=8,
                                  temperature=0)
     assert done.object == "text_completion" and done.choices[0].text.startswith(FORMAT)
+    pieces = list(oa.completions.create(model=service["adapter"], prompt="<|im_start|>user\n"
+                                        "say music<|im_end|>\n<|im_start|>assistant\n",
+                                        max_tokens=8, temperature=0, stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == done.choices[0].text
+    assert pieces[-1].choices[0].finish_reason == done.choices[0].finish_reason
 
 
 def test_tenant_without_share_gets_404_like_a_missing_adapter(service):
