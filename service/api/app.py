@@ -21,6 +21,7 @@ from .body_limits import JsonBodyGuard
 from .context import AppContext
 from .event_hub import EventHub
 from .limits import Limits
+from .routes_chat import router as chat_router
 from .routes_evaluations import router as evaluations_router
 from .routes_export import router as export_router
 from .routes_federations import router as federations_router
@@ -63,6 +64,7 @@ def create_app(settings: Settings, store: Store, artifacts: ArtifactStore,
     app.include_router(merges_router)
     app.include_router(evaluations_router)
     app.include_router(export_router)
+    app.include_router(chat_router)
     return app
 
 
