@@ -17,6 +17,7 @@ import typer.core
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .._quiet import quiet_libraries
 from .._sync import Client
@@ -176,27 +177,40 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (for script
 
 def table(columns: Sequence[str], rows: Sequence[Sequence[str]], *,
           ids: Sequence[str] = ()) -> None:
-    """Print a table on stdout. The `ids` columns are never cut or wrapped (they are for
-    copying): they get their full width and the other columns shrink or wrap; when even the
-    ids alone do not fit the terminal, the table is printed wider than it (the terminal then
-    wraps whole lines, and a copied id is still one piece)."""
+    """Print rows on stdout. The `ids` columns are never cut or wrapped (ids are for copying):
+    they get their full width and the other columns shrink and wrap. When the ids and a
+    readable minimum of the rest do not fit the terminal, each row is printed as a short
+    block instead (first id and the other values on one line, further ids below it)."""
     console = out()
-    t = Table(*columns)
-    for col in t.columns:
-        if col.header in ids:
-            col.no_wrap = True
-            col.overflow = "ignore"
-            col.min_width = max([len(str(r[columns.index(str(col.header))])) for r in rows]
-                                + [len(str(col.header))])
-        else:
-            col.overflow = "fold"
+    idx = {c: i for i, c in enumerate(columns)}
+
+    def longest(col: str) -> int:
+        return max([len(Text.from_markup(str(r[idx[col]])).plain) for r in rows] + [0])
+
+    widths = {c: max(longest(c), len(c)) if c in ids else min(max(longest(c), 1),
+                                                               max(len(c), 6))
+              for c in columns}
+    needed = sum(w + 3 for w in widths.values()) + 1  # borders and padding
+    if needed <= console.width:
+        t = Table(*columns)
+        for col in t.columns:
+            name = str(col.header)
+            col.min_width = widths[name]
+            if name in ids:
+                col.no_wrap, col.overflow = True, "ignore"
+            else:
+                col.overflow = "fold"
+        for r in rows:
+            t.add_row(*r)
+        console.print(t)
+        return
+    first, *more = [c for c in columns if c in ids] or [columns[0]]
     for r in rows:
-        t.add_row(*r)
-    # Borders and padding: 3 columns of chrome per column, plus one.
-    needed = sum((c.min_width or 1) + 3 for c in t.columns) + 1
-    if needed > console.width:
-        console = Console(soft_wrap=True, highlight=False, width=needed)
-    console.print(t)
+        rest = [str(r[idx[c]]) for c in columns if c not in ids and str(r[idx[c]])]
+        console.print(f"[bold]{escape(str(r[idx[first]]))}[/]  " + "  ".join(rest))
+        for c in more:
+            if str(r[idx[c]]):
+                console.print(f"  {c}: {escape(str(r[idx[c]]))}")
 
 
 def status_style(status: str) -> str:
