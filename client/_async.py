@@ -1,5 +1,9 @@
-"""`lorapool.AsyncClient`: the asyncio client (httpx.AsyncClient), running the same plans as
-`Client` (see `_plans.py`); only the I/O of each step differs."""
+"""`lorapool.AsyncClient`: the asyncio client (httpx.AsyncClient), running the plans of
+`_plans.py`; only the I/O of each step is its own.
+
+Both clients are written once, in `_async.py`; `_sync.py` is generated from it by
+`scripts/gen_sync.py`, and tests/client/test_generated.py fails when it is out of date.
+"""
 
 from __future__ import annotations
 
@@ -46,7 +50,6 @@ from .types import (
     FineTuningJob,
     JobCheckpoint,
     JobEvent,
-    JobPlacement,
     ListResponse,
     LoraParams,
     Merge,
@@ -56,6 +59,8 @@ from .types import (
 
 
 class _AsyncEventStream:
+    """An open text/event-stream response, read one message at a time."""
+
     def __init__(self, response: httpx.Response) -> None:
         self.response = response
         self._lines = response.aiter_lines()
@@ -76,7 +81,10 @@ class _AsyncEventStream:
 
 
 class AsyncClient:
-    """The asyncio twin of `lorapool.Client`: same constructor, same resources, awaitable."""
+    """A lorapool server. `base_url`/`api_key` default to LORAPOOL_BASE_URL / LORAPOOL_API_KEY.
+
+    Resources: `files`, `jobs`, `models`, `adapters`, `nodes`, `merges`, `evaluations`,
+    `federations`; `submit()` creates a job. (`AsyncClient`: every call is awaitable.)"""
 
     def __init__(
         self,
@@ -105,6 +113,7 @@ class AsyncClient:
         self.evaluations = AsyncEvaluations(self)
         self.federations = AsyncFederations(self)
 
+    # -- lifecycle --------------------------------------------------------------------------
     async def close(self) -> None:
         if self._owns_http:
             await self._http.aclose()
@@ -118,6 +127,7 @@ class AsyncClient:
     def __repr__(self) -> str:
         return f"lorapool.AsyncClient({self.base_url!r})"
 
+    # -- top-level operations ---------------------------------------------------------------
     async def federate(
         self,
         model: str,
@@ -147,30 +157,13 @@ class AsyncClient:
         kw = {k: v for k, v in locals().items() if k != "self" and v is not None}
         return await self._run(fed_plans.federate(fed_plans.FederateParams.check(**kw)))
 
-    async def submit(
-        self,
-        model: str,
-        training_file: Union[str, Path, None] = None,
-        *,
-        dataset: Union[str, dict[str, str], None] = None,
-        validation_file: Union[str, Path, None] = None,
-        n_epochs: Union[int, str, None] = None,
-        batch_size: Union[int, str, None] = None,
-        learning_rate: Optional[float] = None,
-        lora: Union[dict[str, Any], LoraParams, None] = None,
-        quantization: Optional[str] = None,
-        max_seq_len: Optional[int] = None,
-        micro_batch_size: Optional[int] = None,
-        checkpoint_every: Optional[int] = None,
-        suffix: Optional[str] = None,
-        seed: Optional[int] = None,
-        metadata: Optional[dict[str, str]] = None,
-        placement: Union[dict[str, Any], JobPlacement, None] = None,
-        idempotency_key: Optional[str] = None,
-        extra_body: Optional[dict[str, Any]] = None,
-    ) -> FineTuningJob:
-        """See `Client.submit`."""
-        params = plans.SubmitParams.check(**{k: v for k, v in locals().items() if k != "self"})
+    @plans.submit_arguments
+    async def submit(self, model: str, training_file: Union[str, Path, None] = None,
+                     **options: Any) -> FineTuningJob:
+        """Create a fine-tuning job. A local `training_file`/`validation_file` path is uploaded
+        first (a "file-…" id is used as is); every argument is checked before any upload, and
+        a job the server refuses leaves no uploaded file behind."""
+        params = plans.SubmitParams.check(model=model, training_file=training_file, **options)
         return await self._run(plans.submit(params))
 
     async def merge(
@@ -213,6 +206,7 @@ class AsyncClient:
             await asyncio.sleep(seconds)
 
     async def _send(self, call: Call, *, stream: bool = False) -> httpx.Response:
+        """Send with retries; a 2xx response, or the typed error."""
         attempt = 0
         while True:
             with ExitStack() as files:
@@ -274,8 +268,8 @@ class AsyncClient:
 
     async def _iterate(self, plan: Plan, returned: Optional[list[Any]] = None
                        ) -> AsyncIterator[Any]:
-        """Run `plan`, yielding what it emits; an async generator cannot return a value, so
-        the plan's return value is appended to `returned`."""
+        """Run `plan`, yielding what it emits; the plan's return value is appended to
+        `returned` (one shape for both twins: an async generator cannot return a value)."""
         streams: list[_AsyncEventStream] = []
         result: Any = None
         error: Optional[BaseException] = None
@@ -314,10 +308,12 @@ class _AsyncResource:
 
 class AsyncFiles(_AsyncResource):
     async def upload(self, file: Union[str, Path], *, purpose: str = "fine-tune") -> FileObject:
+        """Upload a local JSONL file; the server validates every line."""
         return await self._client._run(plans.upload_file(file, purpose))
 
     async def list(self, *, after: Optional[str] = None,
                    limit: Optional[int] = None) -> ListResponse[FileObject]:
+        """One page of your uploaded files, newest first."""
         return await self._client._run(plans.list_files(after, limit))
 
     async def get(self, file_id: str) -> FileObject:
@@ -333,6 +329,7 @@ class AsyncJobs(_AsyncResource):
 
     async def list(self, *, after: Optional[str] = None,
                    limit: Optional[int] = None) -> ListResponse[FineTuningJob]:
+        """One page of jobs, newest first; pass `after=page.last_id` for the next."""
         return await self._client._run(plans.list_jobs(after, limit))
 
     async def cancel(self, job_id: str) -> FineTuningJob:
@@ -350,13 +347,16 @@ class AsyncJobs(_AsyncResource):
 
     async def wait(self, job_id: str, *, progress: bool = False, poll_interval: float = 2.0,
                    timeout: Optional[float] = None) -> FineTuningJob:
+        """Until the job is succeeded, failed or cancelled, returning it; `progress=True`
+        draws a progress bar (steps, loss) on stderr. JobWaitTimeout after `timeout` s."""
         with JobProgress(progress) as bar:
             return await self._client._run(plans.wait_job(
                 job_id, poll_interval=poll_interval, timeout=timeout,
                 on_update=bar.update if progress else None, with_loss=progress))
 
     def events(self, job_id: str, *, follow: bool = False) -> AsyncIterator[JobEvent]:
-        """`async for event in client.jobs.events(id, follow=True)`."""
+        """The job's events, oldest first; `follow=True` keeps reading (SSE) until it ends:
+        `async for event in client.jobs.events(id, follow=True)`."""
         return self._client._iterate(
             plans.follow_events(job_id, follow=follow, retry=self._client.retry_policy))
 
@@ -403,6 +403,7 @@ class AsyncAdapters(_AsyncResource):
 
     async def download(self, adapter_id: str, dest: Union[str, Path], *,
                        overwrite: bool = False) -> Path:
+        """Download and safely extract the adapter (a PEFT folder) into `dest`; returns it."""
         return await self._client._run(
             plans.download_adapter(adapter_id, dest, overwrite=overwrite))
 

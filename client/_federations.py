@@ -8,15 +8,14 @@ node) or `training_file` (a "file-…" id, or a local path uploaded first as the
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from . import _plans as plans
-from ._base import Call, Plan, Sleep
-from .errors import InvalidParameterError, JobWaitTimeout
+from ._base import Call, Plan
+from .errors import InvalidParameterError
 from .types import Federation, ListResponse, LoraParams
 
 FEDERATIONS = "/v1/federations"
@@ -58,13 +57,7 @@ class FederateParams(BaseModel):
 
     @classmethod
     def check(cls, **kwargs: Any) -> "FederateParams":
-        try:
-            p = cls(**kwargs)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(x) for x in err.get("loc", ()) if not str(x).startswith(
-                ("literal[", "function-")))
-            raise InvalidParameterError(loc or "federate", err.get("msg", "invalid")) from exc
+        p = plans.checked(cls, "federate", **kwargs)
         if (p.local_steps is None) == (p.local_epochs is None):
             raise InvalidParameterError("local_steps", "give exactly one of local_steps or "
                                         "local_epochs")
@@ -109,19 +102,16 @@ def cancel_federation(fed_id: str) -> Plan:
 def wait_federation(fed_id: str, *, poll_interval: float = 2.0, timeout: Optional[float] = None,
                     on_update: Optional[Callable[[Federation], None]] = None) -> Plan:
     """Poll until the federation succeeded, failed or was cancelled; returns it."""
-    if poll_interval <= 0:
-        raise InvalidParameterError("poll_interval", "must be positive")
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
+
+    def fetch() -> Plan:
         fed = yield from get_federation(fed_id)
         if on_update is not None:
             on_update(fed)
-        if fed.status in TERMINAL:
-            return fed
-        if deadline is not None and time.monotonic() >= deadline:
-            raise JobWaitTimeout(f"federation {fed_id} is still {fed.status} after {timeout} s")
-        yield Sleep(poll_interval if deadline is None
-                    else min(poll_interval, max(0.0, deadline - time.monotonic())))
+        return fed
+
+    return (yield from plans.poll_until(fetch, lambda f: f.status in TERMINAL,
+                                        what=f"federation {fed_id}",
+                                        poll_interval=poll_interval, timeout=timeout))
 
 
 class Federations:

@@ -36,9 +36,11 @@ from ._extract import ExtractLimits, safe_extract
 from .errors import (
     APIConnectionError,
     APIResponseValidationError,
+    APIStatusError,
     APITimeoutError,
     InvalidParameterError,
     JobWaitTimeout,
+    LorapoolError,
 )
 from .types import (
     TASK_TERMINAL_STATUSES,
@@ -106,6 +108,48 @@ def parse_page(cls: type[M]) -> Callable[[httpx.Response], ListResponse[M]]:
         return _validate(ListResponse[cls], data, r)  # type: ignore[valid-type]
 
     return parse
+
+
+_UNION_MEMBER = re.compile(r"^(int|str|float|bool|none|is-instance\[.*|literal\[.*|function-.*|"
+                           r"dict\[.*|list\[.*|tagged-union\[.*|union\[.*)$")
+
+
+def invalid_parameter(exc: ValidationError, what: str) -> InvalidParameterError:
+    """The first error of a pydantic ValidationError as an InvalidParameterError naming the
+    field (`what` when the error has no field). Union members show up in `loc` ("int",
+    "literal['auto']", "function-after[…]"): they are not field names and are left out."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ()) if not _UNION_MEMBER.match(str(p)))
+    return InvalidParameterError(loc or what, err.get("msg", "invalid"))
+
+
+def checked(cls: Any, what: str, **kwargs: Any) -> Any:
+    """`cls(**kwargs)`, with the first validation error as an InvalidParameterError."""
+    try:
+        return cls(**kwargs)
+    except ValidationError as exc:
+        raise invalid_parameter(exc, what) from exc
+
+
+def poll_until(fetch: Callable[[], Plan], done: Callable[[Any], bool], *, what: str,
+               poll_interval: float, timeout: Optional[float]) -> Plan:
+    """Run `fetch()` every `poll_interval` s until `done(result)`; returns that result.
+    JobWaitTimeout (carrying the last result) once `timeout` s have passed."""
+    if not isinstance(poll_interval, (int, float)) or poll_interval <= 0:
+        raise InvalidParameterError("poll_interval", "must be positive")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        rec = yield from fetch()
+        if done(rec):
+            return rec
+        wait = float(poll_interval)
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise JobWaitTimeout(f"{what} is still {getattr(rec, 'status', '?')} after "
+                                     f"{timeout} s", job=rec)
+            wait = min(wait, left)
+        yield Sleep(wait)
 
 
 def _seg(value: str, name: str) -> str:
@@ -228,42 +272,49 @@ def file_ref(value: Union[str, Path, None], param: str) -> Union[str, Path, None
     return _local_file(value, param)
 
 
+def _opt(description: str, shown_default: Optional[str] = None, **kw: Any) -> Any:
+    """A `SubmitParams` field: default None (the server decides), its help text, and the
+    server's default as the CLI shows it (`cli_default`)."""
+    extra = {"cli_default": shown_default} if shown_default is not None else None
+    return Field(None, description=description, json_schema_extra=extra, **kw)
+
+
 class SubmitParams(BaseModel):
-    """The arguments of `submit()` (and the keys of `lorapool submit --config`), checked."""
+    """The arguments of `submit()`, the keys of `lorapool submit --config` and the CLI's
+    `submit` options: described here once, checked before anything is uploaded."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1)
-    training_file: Optional[Union[str, Path]] = None
-    # A node-local data set ("NODE:NAME") instead of training_file: it never leaves its node.
-    dataset: Optional[Union[str, dict[str, str]]] = None
-    validation_file: Optional[Union[str, Path]] = None
-    n_epochs: Optional[Union[Literal["auto"], int]] = Field(None)
-    batch_size: Optional[Union[Literal["auto"], int]] = None
-    learning_rate: Optional[float] = Field(None, gt=0)
-    lora: Optional[LoraParams] = None
-    quantization: Optional[Quantization] = None
-    max_seq_len: Optional[int] = Field(None, ge=1)
-    micro_batch_size: Optional[int] = Field(None, ge=1)
-    checkpoint_every: Optional[int] = Field(None, ge=1)
-    suffix: Optional[str] = Field(None, max_length=64)
-    seed: Optional[int] = None
-    metadata: Optional[dict[str, str]] = None
-    placement: Optional[JobPlacement] = None
-    idempotency_key: Optional[str] = None
-    extra_body: Optional[dict[str, Any]] = None
+    model: str = Field(min_length=1, description="Base model name (see `lorapool models list`).")
+    training_file: Optional[Union[str, Path]] = _opt(
+        "Local .jsonl (uploaded first) or a file-… id.")
+    dataset: Optional[Union[str, dict[str, str]]] = _opt(
+        "A node-local data set NODE:NAME instead of a training file (it never leaves its node).")
+    validation_file: Optional[Union[str, Path]] = _opt(
+        "Held-out .jsonl (or file-… id): validation loss during training.", "none")
+    n_epochs: Optional[Union[Literal["auto"], int]] = _opt(
+        "Passes over the training data, or auto.", "auto")
+    batch_size: Optional[Union[Literal["auto"], int]] = _opt(
+        "Examples per optimizer step, or auto.", "auto")
+    learning_rate: Optional[float] = _opt("Peak learning rate.", "2e-4", gt=0)
+    lora: Optional[LoraParams] = _opt("LoRA settings (r, alpha, dropout, target_modules …).")
+    quantization: Optional[Quantization] = _opt("Base weights: nf4, fp4, int8 or none.", "nf4")
+    max_seq_len: Optional[int] = _opt("Longest example in tokens (longer are cut).", "model's",
+                                      ge=1)
+    micro_batch_size: Optional[int] = _opt("Examples per forward pass (memory).", "auto", ge=1)
+    checkpoint_every: Optional[int] = _opt("Save a checkpoint every N steps.", "per epoch",
+                                           ge=1)
+    suffix: Optional[str] = _opt("Up to 64 characters added to the adapter's name.",
+                                 max_length=64)
+    seed: Optional[int] = _opt("Random seed.", "random")
+    metadata: Optional[dict[str, str]] = _opt("Your own KEY=VALUE labels.")
+    placement: Optional[JobPlacement] = _opt("Where the job may run (node labels, memory).")
+    idempotency_key: Optional[str] = _opt("Makes a retried submit return the same job.")
+    extra_body: Optional[dict[str, Any]] = _opt("More JSON fields for the request body.")
 
     @classmethod
     def check(cls, **kwargs: Any) -> "SubmitParams":
-        try:
-            params = cls(**kwargs)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = [str(p) for p in err.get("loc", ())
-                   # union members show up in loc ("int", "literal['auto']"): not field names
-                   if not str(p).startswith(("literal[", "int", "str", "function-"))]
-            raise InvalidParameterError(".".join(loc) or "submit", err.get("msg", "invalid")) \
-                from exc
+        params = checked(cls, "submit", **kwargs)
         for name in ("n_epochs", "batch_size"):
             value = getattr(params, name)
             if isinstance(value, int) and value < 1:
@@ -293,21 +344,59 @@ class SubmitParams(BaseModel):
         return body
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def submit_arguments(fn: F) -> F:
+    """Give a client's `submit(self, model, training_file=None, **options)` the signature and
+    argument list of `SubmitParams` (for help(), IDEs and `inspect`): the arguments are
+    described once, on the model."""
+    import inspect
+
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    lines = ["", "", "Arguments (`SubmitParams`):"]
+    for name, info in SubmitParams.model_fields.items():
+        positional = name in ("model", "training_file")
+        kind = (inspect.Parameter.POSITIONAL_OR_KEYWORD if positional
+                else inspect.Parameter.KEYWORD_ONLY)
+        default = inspect.Parameter.empty if info.is_required() else None
+        params.append(inspect.Parameter(name, kind, default=default, annotation=info.annotation))
+        lines.append(f"    {name}: {info.description or ''}")
+    sig = inspect.signature(fn)
+    fn.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    fn.__doc__ = (fn.__doc__ or "") + "\n".join(lines)
+    return fn
+
+
 def submit(params: SubmitParams) -> Plan:
-    """Upload local data files (after every check passed), then create the job."""
+    """Upload local data files (after every check passed), then create the job. A job the
+    server refuses (unknown model, bad settings …) leaves no uploaded file behind."""
     refs = {"training_file": file_ref(params.training_file, "training_file"),
             "validation_file": file_ref(params.validation_file, "validation_file")}
     body = params.body()
-    for name, ref in refs.items():
-        if isinstance(ref, Path):
-            uploaded = yield from upload_file(ref, param=name)
-            body[name] = uploaded.id
-        elif ref is not None:
-            body[name] = ref
-    # The key makes a retried POST safe: the server returns the job it already made.
-    key = params.idempotency_key or new_idempotency_key()
-    return (yield Call("POST", JOBS, json=body, headers={IDEMPOTENCY_HEADER: key},
-                       parse=parse_model(FineTuningJob)))
+    uploaded: list[str] = []
+    try:
+        for name, ref in refs.items():
+            if isinstance(ref, Path):
+                file = yield from upload_file(ref, param=name)
+                uploaded.append(file.id)
+                body[name] = file.id
+            elif ref is not None:
+                body[name] = ref
+        # The key makes a retried POST safe: the server returns the job it already made.
+        key = params.idempotency_key or new_idempotency_key()
+        return (yield Call("POST", JOBS, json=body, headers={IDEMPOTENCY_HEADER: key},
+                           parse=parse_model(FineTuningJob)))
+    except APIStatusError as exc:
+        # Refused: the job does not exist, so the files uploaded for it are orphans. (Not on
+        # a connection error: the job may have been made, and its retry needs the files.)
+        if exc.status_code < 500:
+            for file_id in uploaded:
+                try:
+                    yield from delete_file(file_id)
+                except LorapoolError:
+                    pass  # best effort; the refusal is what the caller needs to see
+        raise
 
 
 # -- waiting and events ----------------------------------------------------------------------
@@ -331,10 +420,8 @@ def wait_job(job_id: str, *, poll_interval: float = 2.0, timeout: Optional[float
              on_update: Optional[Callable[[FineTuningJob, Optional[float]], None]] = None,
              with_loss: bool = False) -> Plan:
     """Poll until the job is succeeded/failed/cancelled; returns the final job."""
-    if poll_interval <= 0:
-        raise InvalidParameterError("poll_interval", "must be positive")
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
+
+    def fetch() -> Plan:
         job = yield from get_job(job_id)
         if on_update is not None:
             loss = None
@@ -343,16 +430,11 @@ def wait_job(job_id: str, *, poll_interval: float = 2.0, timeout: Optional[float
                                          limit=20)
                 loss = latest_loss(recent.data)
             on_update(job, loss)
-        if job.status in TERMINAL_STATUSES:
-            return job
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise JobWaitTimeout(f"job {job_id} is still {job.status} after {timeout} s",
-                                     job=job)
-            yield Sleep(min(poll_interval, left))
-        else:
-            yield Sleep(poll_interval)
+        return job
+
+    return (yield from poll_until(fetch, lambda j: j.status in TERMINAL_STATUSES,
+                                  what=f"job {job_id}", poll_interval=poll_interval,
+                                  timeout=timeout))
 
 
 def list_events(job_id: str) -> Plan:
@@ -534,17 +616,6 @@ MERGES = "/v1/merges"
 EVALUATIONS = "/v1/evaluations"
 
 
-def checked(cls: Any, what: str, **kwargs: Any) -> Any:
-    """`cls(**kwargs)`, with the first validation error as an InvalidParameterError."""
-    try:
-        return cls(**kwargs)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err.get("loc", ()) if not str(p).startswith(
-            ("literal[", "function-")))
-        raise InvalidParameterError(loc or what, err.get("msg", "invalid")) from exc
-
-
 def share_adapter(adapter_id: str, tenant: str) -> Plan:
     # Sharing twice is sharing once, so a retried POST is safe; the key tells the retry policy.
     return (yield Call("POST", f"/v1/adapters/{_seg(adapter_id, 'adapter_id')}/share",
@@ -656,19 +727,8 @@ def list_evaluations(after: Optional[str], limit: Optional[int]) -> Plan:
 def wait_task(kind: Literal["merge", "evaluation"], task_id: str, *,
               poll_interval: float = 1.0, timeout: Optional[float] = None) -> Plan:
     """Poll a merge or evaluation until it succeeded or failed; returns the final record."""
-    if poll_interval <= 0:
-        raise InvalidParameterError("poll_interval", "must be positive")
     getter = get_merge if kind == "merge" else get_evaluation
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        rec = yield from getter(task_id)
-        if rec.status in TASK_TERMINAL_STATUSES:
-            return rec
-        wait = poll_interval
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise JobWaitTimeout(f"{kind} {task_id} is still {rec.status} after {timeout} s",
-                                     job=rec)
-            wait = min(wait, left)
-        yield Sleep(wait)
+    return (yield from poll_until(lambda: getter(task_id),
+                                  lambda rec: rec.status in TASK_TERMINAL_STATUSES,
+                                  what=f"{kind} {task_id}", poll_interval=poll_interval,
+                                  timeout=timeout))

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from ._quiet import quiet_libraries
+
 
 def base_of(adapter_dir: Union[str, Path]) -> str:
     """Where the adapter's base model is to be loaded from (a folder or a Hub id)."""
@@ -37,6 +39,7 @@ def load(adapter_dir: Union[str, Path], *, base: Union[str, Path, None] = None,
     `base` overrides the base the folder names (e.g. a folder from `lorapool models
     download`). Weights are read as safetensors only.
     """
+    quiet_libraries()  # before peft imports bitsandbytes, which warns at import time
     try:
         import torch
         from peft import PeftModel

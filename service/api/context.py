@@ -84,6 +84,10 @@ def tenant(request: Request) -> str:
     ctx = context(request)
     name = ctx.store.tenant_for_token(token.strip())
     if name is None:
-        raise APIError(401, "Invalid API key", code="invalid_api_key", headers=_AUTH_HEADERS)
+        message = "Invalid API key"
+        if not ctx.store.list_tenants():  # the usual cause: a token made for another data dir
+            message += (": no tenant exists yet: create a token with `lorapool token create "
+                        f"--tenant NAME --data-dir {ctx.settings.data_dir}`")
+        raise APIError(401, message, code="invalid_api_key", headers=_AUTH_HEADERS)
     ctx.limits.check_rate(hashlib.sha256(token.strip().encode("utf-8")).hexdigest())
     return name

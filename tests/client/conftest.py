@@ -206,6 +206,9 @@ def build_app(state: State) -> FastAPI:
         key = request.headers.get("idempotency-key")
         if key and key in state.by_key:
             return state.jobs[state.by_key[key]]
+        if body.get("model") == "no-such-model":
+            return err(404, "The model 'no-such-model' does not exist", "invalid_request_error",
+                       param="model", code="model_not_found")
         if body.get("max_seq_len", 0) > 4096:
             return err(400, f"max_seq_len {body['max_seq_len']} is over this server's limit "
                        "4096", "invalid_request_error", param="max_seq_len", code="too_large")

@@ -155,7 +155,7 @@ def test_server_command_without_the_service_extra_prints_the_hint(run, monkeypat
 def test_donate_sizes_read_like_the_deploy_recipe():
     import typer
 
-    from lorapool.cli import _size
+    from lorapool.cli.server import size as _size
 
     assert _size("10GiB", "--memory-cap") == 10 * 1024**3
     assert _size("8 GB", "--memory") == 8 * 1000**3

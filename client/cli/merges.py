@@ -1,8 +1,7 @@
 """CLI commands for merges, sharing and evaluations: `lorapool merge`, `lorapool merges …`,
 `lorapool adapters share|unshare|list` and `lorapool eval`.
 
-Registered on the `lorapool` app by `cli.py` (it imports this module last). Same conventions as
-the rest of the CLI: the server URL and token come from the root options or the environment,
+Same conventions as the rest of the CLI: the server URL and token come from the root options or the environment,
 errors print as one red line and exit 1, `--json` prints the resource for scripts.
 """
 
@@ -13,15 +12,13 @@ from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
-from .cli import _client, _err, _fail, _out, app, friendly
-from .types import Evaluation, Merge
-
-adapters_app = typer.Typer(no_args_is_help=True, help="Adapters: list, share, unshare.")
-merges_app = typer.Typer(no_args_is_help=True, help="Merges of adapters.")
-app.add_typer(adapters_app, name="adapters")
-app.add_typer(merges_app, name="merges")
+from ..types import Evaluation, Merge
+from ._app import JsonOption, adapters_app, app, friendly, merges_app, models_app, table
+from ._app import client as _client
+from ._app import err as _err
+from ._app import fail as _fail
+from ._app import out as _out
 
 
 def _floats(text: Optional[str], option: str) -> Optional[list[float]]:
@@ -93,16 +90,17 @@ def merge(
 @merges_app.command("list")
 @friendly
 def merges_list(ctx: typer.Context,
-                limit: Annotated[int, typer.Option(help="How many (newest first).")] = 20
-                ) -> None:
+                limit: Annotated[int, typer.Option(help="How many (newest first).")] = 20,
+                as_json: JsonOption = False) -> None:
     """Your merges, newest first."""
     with _client(ctx) as client:
         page = client.merges.list(limit=limit)
-    table = Table("id", "status", "method", "inputs", "result")
-    table.columns[0].no_wrap = True
-    for m in page.data:
-        table.add_row(m.id, m.status, m.method, ", ".join(m.adapters), m.result_adapter or "")
-    _out().print(table)
+    if as_json:
+        print(page.model_dump_json(indent=2))
+        return
+    table(["id", "status", "method", "inputs", "result"],
+          [(m.id, m.status, m.method, ", ".join(m.adapters), m.result_adapter or "")
+           for m in page.data], ids=["id", "result"])
 
 
 @merges_app.command("get")
@@ -116,16 +114,19 @@ def merges_get(ctx: typer.Context, merge_id: str) -> None:
 @adapters_app.command("list")
 @friendly
 def adapters_list(ctx: typer.Context, shared: Annotated[bool, typer.Option(
-        "--shared", help="Include adapters shared with you.")] = False) -> None:
+        "--shared", help="Include adapters shared with you.")] = False,
+        as_json: JsonOption = False) -> None:
     """Your adapters (newest first)."""
+    import json
+
     with _client(ctx) as client:
         items = client.adapters.list(include_shared=shared)
-    table = Table("id", "base model", "owner", "shared with", "from")
-    table.columns[0].no_wrap = True
-    for a in items:
-        table.add_row(a.id, a.base_model, a.owner or "", ", ".join(a.shared_with),
-                      a.job_id or a.merge_id or "")
-    _out().print(table)
+    if as_json:
+        print(json.dumps([a.model_dump(mode="json") for a in items], indent=2))
+        return
+    table(["id", "base model", "owner", "shared with", "from"],
+          [(a.id, a.base_model, a.owner or "", ", ".join(a.shared_with),
+            a.job_id or a.merge_id or "") for a in items], ids=["id"])
 
 
 @adapters_app.command("share")
@@ -188,8 +189,6 @@ def eval_(
 
 # -- export, import, base download (issue 13) -------------------------------------------------
 
-from .cli import models_app  # noqa: E402  (registered on the same app)
-
 
 @app.command("export")
 @friendly
@@ -206,8 +205,7 @@ def export(
     """Export an adapter into DEST in a format other tools load."""
     with _client(ctx) as client:
         path = client.adapters.export(adapter_id, format, dest, overwrite=overwrite)
-    _err().print(f"Adapter {escape(adapter_id)} ({escape(format)}) →")
-    print(path)
+    print(path)  # one line on stdout: the folder
 
 
 @adapters_app.command("import")
@@ -237,5 +235,4 @@ def models_download(
     """Download a base model (dequantised, an HF folder) into DEST, where the admin allows it."""
     with _client(ctx) as client:
         path = client.models.download(name, dest, overwrite=overwrite)
-    _err().print(f"Model {escape(name)} →")
-    print(path)
+    print(path)  # one line on stdout: the folder

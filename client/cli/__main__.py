@@ -1,0 +1,5 @@
+"""`python -m lorapool.cli`."""
+
+from . import main
+
+main()
