@@ -169,11 +169,12 @@ def token_create(
     tenant: Annotated[str, typer.Option(help="Tenant (team) the token acts for.")],
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
+    admin: Annotated[bool, typer.Option("--admin", help="Also allow /metrics and every tenant's jobs (dashboard admin views).")] = False,  # noqa: E501
 ) -> None:
     """Create an API token for TENANT and print it (only its hash is stored)."""
     settings = _settings(data_dir, database_url)
     create_token = service("admin", "create_token")
-    token = _server_errors(lambda: create_token(settings, tenant))
+    token = _server_errors(lambda: create_token(settings, tenant, admin=admin))
     # Plain print: `export LORAPOOL_API_KEY=$(lorapool token create --tenant x)` must work.
     print(token)
 
