@@ -79,11 +79,15 @@ class Principal:
     admin: bool = False
 
 
+_PRINCIPAL_KEY = "lorapool.principal"
+
+
 def principal(request: Request) -> Principal:
     """The caller behind the request's bearer token, else a 401 (spends one request of the
-    token's rate limit). Cached on the request, so several dependencies check it once."""
-    cached = getattr(request.state, "principal", None)
-    if cached is not None:
+    token's rate limit). Kept in the request's own scope, so several dependencies of one
+    request check it once (never on `request.state`, which a server may share from lifespan)."""
+    cached = request.scope.get(_PRINCIPAL_KEY)
+    if isinstance(cached, Principal):
         return cached
     header = request.headers.get("authorization")
     if not header:
@@ -99,8 +103,8 @@ def principal(request: Request) -> Principal:
     if found is None:
         raise APIError(401, "Invalid API key", code="invalid_api_key", headers=_AUTH_HEADERS)
     ctx.limits.check_rate(hashlib.sha256(token.strip().encode("utf-8")).hexdigest())
-    request.state.principal = Principal(*found)
-    return request.state.principal
+    request.scope[_PRINCIPAL_KEY] = who = Principal(*found)
+    return who
 
 
 def tenant(request: Request) -> str:
