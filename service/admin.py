@@ -1,6 +1,6 @@
 """Admin operations the CLI runs against a data directory, with no server needed.
 
-`lorapool token create --tenant NAME` → `create_token`; `lorapool models add NAME PATH` →
+`lorapool token create --tenant NAME [--admin]` → `create_token`; `lorapool models add NAME PATH` →
 `add_model`; `lorapool models list` → `list_models`. They open the store named by the settings
 directly (SQLite in WAL mode is safe to share with a running server).
 
@@ -40,12 +40,13 @@ def _open_store(settings: Settings) -> Store:
 
 
 # -- tokens -----------------------------------------------------------------------------------
-def create_token(settings: Settings, tenant: str) -> str:
+def create_token(settings: Settings, tenant: str, admin: bool = False) -> str:
     """A new API token for `tenant` (the tenant is created if new). Shown once: only its
-    sha256 is stored."""
+    sha256 is stored. `admin=True` (`lorapool token create --admin`): the token also reads
+    /metrics and every tenant's jobs in the dashboard."""
     store = _open_store(settings)
     try:
-        return store.create_token(tenant)
+        return store.create_token(tenant, admin=admin)
     except ValueError as exc:
         raise AdminError(str(exc)) from exc
     finally:

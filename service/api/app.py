@@ -16,12 +16,13 @@ from ..admin import sync_builtin_models
 from ..artifacts import ArtifactStore
 from ..config import Settings
 from ..store import Store
-from . import errors, openapi
+from . import errors, openapi, routes_metrics
 from .body_limits import JsonBodyGuard
 from .context import AppContext
 from .event_hub import EventHub
 from .limits import Limits
 from .routes_chat import router as chat_router
+from .routes_dashboard import router as dashboard_router
 from .routes_evaluations import router as evaluations_router
 from .routes_export import router as export_router
 from .routes_federations import router as federations_router
@@ -65,6 +66,8 @@ def create_app(settings: Settings, store: Store, artifacts: ArtifactStore,
     app.include_router(evaluations_router)
     app.include_router(export_router)
     app.include_router(chat_router)
+    app.include_router(dashboard_router)  # the web UI at / (static) and /v1/me
+    routes_metrics.install(app)  # /metrics for admin tokens, API latency middleware
     return app
 
 

@@ -3,7 +3,8 @@
 `create_app` puts one `AppContext` on `app.state`; routes get it with `Depends(context)` and the
 caller's tenant with `Depends(tenant)`. Authentication: `Authorization: Bearer <token>`, the
 token's sha256 looked up in the store; anything else is a 401 before the route runs. A known
-token then spends one request of its rate limit (`limits.py`), else a 429.
+token then spends one request of its rate limit (`limits.py`), else a 429. `Depends(admin)`
+lets only admin tokens through (a tenant token gets a 403).
 """
 
 from __future__ import annotations
@@ -70,8 +71,24 @@ def context(request: Request) -> AppContext:
 _AUTH_HEADERS = {"WWW-Authenticate": "Bearer"}
 
 
-def tenant(request: Request) -> str:
-    """The tenant the request's bearer token belongs to, else a 401."""
+@dataclass(frozen=True)
+class Principal:
+    """Who a request's token belongs to: its tenant, and whether it is an admin token."""
+
+    tenant: str
+    admin: bool = False
+
+
+_PRINCIPAL_KEY = "lorapool.principal"
+
+
+def principal(request: Request) -> Principal:
+    """The caller behind the request's bearer token, else a 401 (spends one request of the
+    token's rate limit). Kept in the request's own scope, so several dependencies of one
+    request check it once (never on `request.state`, which a server may share from lifespan)."""
+    cached = request.scope.get(_PRINCIPAL_KEY)
+    if isinstance(cached, Principal):
+        return cached
     header = request.headers.get("authorization")
     if not header:
         raise APIError(401, "Missing API key: send the header 'Authorization: Bearer <token>' "
@@ -82,12 +99,27 @@ def tenant(request: Request) -> str:
         raise APIError(401, "Malformed Authorization header: expected 'Bearer <token>'",
                        code="invalid_api_key", headers=_AUTH_HEADERS)
     ctx = context(request)
-    name = ctx.store.tenant_for_token(token.strip())
-    if name is None:
+    found = ctx.store.principal_for_token(token.strip())
+    if found is None:
         message = "Invalid API key"
         if not ctx.store.list_tenants():  # the usual cause: a token made for another data dir
             message += (": no tenant exists yet: create a token with `lorapool token create "
                         f"--tenant NAME --data-dir {ctx.settings.data_dir}`")
         raise APIError(401, message, code="invalid_api_key", headers=_AUTH_HEADERS)
     ctx.limits.check_rate(hashlib.sha256(token.strip().encode("utf-8")).hexdigest())
-    return name
+    request.scope[_PRINCIPAL_KEY] = who = Principal(*found)
+    return who
+
+
+def tenant(request: Request) -> str:
+    """The tenant the request's bearer token belongs to, else a 401."""
+    return principal(request).tenant
+
+
+def admin(request: Request) -> Principal:
+    """The caller if its token is an admin token: none is a 401, a tenant token a 403."""
+    who = principal(request)
+    if not who.admin:
+        raise APIError(403, "This needs an admin token (`lorapool token create --admin`)",
+                       code="admin_required")
+    return who

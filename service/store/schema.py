@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -51,6 +52,9 @@ class Token(Base):
     token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(16))  # to recognise a token in a list
     created_at: Mapped[int] = mapped_column(BigInteger)
+    # An admin token may also read /metrics and every tenant's jobs (the dashboard's admin
+    # views); it still acts as its own tenant everywhere else.
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class ModelRow(Base):

@@ -193,8 +193,9 @@ class Store(PoolTaskStore, FederationStore):
         with self._tx(write=False) as s:
             return list(s.scalars(select(Tenant.name).order_by(Tenant.seq)))
 
-    def create_token(self, tenant: str) -> str:
-        """A new API token for `tenant` (created if new). Only its sha256 is stored."""
+    def create_token(self, tenant: str, *, admin: bool = False) -> str:
+        """A new API token for `tenant` (created if new). Only its sha256 is stored. An admin
+        token also opens /metrics and the all-tenants views."""
         self.check_tenant_name(tenant)
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         with self._tx() as s:
@@ -202,10 +203,15 @@ class Store(PoolTaskStore, FederationStore):
                 s.add(Tenant(name=tenant, created_at=_now()))
                 s.flush()
             s.add(Token(tenant=tenant, token_sha256=_token_hash(token), prefix=token[:8],
-                        created_at=_now()))
+                        created_at=_now(), is_admin=bool(admin)))
         return token
 
     def tenant_for_token(self, token: Optional[str]) -> Optional[str]:
+        found = self.principal_for_token(token)
+        return None if found is None else found[0]
+
+    def principal_for_token(self, token: Optional[str]) -> Optional[tuple[str, bool]]:
+        """(tenant, is_admin) of a known token, else None."""
         if not token or len(token) > 512:
             return None
         digest = _token_hash(token)
@@ -214,7 +220,7 @@ class Store(PoolTaskStore, FederationStore):
             # The lookup is by hash (an index cannot be constant-time); the final comparison is.
             if row is None or not hmac.compare_digest(row.token_sha256, digest):
                 return None
-            return row.tenant
+            return row.tenant, bool(row.is_admin)
 
     def revoke_tokens(self, tenant: str) -> int:
         with self._tx() as s:
