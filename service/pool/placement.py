@@ -245,7 +245,7 @@ class _JobInfo:
 class _Entry:
     """One open node inside a pass: its remaining memory and job count."""
 
-    __slots__ = ("node", "avail", "count", "cap", "speed", "shared", "cls", "claim", "key")
+    __slots__ = ("node", "avail", "count", "cap", "speed", "shared", "cls", "claim", "key", "group")
 
     def __init__(self, node: NodeView, cap: int | None, speed: float, shared: bool, cls: tuple):
         self.node = node
@@ -257,6 +257,7 @@ class _Entry:
         self.cls = cls
         self.claim: tuple[str, float] | None = None  # (job id, seconds until it frees)
         self.key: tuple = ()
+        self.group: _Group | None = None
 
     def full(self) -> bool:
         return self.cap is not None and self.count >= self.cap
@@ -268,16 +269,22 @@ class _Entry:
 class _Group:
     """Open nodes of one (device class, speed) group, by load: load → [(avail, name, id)]."""
 
-    __slots__ = ("speed", "dev_cls", "buckets")
+    __slots__ = ("speed", "dev_cls", "buckets", "lists")
 
     def __init__(self, speed: float, dev_cls: tuple):
         self.speed = speed
         self.dev_cls = dev_cls
         self.buckets: dict[int, list[tuple[int, str, str]]] = {}
+        self.lists: list[list[tuple[int, str, str]]] = []  # the buckets, least loaded first
 
     def add(self, e: _Entry) -> None:
         e.key = (e.avail, e.node.name, e.node.node_id)
-        bisect.insort(self.buckets.setdefault(e.count if e.shared else 0, []), e.key)
+        r = e.count if e.shared else 0
+        lst = self.buckets.get(r)
+        if lst is None:
+            lst = self.buckets[r] = []
+            self.lists = [self.buckets[k] for k in sorted(self.buckets)]
+        bisect.insort(lst, e.key)
 
     def remove(self, e: _Entry) -> None:
         lst = self.buckets[e.count if e.shared else 0]
@@ -571,8 +578,9 @@ class _Pass:
                        known and n.device.kind != "cpu", cls)
             self.entries[n.node_id] = e
             self.devices.setdefault(cls, n.device)
+            e.group = groups.setdefault((cls, speed), _Group(speed, cls))
             if not e.full():
-                groups.setdefault((cls, speed), _Group(speed, cls)).add(e)
+                e.group.add(e)
             for key in n.cached_models:
                 self.cached.setdefault(key, []).append(e)
             if n.frees_in is not None and n.free_at_end is not None:
@@ -586,15 +594,10 @@ class _Pass:
     def max_avail(self) -> int:
         return self.avails[-1] if self.avails else -1
 
-    def _group(self, e: _Entry) -> _Group:
-        for g in self.groups:
-            if g.speed == e.speed and g.dev_cls == e.cls:
-                return g
-        raise KeyError(e.node.node_id)
-
     def _take(self, e: _Entry, nbytes: int) -> None:
         """Count a placement on `e`: less memory, one more job, re-indexed."""
-        g = self._group(e)
+        g = e.group
+        assert g is not None
         if not e.full():
             g.remove(e)
             del self.avails[bisect.bisect_left(self.avails, e.avail)]
@@ -616,8 +619,8 @@ class _Pass:
     def _best_fast(self, job: JobView, info: _JobInfo, needs: dict[tuple, int],
                    work: float) -> tuple[tuple, _Entry] | None:
         best: tuple[tuple, _Entry] | None = None
-        if job.model_key is not None:
-            for e in self.cached.get(job.model_key, ()):
+        if job.model_key is not None and job.model_key in self.cached:
+            for e in self.cached[job.model_key]:
                 left = e.avail - needs[e.cls]
                 if left >= 0 and not e.full():
                     s = work / e.rate()
@@ -626,25 +629,27 @@ class _Pass:
                         if best is None or key < best[0]:
                             best = (key, e)
         transfer = self.placer._transfer_s(job, info, _NO_CACHE)
+        entries = self.entries
+        key_t: tuple = best[0] if best is not None else ()
         for g in self.groups:
-            if best is not None and transfer + work / g.speed > best[0][0]:
+            if best is not None and transfer + work / g.speed > key_t[0]:
                 break  # slower groups cannot win (groups go fastest first)
             need = needs[g.dev_cls]
-            for r in sorted(g.buckets):
-                lst = g.buckets[r]
+            for lst in g.lists:
                 if not lst or lst[-1][0] < need:
                     continue
                 i = bisect.bisect_left(lst, (need,))
                 found = None
                 for key in lst[i:i + 8]:  # the best fit, or the next few if it is claimed
-                    e = self.entries[key[2]]
-                    s = self._score(job, info, e, work)
-                    if self._gap_ok(job, e, s):
+                    e = entries[key[2]]
+                    s = transfer + work / e.rate()
+                    if e.claim is None or self._gap_ok(job, e, s):
                         found = ((s, key[0] - need, e.count, e.node.name), e)
                         break
                 if found is not None:
-                    if best is None or found[0] < best[0]:
+                    if best is None or found[0] < key_t:
                         best = found
+                        key_t = found[0]
                     break  # a busier bucket of the same group is slower
         return best
 
@@ -813,13 +818,19 @@ class FirstFitStatic:
             if node_id in used:
                 used[node_id] += units
         out = []
+        # The most units any node has left: a request above it fits nowhere (same answer, fast).
+        most = max((self.capacity(n) - used[n.node_id] for n in nodes if n.accepting),
+                   default=0)
         for job in sorted(queue, key=lambda j: (j.submitted_at, j.job_id)):
             if job.job_id in self._held:
                 continue
             want = self.units(job)
+            if want > most:
+                continue
             n = self._choose(job, nodes, used, want)
             if n is not None:
                 used[n.node_id] += want
+                most = max(self.capacity(m) - used[m.node_id] for m in nodes if m.accepting)
                 self._held[job.job_id] = (n.node_id, want)
                 out.append(Placement(job.job_id, n.node_id, job.spec,
                                      self.estimator(job.spec, n.device), []))
