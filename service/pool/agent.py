@@ -20,7 +20,7 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .devices import SimulatedGPU, cpu_cores, cpu_slots, detect_device
+from .devices import SimulatedGPU, cpu_cores, cpu_slots, detect_device, measure_speed
 from .policy import DonationPolicy, GpuActivity
 
 NAMESPACE = "lorapool"
@@ -45,6 +45,8 @@ class AgentConfig(BaseModel):
     # Jobs a CPU node trains at once (None: its cores // cpu_threads, at least one). Each job is
     # a process with torch loaded; more of them than cores only thrash.
     cpu_slots: Optional[int] = Field(None, ge=1, le=1024)
+    # Measured speed (TFLOP/s) is re-measured while the node is idle, at most this often.
+    speed_refresh_s: float = Field(600.0, ge=1.0)
     labels: dict[str, str] = Field(default_factory=dict)
     datasets: dict[str, str] = Field(default_factory=dict)  # node-local data sets: name → path
     # Who may train on each data set (name → tenants). Secure by default: a data set nobody
@@ -92,6 +94,9 @@ class NodeAgent:
         # Validated here, on the node; reports carry only counts and line errors.
         self._datasets = DatasetCatalog(config.datasets, config.dataset_tenants)
         self._datasets.describe()
+        # Measured speed: once at join time, then again while idle (see _speed()).
+        self._speed: Optional[float] = None
+        self._speed_at = 0.0
 
     # -- reports ---------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
@@ -107,6 +112,7 @@ class NodeAgent:
             device = detect_device(sim, gpu_index=cfg.gpu_index, memory_cap=cfg.memory_cap,
                                    cpu_memory=cfg.cpu_memory)
         self._cpu = device.kind == "cpu"
+        speed = self._measured_speed(device.kind)
         with self._lock:
             reserved = sum(self._reserved.values())
             jobs = sorted(self._runners)
@@ -136,8 +142,27 @@ class NodeAgent:
             "dataset_info": self._datasets.describe(),
             "cpu_cores": cores,
             "cpu_slots": slots,
+            "speed_tflops": speed,
             "heartbeat": time.time(),
         }
+
+    def _measured_speed(self, kind: str) -> Optional[float]:
+        """TFLOP/s from a short calibration matmul: at join time, then refreshed every
+        `speed_refresh_s` while no job runs here (a job's own load would skew it, and the probe
+        must not slow a job down). A simulated GPU reports its configured speed."""
+        sim = self.config.simulate_gpu
+        if sim is not None and not self.config.cpu_only:
+            return sim.speed_tflops
+        now = time.monotonic()
+        with self._lock:
+            idle = not self._runners
+        due = self._speed is None or (idle and now - self._speed_at >= self.config.speed_refresh_s)
+        if due and (idle or self._speed is None):
+            measured = measure_speed(kind, gpu_index=self.config.gpu_index)
+            self._speed_at = now
+            if measured is not None:
+                self._speed = measured
+        return self._speed
 
     def _cpu_free(self, total: int, available: int, estimates: dict[str, int]) -> int:
         """RAM a new job may take: available now, less what each job here is still expected to

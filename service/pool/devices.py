@@ -26,6 +26,7 @@ class SimulatedGPU(BaseModel):
     total_memory: int
     free_memory: Optional[int] = None  # defaults to total
     compute_capability: tuple[int, int] = (8, 6)
+    speed_tflops: Optional[float] = None  # what the calibration would measure; None: unknown
 
 
 def detect_device(
@@ -108,3 +109,39 @@ def cpu_slots(cores: int, threads_per_job: Optional[int], configured: Optional[i
     if configured is not None:
         return max(1, configured)
     return max(1, cores // max(1, threads_per_job or 1))
+
+
+def measure_speed(kind: str = "cuda", *, gpu_index: int = 0, size: int = 1024,
+                  repeats: int = 3) -> float | None:
+    """Dense matmul speed of this node in TFLOP/s: bf16 on a GPU, fp32 on a CPU (what a QLoRA
+    step runs on each). A short calibration (a few `size`³ matmuls, tens of milliseconds on a
+    GPU), taken as the best of `repeats` timed runs after a warm-up; None when torch is
+    missing or the device fails."""
+    import time
+
+    try:
+        import torch
+
+        if kind == "cuda":
+            if not torch.cuda.is_available():
+                return None
+            dev, dtype = torch.device("cuda", gpu_index), torch.bfloat16
+        else:
+            dev, dtype = torch.device("cpu"), torch.float32
+            size = min(size, 512)  # a CPU does ~0.1-1 TFLOP/s: keep the probe under ~0.1 s
+        a = torch.randn(size, size, device=dev, dtype=dtype)
+        b = torch.randn(size, size, device=dev, dtype=dtype)
+        best = float("inf")
+        for i in range(repeats + 1):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            if i:  # the first run warms up kernels and caches
+                best = min(best, time.perf_counter() - t0)
+        return 4 * 2.0 * size**3 / best / 1e12
+    except Exception:  # a broken driver must not keep a donor out of the pool
+        return None

@@ -20,17 +20,36 @@ The rules, in the order `plan()` applies them:
    `estimate * (1 + safety_margin) <= free_memory - promised`, where `free_memory` is what the
    driver sees (other users' processes count) and `promised` is what jobs placed but still
    starting will take. Memory placed in this pass is promised at once (`estimate.total`).
-4. **Best fit.** Among nodes that fit, the one with the least memory left over wins (then fewer
-   running jobs, then name), so big GPUs stay free for big jobs; several small jobs may share a
-   large GPU (`max_jobs_per_node` caps that when set). A node may cap its own count too
-   (`NodeView.max_jobs`: a CPU node's slots, one job per `cpu_threads` cores), and its memory
-   is then its RAM, which the CPU estimate covers (runtime, weights as loaded, activations).
+4. **Earliest expected finish.** Among nodes that fit, the job goes where it is expected to
+   finish first: transfer of the base model (none where the node already caches it) + the
+   job's work (tokens × per-token FLOPs of its model shape) / the node's measured speed, shared
+   with the jobs already computing on that GPU. Ties (same speed class, same load) go to the
+   node with the least memory left over (best fit), so big GPUs stay free for big jobs. Nodes
+   with no measured speed count at `default_speed` and are never treated as shared, which makes
+   this rule plain best fit when no node reports a speed. A node may cap its own job count
+   (`NodeView.max_jobs`: a CPU node's slots, one job per `cpu_threads` cores), and its memory is
+   then its RAM, which the CPU estimate covers.
 5. **Auto-fit.** When the job as submitted fits no candidate now, smaller variants are tried, in
    this order, and the first that fits some node is placed with the changes recorded as
    human-readable text for the job's events: halve `micro_batch_size` down to 1 (doubling
    accumulation, so the effective batch is the same); then the same again with gradient
    checkpointing on; then shorter `max_seq_len` (halving, down to the job's `min_seq_len`, only
    if the user allowed it). A job that still fits nowhere waits for the next pass.
+6. **Waiting for a much faster card (bounded).** A job that would start now on a node that is
+   at least `wait_speedup` × slower than a busy node of the pool waits instead, when that faster
+   node is expected to free (`NodeView.frees_in`) within `max_wait_s` *and* early enough that
+   the job still finishes there first. The faster node is then claimed for it.
+7. **Reservation and backfill.** The oldest jobs that fit nowhere now (up to
+   `max_reservations` per pass, by priority then age) claim the node where they would finish
+   first once its running jobs end. A claimed node still takes other jobs, but only those
+   expected to finish before it frees (backfill into the gap), so small jobs never starve a big
+   one.
+
+`plan()` is built to stay in the low milliseconds at thousands of queued jobs and hundreds of
+nodes: per-job estimates, work and the smallest need are cached across passes; jobs that need
+more than the largest free node skip the pass in O(1); the open nodes are indexed by speed
+class and load, each a list sorted by free memory (bisect), so a placement costs
+O(classes · log nodes), not O(nodes). Jobs with node constraints take a plain linear scan.
 
 `check_fits()` answers the API's question at submit time: could any node of the pool hold this
 job (as submitted or auto-fitted) in its *total* memory, once its other jobs are done? If not,
@@ -39,20 +58,23 @@ it returns the refusal, e.g. "needs 9.1 GiB; largest free node has 7.6 GiB (rtx-
 Estimates are cached per (job spec, auto-fit variant, device class); the estimator must depend
 on the device only through `kind` and `compute_capability` (true for `estimate_memory`).
 
-`FirstFitStatic` is the baseline the benchmark compares against: what plain Ray custom resources
-would do (a fixed whole-GiB memory request per job against a static per-node capacity, first
-node in order, FIFO, no auto-fit, blind to other processes' memory).
+`FirstFitStatic` and `BestFitStatic` are the baselines the benchmark compares against: what a
+user who skipped lorapool would script with Ray custom resources (a fixed whole-GiB memory
+request per job against a static per-node capacity, FIFO, no auto-fit, blind to other
+processes' memory and to speed), taking the first node in order or the one left with the fewest
+units.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from ..train.memory import MemoryEstimate, estimate_memory
+from ..train.memory import MemoryEstimate, estimate_memory, model_shape
 from ..train.spec import DeviceInfo, TrainSpec
 
 log = logging.getLogger("lorapool.pool.placement")
@@ -77,6 +99,14 @@ class NodeView:
     # At most this many jobs at once (a CPU node's slots: its cores over a job's threads); None:
     # memory alone decides. Runners still dying count as running until they are gone.
     max_jobs: int | None = None
+    # Measured dense TFLOP/s (bf16 matmul on a GPU, fp32 on a CPU); None: not measured yet.
+    speed: float | None = None
+    # Content ids of the base models this node already caches (no transfer needed).
+    cached_models: frozenset[str] = frozenset()
+    # Seconds until the jobs running here are expected to end (None: unknown or idle), and the
+    # bytes available then (None: unknown). Used to wait for or reserve a busy node.
+    frees_in: float | None = None
+    free_at_end: int | None = None
 
     @property
     def available(self) -> int:
@@ -100,6 +130,16 @@ class JobView:
     allow_autofit: bool = True  # False: place exactly as submitted or wait
     # Nodes where earlier attempts failed (lost, preempted, OOM): used only when no other fits.
     avoid_nodes: frozenset[str] = frozenset()
+    # Training tokens the job will process (None: from max_steps, else `default_tokens`).
+    tokens: float | None = None
+    # The base model's content id and the bytes a node must fetch when it does not cache it.
+    model_key: str | None = None
+    model_bytes: int | None = None
+
+    @property
+    def constrained(self) -> bool:
+        return bool(self.node_id is not None or self.labels or self.require_bf16
+                    or self.min_memory is not None or self.avoid_nodes)
 
 
 @dataclass(frozen=True)
@@ -111,6 +151,7 @@ class Placement:
     spec: TrainSpec
     estimate: MemoryEstimate
     changes: list[str] = field(default_factory=list)
+    expected_s: float | None = None  # expected transfer + run time there (seconds)
 
 
 # A variant of a job's spec: (micro_batch_size, gradient_checkpointing, max_seq_len).
@@ -172,6 +213,84 @@ def _device_class(device: DeviceInfo) -> tuple:
     return (device.kind, tuple(device.compute_capability))
 
 
+def flops_per_token(params: int, checkpointing: bool) -> float:
+    """Training FLOPs per token of a QLoRA step: forward (2·P) + input-gradient backward (2·P),
+    + one more forward when activations are recomputed. The frozen base has no weight-gradient
+    pass; the adapters' own FLOPs are negligible next to it."""
+    return 2.0 * params * (2 + (1 if checkpointing else 0))
+
+
+def compute_params(spec: TrainSpec) -> int:
+    """Parameters that cost FLOPs per token (embedding lookups do not), from the model shape."""
+    shape = model_shape(spec)
+    return max(1, shape.total_params - shape.vocab_size * shape.hidden_size)
+
+
+@dataclass
+class _JobInfo:
+    """What `plan()` caches per job across passes (valid while its spec object is the same)."""
+
+    spec_id: int
+    variants: list[Variant]
+    params: int
+    tokens: float
+    # need[v][device class] → bytes a node must have available
+    need: dict[Variant, dict[tuple, int]] = field(default_factory=dict)
+    min_need: dict[tuple, int] = field(default_factory=dict)  # per class set: smallest need
+
+    def work(self, v: Variant) -> float:
+        return self.tokens * flops_per_token(self.params, v[1])
+
+
+class _Entry:
+    """One open node inside a pass: its remaining memory and job count."""
+
+    __slots__ = ("node", "avail", "count", "cap", "speed", "shared", "cls", "claim", "key", "group")
+
+    def __init__(self, node: NodeView, cap: int | None, speed: float, shared: bool, cls: tuple):
+        self.node = node
+        self.avail = node.available
+        self.count = node.running_jobs
+        self.cap = cap
+        self.speed = speed  # FLOP/s a job reaches alone there
+        self.shared = shared  # jobs computing together share the GPU's speed
+        self.cls = cls
+        self.claim: tuple[str, float] | None = None  # (job id, seconds until it frees)
+        self.key: tuple = ()
+        self.group: _Group | None = None
+
+    def full(self) -> bool:
+        return self.cap is not None and self.count >= self.cap
+
+    def rate(self) -> float:
+        return self.speed / (1 + self.count) if self.shared else self.speed
+
+
+class _Group:
+    """Open nodes of one (device class, speed) group, by load: load → [(avail, name, id)]."""
+
+    __slots__ = ("speed", "dev_cls", "buckets", "lists")
+
+    def __init__(self, speed: float, dev_cls: tuple):
+        self.speed = speed
+        self.dev_cls = dev_cls
+        self.buckets: dict[int, list[tuple[int, str, str]]] = {}
+        self.lists: list[list[tuple[int, str, str]]] = []  # the buckets, least loaded first
+
+    def add(self, e: _Entry) -> None:
+        e.key = (e.avail, e.node.name, e.node.node_id)
+        r = e.count if e.shared else 0
+        lst = self.buckets.get(r)
+        if lst is None:
+            lst = self.buckets[r] = []
+            self.lists = [self.buckets[k] for k in sorted(self.buckets)]
+        bisect.insort(lst, e.key)
+
+    def remove(self, e: _Entry) -> None:
+        lst = self.buckets[e.count if e.shared else 0]
+        del lst[bisect.bisect_left(lst, e.key)]
+
+
 class Placer:
     """lorapool's placement policy; see the module docstring.
 
@@ -179,6 +298,14 @@ class Placer:
     estimate before comparing with a node's free memory. Errors the estimator raises for a job
     (say its model vanished) do not stop the pass: the job is skipped and the message kept in
     `last_errors[job_id]` for the scheduler to act on.
+
+    Speed: `default_speed` TFLOP/s stands in for a node that has not measured itself yet;
+    `efficiency` is the fraction of a node's measured matmul speed a QLoRA step reaches
+    (dequantisation, attention, the optimizer); `link_bytes_per_s` is the head → node link the
+    base model travels over; `default_tokens` is a job's size when neither its tokens nor its
+    steps are known. `wait_speedup`/`max_wait_s` bound waiting for a faster card (0 turns it
+    off); `max_reservations` bounds how many blocked jobs claim a node per pass (0 turns
+    reservation and the backfill rule off).
     """
 
     def __init__(
@@ -188,6 +315,13 @@ class Placer:
         *,
         max_jobs_per_node: int | None = None,
         cache_size: int = 200_000,
+        default_speed: float = 10.0,
+        efficiency: float = 0.3,
+        link_bytes_per_s: float = 100e6,
+        default_tokens: float = 1e6,
+        wait_speedup: float = 3.0,
+        max_wait_s: float = 1800.0,
+        max_reservations: int = 2,
     ) -> None:
         if safety_margin < 0:
             raise ValueError(f"safety_margin must be >= 0, got {safety_margin}")
@@ -195,20 +329,30 @@ class Placer:
         self.safety_margin = safety_margin
         self.max_jobs_per_node = max_jobs_per_node
         self.cache_size = cache_size
+        self.default_speed = default_speed
+        self.efficiency = efficiency
+        self.link_bytes_per_s = link_bytes_per_s
+        self.default_tokens = default_tokens
+        self.wait_speedup = wait_speedup
+        self.max_wait_s = max_wait_s
+        self.max_reservations = max_reservations
         self.last_errors: dict[str, str] = {}
+        # Jobs left waiting for a faster card in the last pass: job id → node id.
+        self.last_waits: dict[str, str] = {}
         self._cache: dict[tuple, MemoryEstimate] = {}
-        self._fingerprints: dict[str, tuple[int, str]] = {}
+        self._fingerprints: dict[str, tuple[TrainSpec, str]] = {}
+        self._infos: dict[str, tuple[tuple, _JobInfo]] = {}
 
     # -- estimates ------------------------------------------------------------------------------
     def _fingerprint(self, job: JobView) -> str:
         # model_dump_json costs ~10 µs; keep it per job while its spec object is the same one.
         hit = self._fingerprints.get(job.job_id)
-        if hit is not None and hit[0] == id(job.spec):
+        if hit is not None and hit[0] is job.spec:
             return hit[1]
         fp = job.spec.model_dump_json()
         if len(self._fingerprints) > self.cache_size:
             self._fingerprints.clear()
-        self._fingerprints[job.job_id] = (id(job.spec), fp)
+        self._fingerprints[job.job_id] = (job.spec, fp)
         return fp
 
     def variant_spec(self, job: JobView, v: Variant) -> TrainSpec:
@@ -233,6 +377,49 @@ class Placer:
     def need(self, est: MemoryEstimate) -> int:
         """Bytes a node must have available for a job with this estimate."""
         return math.ceil(est.total * (1.0 + self.safety_margin))
+
+    def _info(self, job: JobView) -> _JobInfo:
+        """The job's cached variants, size and needs (rebuilt when its inputs change)."""
+        sig = (job.allow_autofit, job.min_seq_len, job.tokens)
+        hit = self._infos.get(job.job_id)
+        if hit is not None and hit[1].spec_id == id(job.spec) and hit[0][0] is job.spec \
+                and hit[0][1:] == sig:
+            return hit[1]
+        s = job.spec
+        tokens = job.tokens
+        if tokens is None:
+            tokens = (float(s.max_steps * s.batch_size * s.max_seq_len) if s.max_steps
+                      else self.default_tokens * s.n_epochs)
+        info = _JobInfo(id(s), list(autofit_variants(job)), compute_params(s), tokens)
+        if len(self._infos) > self.cache_size:
+            self._infos.clear()
+        # The spec object is kept in the key so that its id() is not reused while cached.
+        self._infos[job.job_id] = ((s, *sig), info)
+        return info
+
+    def _needs(self, job: JobView, info: _JobInfo, v: Variant,
+               devices: dict[tuple, DeviceInfo]) -> dict[tuple, int]:
+        per = info.need.get(v)
+        if per is None:
+            per = info.need[v] = {}
+        for cls, dev in devices.items():
+            if cls not in per:
+                per[cls] = self.need(self.estimate(job, v, dev))
+        return per
+
+    def _min_need(self, job: JobView, info: _JobInfo, devices: dict[tuple, DeviceInfo],
+                  class_set: frozenset) -> int:
+        hit = info.min_need.get(class_set)
+        if hit is None:
+            per = self._needs(job, info, info.variants[-1], devices)
+            hit = info.min_need[class_set] = min(per[c] for c in devices)
+        return hit
+
+    def _transfer_s(self, job: JobView, info: _JobInfo, node: NodeView) -> float:
+        if job.model_key is not None and job.model_key in node.cached_models:
+            return 0.0
+        size = job.model_bytes if job.model_bytes is not None else 2 * info.params
+        return size / self.link_bytes_per_s
 
     # -- constraints ------------------------------------------------------------------------------
     @staticmethod
@@ -272,90 +459,68 @@ class Placer:
         earlier in the same pass counted as promised). The inputs are not modified.
         """
         self.last_errors = {}
-        open_nodes = [n for n in nodes if n.accepting]
-        if not queue or not open_nodes:
+        self.last_waits = {}
+        if not queue:
             return []
-        avail = {n.node_id: n.available for n in open_nodes}
-        count = {n.node_id: n.running_jobs for n in open_nodes}
+        p = _Pass(self, nodes)
+        if not p.entries:
+            return []
         load = dict(running_by_tenant or {})
 
-        # Per tenant: its jobs by (priority desc, submit time); a heap of the tenants' heads.
-        per_tenant: dict[str, list[JobView]] = {}
+        # Jobs that need more than the largest free node cannot place in this pass at all (free
+        # memory only shrinks within a pass): they skip the fair-share heap.
+        live: list[tuple[JobView, _JobInfo]] = []
+        blocked: list[tuple[JobView, _JobInfo]] = []
+        gmax = p.max_avail()
         for job in queue:
-            per_tenant.setdefault(job.tenant, []).append(job)
+            try:
+                info = self._info(job)
+                mn = self._min_need(job, info, p.devices, p.class_set)
+            except Exception as exc:  # noqa: BLE001 - one bad job must not stop the pass
+                log.warning("cannot estimate %s: %s", job.job_id, exc)
+                self.last_errors[job.job_id] = f"{type(exc).__name__}: {exc}"
+                continue
+            (blocked if mn > gmax else live).append((job, info))
+        if blocked and self.max_reservations > 0 and p.freeing:
+            oldest = heapq.nsmallest(
+                self.max_reservations, blocked,
+                key=lambda ji: (-ji[0].priority, ji[0].submitted_at, ji[0].job_id))
+            for job, info in oldest:
+                p.reserve(job, info)
+        if not live:
+            return []
+
+        # Per tenant: its jobs by (priority desc, submit time); a heap of the tenants' heads.
+        per_tenant: dict[str, list[tuple[JobView, _JobInfo]]] = {}
+        for ji in live:
+            per_tenant.setdefault(ji[0].tenant, []).append(ji)
         for jobs in per_tenant.values():
-            jobs.sort(key=lambda j: (-j.priority, j.submitted_at, j.job_id), reverse=True)
+            jobs.sort(key=lambda ji: (-ji[0].priority, ji[0].submitted_at, ji[0].job_id),
+                      reverse=True)
         heap = []
         for tenant, jobs in per_tenant.items():
-            j = jobs[-1]
+            j = jobs[-1][0]
             heap.append((-j.priority, load.get(tenant, 0), j.submitted_at, j.job_id, tenant))
         heapq.heapify(heap)
 
         placements: list[Placement] = []
         while heap:
             _, _, _, _, tenant = heapq.heappop(heap)
-            job = per_tenant[tenant].pop()
-            placed = self._place_one(job, open_nodes, avail, count)
+            job, info = per_tenant[tenant].pop()
+            try:
+                placed = p.place(job, info)
+            except Exception as exc:  # noqa: BLE001 - one bad job must not stop the pass
+                log.warning("cannot estimate %s: %s", job.job_id, exc)
+                self.last_errors[job.job_id] = f"{type(exc).__name__}: {exc}"
+                placed = None
             if placed is not None:
                 placements.append(placed)
-                avail[placed.node_id] -= placed.estimate.total
-                count[placed.node_id] += 1
                 load[tenant] = load.get(tenant, 0) + 1
             if per_tenant[tenant]:
-                j = per_tenant[tenant][-1]
+                j = per_tenant[tenant][-1][0]
                 heapq.heappush(heap, (-j.priority, load.get(tenant, 0), j.submitted_at,
                                       j.job_id, tenant))
         return placements
-
-    def _place_one(self, job: JobView, nodes: list[NodeView], avail: dict[str, int],
-                   count: dict[str, int]) -> Placement | None:
-        if job.avoid_nodes:
-            others = [n for n in nodes
-                      if n.node_id not in job.avoid_nodes and n.name not in job.avoid_nodes]
-            placed = self._place_among(job, others, avail, count)
-            if placed is not None:
-                return placed
-        return self._place_among(job, nodes, avail, count)
-
-    def _place_among(self, job: JobView, nodes: list[NodeView], avail: dict[str, int],
-                     count: dict[str, int]) -> Placement | None:
-        cands = [n for n in nodes if self.matches(job, n)
-                 and (self.max_jobs_per_node is None or count[n.node_id] < self.max_jobs_per_node)
-                 and (n.max_jobs is None or count[n.node_id] < n.max_jobs)]
-        if not cands:
-            return None
-        classes: dict[tuple, DeviceInfo] = {}
-        for n in cands:
-            classes.setdefault(_device_class(n.device), n.device)
-        most = max(avail[n.node_id] for n in cands)
-        try:
-            variants = list(autofit_variants(job))
-            # Cheap early exit: if even the smallest variant fits no candidate, skip the job.
-            smallest = variants[-1]
-            if all(self.need(self.estimate(job, smallest, dev)) > most
-                   for dev in classes.values()):
-                return None
-            for v in variants:
-                need = {c: self.need(self.estimate(job, v, dev)) for c, dev in classes.items()}
-                best: tuple | None = None
-                for n in cands:
-                    left = avail[n.node_id] - need[_device_class(n.device)]
-                    if left < 0:
-                        continue
-                    key = (left, count[n.node_id], n.name)
-                    if best is None or key < best[0]:
-                        best = (key, n)
-                if best is not None:
-                    node = best[1]
-                    est = self.estimate(job, v, node.device)
-                    view = NodeView(node.node_id, node.name, node.device, node.free_memory,
-                                    node.free_memory - avail[node.node_id])
-                    return Placement(job.job_id, node.node_id, self.variant_spec(job, v), est,
-                                     _describe_changes(job, v, view))
-        except Exception as exc:  # noqa: BLE001 - one bad job must not stop the pass
-            log.warning("cannot estimate %s: %s", job.job_id, exc)
-            self.last_errors[job.job_id] = f"{type(exc).__name__}: {exc}"
-        return None
 
     # -- submit-time check ----------------------------------------------------------------------
     def check_fits(self, job: JobView, nodes: list[NodeView]) -> str | None:
@@ -386,6 +551,211 @@ class Placer:
             msg += (f" (smallest setting tried: micro_batch_size {micro}, "
                     f"gradient checkpointing {'on' if ckpt else 'off'}, max_seq_len {seq})")
         return msg
+
+
+class _Pass:
+    """The open nodes during one `plan()` pass, indexed for fast decisions (see the module
+    docstring): groups of equal speed and device class, each bucketed by load and sorted by
+    free memory; every node's free memory in one sorted list (the largest is the quick "fits
+    nowhere" test); nodes that report when they free, soonest first; who caches which model."""
+
+    def __init__(self, placer: Placer, nodes: list[NodeView]):
+        self.placer = placer
+        self.entries: dict[str, _Entry] = {}
+        self.devices: dict[tuple, DeviceInfo] = {}
+        groups: dict[tuple, _Group] = {}
+        self.cached: dict[str, list[_Entry]] = {}
+        freeing: list[tuple[float, str]] = []
+        for n in nodes:
+            if not n.accepting:
+                continue
+            caps = [c for c in (placer.max_jobs_per_node, n.max_jobs) if c is not None]
+            known = n.speed is not None and n.speed > 0
+            speed = (n.speed if known else placer.default_speed) * 1e12 * placer.efficiency
+            cls = _device_class(n.device)
+            # A CPU job has its own cores (slots); GPU jobs computing together share the card.
+            e = _Entry(n, min(caps) if caps else None, speed,
+                       known and n.device.kind != "cpu", cls)
+            self.entries[n.node_id] = e
+            self.devices.setdefault(cls, n.device)
+            e.group = groups.setdefault((cls, speed), _Group(speed, cls))
+            if not e.full():
+                e.group.add(e)
+            for key in n.cached_models:
+                self.cached.setdefault(key, []).append(e)
+            if n.frees_in is not None and n.free_at_end is not None:
+                freeing.append((n.frees_in, n.node_id))
+        self.class_set = frozenset(self.devices)
+        self.groups = sorted(groups.values(), key=lambda g: -g.speed)
+        self.avails = sorted(e.avail for e in self.entries.values() if not e.full())
+        freeing.sort()
+        self.freeing = [self.entries[nid] for _, nid in freeing]
+
+    def max_avail(self) -> int:
+        return self.avails[-1] if self.avails else -1
+
+    def _take(self, e: _Entry, nbytes: int) -> None:
+        """Count a placement on `e`: less memory, one more job, re-indexed."""
+        g = e.group
+        assert g is not None
+        if not e.full():
+            g.remove(e)
+            del self.avails[bisect.bisect_left(self.avails, e.avail)]
+        e.avail -= nbytes
+        e.count += 1
+        if not e.full():
+            g.add(e)
+            bisect.insort(self.avails, e.avail)
+
+    # -- scoring --------------------------------------------------------------------------------
+    def _score(self, job: JobView, info: _JobInfo, e: _Entry, work: float) -> float:
+        return self.placer._transfer_s(job, info, e.node) + work / e.rate()
+
+    @staticmethod
+    def _gap_ok(job: JobView, e: _Entry, score: float) -> bool:
+        """A node claimed by another job takes this one only if it ends before the node frees."""
+        return e.claim is None or e.claim[0] == job.job_id or score <= e.claim[1]
+
+    def _best_fast(self, job: JobView, info: _JobInfo, needs: dict[tuple, int],
+                   work: float) -> tuple[tuple, _Entry] | None:
+        best: tuple[tuple, _Entry] | None = None
+        if job.model_key is not None and job.model_key in self.cached:
+            for e in self.cached[job.model_key]:
+                left = e.avail - needs[e.cls]
+                if left >= 0 and not e.full():
+                    s = work / e.rate()
+                    if self._gap_ok(job, e, s):
+                        key = (s, left, e.count, e.node.name)
+                        if best is None or key < best[0]:
+                            best = (key, e)
+        transfer = self.placer._transfer_s(job, info, _NO_CACHE)
+        entries = self.entries
+        key_t: tuple = best[0] if best is not None else ()
+        for g in self.groups:
+            if best is not None and transfer + work / g.speed > key_t[0]:
+                break  # slower groups cannot win (groups go fastest first)
+            need = needs[g.dev_cls]
+            for lst in g.lists:
+                if not lst or lst[-1][0] < need:
+                    continue
+                i = bisect.bisect_left(lst, (need,))
+                found = None
+                for key in lst[i:i + 8]:  # the best fit, or the next few if it is claimed
+                    e = entries[key[2]]
+                    s = transfer + work / e.rate()
+                    if e.claim is None or self._gap_ok(job, e, s):
+                        found = ((s, key[0] - need, e.count, e.node.name), e)
+                        break
+                if found is not None:
+                    if best is None or found[0] < key_t:
+                        best = found
+                        key_t = found[0]
+                    break  # a busier bucket of the same group is slower
+        return best
+
+    def _best_scan(self, job: JobView, info: _JobInfo, needs: dict[tuple, int], work: float,
+                   cands: list[_Entry]) -> tuple[tuple, _Entry] | None:
+        best = None
+        for e in cands:
+            left = e.avail - needs[e.cls]
+            if left < 0 or e.full():
+                continue
+            s = self._score(job, info, e, work)
+            if not self._gap_ok(job, e, s):
+                continue
+            key = (s, left, e.count, e.node.name)
+            if best is None or key < best[0]:
+                best = (key, e)
+        return best
+
+    def place(self, job: JobView, info: _JobInfo) -> Placement | None:
+        placer = self.placer
+        if job.constrained:
+            cands = [e for e in self.entries.values() if placer.matches(job, e.node)]
+            if job.avoid_nodes:
+                others = [e for e in cands if e.node.node_id not in job.avoid_nodes
+                          and e.node.name not in job.avoid_nodes]
+                got = self._place_among(job, info, others)
+                if got is not None:
+                    return got
+            return self._place_among(job, info, cands)
+        return self._place_among(job, info, None)
+
+    def _place_among(self, job: JobView, info: _JobInfo,
+                     cands: list[_Entry] | None) -> Placement | None:
+        if cands is not None and not cands:
+            return None
+        if self.max_avail() < info.min_need.get(self.class_set, 0):
+            return None
+        for v in info.variants:
+            needs = self.placer._needs(job, info, v, self.devices)
+            work = info.work(v)
+            best = (self._best_fast(job, info, needs, work) if cands is None
+                    else self._best_scan(job, info, needs, work, cands))
+            if best is None:
+                continue
+            (score, _, _, _), e = best
+            if cands is None and self._wait_for_faster(job, info, e, score, work, v):
+                return None
+            node = e.node
+            est = self.placer.estimate(job, v, node.device)
+            view = NodeView(node.node_id, node.name, node.device, node.free_memory,
+                            node.free_memory - e.avail)
+            self._take(e, est.total)
+            return Placement(job.job_id, node.node_id, self.placer.variant_spec(job, v), est,
+                             _describe_changes(job, v, view), expected_s=score)
+        return None
+
+    # -- waiting and reserving ------------------------------------------------------------------
+    def _wait_for_faster(self, job: JobView, info: _JobInfo, chosen: _Entry, score: float,
+                         work: float, v: Variant) -> bool:
+        """Leave `job` queued when a node ≥ wait_speedup× faster than `chosen` frees within
+        max_wait_s and the job would still finish there first; that node is claimed for it."""
+        placer = self.placer
+        if placer.wait_speedup <= 0 or not self.freeing:
+            return False
+        floor = chosen.speed * placer.wait_speedup
+        for e in self.freeing:
+            t = e.node.frees_in or 0.0
+            if t > placer.max_wait_s or t >= score:
+                break  # sorted by frees_in: the rest free later
+            if e.speed < floor or e.claim is not None:
+                continue
+            need = placer._needs(job, info, v, self.devices)[e.cls]
+            if (e.node.free_at_end or 0) < need:
+                continue
+            if t + placer._transfer_s(job, info, e.node) + work / e.speed < score:
+                e.claim = (job.job_id, t)
+                placer.last_waits[job.job_id] = e.node.node_id
+                return True
+        return False
+
+    def reserve(self, job: JobView, info: _JobInfo) -> None:
+        """Claim, for a job that fits nowhere now, the node where it would finish first once
+        that node's running jobs end."""
+        placer = self.placer
+        if job.constrained:
+            return
+        best = None
+        for e in self.freeing:
+            t = e.node.frees_in or 0.0
+            if best is not None and t >= best[0]:
+                break
+            if e.claim is not None:
+                continue
+            for v in info.variants:
+                need = placer._needs(job, info, v, self.devices)[e.cls]
+                if (e.node.free_at_end or 0) >= need:
+                    finish = t + placer._transfer_s(job, info, e.node) + info.work(v) / e.speed
+                    if best is None or finish < best[0]:
+                        best = (finish, t, e)
+                    break
+        if best is not None:
+            best[2].claim = (job.job_id, best[1])
+
+
+# A node that caches nothing: the transfer time of a job to any node without its model.
+_NO_CACHE = NodeView("", "", DeviceInfo(kind="cpu", name="", total_memory=0), 0)
 
 
 class FirstFitStatic:
@@ -432,24 +802,58 @@ class FirstFitStatic:
             return None
         return f"needs {self.units(job)} memory units; no node has that many"
 
+    def _choose(self, job: JobView, nodes: list[NodeView], used: dict[str, int],
+                want: int) -> NodeView | None:
+        """The first node, in the order given, with `want` units left."""
+        for n in nodes:
+            if n.accepting and Placer.matches(job, n) and \
+                    self.capacity(n) - used[n.node_id] >= want:
+                return n
+        return None
+
     def plan(self, queue: list[JobView], nodes: list[NodeView],
              running_by_tenant: dict[str, int] | None = None) -> list[Placement]:
-        used = {n.node_id: self.used(n.node_id) for n in nodes}
+        used: dict[str, int] = {n.node_id: 0 for n in nodes}
+        for node_id, units in self._held.values():
+            if node_id in used:
+                used[node_id] += units
         out = []
+        # The most units any node has left: a request above it fits nowhere (same answer, fast).
+        most = max((self.capacity(n) - used[n.node_id] for n in nodes if n.accepting),
+                   default=0)
         for job in sorted(queue, key=lambda j: (j.submitted_at, j.job_id)):
             if job.job_id in self._held:
                 continue
             want = self.units(job)
-            for n in nodes:
-                if not n.accepting or not Placer.matches(job, n):
-                    continue
-                if self.capacity(n) - used[n.node_id] >= want:
-                    used[n.node_id] += want
-                    self._held[job.job_id] = (n.node_id, want)
-                    out.append(Placement(job.job_id, n.node_id, job.spec,
-                                         self.estimator(job.spec, n.device), []))
-                    break
+            if want > most:
+                continue
+            n = self._choose(job, nodes, used, want)
+            if n is not None:
+                used[n.node_id] += want
+                most = max(self.capacity(m) - used[m.node_id] for m in nodes if m.accepting)
+                self._held[job.job_id] = (n.node_id, want)
+                out.append(Placement(job.job_id, n.node_id, job.spec,
+                                     self.estimator(job.spec, n.device), []))
         return out
 
 
-__all__ = ["FirstFitStatic", "JobView", "NodeView", "Placement", "Placer", "autofit_variants"]
+class BestFitStatic(FirstFitStatic):
+    """The second baseline: Ray GPU-memory custom resources + best fit, as a user would script
+    it (each node declares `gpu_memory_gib` = its total memory; each job requests its estimate on
+    a reference GPU in whole GiB and is pinned to the node that has the fewest units left after
+    it). Still FIFO, static, blind to other processes' memory and to node speed."""
+
+    def _choose(self, job: JobView, nodes: list[NodeView], used: dict[str, int],
+                want: int) -> NodeView | None:
+        best: tuple[int, str, NodeView] | None = None
+        for n in nodes:
+            if not n.accepting or not Placer.matches(job, n):
+                continue
+            left = self.capacity(n) - used[n.node_id] - want
+            if left >= 0 and (best is None or (left, n.name) < best[:2]):
+                best = (left, n.name, n)
+        return best[2] if best is not None else None
+
+
+__all__ = ["BestFitStatic", "FirstFitStatic", "JobView", "NodeView", "Placement", "Placer",
+           "autofit_variants", "compute_params", "flops_per_token"]

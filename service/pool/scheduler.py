@@ -319,6 +319,8 @@ class RayExecutor(BackgroundLoop):
                                   + sum(1 for d in self._dying.values() if d.node == st.name)),
                     max_jobs=(int(r["cpu_slots"]) if dev.kind == "cpu" and r.get("cpu_slots")
                               else None),
+                    # Measured at join and while idle by the NodeAgent: placement by speed.
+                    speed=r.get("speed_tflops"),
                 ))
         return views
 
