@@ -111,7 +111,8 @@ class PaddedCollator:
 
 
 class FlatCollator:
-    """Padding-free batching: the micro-batch's examples concatenated into one (1, T) row.
+    """Padding-free batching: the micro-batch's examples concatenated into one (1, T) row
+    (or, when every row has the same length, stacked as a (B, T) batch: nothing to pad).
 
     A packed row already holds several examples with their own position_ids; they are kept.
     An unpacked row is one example, whose positions are 0..n-1.
@@ -128,6 +129,11 @@ class FlatCollator:
             pos = row.get("position_ids")
             positions.append(torch.as_tensor(pos, dtype=torch.long) if pos is not None
                              else torch.arange(n, dtype=torch.long))
+        if len(rows) > 1 and len({len(t) for t in ids}) == 1:
+            # Rows of one length need no padding: kept as a (B, T) batch, each row its own
+            # documents, so attention runs batched instead of document by document.
+            return {"input_ids": torch.stack(ids), "labels": torch.stack(labels),
+                    "position_ids": torch.stack(positions)}
         return {"input_ids": torch.cat(ids)[None], "labels": torch.cat(labels)[None],
                 "position_ids": torch.cat(positions)[None]}
 

@@ -50,3 +50,12 @@ def test_padded_collator_is_collate():
 def test_empty_micro_batch_is_refused(collator):
     with pytest.raises(ValueError, match="at least one row"):
         collator([])
+
+
+def test_flat_collator_stacks_rows_of_one_length():
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+            {"input_ids": [8, 9, 10], "labels": [-100, -100, 10]}]
+    out = FlatCollator()(rows)
+    assert out["input_ids"].shape == (2, 3) and "attention_mask" not in out
+    assert out["position_ids"].tolist() == [[0, 1, 2], [0, 1, 2]]
+    assert out["labels"].tolist() == [[-100, 6, 7], [-100, -100, 10]]

@@ -148,3 +148,20 @@ def test_swapped_model_saves_a_plain_peft_adapter(tiny_model_dir, tmp_path):
     with torch.no_grad():
         again = plain(input_ids=ids).logits
     assert torch.allclose(again, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_weight_casts_are_made_once_per_optimizer_step():
+    from lorapool.service.train.fast.lora import lora_weight_in
+
+    p = torch.nn.Parameter(torch.randn(4, 8))
+    opt = torch.optim.SGD([p], lr=0.1)
+    first = lora_weight_in(p, torch.bfloat16)
+    assert lora_weight_in(p, torch.bfloat16) is first  # cached between steps
+    assert torch.equal(first, p.detach().to(torch.bfloat16))
+    p.grad = torch.ones_like(p)
+    opt.step()  # the parameter changed: the next call casts the new values
+    second = lora_weight_in(p, torch.bfloat16)
+    assert second is not first and torch.equal(second, p.detach().to(torch.bfloat16))
+    with torch.no_grad():
+        p.add_(1.0)  # an in-place change outside an optimizer is seen through its version
+    assert torch.equal(lora_weight_in(p, torch.bfloat16), p.detach().to(torch.bfloat16))

@@ -26,6 +26,7 @@ import logging
 from typing import Any, Optional
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,32 @@ def fused_lora_available() -> tuple[bool, str]:
     if _PeftLinear4bit is None:
         return False, f"bitsandbytes/peft 4-bit LoRA layer not importable ({_IMPORT_ERROR})"
     return True, ""
+
+
+# Compute-dtype copies of the fp32 LoRA weights, made once per optimizer step instead of at every
+# forward, recompute and backward of every projection (three small casts each, which on a small
+# model are launch overhead the GPU waits for). Keyed by the parameter's identity and in-place
+# version; every optimizer step anywhere drops them all (bitsandbytes' optimizers update the
+# parameters in their own kernels, which the version counter does not see).
+_CAST_CACHE: dict[tuple[int, int, int, torch.dtype], torch.Tensor] = {}
+
+
+def _drop_casts(*_: Any, **__: Any) -> None:
+    _CAST_CACHE.clear()
+
+
+register_optimizer_step_post_hook(_drop_casts)
+
+
+def lora_weight_in(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`param` in `dtype`, cast at most once between two optimizer steps."""
+    if param.dtype == dtype:
+        return param
+    key = (id(param), param.data_ptr(), param._version, dtype)
+    hit = _CAST_CACHE.get(key)
+    if hit is None:
+        hit = _CAST_CACHE[key] = param.detach().to(dtype)
+    return hit
 
 
 def dequantize_weight(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -71,8 +98,8 @@ class FusedLoraFunction(torch.autograd.Function):
         else:
             xd2 = xd.reshape(-1, in_shape[-1])
             xdc = xd2 if xd2.dtype == compute_dtype else xd2.to(compute_dtype)
-        a = lora_a.to(compute_dtype)
-        b = lora_b.to(compute_dtype)
+        a = lora_weight_in(lora_a, compute_dtype)
+        b = lora_weight_in(lora_b, compute_dtype)
 
         w = dequantize_weight(weight, quant_state, compute_dtype)
         out = xc @ w.t()
@@ -111,8 +138,8 @@ class FusedLoraFunction(torch.autograd.Function):
         src = x if xd is None else xd
         xdc = src.reshape(-1, in_features)
         xdc = xdc if xdc.dtype == cd else xdc.to(cd)
-        a = lora_a.to(cd)
-        b = lora_b.to(cd)
+        a = lora_weight_in(lora_a, cd)
+        b = lora_weight_in(lora_b, cd)
         scale = ctx.scale
 
         need_x, need_xd, need_a, need_b = ctx.needs_input_grad[:4]
