@@ -55,6 +55,7 @@ The scheduler adds its own safety margin on top (`Placer(safety_margin=...)`).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -119,6 +120,7 @@ class ModelShape:
     linears: tuple[LinearShape, ...]
     total_params: int  # tied weights once
     other_params: int  # everything but the (non-head) linears' weights
+    tied_embeddings: bool = False  # the output head shares the input embedding's table
     _targets_cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     @property
@@ -258,6 +260,8 @@ def _shape_from_config(config: Any, trust_remote_code: bool) -> ModelShape:
         linears=tuple(linears),
         total_params=int(total),
         other_params=int(total - quantizable),
+        tied_embeddings=bool(getattr(text, "tie_word_embeddings",
+                                     getattr(config, "tie_word_embeddings", False))),
     )
 
 
@@ -430,11 +434,98 @@ def estimate_memory(spec: TrainSpec, device: DeviceInfo, *, config: Any = None) 
     }
     if kind == "cpu":
         return _cpu_estimate(spec, shape, breakdown, dtype)
+    pieces = fast_pieces(spec, device)
+    if pieces["fused_lora"]:
+        return _fast_estimate(spec, shape, device, dtype, pieces, breakdown)
     breakdown["cuda_context"] = CUDA_CONTEXT_BYTES
     breakdown["allocator_slack"] = int(ALLOCATOR_SLACK * sum(
         v for k, v in breakdown.items() if k != "cuda_context"))
     return MemoryEstimate(breakdown=breakdown, total=sum(breakdown.values()),
                           compute_dtype=dtype, device_kind=kind)
+
+
+# -- the fast path (service/train/fast) on CUDA --------------------------------------------------
+# What `fast.resolve_fast` turns on for "auto" on a GPU, decided here without torch (the scheduler
+# estimates in the API process). Liger's kernels depend on the node's software, not its memory,
+# so they are not part of the decision.
+FAST_CHUNKED_LOSS_GRAD_BYTES = 2  # Liger's fused linear CE keeps grad wrt the hidden states
+FAST_RESIDENT_LAYER_INPUTS = 2  # offloaded: the layer being recomputed + the one prefetched
+# The fast path's weights are allocated once, in exact sizes; only its per-step buffers see the
+# caching allocator's rounding. Calibrated on an H200 (bench/train_speed.py, fast path, seq 2048,
+# r16 all-linear, 1B and 3B shapes): predicted/driver-visible peak 1.01-1.12.
+FAST_ALLOCATOR_SLACK = 0.05
+
+
+def fast_pieces(spec: TrainSpec, device: DeviceInfo) -> dict[str, bool]:
+    """Which memory-relevant fast-path pieces run for `spec` on `device` (a CUDA node)."""
+    switches = spec.fast_spec() if hasattr(spec, "fast_spec") else None
+
+    def on(piece: str, possible: bool) -> bool:
+        value = getattr(switches, piece, "off") if switches is not None else "off"
+        return possible and value in ("auto", "on")
+
+    fused = on("fused_lora", spec.quantization in ("nf4", "fp4") and not spec.lora.use_dora)
+    return {
+        "fused_lora": fused,
+        "offload_activations": on("offload_activations", spec.gradient_checkpointing),
+        "padding_free": on("padding_free", True),
+        "chunked_loss": on("chunked_loss", True),
+        "host_embeddings": on("host_embeddings", True),
+    }
+
+
+def _fast_estimate(spec: TrainSpec, shape: ModelShape, device: DeviceInfo, dtype: str,
+                   pieces: dict[str, bool], terms: dict[str, int]) -> MemoryEstimate:
+    """Peak GPU memory of the fast path: bf16 embeddings and norms (no fp32 upcast), LoRA
+    inputs saved once per shared input and no r-wide intermediates, layer inputs in pinned host
+    memory while offloaded, no logits beyond one chunk, no padding mask."""
+    a = _DTYPE_BYTES[dtype]
+    h, i, L = shape.hidden_size, shape.intermediate_size, shape.num_layers
+    q = shape.num_heads * shape.head_dim
+    kv = shape.num_kv_heads * shape.head_dim
+    V = shape.vocab_size
+    tokens = spec.micro_batch_size * spec.max_seq_len
+    lora_params = terms["lora_params"] // LORA_PARAM_BYTES
+    # The input table in host memory (fast/embeddings.py) unless the head shares it.
+    host_rows = V * h if pieces.get("host_embeddings") and not shape.tied_embeddings else 0
+
+    layer = (2 * a * h  # RMSNorm inputs (Liger keeps them in the compute dtype)
+             + 2 * a * h  # normed inputs of attention and MLP (shared by q/k/v, gate/up)
+             + a * (q + 2 * kv)  # q, k, v after RoPE
+             + 2 * a * q + 4 * shape.num_heads  # attention output, its copy, fp32 LSE
+             + 3 * a * i)  # gate, up, and down's input
+    if shape.attn_implementation == "eager" and not pieces["padding_free"]:
+        layer += shape.num_heads * spec.max_seq_len * (a + 4 + a)  # scores, fp32 softmax, cast
+    if spec.gradient_checkpointing:
+        resident = FAST_RESIDENT_LAYER_INPUTS if pieces["offload_activations"] else L
+        per_token = resident * a * h + layer
+    else:
+        per_token = L * layer
+    per_token += 2 * a * h  # embeddings' output, final norm output
+    if pieces["chunked_loss"]:
+        # Liger's chunk: next power of two of tokens / ceil(vocab / hidden) rows of logits.
+        rows = math.ceil(tokens / max(1, math.ceil(V / h)))
+        chunk = 1 << max(0, math.ceil(math.log2(max(1, rows))))
+        logits = tokens * h * FAST_CHUNKED_LOSS_GRAD_BYTES + chunk * V * (a + 4)
+    else:
+        logits = tokens * V * (a + LOGITS_EXTRA_BYTES)
+    workspace = tokens * a * (3 * i + 2 * h) + 2 * a * shape.largest_quantizable
+    activations = tokens * per_token
+    breakdown = {
+        "base_weights_quantized": terms["base_weights_quantized"],
+        "unquantized_params": (shape.other_params - host_rows) * a,
+        "lora_params": terms["lora_params"],
+        "lora_grads": terms["lora_grads"],
+        "lora_compute_copies": lora_params * a,
+        "optimizer_state": terms["optimizer_state"],
+        "activations": int(activations),
+        "logits": int(logits),
+        "backward_workspace": int(workspace),
+    }
+    breakdown["cuda_context"] = device.context_bytes or CUDA_CONTEXT_BYTES
+    breakdown["allocator_slack"] = int(FAST_ALLOCATOR_SLACK * (activations + logits + workspace))
+    return MemoryEstimate(breakdown=breakdown, total=sum(breakdown.values()),
+                          compute_dtype=dtype, device_kind="cuda")
 
 
 # -- the CPU branch ------------------------------------------------------------------------------

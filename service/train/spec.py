@@ -42,6 +42,7 @@ class FastSpec(BaseModel):
     kernels: Switch = "auto"  # Liger RMSNorm/SwiGLU/RoPE (CUDA + triton + liger-kernel only)
     padding_free: Switch = "auto"  # flat packed rows, position_ids restart, doc-masked attention
     chunked_loss: Switch = "auto"  # linear+CE without full logits (service/train/loss.py)
+    host_embeddings: Switch = "auto"  # frozen input embeddings in pinned host memory (fast/)
 
 
 FAST_PIECES = tuple(FastSpec.model_fields)
@@ -128,6 +129,9 @@ class DeviceInfo(BaseModel):
     total_memory: int = 0  # bytes
     free_memory: Optional[int] = None  # bytes; None when unknown
     compute_capability: tuple[int, int] = (8, 0)
+    # What a CUDA context takes on this card (driver, cuBLAS workspaces), measured by the node;
+    # None: the estimate's constant.
+    context_bytes: Optional[int] = None
 
     @property
     def supports_bf16(self) -> bool:

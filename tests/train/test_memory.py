@@ -38,6 +38,9 @@ def one_b(tmp_path_factory) -> Path:
 
 def spec(path: Path, **kw) -> TrainSpec:
     kw.setdefault("max_seq_len", 512)
+    # These tests pin the reference path's terms; test_memory_fast.py covers the fast path
+    # (the CUDA default).
+    kw.setdefault("fast", "off")
     return TrainSpec(base_model=str(path), **kw)
 
 
@@ -48,7 +51,8 @@ def test_parts_add_up_and_are_named(tiny, one_b):
                        {"quantization": "none", "optimizer": "adamw"},
                        {"lora": {"r": 8, "use_dora": True}}):
                 est = estimate_memory(spec(path, **kw), dev)
-                assert set(est.breakdown) == EXPECTED_PARTS
+                if dev.kind == "cuda":  # a CPU job has RAM terms of its own (tests/pool)
+                    assert set(est.breakdown) == EXPECTED_PARTS
                 assert all(v >= 0 for v in est.breakdown.values()), est.breakdown
                 assert est.total == sum(est.breakdown.values()) == int(est)
                 assert est.gib() == pytest.approx(est.total / GiB)
@@ -130,11 +134,12 @@ def test_compute_dtype_follows_the_device(one_b):
     # bf16 and fp16 are both 2 bytes: the same activations; fp32 doubles them.
     assert ampere.breakdown["activations"] == turing.breakdown["activations"]
     assert cpu.breakdown["activations"] > 1.5 * ampere.breakdown["activations"]
-    assert ampere.breakdown["cuda_context"] > 0 and cpu.breakdown["cuda_context"] == 0
+    assert ampere.breakdown["cuda_context"] > 0 and cpu.breakdown.get("cuda_context", 0) == 0
     assert cpu.device_kind == "cpu"
     # An explicit dtype in the spec wins over "auto"; device="cpu" means no CUDA context.
     assert estimate_memory(spec(one_b, compute_dtype="fp32"), RTX3060).compute_dtype == "fp32"
-    assert estimate_memory(spec(one_b, device="cpu"), RTX3060).breakdown["cuda_context"] == 0
+    assert estimate_memory(spec(one_b, device="cpu"), RTX3060).breakdown.get("cuda_context",
+                                                                            0) == 0
 
 
 def test_8bit_adamw_keeps_a_quarter_of_adamw_state(one_b):
@@ -184,7 +189,7 @@ def test_config_object_and_eager_attention(tmp_path):
     eager = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
                         attn_implementation="eager")
-    s = TrainSpec(base_model=str(tmp_path / "not-read"), max_seq_len=1024)
+    s = TrainSpec(base_model=str(tmp_path / "not-read"), max_seq_len=1024, fast="off")
     sdpa_1k = estimate_memory(s, RTX3060, config=cfg).breakdown["activations"]
     eager_1k = estimate_memory(s, RTX3060, config=eager).breakdown["activations"]
     s4 = s.model_copy(update={"max_seq_len": 4096})

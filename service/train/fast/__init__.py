@@ -1,8 +1,8 @@
 """The fast path of the trainer: which pieces run on this device, and plugging them in.
 
 Pieces (issue 9): `fused_lora` (fast/lora.py), `offload_activations` (fast/offload.py),
-`kernels` (Liger, fast/kernels.py), `padding_free` (fast/attention.py) and `chunked_loss`
-(the trainer's loss.py). `TrainSpec.fast` switches each "auto", "on" or "off";
+`kernels` (Liger, fast/kernels.py), `padding_free` (fast/attention.py), `chunked_loss`
+(the trainer's loss.py) and `host_embeddings` (fast/embeddings.py). `TrainSpec.fast` switches each "auto", "on" or "off";
 `resolve_fast(spec, device)` turns that into a `FastPlan` for the device:
 
 - CUDA: "auto" is on wherever the piece can run;
@@ -25,7 +25,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-PIECES = ("fused_lora", "offload_activations", "kernels", "padding_free", "chunked_loss")
+PIECES = ("fused_lora", "offload_activations", "kernels", "padding_free", "chunked_loss",
+          "host_embeddings")
 Switch = Literal["auto", "on", "off"]
 _SWITCHES = ("auto", "on", "off")
 
@@ -43,6 +44,7 @@ except ImportError:
         kernels: Switch = "auto"
         padding_free: Switch = "auto"
         chunked_loss: Switch = "auto"
+        host_embeddings: Switch = "auto"
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class FastPlan:
     kernels: bool
     padding_free: bool
     chunked_loss: bool
+    host_embeddings: bool = False
     reasons: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -107,6 +110,10 @@ def _can_run(piece: str, spec: Any, device: torch.device) -> tuple[bool, str]:
         if not getattr(spec, "gradient_checkpointing", True):
             return False, "activation offload needs gradient_checkpointing on"
         return True, ""
+    if piece == "host_embeddings":
+        if device.type != "cuda":
+            return False, "host embeddings save GPU memory; on the CPU they already are in RAM"
+        return True, ""
     if piece == "kernels":
         from .kernels import kernels_available
 
@@ -132,7 +139,8 @@ def _what_runs(piece: str, device: torch.device) -> str:
     return {"fused_lora": "fused NF4 dequant + base matmul + LoRA autograd function",
             "offload_activations": "checkpointed layer inputs in pinned host memory",
             "kernels": "Liger RMSNorm/SwiGLU/RoPE",
-            "chunked_loss": "chunked linear + cross-entropy"}[piece]
+            "chunked_loss": "chunked linear + cross-entropy",
+            "host_embeddings": "frozen input embeddings in pinned host memory"}[piece]
 
 
 def resolve_fast(spec: Any, device: torch.device | str) -> FastPlan:
@@ -191,6 +199,10 @@ def apply_fast_path(model: torch.nn.Module, plan: FastPlan, spec: Any,
 
         ok, why = apply_kernels(model)
         done["kernels"] = why if ok else f"off: {why}"
+    if plan.host_embeddings:
+        from .embeddings import move_input_embeddings_to_host
+
+        done["host_embeddings"] = move_input_embeddings_to_host(model)
     if plan.padding_free:
         from .attention import register_doc_attention
 

@@ -1,0 +1,74 @@
+"""estimate_memory on the fast path (the CUDA default): its own terms, each moving the way the
+fast path's memory does (no logits beyond a chunk, offloaded layer inputs, bf16 embeddings,
+the input table in host memory unless tied to the head)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lorapool.service.train.memory import estimate_memory
+from lorapool.service.train.spec import DeviceInfo, TrainSpec
+from lorapool.service.train.tiny import make_random_llama
+
+GiB = 1024**3
+RTX3060 = DeviceInfo(kind="cuda", name="rtx-3060", total_memory=12 * GiB,
+                     compute_capability=(8, 6))
+
+
+@pytest.fixture(scope="module")
+def one_b(tmp_path_factory) -> Path:
+    return make_random_llama(tmp_path_factory.mktemp("m") / "1b", "1b", write_weights=False)
+
+
+@pytest.fixture(scope="module")
+def one_b_tied(tmp_path_factory) -> Path:
+    folder = make_random_llama(tmp_path_factory.mktemp("m") / "1bt", "1b", write_weights=False)
+    config = json.loads((folder / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def est(path: Path, **kw):
+    kw.setdefault("max_seq_len", 2048)
+    return estimate_memory(TrainSpec(base_model=str(path), **kw), RTX3060)
+
+
+def test_fast_path_is_the_cuda_default_and_smaller(one_b):
+    fast, ref = est(one_b), est(one_b, fast="off")
+    assert "lora_compute_copies" in fast.breakdown and "lora_compute_copies" not in ref.breakdown
+    assert fast.total < 0.6 * ref.total  # no full logits, no fp32 upcast, offloaded inputs
+    assert fast.breakdown["logits"] < ref.breakdown["logits"] / 10
+    assert fast.total == sum(fast.breakdown.values())
+
+
+def test_each_piece_moves_its_term(one_b, one_b_tied):
+    base = est(one_b)
+    no_off = est(one_b, fast={"offload_activations": "off"})
+    assert no_off.breakdown["activations"] > base.breakdown["activations"]
+    no_chunk = est(one_b, fast={"chunked_loss": "off"})
+    assert no_chunk.breakdown["logits"] > 10 * base.breakdown["logits"]
+    on_gpu = est(one_b, fast={"host_embeddings": "off"})
+    table = 128256 * 2048 * 2  # the 1B shape's input embedding in bf16
+    assert on_gpu.breakdown["unquantized_params"] - base.breakdown["unquantized_params"] == table
+    # Tied to the head: the table stays on the GPU whatever the switch says.
+    tied = est(one_b_tied)
+    assert tied.breakdown["unquantized_params"] == est(
+        one_b_tied, fast={"host_embeddings": "off"}).breakdown["unquantized_params"]
+
+
+@pytest.mark.parametrize("field,values", [("max_seq_len", [512, 2048, 8192]),
+                                          ("micro_batch_size", [1, 2, 4])])
+def test_grows_with_tokens(one_b, field, values):
+    totals = [est(one_b, **{field: v, "batch_size": 4}).total for v in values]
+    assert totals == sorted(totals) and len(set(totals)) == len(totals)
+
+
+def test_measured_context_is_used(one_b):
+    spec = TrainSpec(base_model=str(one_b), max_seq_len=2048)
+    small = estimate_memory(spec, RTX3060.model_copy(update={"context_bytes": 300 * 2**20}))
+    assert small.breakdown["cuda_context"] == 300 * 2**20
+    assert est(one_b).total - small.total == est(one_b).breakdown["cuda_context"] - 300 * 2**20
