@@ -16,6 +16,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Property and load tests send hundreds of requests a second on one token; the per-token rate
+# limit (20/s by default) would answer them 429 before any validator ran. tests/api/test_limits.py
+# builds its limits explicitly and tests them there.
+os.environ.setdefault("LORAPOOL_RATE_LIMIT", "off")
 
 
 def chat_records(n: int, *, seed: int = 0, answer: str | None = "ok") -> list[dict]:
