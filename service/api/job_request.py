@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lorapool.types import JobPlacement, LoraParams
 
 from ..store import ModelEntry
-from ..train.spec import TrainSpec
+from ..train.spec import FastSpec, TrainSpec
 from .errors import bad_request, from_pydantic
 
 DEFAULT_N_EPOCHS = 3
@@ -88,6 +88,9 @@ class CreateJobRequest(BaseModel):
     learning_rate: Optional[float] = Field(None, gt=0, le=1.0, allow_inf_nan=False)
     checkpoint_every: Optional[int] = Field(None, ge=1, le=1_000_000)
     placement: Optional[JobPlacement] = None
+    # The trainer's fast path on CUDA nodes: "auto" (default), "off" (the reference path), or
+    # per-piece switches ({"offload_activations": "off", ...}); see TrainSpec.fast.
+    fast: Optional[Union[Literal["auto", "off"], FastSpec]] = None
 
     @field_validator("integrations")
     @classmethod
@@ -118,6 +121,7 @@ SPEC_PARAM = {
     "seed": "seed",
     "checkpoint_every": "checkpoint_every",
     "quantization": "quantization",
+    "fast": "fast",
 }
 
 
@@ -161,6 +165,8 @@ def resolve(req: CreateJobRequest, model: ModelEntry) -> tuple[TrainSpec, dict[s
     )
     if req.lora is not None:
         fields["lora"] = req.lora.model_dump()
+    if req.fast is not None:
+        fields["fast"] = req.fast if isinstance(req.fast, str) else req.fast.model_dump()
     try:
         spec = TrainSpec(**fields)
     except ValidationError as exc:

@@ -17,6 +17,10 @@ import pytest
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 GiB = 1024**3
+# The sizes below are chosen against the reference path's estimate (full logits, fp32 upcasts):
+# the simulated GPUs train on this CPU, and the tests are about placement, not the fast path's
+# smaller numbers (tests/train/test_memory_fast.py).
+REFERENCE_PATH = {"fast": "off"}
 MiB = 1024**2
 
 # name: (total, free, compute capability). Free < total: other processes hold the rest.
@@ -136,7 +140,7 @@ def test_job_too_big_for_every_node_is_refused_with_the_numbers(pool):
     with pytest.raises(BadRequestError) as err:
         # Even at micro-batch 1 its logits alone (32768 x 128256 vocab) exceed the 4090's 24 GiB.
         client.submit("big-llama", pool["data"], max_seq_len=32768, micro_batch_size=8,
-                      batch_size=8)
+                      batch_size=8, extra_body=REFERENCE_PATH)
     msg = str(err.value)
     assert "needs" in msg and "GiB" in msg and "rtx-4090-desk3" in msg, msg
     assert "micro_batch_size 1" in msg, msg  # auto-fit was tried before refusing
@@ -186,10 +190,10 @@ def test_best_fit_runs_a_mixed_queue_at_once(pool):
     bench/placement.py measures that on a 50-node pool.)"""
     client = pool["client"]()
     small = dict(max_seq_len=64, batch_size=4, micro_batch_size=4, lora={"r": 2, "alpha": 4},
-                 n_epochs=6)
+                 n_epochs=6, extra_body=REFERENCE_PATH)
     # ~1.8 GiB at micro-batch 2: only the 4090 (3 GiB free) holds it; no auto-fit allowed.
     big = dict(max_seq_len=16384, batch_size=4, micro_batch_size=2, lora={"r": 2, "alpha": 4},
-               n_epochs=6, placement={"allow_autofit": False})
+               n_epochs=6, placement={"allow_autofit": False}, extra_body=REFERENCE_PATH)
     _wait_idle(client)  # the last test's job may still hold its node for a heartbeat
     ids = [client.submit("tiny-llama", pool["data"], **small).id,
            client.submit("tiny-llama", pool["data"], **small).id,
@@ -208,7 +212,8 @@ def test_auto_fit_shrinks_micro_batch_instead_of_refusing(pool):
     # As submitted it needs ~5.5 GiB at micro-batch 8; no node has that much free (the 4090
     # has 3 GiB), but it fits at a smaller micro-batch with the same effective batch.
     job = client.submit("tiny-llama", pool["data"], max_seq_len=16384, batch_size=8,
-                        micro_batch_size=8, lora={"r": 2, "alpha": 4}, n_epochs=1)
+                        micro_batch_size=8, lora={"r": 2, "alpha": 4}, n_epochs=1,
+                        extra_body=REFERENCE_PATH)
     job = client.jobs.wait(job.id, timeout=600)
     assert job.status == "succeeded", job.error
     assert job.micro_batch_size is None or job.micro_batch_size <= 8
