@@ -49,6 +49,7 @@ def pool(tmp_path_factory, tiny_model_dir, toy_data) -> Any:
     from ray.cluster_utils import Cluster
 
     from lorapool.service.pool.transfer import read_folder
+    from lorapool.service.server import _keep_loopback_addresses
     from lorapool.service.train import TrainSpec, train
 
     root = tmp_path_factory.mktemp("dist-pool")
@@ -56,7 +57,8 @@ def pool(tmp_path_factory, tiny_model_dir, toy_data) -> Any:
         "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False})
     nodes = [cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1") for _ in range(3)]
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
+    _keep_loopback_addresses()  # every raylet listens on 127.0.0.1 only
+    ray.init(address=cluster.address, log_to_driver=False)
     data = toy_data.write_jsonl(root / "train.jsonl", toy_data.chat_records(40, answer=None))
     fields = _spec_fields(tiny_model_dir)
     # The 1-worker reference, in this process.
