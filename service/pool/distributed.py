@@ -153,7 +153,8 @@ class DistributedJobRunner:
 
     def __init__(self, job_id: str, *, workers: int, min_workers: Optional[int] = None,
                  candidates: list[dict[str, Any]] | None = None, cpu_threads: Optional[int] = None,
-                 wait_for_nodes_s: float = WAIT_FOR_NODES_S) -> None:
+                 wait_for_nodes_s: float = WAIT_FOR_NODES_S,
+                 estimate_base_model: Optional[str] = None) -> None:
         if workers < 1 or not 1 <= (min_workers or workers) <= workers:
             raise ValueError(f"need 1 <= min_workers <= workers, not {min_workers}/{workers}")
         self.job_id = job_id
@@ -162,6 +163,9 @@ class DistributedJobRunner:
         self.candidates = [Candidate(**c) for c in (candidates or [])]
         self.cpu_threads = cpu_threads
         self.wait_for_nodes_s = wait_for_nodes_s
+        # The head's own copy of the base model (this actor lives on the head), read only for
+        # its config by the memory estimate that fits each worker's micro-batch.
+        self.estimate_base_model = estimate_base_model
         self._lock = threading.Lock()
         self._outbox: list[dict[str, Any]] = []
         self._stop_reason: Optional[str] = None
@@ -307,7 +311,7 @@ class DistributedJobRunner:
         spec_fields = dict(payload["spec"])
         self._use_gpu = payload.get("device_kind", "cuda") == "cuda" and \
             spec_fields.get("device") != "cpu"
-        spec = TrainSpec(**{**spec_fields, "base_model": "-"})
+        spec = TrainSpec(**{**spec_fields, "base_model": self.estimate_base_model or "-"})
         if payload.get("resume"):
             self._checkpoint = None  # the head's own resume payload is used for the first try
         resume = payload.get("resume")
@@ -400,7 +404,8 @@ RemoteDistributedJobRunner = ray.remote(num_cpus=0, max_concurrency=16)(Distribu
 
 def start_distributed_runner(job_id: str, placement: dict[str, Any], chosen: str,
                              reports: list[tuple[str, dict[str, Any], bool]],
-                             agent_name: Any, namespace: str) -> Any:
+                             agent_name: Any, namespace: str,
+                             estimate_base_model: Optional[str] = None) -> Any:
     """The scheduler's hook: a `DistributedJobRunner` on the head for a job whose placement
     asks for several workers. Candidates are the pool's online nodes (the scheduler's chosen
     node first, then the rest by free memory); `plan_workers` fits each one's micro-batch."""
@@ -417,7 +422,7 @@ def start_distributed_runner(job_id: str, placement: dict[str, Any], chosen: str
         online = [nr for nr in online if nr[0] == placement["node"]]
     return RemoteDistributedJobRunner.options(name=f"lorapool-job:{job_id}",
                                               namespace=namespace).remote(
-        job_id, workers=int(placement["workers"]),
+        job_id, workers=int(placement["workers"]), estimate_base_model=estimate_base_model,
         min_workers=placement.get("min_workers"),
         candidates=[candidate(name, r) for name, r in online],
         cpu_threads=None)

@@ -67,7 +67,10 @@ def fit_micro_batch(spec: TrainSpec, device: Optional[DeviceInfo]) -> int:
     micro = spec.micro_batch_size
     probe = spec.model_copy(update={"device": "auto"})
     while micro > 1:
-        est = estimate_memory(probe.model_copy(update={"micro_batch_size": micro}), device)
+        try:
+            est = estimate_memory(probe.model_copy(update={"micro_batch_size": micro}), device)
+        except Exception:  # noqa: BLE001 — no readable config: the trainer's OOM fallback decides
+            return spec.micro_batch_size
         if est.total <= free:
             break
         micro //= 2

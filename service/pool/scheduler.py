@@ -720,7 +720,8 @@ class RayExecutor(BackgroundLoop):
             with self._lock:
                 reports = [(n.name, n.report, n.offline) for n in self._nodes.values()]
             runner = start_distributed_runner(job.id, job.placement, st.name, reports,
-                                              agent_name, NAMESPACE)
+                                              agent_name, NAMESPACE,
+                                              estimate_base_model=placement.spec.base_model)
             payload["device_kind"] = st.report["device"].get("kind", "cuda")
         else:
             runner = RemoteJobRunner.options(

@@ -73,7 +73,7 @@ def pool(tmp_path_factory, tiny_model_dir, toy_data) -> Any:
     ref_weights = _weights(read_folder(ref.adapter_dir))
     try:
         yield {"cluster": cluster, "nodes": nodes, "payload": payload, "ref": ref_weights,
-               "fields": fields}
+               "fields": fields, "model_dir": str(tiny_model_dir)}
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -132,7 +132,7 @@ def test_mixed_cards_each_get_their_own_micro_batch(pool):
         cands.append({"node_id": node.node_id, "name": name, "device": dev, "speed": speed})
     expected = {c["node_id"]: fit_micro_batch(spec, Candidate(**c).device) for c in cands}
     assert sorted(expected.values()) == [1, 2, 4]
-    runner = _runner("ftjob-mixed", cands, workers=3)
+    runner = _runner("ftjob-mixed", cands, workers=3, estimate_base_model=pool["model_dir"])
     result = ray.get(runner.run.remote(pool["payload"]), timeout=600)
     assert result["status"] == "completed", result
     got = {w["node_id"]: w for w in result["workers"]}
