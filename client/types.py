@@ -77,6 +77,13 @@ class JobPlacement(BaseModel):
     min_seq_len: Optional[int] = Field(
         None, ge=8, le=32768, description="auto-fit may shorten max_seq_len down to this")
     allow_autofit: bool = Field(True, description="false: run exactly as submitted, or wait")
+    # Data-parallel training (issue 10): each worker holds the 4-bit base and the adapter on
+    # its own GPU; only LoRA gradients cross the network.
+    workers: int = Field(1, ge=1, le=256, description="GPUs (nodes) to train on at once")
+    min_workers: Optional[int] = Field(
+        None, ge=1, le=256,
+        description="go on with this many when donors leave (default: workers; the server "
+        "refuses more than workers)")
 
 
 class FineTuningJob(_Resource):

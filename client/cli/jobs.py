@@ -145,6 +145,12 @@ def submit(
         "--use-dora/--no-dora", help="Weight-decomposed LoRA.", show_default=False)] = None,
     metadata: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE, repeatable.")
                         ] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        help="Train data-parallel on this many GPUs (placement.workers).", show_default="1")
+    ] = None,
+    min_workers: Annotated[Optional[int], typer.Option(
+        help="Go on with this many when donors leave (placement.min_workers).",
+        show_default="workers")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow with a progress bar.")] = False,
     poll_interval: Annotated[float, typer.Option(help="Seconds between polls with --wait.")
                              ] = 2.0,
@@ -169,6 +175,13 @@ def submit(
         if not isinstance(base, dict):
             fail("'lora' in the config must be a mapping")
         args["lora"] = {**base, **lora_flags}
+    placement_flags = {k: v for k, v in (("workers", workers), ("min_workers", min_workers))
+                       if v is not None}
+    if placement_flags:
+        base = args.get("placement") or {}
+        if not isinstance(base, dict):
+            fail("'placement' in the config must be a mapping")
+        args["placement"] = {**base, **placement_flags}
     for key in ("model", "training_file"):
         if not args.get(key) and not (key == "training_file" and args.get("dataset")):
             raise typer.BadParameter(f"give {key.upper()} as an argument or in --config"

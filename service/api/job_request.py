@@ -175,6 +175,38 @@ def resolve(req: CreateJobRequest, model: ModelEntry) -> tuple[TrainSpec, dict[s
     if pl is not None and pl.min_seq_len is not None and pl.min_seq_len > spec.max_seq_len:
         raise bad_request(f"placement.min_seq_len ({pl.min_seq_len}) exceeds max_seq_len "
                           f"({spec.max_seq_len})", param="placement.min_seq_len")
+    if pl is not None and pl.min_workers is not None and pl.min_workers > pl.workers:
+        raise bad_request(f"placement.min_workers ({pl.min_workers}) exceeds placement.workers "
+                          f"({pl.workers})", param="placement.min_workers")
+    if pl is not None and pl.workers > spec.batch_size:
+        raise bad_request(f"placement.workers ({pl.workers}) exceeds the batch size "
+                          f"({spec.batch_size}): every worker needs at least one row per step",
+                          param="placement.workers")
     resolved = {"n_epochs": n_epochs, "batch_size": batch_size,
                 "learning_rate_multiplier": lr / BASE_LEARNING_RATE}
     return spec, resolved
+
+
+def check_workers(placement: dict[str, Any], executor: Any, spec: TrainSpec) -> None:
+    """400 naming `placement.workers` / `placement.min_workers` when more workers are asked
+    for than the pool has nodes that could ever hold the job (one worker per node).
+
+    Each node is asked on its own (`check_fits` pinned to it); an empty pool says nothing yet,
+    as for a single-worker job: donors may still join.
+    """
+    workers = int(placement.get("workers") or 1)
+    if workers <= 1:
+        return
+    nodes = executor.nodes()
+    if not nodes:
+        return
+    pinned = placement.get("node")
+    names = [n.name for n in nodes if pinned is None or n.name == pinned]
+    fitting = [name for name in names
+               if executor.check_fits(spec, {**placement, "workers": 1, "node": name}) is None]
+    if len(fitting) < workers:
+        raise bad_request(
+            f"placement.workers ({workers}) exceeds the {len(fitting)} node(s) of the pool that "
+            f"could ever hold this job (one worker per node"
+            f"{', node ' + pinned if pinned else ''})", param="placement.workers",
+            code="too_many_workers")

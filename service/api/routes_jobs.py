@@ -33,7 +33,7 @@ from .context import AppContext, context, tenant
 from .errors import APIError, bad_request, not_found
 from .event_hub import SlowConsumer, Subscription
 from .idempotency import checked_idempotency_key
-from .job_request import CreateJobRequest, resolve
+from .job_request import CreateJobRequest, check_workers, resolve
 from .local_data import check_dataset, check_init_adapter, pin_to_dataset_node
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine_tuning"])
@@ -96,6 +96,7 @@ def create_job(
     if refusal:
         raise APIError(400, f"No node of the pool can hold this job: {refusal}",
                        code="insufficient_memory")
+    check_workers(placement, ctx.executor, spec)  # issue 10: one worker per fitting node
 
     record = JobRecord(
         id=new_id("ftjob"),

@@ -715,12 +715,23 @@ class RayExecutor(BackgroundLoop):
         attempt = payload["attempt"]
         node_id = st.report["node_id"]
         self._kill_runner_named(job.id)
-        runner = RemoteJobRunner.options(
-            name=f"lorapool-job:{job.id}",
-            namespace=NAMESPACE,
-            num_cpus=0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
-        ).remote(job.id, agent_name(st.name))
+        workers = int((getattr(job, "placement", None) or {}).get("workers") or 1)
+        if workers > 1:  # issue 10 hook: a data-parallel job (service/pool/distributed.py)
+            from .distributed import start_distributed_runner
+
+            with self._lock:
+                reports = [(n.name, n.report, n.offline) for n in self._nodes.values()]
+            runner = start_distributed_runner(job.id, job.placement, st.name, reports,
+                                              agent_name, NAMESPACE,
+                                              estimate_base_model=placement.spec.base_model)
+            payload["device_kind"] = st.report["device"].get("kind", "cuda")
+        else:
+            runner = RemoteJobRunner.options(
+                name=f"lorapool-job:{job.id}",
+                namespace=NAMESPACE,
+                num_cpus=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+            ).remote(job.id, agent_name(st.name))
         estimate = int(placement.estimate.total)
         try:
             registered = ray.get(st.handle.register_job.remote(job.id, runner, estimate),

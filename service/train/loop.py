@@ -11,6 +11,12 @@ After each step the loop polls `should_stop` (preemption, cancel: checkpoint and
 "stopped"), evaluates every `eval_every` steps and checkpoints every `checkpoint_every` steps.
 A finished run writes `output_dir/adapter/` (see output.py).
 
+Data-parallel (distributed.py): under a `torch.distributed` launcher every rank runs this same
+loop on its share of each step's rows; the hooks marked "dist:" below sum the step's label
+count and the gradients over ranks, agree on stopping and out-of-memory retries, and leave
+checkpoints, events and the adapter to rank 0. With one process `self.dist` is None and none
+of them runs.
+
 The recipe's parts come from builders, so the fast path plugs in instead of branching here:
 `build_model` (model.py: model, tokenizer, fast plan — reported in a "status" event), the plan's
 `Collator` (collate.py), `token_loss_sum` (loss.py, shared with evaluation), `RunState`
@@ -35,6 +41,7 @@ import torch
 from . import checkpoint as ckpt
 from .collate import n_input_tokens
 from .data import DataSource, TokenizedData, build_dataset
+from .distributed import DistContext
 from .errors import NonFiniteLossError, OutOfMemoryError, TrainError
 from .events import EventSink, TrainEvent, TrainResult
 from .fastpath import describe
@@ -59,6 +66,10 @@ def _oom_probe(step: int, micro_batch_size: int) -> None:
     out-of-memory fallback on a CPU-only machine: a real CUDA OOM cannot be provoked here, nor
     deterministically on a GPU.
     """
+
+
+class _PeerOutOfMemory(Exception):
+    """dist: another rank ran out of memory in this step; every rank retries it."""
 
 
 def seed_everything(seed: int) -> None:
@@ -98,8 +109,12 @@ class Trainer:
                  on_event: Callable[[TrainEvent], None] | None = None,
                  resume_from: str | Path | None = None,
                  should_stop: Callable[[], bool] | None = None,
-                 cache_dir: str | Path | None = None) -> None:
+                 cache_dir: str | Path | None = None,
+                 dist: DistContext | None = None) -> None:
         self.spec = spec
+        # dist: the process group a launcher set up (or torchrun's env describes); None alone.
+        self.dist = dist if dist is not None else DistContext.from_environment(
+            device_kind=spec.device)
         self.data_source = data
         self.validation_source = validation_data
         self.output_dir = Path(output_dir)
@@ -107,7 +122,9 @@ class Trainer:
         self.should_stop = should_stop or (lambda: False)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.device = select_device(spec)
-        self.events = EventSink(on_event, self.device)
+        # dist: events (and so checkpoints and the adapter, below) come from rank 0 only.
+        self.is_main = self.dist is None or self.dist.is_main
+        self.events = EventSink(on_event if self.is_main else None, self.device)
         self.model = None
         self.tokenizer = None
         self.state = RunState(seed=spec.seed, micro_batch_size=spec.micro_batch_size)
@@ -182,6 +199,9 @@ class Trainer:
         self._orders: dict[int, torch.Tensor] = {}
         if self.resume_from is not None:
             self._resume(self.resume_from)
+        if self.dist is not None and self.dist.micro_batch_size:
+            # dist: each rank's micro-batch fits its own card; the step's rows do not change.
+            self.micro_batch_size = self.dist.micro_batch_size
 
     def _resume(self, path: Path) -> None:
         from peft import set_peft_model_state_dict
@@ -261,12 +281,16 @@ class Trainer:
     # -- one optimizer step -----------------------------------------------------------------------
 
     def _optimizer_step(self, rows: list[dict]) -> dict[str, float]:
-        batches = self._micro_batches(rows, self.micro_batch_size)
+        batches = self._micro_batches(rows, self.micro_batch_size) if rows else []
         n_labels = sum(self._label_count(b) for b in batches)
         n_tokens = sum(n_input_tokens(b) for b in batches)
+        if self.dist is not None:  # dist: normalise by the label tokens of the GLOBAL step
+            n_labels = self.dist.sum_int(n_labels)
         loss_total = 0.0
         self.optimizer.zero_grad(set_to_none=True)
-        for i, batch in enumerate(batches):
+        if self.dist is not None:
+            loss_total = self._dist_backward(batches, n_labels)
+        for i, batch in enumerate(batches if self.dist is None else []):
             _oom_probe(self.step + 1, self.micro_batch_size)
             loss_sum, _ = self._loss_sum(batch)
             value = float(loss_sum.detach())
@@ -276,6 +300,9 @@ class Trainer:
                     f"{len(batches)}); try a lower learning_rate (now {self.spec.learning_rate})")
             self.scaler.scale(loss_sum / max(1, n_labels)).backward()
             loss_total += value
+        if self.dist is not None:  # dist: the 1-worker gradient is the sum over ranks
+            self.dist.reduce_gradients(self.params)
+            loss_total, n_tokens = self.dist.sum_float(loss_total, float(n_tokens))
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         max_norm = self.spec.max_grad_norm if self.spec.max_grad_norm is not None else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
@@ -298,11 +325,36 @@ class Trainer:
         return {"loss": loss_total / max(1, n_labels), "grad_norm": grad_norm, "lr": lr,
                 "tokens": n_tokens}
 
+    def _dist_backward(self, batches: list[dict[str, torch.Tensor]], n_labels: int) -> float:
+        """dist: this rank's forwards and backwards; an out-of-memory error on any rank makes
+        every rank retry the step (only the one that ran out halves its micro-batch), so no
+        rank is left waiting in a collective the others never join."""
+        loss_total, oom = 0.0, None
+        try:
+            for i, batch in enumerate(batches):
+                _oom_probe(self.step + 1, self.micro_batch_size)
+                loss_sum, _ = self._loss_sum(batch)
+                value = float(loss_sum.detach())
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(
+                        f"loss became {value} at step {self.step + 1} on rank {self.dist.rank}; "
+                        f"try a lower learning_rate (now {self.spec.learning_rate})")
+                self.scaler.scale(loss_sum / max(1, n_labels)).backward()
+                loss_total += value
+        except torch.OutOfMemoryError as exc:
+            oom = exc
+        if self.dist.any(oom is not None):
+            raise oom if oom is not None else _PeerOutOfMemory()
+        return loss_total
+
     def _step_with_oom_fallback(self, rows: list[dict]) -> dict[str, float]:
         while True:
             oom: str | None = None
             try:
                 return self._optimizer_step(rows)
+            except _PeerOutOfMemory:  # dist: another rank ran out; retry with the same size
+                self.optimizer.zero_grad(set_to_none=True)
+                continue
             except torch.OutOfMemoryError as exc:
                 oom = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
             # Outside the except block: the exception's traceback pins the tensors of the failed
@@ -355,7 +407,9 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
+        if not self.is_main:  # dist: rank 0 writes; the weights are the same on every rank
+            return None
         self.state.grad_accum = math.ceil(self.spec.batch_size / self.micro_batch_size)
         self.state.loss_scaler = self.scaler.state_dict()
         folder = self.output_dir / "checkpoints"
@@ -385,12 +439,17 @@ class Trainer:
         started, session_tokens = time.perf_counter(), 0
         last_saved = -1
         while self.step < self.total_steps:
-            if self.should_stop():
+            stop = self.should_stop()
+            if self.dist is not None:  # dist: all ranks stop at the same step
+                stop = self.dist.any(stop)
+            if stop:
                 path = self.last_checkpoint if last_saved == self.step else self.save_checkpoint()
                 return self._finish("stopped", path, started, session_tokens)
             t0 = time.perf_counter()
             indices = self._next_indices()
-            out = self._step_with_oom_fallback(self._rows(self.train_data, indices))
+            # dist: this rank's share of the step's global rows (the position stays global).
+            mine = indices if self.dist is None else self.dist.shard(indices)
+            out = self._step_with_oom_fallback(self._rows(self.train_data, mine) if mine else [])
             self.step += 1
             self.index_in_epoch += len(indices)
             dt = time.perf_counter() - t0
@@ -422,7 +481,9 @@ class Trainer:
             "train_seconds": seconds,
         })
         adapter_dir = None
-        if status == "completed":
+        if self.dist is not None:
+            self.metrics["world_size"] = self.dist.world_size
+        if status == "completed" and self.is_main:
             adapter_dir = save_adapter(
                 self.model, self.output_dir / ADAPTER_DIRNAME, self.spec,
                 base_model_sha256=self.base_sha256, metrics=self.metrics,
@@ -441,7 +502,8 @@ def train(spec: TrainSpec, data: DataSource, output_dir: str | Path, *,
           on_event: Callable[[TrainEvent], None] | None = None,
           resume_from: str | Path | None = None,
           should_stop: Callable[[], bool] | None = None,
-          cache_dir: str | Path | None = None) -> TrainResult:
+          cache_dir: str | Path | None = None,
+          dist: DistContext | None = None) -> TrainResult:
     """Fine-tune a LoRA adapter on `spec.base_model` with `data`; see the module docstring.
 
     Returns status "completed" with `adapter_dir` (output_dir/adapter), or "stopped" (when
@@ -450,4 +512,5 @@ def train(spec: TrainSpec, data: DataSource, output_dir: str | Path, *,
     micro-batch 1 does not fit), or `TrainError` for an unusable checkpoint.
     """
     return Trainer(spec, data, output_dir, validation_data=validation_data, on_event=on_event,
-                   resume_from=resume_from, should_stop=should_stop, cache_dir=cache_dir).run()
+                   resume_from=resume_from, should_stop=should_stop, cache_dir=cache_dir,
+                   dist=dist).run()

@@ -146,7 +146,8 @@ def test_placement_constraints_reach_the_executor_and_come_back(client, env, fil
     r = _create(client, file_id, max_seq_len=128, placement=placement)
     assert r.status_code == 200, r.text
     assert env.executor.placements[-1] == placement
-    assert r.json()["placement"] == {**placement, "allow_autofit": True}
+    assert r.json()["placement"] == {**placement, "allow_autofit": True, "workers": 1,
+                                     "min_workers": None}
     stored = env.store.get_job(r.json()["id"])
     assert stored.placement == placement
     # A job without constraints says so.
