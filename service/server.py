@@ -93,6 +93,9 @@ def embedded_ray_options(namespace: str) -> dict[str, Any]:
         # No metrics: the dashboard agent then opens no Prometheus export port.
         _system_config={"enable_metrics_collection": False},
         log_to_driver=False,
+        # Ray's own notices ("Token authentication is enabled…", "Started a local Ray
+        # instance.") are for Ray users, not lorapool's: only its errors reach stderr.
+        logging_level=logging.ERROR,
     )
 
 
@@ -147,7 +150,7 @@ class Service:
             if _is_loopback(self.settings.ray_address):
                 _keep_loopback_addresses()
             ray.init(address=self.settings.ray_address, namespace=NAMESPACE,
-                     log_to_driver=False, **self.ray_init_options)
+                     log_to_driver=False, logging_level=logging.ERROR, **self.ray_init_options)
         else:
             import psutil
 
