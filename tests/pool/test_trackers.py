@@ -212,7 +212,7 @@ def test_tracker_uri_outside_the_data_dir_is_a_400(service, toy_data):
     from lorapool import Client
 
     client = Client(service["svc"].base_url, api_key=service["token"], timeout=30)
-    f = client.files.create(toy_data.write_jsonl(service["root"] / "t.jsonl",
+    f = client.files.upload(toy_data.write_jsonl(service["root"] / "t.jsonl",
                                                  toy_data.chat_records(4)))
     r = httpx.post(f"{service['svc'].base_url}/v1/fine_tuning/jobs",
                    headers={"Authorization": f"Bearer {service['token']}"},
