@@ -5,6 +5,7 @@ rich is imported only when a bar is actually shown, so `import lorapool` stays l
 
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
 
 from .types import FineTuningJob
@@ -37,10 +38,11 @@ class JobProgress:
         self._progress = Progress(
             SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
             MofNCompleteColumn(), TextColumn("{task.fields[loss]}"), TimeElapsedColumn(),
+            TextColumn("{task.fields[eta]}"),
             console=console, transient=False,
         )
         self._progress.start()
-        self._task = self._progress.add_task("waiting", total=None, loss="")
+        self._task = self._progress.add_task("waiting", total=None, loss="", eta="")
         return self
 
     def update(self, job: FineTuningJob, loss: Optional[float] = None) -> None:
@@ -53,6 +55,9 @@ class JobProgress:
             fields["completed"] = job.step
         if loss is not None:
             fields["loss"] = f"loss {loss:.4f}"
+        # The server's estimate from measured step times (OpenAI's `estimated_finish`).
+        left = job.estimated_finish - time.time() if job.estimated_finish else None
+        fields["eta"] = f"ETA {left:.0f} s" if left is not None and left >= 0 else ""
         self._progress.update(self._task, **fields)
 
     def __exit__(self, *exc: Any) -> None:

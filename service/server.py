@@ -93,6 +93,9 @@ def embedded_ray_options(namespace: str) -> dict[str, Any]:
         # No metrics: the dashboard agent then opens no Prometheus export port.
         _system_config={"enable_metrics_collection": False},
         log_to_driver=False,
+        # Ray's own notices ("Token authentication is enabled…", "Started a local Ray
+        # instance.") are for Ray users, not lorapool's: only its errors reach stderr.
+        logging_level=logging.ERROR,
     )
 
 
@@ -128,6 +131,7 @@ class Service:
         # The processes the embedded head started (GCS, raylet, …): ended on stop() with all
         # their descendants. Empty when joining a cluster: nothing of it is ours to end.
         self._ray_roots: list[Any] = []
+        self._subscribers: list[Any] = []  # store subscribers: ETA, experiment trackers
 
     @property
     def base_url(self) -> str:
@@ -146,7 +150,7 @@ class Service:
             if _is_loopback(self.settings.ray_address):
                 _keep_loopback_addresses()
             ray.init(address=self.settings.ray_address, namespace=NAMESPACE,
-                     log_to_driver=False, **self.ray_init_options)
+                     log_to_driver=False, logging_level=logging.ERROR, **self.ray_init_options)
         else:
             import psutil
 
@@ -178,12 +182,16 @@ class Service:
         from .api.app import create_app
         from .artifacts import ArtifactStore
         from .pool.federation import FederationDriver
+        from .pool.progress import ProgressEstimator
         from .pool.scheduler import RayExecutor
         from .pool.task_queue import PoolTasks
+        from .pool.trackers import TrackerHub
         from .store import Store
 
         Path(self.settings.data_dir).mkdir(parents=True, exist_ok=True)
         self.store = Store(self.settings.database_url)
+        self._subscribers = [ProgressEstimator().start(self.store),  # estimated_finish
+                             TrackerHub(Path(self.settings.data_dir)).start(self.store)]
         self.artifacts = ArtifactStore(Path(self.settings.artifacts_dir))
         self._init_ray()
         if self.local_node:
@@ -271,6 +279,8 @@ class Service:
             # left of the head's processes, and only those.
             end_processes(ours)
             self._ray_roots = []
+        for sub in self._subscribers:
+            sub.stop()
         if self.store is not None:
             self.store.close()
 

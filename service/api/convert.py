@@ -52,7 +52,9 @@ def job(rec: JobRecord) -> FineTuningJob:
         trained_tokens=rec.trained_tokens,
         error=error,
         seed=rec.seed,
-        estimated_finish=rec.estimated_finish,
+        # Only a running job has one (OpenAI's meaning); pool/progress.py keeps it current.
+        estimated_finish=rec.estimated_finish if rec.status == "running" else None,
+        integrations=list(rec.integrations),
         metadata=rec.metadata,
         suffix=rec.suffix,
         lora=LoraParams(**rec.lora) if rec.lora else LoraParams(),

@@ -42,6 +42,60 @@ DatasetRef = Union[
 ]
 
 
+# Names a tracker shows (projects, runs, tags): printable, no path separators or control chars.
+TrackerName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.:@+-]*$")]
+
+
+class WandbIn(BaseModel):
+    """W&B: logged by the server (offline mode unless its admin configures W&B), never a node."""
+
+    model_config = ConfigDict(extra="forbid")
+    project: TrackerName
+    name: Optional[TrackerName] = None
+    entity: Optional[TrackerName] = None
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=16)
+
+
+class MlflowIn(BaseModel):
+    """MLflow: a tracking URI (a path or file: URI, checked against the server's data dir when the
+    job runs, or an http(s) server the admin allows); none: a file store under the data dir."""
+
+    model_config = ConfigDict(extra="forbid")
+    tracking_uri: Optional[str] = Field(None, min_length=1, max_length=512)
+    experiment: TrackerName = "lorapool"
+    run_name: Optional[TrackerName] = None
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        if any(ord(c) < 32 for c in v):
+            raise ValueError("must not contain control characters")
+        scheme = v.split(":", 1)[0].lower() if "://" in v or v.startswith("file:") else ""
+        if scheme not in ("", "file", "http", "https"):
+            raise ValueError("must be a path, a file: URI or an http(s):// server URI")
+        if scheme in ("", "file") and ".." in v.replace("\\", "/").split("/"):
+            raise ValueError("must not contain '..'")
+        return v
+
+
+class WandbIntegration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["wandb"]
+    wandb: WandbIn
+
+
+class MlflowIntegration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["mlflow"]
+    mlflow: MlflowIn
+
+
+Integration = Annotated[Union[WandbIntegration, MlflowIntegration], Field(discriminator="type")]
+
+
 class HyperparametersIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -77,8 +131,9 @@ class CreateJobRequest(BaseModel):
     suffix: Optional[str] = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     seed: Optional[int] = Field(None, ge=0, le=2**31 - 1)
     metadata: Optional[Metadata] = None
-    integrations: Optional[list[Any]] = Field(
-        None, json_schema_extra={"maxItems": 0}, description="lorapool supports none")
+    integrations: Optional[list[Integration]] = Field(
+        None, max_length=4, description="experiment trackers the server logs the job to: "
+        '{"type": "wandb", "wandb": {...}} or {"type": "mlflow", "mlflow": {...}}')
     method: Optional[MethodIn] = None
     # lorapool's own.
     lora: Optional[LoraParams] = None
@@ -91,13 +146,6 @@ class CreateJobRequest(BaseModel):
     # The trainer's fast path on CUDA nodes: "auto" (default), "off" (the reference path), or
     # per-piece switches ({"offload_activations": "off", ...}); see TrainSpec.fast.
     fast: Optional[Union[Literal["auto", "off"], FastSpec]] = None
-
-    @field_validator("integrations")
-    @classmethod
-    def _integrations(cls, v: Optional[list[Any]]) -> Optional[list[Any]]:
-        if v:
-            raise ValueError("lorapool supports no integrations")
-        return v
 
     def effective_hyperparameters(self) -> HyperparametersIn:
         hp = self.hyperparameters
@@ -210,3 +258,21 @@ def check_workers(placement: dict[str, Any], executor: Any, spec: TrainSpec) -> 
             f"could ever hold this job (one worker per node"
             f"{', node ' + pinned if pinned else ''})", param="placement.workers",
             code="too_many_workers")
+
+
+def integrations(req: CreateJobRequest) -> list[dict[str, Any]]:
+    """The request's integrations as stored on the job (and shown on the job object)."""
+    return [i.model_dump(mode="json", exclude_none=True) for i in req.integrations or []]
+
+
+def check_integrations(req: CreateJobRequest, tenant: str, data_dir: Any) -> None:
+    """Refuse, before the job is stored, a tracker URI this server would not write to."""
+    from ..pool.trackers import TrackerRefused, resolve_mlflow_uri
+
+    for i, integ in enumerate(req.integrations or []):
+        if isinstance(integ, MlflowIntegration):
+            try:
+                resolve_mlflow_uri(integ.mlflow.tracking_uri, data_dir, tenant)
+            except TrackerRefused as exc:
+                raise bad_request(f"Invalid 'integrations[{i}].mlflow.tracking_uri': {exc}",
+                                  param=f"integrations[{i}].mlflow.tracking_uri") from exc

@@ -33,7 +33,7 @@ from .context import AppContext, context, tenant
 from .errors import APIError, bad_request, not_found
 from .event_hub import SlowConsumer, Subscription
 from .idempotency import checked_idempotency_key
-from .job_request import CreateJobRequest, check_workers, resolve
+from .job_request import CreateJobRequest, check_integrations, check_workers, integrations, resolve
 from .local_data import check_dataset, check_init_adapter, pin_to_dataset_node
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine_tuning"])
@@ -89,6 +89,7 @@ def create_job(
     dataset = check_dataset(ctx, req.dataset, "dataset", owner) if req.dataset is not None else None
     check_init_adapter(ctx, owner, req.init_adapter, model.sha256)
     spec, hyper = resolve(req, model)
+    check_integrations(req, owner, ctx.settings.data_dir)
 
     placement = req.placement.model_dump(exclude_defaults=True) if req.placement else {}
     placement = pin_to_dataset_node(placement, dataset)
@@ -109,6 +110,7 @@ def create_job(
         hyperparameters=hyper,
         seed=spec.seed,
         metadata=req.metadata,
+        integrations=integrations(req),
         suffix=req.suffix,
         lora=spec.lora.model_dump(mode="json"),
         quantization=spec.quantization,

@@ -64,6 +64,8 @@ class JobRecord(_Record):
     trained_tokens: Optional[int] = None
     seed: int = 42
     estimated_finish: Optional[int] = None
+    # Experiment trackers (wandb, mlflow) the server logs this job to; see pool/trackers.py.
+    integrations: list[dict[str, Any]] = Field(default_factory=list)
     metadata: Optional[dict[str, str]] = None
     suffix: Optional[str] = None
     result_files: list[str] = Field(default_factory=list)

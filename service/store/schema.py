@@ -114,6 +114,8 @@ class JobRow(Base):
     trained_tokens: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
     seed: Mapped[int] = mapped_column(BigInteger, default=42)
     estimated_finish: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
+    # OpenAI's `integrations` (experiment trackers the server logs the run to).
+    integrations: Mapped[Optional[list[Any]]] = mapped_column(JSON, nullable=True)
     # `metadata` is taken by SQLAlchemy's declarative base; the column keeps the REST name.
     metadata_: Mapped[Optional[dict[str, str]]] = mapped_column("metadata", JSON, nullable=True)
     suffix: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)

@@ -91,11 +91,13 @@ def _finite(value: Any) -> Any:
 _JOB_ATTR = {"metadata": "metadata_"}
 _JOB_FIELDS = frozenset(JobRecord.model_fields)
 _JOB_JSON_FIELDS = frozenset({"hyperparameters", "metadata", "result_files", "lora", "spec",
-                              "memory_breakdown"})
+                              "memory_breakdown", "integrations"})
 
 
 def _job_record(row: JobRow) -> JobRecord:
-    return JobRecord(**{f: getattr(row, _JOB_ATTR.get(f, f)) for f in _JOB_FIELDS})
+    fields = {f: getattr(row, _JOB_ATTR.get(f, f)) for f in _JOB_FIELDS}
+    fields["integrations"] = fields["integrations"] or []  # NULL in rows made before the column
+    return JobRecord(**fields)
 
 
 # Integer columns a caller may hand a float (a metric, a timestamp): stored as int, so a

@@ -68,13 +68,24 @@ def _schema(url: str) -> dict:
         engine.dispose()
 
 
+def _ddl_items(sql: str | None) -> list[str] | None:
+    """A CREATE statement's column and constraint clauses, in a stable order: Alembic's batch
+    mode (SQLite "move and copy") writes a rebuilt table's constraints in no fixed order."""
+    if sql is None:
+        return None
+    head, _, body = sql.partition("(")
+    items = [i.strip().rstrip(",").strip() for i in body.rstrip().rstrip(")").split("\n")]
+    return [head.strip()] + sorted(i for i in items if i)
+
+
 def _sqlite_master(path: Path) -> list:
     con = sqlite3.connect(path)
     try:
-        return con.execute("SELECT type, name, tbl_name, sql FROM sqlite_master "
+        rows = con.execute("SELECT type, name, tbl_name, sql FROM sqlite_master "
                            "ORDER BY type, name").fetchall()
     finally:
         con.close()
+    return [(t, n, tbl, _ddl_items(sql)) for t, n, tbl, sql in rows]
 
 
 def _version(path: Path) -> list:

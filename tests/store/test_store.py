@@ -225,6 +225,9 @@ def test_a_database_from_an_older_version_gets_the_new_columns(tmp_path):
     con = sqlite3.connect(db)
     con.execute("ALTER TABLE jobs DROP COLUMN placement")
     con.execute("DROP TABLE alembic_version")  # lorapool before Alembic had none
+    # ... nor the columns that migrations added since.
+    con.execute("ALTER TABLE tokens DROP COLUMN is_admin")
+    con.execute("ALTER TABLE jobs DROP COLUMN integrations")
     con.execute("INSERT INTO jobs (id, tenant, model, status, created_at, hyperparameters, seed, "
                 "result_files, lora, quantization, max_seq_len, spec, cancel_requested, attempt, "
                 "memory_breakdown) VALUES ('ftjob-old', 'acme', 'm', 'queued', 1, '{}', 42, "
