@@ -243,6 +243,7 @@ class Node(_Resource):
     # Node-local data sets a job may name as `dataset: "NODE:NAME"` instead of a file.
     datasets: list[NodeDataset] = Field(default_factory=list)
     last_heartbeat: Optional[float] = None
+    speed: Optional[float] = None  # measured TFLOP/s (a short matmul at join, refreshed idle)
 
 
 class FederationParticipant(BaseModel):

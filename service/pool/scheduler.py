@@ -223,6 +223,7 @@ class RayExecutor(BackgroundLoop):
                 labels=r.get("labels", {}),
                 datasets=r.get("dataset_info", []),  # counts and errors only, never content
                 last_heartbeat=st.seen_at,
+                speed=r.get("speed_tflops"),
             ))
         return out
 

@@ -225,7 +225,9 @@ def test_constraints_pin_a_node_require_bf16_and_refuse_unknown_labels(pool):
     from lorapool.errors import BadRequestError
 
     client = pool["client"]()
-    kw = dict(max_seq_len=64, batch_size=4, micro_batch_size=4, lora={"r": 2, "alpha": 4})
+    kw = dict(max_seq_len=64, batch_size=4, micro_batch_size=4, lora={"r": 2, "alpha": 4},
+              extra_body=REFERENCE_PATH)
+    _wait_idle(client)  # an earlier test's job may still hold a node for a heartbeat
     # Best fit alone would put both on the 1650 (the smallest node that holds them).
     pinned = client.submit("tiny-llama", pool["data"], placement={"node": "rtx-4090-desk3"}, **kw)
     bf16 = client.submit("tiny-llama", pool["data"], placement={"require_bf16": True}, **kw)

@@ -56,6 +56,7 @@ def test_parts_add_up_and_are_named(tiny, one_b):
                 assert all(v >= 0 for v in est.breakdown.values()), est.breakdown
                 assert est.total == sum(est.breakdown.values()) == int(est)
                 assert est.gib() == pytest.approx(est.total / GiB)
+    est = estimate_memory(spec(one_b), RTX3060)
     table = est.describe()
     for part in EXPECTED_PARTS:
         assert part in table

@@ -110,6 +110,9 @@ def test_nodes_view_shows_the_nodes_memory(page, service):
     text = node.locator(".mem-text").inner_text()
     assert f"of {gib:.1f} GiB" in text and "free" in text, text
     assert node.get_by_role("img").get_attribute("aria-label") == text
+    # The node's measured speed (its agent times a matmul at join) is shown next to it.
+    assert api_node["speed"] and api_node["speed"] > 0, api_node
+    assert f"{api_node['speed']:.1f} TFLOP/s" in node.inner_text()
     page.screenshot(path=str(SCREENSHOTS / "nodes.png"), full_page=True)
     assert not page.errors, page.errors
 

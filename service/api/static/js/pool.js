@@ -69,9 +69,9 @@ export function renderNodes(el) {
 }
 
 function speed(n) {
-  // The measured speed travels in the node's extra fields where the pool reports one.
-  const v = n.speed ?? n.measured_speed ?? n.labels?.speed;
-  if (typeof v === "number") return `${num(v, 2)}×`;
+  // Measured by the node's agent (a short matmul at join, refreshed while idle), in TFLOP/s.
+  const v = n.speed;
+  if (typeof v === "number") return `${num(v, 1)} TFLOP/s`;
   return v ? String(v) : "—";
 }
 
