@@ -36,6 +36,7 @@ from typing import Any, Optional
 import ray
 
 from .distributed_plan import Candidate, WorkerPlan, describe, order_candidates, plan_workers
+from .runner import RunnerMailbox
 from .transfer import materialise, read_folder
 
 MAX_RESTARTS = 8
@@ -148,7 +149,7 @@ def _train_worker(config: dict[str, Any]) -> None:
 # -- the head side -------------------------------------------------------------------------------
 
 
-class DistributedJobRunner:
+class DistributedJobRunner(RunnerMailbox):
     """Runs one multi-worker job; see the module docstring. A threaded actor on the head."""
 
     def __init__(self, job_id: str, *, workers: int, min_workers: Optional[int] = None,
@@ -166,9 +167,7 @@ class DistributedJobRunner:
         # The head's own copy of the base model (this actor lives on the head), read only for
         # its config by the memory estimate that fits each worker's micro-batch.
         self.estimate_base_model = estimate_base_model
-        self._lock = threading.Lock()
-        self._outbox: list[dict[str, Any]] = []
-        self._stop_reason: Optional[str] = None
+        self._init_mailbox()
         self._regrow = False
         self._hold_at: Optional[int] = None
         self._held = False
@@ -178,20 +177,7 @@ class DistributedJobRunner:
         self._started: list[tuple[int, str, int]] = []
         self._current: list[WorkerPlan] = []
 
-    # -- called by the head (the scheduler, tests) ------------------------------------------------
-
-    def request_stop(self, reason: str) -> None:
-        with self._lock:
-            if self._stop_reason is None:
-                self._stop_reason = reason
-
-    def drain(self) -> list[dict[str, Any]]:
-        with self._lock:
-            out, self._outbox = self._outbox, []
-        return out
-
-    def pid(self) -> int:
-        return os.getpid()
+    # -- called by the head (the scheduler, tests): request_stop, drain, pid (RunnerMailbox) ---
 
     def workers_now(self) -> list[dict[str, Any]]:
         """The current attempt's plan, one entry per worker."""

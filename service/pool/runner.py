@@ -43,26 +43,15 @@ def _fetch(value: Any) -> bytes:
     return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
-class JobRunner:
-    """Runs one attempt of one job; see the module docstring."""
+class RunnerMailbox:
+    """The head-facing half of a job runner (single- or multi-worker): a stop request the run
+    obeys at its next step boundary, and an outbox of events and files the scheduler drains."""
 
-    def __init__(self, job_id: str, agent_name: str) -> None:
-        from .agent import NAMESPACE
-
-        self.job_id = job_id
-        # The node-local folder comes from this node's agent, never from the head.
-        agent = ray.get_actor(agent_name, namespace=NAMESPACE)
-        local = ray.get(agent.local_config.remote())
-        self.work_dir = Path(local["work_dir"])
-        self.device_kind = local["device_kind"]
-        self.datasets: dict[str, str] = local["datasets"]
-        self.cpu_threads: Optional[int] = local.get("cpu_threads")
+    def _init_mailbox(self) -> None:
         self._lock = threading.Lock()
         self._outbox: list[dict[str, Any]] = []
         self._stop_reason: Optional[str] = None
-        self._peak_memory: Optional[int] = None
 
-    # -- called by the head / the NodeAgent -----------------------------------------------
     def request_stop(self, reason: str) -> None:
         """Checkpoint and stop at the next step boundary."""
         with self._lock:
@@ -81,6 +70,25 @@ class JobRunner:
 
         return os.getpid()
 
+
+class JobRunner(RunnerMailbox):
+    """Runs one attempt of one job; see the module docstring."""
+
+    def __init__(self, job_id: str, agent_name: str) -> None:
+        from .agent import NAMESPACE
+
+        self.job_id = job_id
+        # The node-local folder comes from this node's agent, never from the head.
+        agent = ray.get_actor(agent_name, namespace=NAMESPACE)
+        local = ray.get(agent.local_config.remote())
+        self.work_dir = Path(local["work_dir"])
+        self.device_kind = local["device_kind"]
+        self.datasets: dict[str, str] = local["datasets"]
+        self.cpu_threads: Optional[int] = local.get("cpu_threads")
+        self._init_mailbox()
+        self._peak_memory: Optional[int] = None
+
+    # -- called by the head / the NodeAgent: request_stop, drain, pid (RunnerMailbox) -------
     def run(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Train; return {"status": completed|stopped|failed, …, "adapter_files"?: {…}}."""
         try:
