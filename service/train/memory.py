@@ -202,9 +202,25 @@ def _mtime(spec: TrainSpec) -> int | None:
         return None
 
 
+_IMPORT_LOCK = threading.Lock()
+
+
+def _hf() -> tuple[Any, Any, Any]:
+    """(AutoConfig, AutoModelForCausalLM, init_empty_weights), imported under a lock.
+
+    The API estimates in worker threads; transformers' lazy module is not safe to import from
+    several threads at once (a concurrent first `from transformers import AutoConfig` can fail
+    with ImportError, which bench/api_load.py's submit storm turned into 500s)."""
+    with _IMPORT_LOCK:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+    return AutoConfig, AutoModelForCausalLM, init_empty_weights
+
+
 def load_config(spec: TrainSpec) -> Any:
     """The transformers config of `spec.base_model`: a local folder or a .gguf file, offline."""
-    from transformers import AutoConfig
+    AutoConfig, _, _ = _hf()
 
     path = Path(spec.base_model)
     kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code,
@@ -219,9 +235,9 @@ def load_config(spec: TrainSpec) -> Any:
 
 
 def _shape_from_config(config: Any, trust_remote_code: bool) -> ModelShape:
-    from accelerate import init_empty_weights
     from torch import nn
-    from transformers import AutoModelForCausalLM
+
+    _, AutoModelForCausalLM, init_empty_weights = _hf()
 
     attn = getattr(config, "_attn_implementation", None) or "sdpa"
     with init_empty_weights():
