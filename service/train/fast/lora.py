@@ -23,6 +23,7 @@ stay exactly peft's.
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -52,8 +53,10 @@ def fused_lora_available() -> tuple[bool, str]:
 # forward, recompute and backward of every projection (three small casts each, which on a small
 # model are launch overhead the GPU waits for). Keyed by the parameter's identity and in-place
 # version; every optimizer step anywhere drops them all (bitsandbytes' optimizers update the
-# parameters in their own kernels, which the version counter does not see).
-_CAST_CACHE: dict[tuple[int, int, int, torch.dtype], torch.Tensor] = {}
+# parameters in their own kernels, which the version counter does not see). Weakly keyed: a
+# model that is freed (an evaluation task on a long-lived node) takes its copies with it.
+_CAST_CACHE: "weakref.WeakKeyDictionary[torch.Tensor, tuple[tuple, torch.Tensor]]" = (
+    weakref.WeakKeyDictionary())
 
 
 def _drop_casts(*_: Any, **__: Any) -> None:
@@ -67,11 +70,11 @@ def lora_weight_in(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`param` in `dtype`, cast at most once between two optimizer steps."""
     if param.dtype == dtype:
         return param
-    key = (id(param), param.data_ptr(), param._version, dtype)
-    hit = _CAST_CACHE.get(key)
-    if hit is None:
-        hit = _CAST_CACHE[key] = param.detach().to(dtype)
-    return hit
+    key = (param.data_ptr(), param._version, dtype)
+    hit = _CAST_CACHE.get(param)
+    if hit is None or hit[0] != key:
+        hit = _CAST_CACHE[param] = (key, param.detach().to(dtype))
+    return hit[1]
 
 
 def dequantize_weight(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype) -> torch.Tensor:
