@@ -165,3 +165,17 @@ def test_lora_weight_casts_are_made_once_per_optimizer_step():
     with torch.no_grad():
         p.add_(1.0)  # an in-place change outside an optimizer is seen through its version
     assert torch.equal(lora_weight_in(p, torch.bfloat16), p.detach().to(torch.bfloat16))
+
+
+def test_a_freed_parameter_takes_its_cast_with_it():
+    import gc
+
+    from lorapool.service.train.fast import lora as fast_lora
+
+    p = torch.nn.Parameter(torch.randn(4, 8))
+    fast_lora.lora_weight_in(p, torch.bfloat16)
+    pid = id(p)
+    assert pid in fast_lora._CAST_CACHE
+    del p
+    gc.collect()
+    assert pid not in fast_lora._CAST_CACHE and pid not in fast_lora._WATCHED

@@ -53,10 +53,15 @@ def fused_lora_available() -> tuple[bool, str]:
 # forward, recompute and backward of every projection (three small casts each, which on a small
 # model are launch overhead the GPU waits for). Keyed by the parameter's identity and in-place
 # version; every optimizer step anywhere drops them all (bitsandbytes' optimizers update the
-# parameters in their own kernels, which the version counter does not see). Weakly keyed: a
-# model that is freed (an evaluation task on a long-lived node) takes its copies with it.
-_CAST_CACHE: "weakref.WeakKeyDictionary[torch.Tensor, tuple[tuple, torch.Tensor]]" = (
-    weakref.WeakKeyDictionary())
+# parameters in their own kernels, which the version counter does not see). A parameter that is
+# freed (a model evaluated on a long-lived node) takes its copy with it.
+_CAST_CACHE: dict[int, tuple[tuple, torch.Tensor]] = {}
+_WATCHED: set[int] = set()  # parameters with a finalizer that drops their entry
+
+
+def _forget(pid: int) -> None:
+    _CAST_CACHE.pop(pid, None)
+    _WATCHED.discard(pid)
 
 
 def _drop_casts(*_: Any, **__: Any) -> None:
@@ -70,10 +75,13 @@ def lora_weight_in(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`param` in `dtype`, cast at most once between two optimizer steps."""
     if param.dtype == dtype:
         return param
-    key = (param.data_ptr(), param._version, dtype)
-    hit = _CAST_CACHE.get(param)
+    pid, key = id(param), (param.data_ptr(), param._version, dtype)
+    hit = _CAST_CACHE.get(pid)
     if hit is None or hit[0] != key:
-        hit = _CAST_CACHE[param] = (key, param.detach().to(dtype))
+        if pid not in _WATCHED:
+            _WATCHED.add(pid)
+            weakref.finalize(param, _forget, pid)
+        hit = _CAST_CACHE[pid] = (key, param.detach().to(dtype))
     return hit[1]
 
 
