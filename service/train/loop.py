@@ -286,20 +286,11 @@ class Trainer:
         n_tokens = sum(n_input_tokens(b) for b in batches)
         if self.dist is not None:  # dist: normalise by the label tokens of the GLOBAL step
             n_labels = self.dist.sum_int(n_labels)
-        loss_total = 0.0
         self.optimizer.zero_grad(set_to_none=True)
         if self.dist is not None:
             loss_total = self._dist_backward(batches, n_labels)
-        for i, batch in enumerate(batches if self.dist is None else []):
-            _oom_probe(self.step + 1, self.micro_batch_size)
-            loss_sum, _ = self._loss_sum(batch)
-            value = float(loss_sum.detach())
-            if not math.isfinite(value):
-                raise NonFiniteLossError(
-                    f"loss became {value} at step {self.step + 1} (micro-batch {i + 1} of "
-                    f"{len(batches)}); try a lower learning_rate (now {self.spec.learning_rate})")
-            self.scaler.scale(loss_sum / max(1, n_labels)).backward()
-            loss_total += value
+        else:
+            loss_total = self._backward(batches, n_labels)
         if self.dist is not None:  # dist: the 1-worker gradient is the sum over ranks
             self.dist.reduce_gradients(self.params)
             loss_total, n_tokens = self.dist.sum_float(loss_total, float(n_tokens))
@@ -325,22 +316,31 @@ class Trainer:
         return {"loss": loss_total / max(1, n_labels), "grad_norm": grad_norm, "lr": lr,
                 "tokens": n_tokens}
 
+    def _backward(self, batches: list[dict[str, torch.Tensor]], n_labels: int) -> float:
+        """Forward and backward of every micro-batch, each loss scaled by the step's label
+        count (`n_labels`, global under dist); the summed loss."""
+        loss_total = 0.0
+        where = f" on rank {self.dist.rank}" if self.dist is not None else ""
+        for i, batch in enumerate(batches):
+            _oom_probe(self.step + 1, self.micro_batch_size)
+            loss_sum, _ = self._loss_sum(batch)
+            value = float(loss_sum.detach())
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"loss became {value} at step {self.step + 1} (micro-batch {i + 1} of "
+                    f"{len(batches)}){where}; try a lower learning_rate (now "
+                    f"{self.spec.learning_rate})")
+            self.scaler.scale(loss_sum / max(1, n_labels)).backward()
+            loss_total += value
+        return loss_total
+
     def _dist_backward(self, batches: list[dict[str, torch.Tensor]], n_labels: int) -> float:
         """dist: this rank's forwards and backwards; an out-of-memory error on any rank makes
         every rank retry the step (only the one that ran out halves its micro-batch), so no
         rank is left waiting in a collective the others never join."""
         loss_total, oom = 0.0, None
         try:
-            for i, batch in enumerate(batches):
-                _oom_probe(self.step + 1, self.micro_batch_size)
-                loss_sum, _ = self._loss_sum(batch)
-                value = float(loss_sum.detach())
-                if not math.isfinite(value):
-                    raise NonFiniteLossError(
-                        f"loss became {value} at step {self.step + 1} on rank {self.dist.rank}; "
-                        f"try a lower learning_rate (now {self.spec.learning_rate})")
-                self.scaler.scale(loss_sum / max(1, n_labels)).backward()
-                loss_total += value
+            loss_total = self._backward(batches, n_labels)
         except torch.OutOfMemoryError as exc:
             oom = exc
         if self.dist.any(oom is not None):
