@@ -764,7 +764,10 @@ class RayExecutor(BackgroundLoop):
                f"{_fmt_gib(estimate)}")
         if resume:
             msg += f"; resuming from step {resume_step}"
+        # placed_at to the microsecond: event times are whole seconds, too coarse to order
+        # placements that a burst makes within one second.
         self.store.add_event(job.id, msg, data={"node": st.name, "predicted_memory": estimate,
-                                                "resume_step": resume_step if resume else None})
+                                                "resume_step": resume_step if resume else None,
+                                                "placed_at": active.started_at})
         for change in placement.changes:
             self.store.add_event(job.id, f"Auto-fit: {change}", level="warn")
