@@ -16,6 +16,11 @@ Phases, each bounded in count and time (the whole run stops by itself, `--max-se
            0.5 s); every follower must get every event exactly once.
 3. storm:  `--clients` concurrent clients × `--submits` submits, each cancelled right after;
            then wait (≤ `--settle` s) and count jobs left `running` without a live runner.
+4. floor:  the storm's load (same clients, same request pairs) against a bare FastAPI app in
+           its own uvicorn process that does no work at all (no auth, no database): what this
+           machine's Python HTTP stack alone answers at that concurrency. Latency under a closed
+           loop is clients / throughput, so when the floor itself misses the goal, no server
+           of this shape can meet it on this machine; compare the storm's rows with it.
 
 Goals: p99 < 50 ms for submit, list and models-with-followers; 0 jobs left running.
 
@@ -210,6 +215,35 @@ class Server:
             self.proc.join(10)
 
 
+def _serve_floor(port: int, conn: Any) -> None:
+    """A FastAPI app that does nothing, served like the real one (uvicorn, one process)."""
+    import uvicorn
+    from fastapi import Body, FastAPI
+
+    app = FastAPI()
+    n = 0
+
+    @app.post("/v1/fine_tuning/jobs")
+    def submit(body: dict = Body(...)) -> dict:  # a sync route: the threadpool, as the real one
+        nonlocal n
+        n += 1
+        return {"id": f"ftjob-{n}", "object": "fine_tuning.job", "status": "queued"}
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+    def cancel(job_id: str) -> dict:
+        return {"id": job_id, "object": "fine_tuning.job", "status": "cancelled"}
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="off"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    conn.send(("ready", None))
+    conn.recv()
+    server.should_exit = True
+    conn.send(("stopped", None))
+
+
 # -- measuring --------------------------------------------------------------------------------
 
 
@@ -396,6 +430,46 @@ async def phase_storm(server: Server, tokens: list[str], submits: int, settle: f
                        f"left running without a live runner: {len(left)} (must be 0)")
 
 
+async def phase_floor(clients: int, submits: int, stats: Stats) -> None:
+    import httpx
+
+    from lorapool.service.server import free_port
+
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=_serve_floor, args=(port, child))
+    proc.start()
+    try:
+        if not conn.poll(120):
+            raise TimeoutError("the floor server did not start")
+        conn.recv()
+        counts: Counter = Counter()
+        submit_ms: list[float] = []
+        body = {"model": "tiny-llama", "training_file": "file-x", "max_seq_len": 32,
+                "hyperparameters": {"n_epochs": 1, "batch_size": 1}}
+
+        async def client() -> None:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+                for _ in range(submits):
+                    ms, r = await _timed(http, "POST", JOBS, counts, json=body)
+                    submit_ms.append(ms)
+                    await _timed(http, "POST", f"{JOBS}/{r.json()['id']}/cancel", counts)
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        took = time.monotonic() - t0
+        stats.add(f"floor: no-op POST ({clients} clients × {submits})", submit_ms, goal=False)
+        stats.notes.append(f"floor: a FastAPI app doing nothing answered {2 * len(submit_ms)} "
+                           f"requests in {took:.1f} s ({2 * len(submit_ms) / took:.0f}/s) at "
+                           f"{clients} concurrent clients")
+    finally:
+        conn.send(("stop",))
+        proc.join(30)
+        if proc.is_alive():
+            proc.terminate()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=100)
@@ -408,7 +482,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="seconds to wait after the storm for jobs to reach an end")
     ap.add_argument("--max-seconds", type=float, default=900.0)
     ap.add_argument("--no-pool", action="store_true", help="no Ray, no scheduler")
-    ap.add_argument("--skip", action="append", default=[], choices=["list", "models", "storm"])
+    ap.add_argument("--skip", action="append", default=[], choices=["list", "models", "storm", "floor"])
     args = ap.parse_args(argv)
     deadline = time.monotonic() + args.max_seconds
 
@@ -441,6 +515,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                                         not args.no_pool, stats))
         finally:
             server.stop()
+        if "floor" not in args.skip and time.monotonic() < deadline:
+            asyncio.run(phase_floor(args.clients, args.submits, stats))
     stats.print()
     return 0
 

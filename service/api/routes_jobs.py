@@ -124,12 +124,11 @@ def create_job(
         init_adapter=req.init_adapter,
         idempotency_key=idempotency_key,
     )
-    stored = ctx.store.create_job(record)
-    if stored.id != record.id:  # a concurrent retry with the same key got there first
-        return convert.job(stored)
-    ctx.store.add_event(stored.id, "Job queued", data={
+    stored = ctx.store.create_job(record, event="Job queued", event_data={
         "model": model.name, "training_file": req.training_file, "dataset": dataset,
         "validation_file": req.validation_file, **hyper})
+    if stored.id != record.id:  # a concurrent retry with the same key got there first
+        return convert.job(stored)
     ctx.wake()
     return convert.job(stored)
 

@@ -20,7 +20,7 @@ import re
 import secrets
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterable, Iterator, Literal, Optional
 
 from sqlalchemy import select, update
@@ -337,24 +337,39 @@ class Store(PoolTaskStore, FederationStore):
             return list(s.scalars(q))
 
     # -- jobs -------------------------------------------------------------------------------
-    def create_job(self, record: JobRecord) -> JobRecord:
-        """Insert the job; with an idempotency key already used by its tenant, return the
-        first job instead (compare ids to tell)."""
+    def create_job(self, record: JobRecord, *, event: Optional[str] = None,
+                   event_data: Optional[dict[str, Any]] = None) -> JobRecord:
+        """Insert the job, and its first event (`event`, with `event_data`) in the same
+        transaction; with an idempotency key already used by its tenant, return the first job
+        instead (compare ids to tell) and write no event."""
         values = _job_values({k: v for k, v in record.model_dump().items()
                               if k not in ("id", "tenant")})
         for attempt in range(2):
             try:
-                with self._tx() as s:
-                    if record.idempotency_key is not None:
-                        first = s.scalar(select(JobRow).where(
-                            JobRow.tenant == record.tenant,
-                            JobRow.idempotency_key == record.idempotency_key))
-                        if first is not None:
-                            return _job_record(first)
-                    row = JobRow(id=record.id, tenant=record.tenant, **values)
-                    s.add(row)
-                    s.flush()
-                    return _job_record(row)
+                first_event: Optional[EventRecord] = None
+                with self._event_lock if event is not None else nullcontext():
+                    with self._tx() as s:
+                        if record.idempotency_key is not None:
+                            first = s.scalar(select(JobRow).where(
+                                JobRow.tenant == record.tenant,
+                                JobRow.idempotency_key == record.idempotency_key))
+                            if first is not None:
+                                return _job_record(first)
+                        row = JobRow(id=record.id, tenant=record.tenant, **values)
+                        s.add(row)
+                        s.flush()
+                        created = _job_record(row)
+                        if event is not None:
+                            ev = EventRow(id=new_id("ftevent"), job_id=record.id,
+                                          created_at=_now(), level="info", type="message",
+                                          message=str(event),
+                                          data=_finite(event_data) if event_data else None)
+                            s.add(ev)
+                            s.flush()
+                            first_event = _rec(EventRecord, ev)
+                    if first_event is not None:
+                        self._announce(f"job:{record.id}", first_event)
+                return created
             except IntegrityError:
                 # Backends without BEGIN IMMEDIATE: a concurrent create with the same key won.
                 if attempt or record.idempotency_key is None:
