@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
                    "warmup": args.warmup, "device": device,
                    "scratch": str(scratch / f"{shape}-{world}")}
             results.append(launch(job, world, args.timeout_s, log))
+            # After every launch: a call cut short by its time limit keeps what was measured.
+            (out / "distributed_speed.json").write_text(json.dumps(results, indent=2))
     header = (f"distributed_speed: seq {seq}, global batch {args.batch}, micro-batch {args.mb}, "
               f"{args.steps} steps ({args.warmup} warm-up), device {device}")
     text = header + "\n\n" + table(results)
