@@ -183,6 +183,7 @@ class MemoryEstimate:
 # -- shapes -------------------------------------------------------------------------------------
 _shape_lock = threading.Lock()
 _shape_cache: dict[tuple, tuple[Any, int | None, float, ModelShape]] = {}
+_shape_build_locks: dict[tuple, threading.Lock] = {}
 _SHAPE_CACHE_MAX = 256
 
 
@@ -304,13 +305,21 @@ def model_shape(spec: TrainSpec, *, config: Any = None) -> ModelShape:
             with _shape_lock:
                 _shape_cache[key] = (owner, mtime, now, shape)
             return shape
-    mtime = None if config is not None else _mtime(spec)
-    cfg = config if config is not None else load_config(spec)
-    shape = _shape_from_config(cfg, spec.trust_remote_code)
-    with _shape_lock:
-        if len(_shape_cache) >= _SHAPE_CACHE_MAX:
-            _shape_cache.clear()
-        _shape_cache[key] = (config, mtime, now, shape)
+    # One thread reads a given model at a time: a burst of submits for a model not cached yet
+    # (100 at once in bench/api_load.py's storm) would otherwise build it 100 times over.
+    with _shape_build_locks.setdefault(key, threading.Lock()):
+        with _shape_lock:
+            again = _shape_cache.get(key)
+        if again is not None and again is not hit and (config is None or again[0] is config):
+            return again[3]
+        mtime = None if config is not None else _mtime(spec)
+        cfg = config if config is not None else load_config(spec)
+        shape = _shape_from_config(cfg, spec.trust_remote_code)
+        with _shape_lock:
+            if len(_shape_cache) >= _SHAPE_CACHE_MAX:
+                _shape_cache.clear()
+                _shape_build_locks.clear()
+            _shape_cache[key] = (config, mtime, now, shape)
     return shape
 
 

@@ -16,7 +16,18 @@ def test_first_estimates_from_many_threads_all_succeed(tmp_path):
     script = textwrap.dedent(f"""
         import threading
         from lorapool.service.train.memory import estimate_memory
+        from lorapool.service.train import memory
         from lorapool.service.train.spec import DeviceInfo, TrainSpec
+
+        # Count how often the model is read (the real function still runs): a burst of first
+        # estimates for one model reads it once, not once per thread.
+        builds, real_load = [0], memory.load_config
+
+        def counting_load(spec):
+            builds[0] += 1
+            return real_load(spec)
+
+        memory.load_config = counting_load
 
         errors, barrier = [], threading.Barrier(16)
 
@@ -34,8 +45,10 @@ def test_first_estimates_from_many_threads_all_succeed(tmp_path):
         for t in threads:
             t.join()
         print("ERRORS", errors)
+        print("BUILDS", builds[0])
         raise SystemExit(1 if errors else 0)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "BUILDS 1\n" in out.stdout, out.stdout[-2000:]
