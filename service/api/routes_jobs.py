@@ -170,8 +170,8 @@ def cancel_job(job_id: str, owner: str = Depends(tenant),
             break
         if rec.status in ("queued", "validating_files"):
             if ctx.store.transition(job_id, {"queued", "validating_files"}, "cancelled",
+                                    event="Job cancelled before it started",
                                     finished_at=int(time.time()), cancel_requested=True):
-                ctx.store.add_event(job_id, "Job cancelled before it started")
                 ctx.wake()
                 break
         elif rec.status == "running":

@@ -428,22 +428,33 @@ class Store(PoolTaskStore, FederationStore):
         self._announce_status(job_id, fields)
         return rec
 
-    def transition(self, job_id: str, from_statuses: Iterable[str], to_status: str,
-                   **fields: Any) -> bool:
+    def transition(self, job_id: str, from_statuses: Iterable[str], to_status: str, *,
+                   event: Optional[str] = None, **fields: Any) -> bool:
         """Atomically move the job to `to_status` (setting `fields`) if its status is one of
-        `from_statuses`; False when it was not (someone else moved it first)."""
+        `from_statuses`; False when it was not (someone else moved it first). With `event`,
+        the job's event of that message is written in the same transaction, only if it moved."""
         values = _job_values(fields)
         values["status"] = to_status
-        with self._tx() as s:
-            result = s.execute(
-                update(JobRow)
-                .where(JobRow.id == job_id, JobRow.status.in_(list(from_statuses)))
-                .values(**values)
-                .execution_options(synchronize_session=False)
-            )
-            moved = result.rowcount == 1
-        if moved:
-            self._announce_status(job_id, {"status": to_status})
+        added: Optional[EventRecord] = None
+        with self._event_lock if event is not None else nullcontext():
+            with self._tx() as s:
+                result = s.execute(
+                    update(JobRow)
+                    .where(JobRow.id == job_id, JobRow.status.in_(list(from_statuses)))
+                    .values(**values)
+                    .execution_options(synchronize_session=False)
+                )
+                moved = result.rowcount == 1
+                if moved and event is not None:
+                    row = EventRow(id=new_id("ftevent"), job_id=job_id, created_at=_now(),
+                                   level="info", type="message", message=str(event))
+                    s.add(row)
+                    s.flush()
+                    added = _rec(EventRecord, row)
+            if moved:
+                self._announce_status(job_id, {"status": to_status})
+            if added is not None:
+                self._announce(f"job:{job_id}", added)
         return moved
 
     def request_cancel(self, job_id: str) -> JobRecord:
