@@ -460,9 +460,13 @@ async def phase_floor(clients: int, submits: int, stats: Stats) -> None:
         await asyncio.gather(*(client() for _ in range(clients)))
         took = time.monotonic() - t0
         stats.add(f"floor: no-op POST ({clients} clients × {submits})", submit_ms, goal=False)
+        rate = 2 * len(submit_ms) / took
+        # Little's law: a closed loop of N clients at X requests/s waits N / X on average.
         stats.notes.append(f"floor: a FastAPI app doing nothing answered {2 * len(submit_ms)} "
-                           f"requests in {took:.1f} s ({2 * len(submit_ms) / took:.0f}/s) at "
-                           f"{clients} concurrent clients")
+                           f"requests in {took:.1f} s ({rate:.0f}/s) at {clients} concurrent "
+                           f"clients: by Little's law no server slower than that one can "
+                           f"average under {1000 * clients / rate:.0f} ms per request at this "
+                           f"concurrency on this machine")
     finally:
         conn.send(("stop",))
         proc.join(30)
