@@ -10,7 +10,8 @@ response starts only once the node said it is ready.
 A tenant has at most `LORAPOOL_MAX_CHATS_PER_TENANT` generations in flight (limits.py): one
 more answers 429 with Retry-After, so no tenant can keep every inference worker busy. The slot
 is given back when the reply ends however it ends: finished, failed, or its client left (a
-streamed reply's client leaving also cancels the generation on the node).
+streamed reply's client leaving also cancels the generation on the node, see
+`_ChatStreamResponse`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from fastapi import APIRouter, Body, Depends
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
-from starlette.background import BackgroundTask
 
 from ..store import new_id
 from .access import require_tasks, visible_adapter
@@ -155,14 +155,24 @@ async def _whole(stream: Any, slot: _ChatSlot) -> tuple[str, dict]:
         slot.release()
 
 
-def _end(stream: Any, slot: _ChatSlot) -> None:
-    """After a streamed response, however it ended: stop the node if the reply was not read
-    to its end (the client left), give the slot back. Starlette runs it after a disconnect
-    too, where the body iterator itself may never be closed."""
-    try:
-        stream.cancel()
-    finally:
-        slot.release()
+class _ChatStreamResponse(StreamingResponse):
+    """An SSE reply that, however it ends, stops the node if the reply was not read to its
+    end (the client left) and gives the tenant's slot back. Not a background task: Starlette
+    skips those when the client disconnects (ASGI 2.4 raises ClientDisconnect from send), and
+    the body iterator is only closed whenever it is garbage collected."""
+
+    def __init__(self, content: Any, stream: Any, slot: _ChatSlot) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=_SSE_HEADERS)
+        self._stream, self._slot = stream, slot
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                await run_in_threadpool(self._stream.cancel)  # a no-op once it ended
+            finally:
+                self._slot.release()
 
 
 def _start(ctx: AppContext, req: _Common, who: str, **inputs: Any) -> tuple[Any, dict]:
@@ -257,10 +267,9 @@ async def chat_completions(req: ChatRequest = Body(...), ctx: AppContext = Depen
         return out
 
     include_usage = bool((req.stream_options or {}).get("include_usage"))
-    return StreamingResponse(
+    return _ChatStreamResponse(
         _stream_events(stream, chunk, include_usage, chunk(None, None, role=True)),
-        media_type="text/event-stream", headers=_SSE_HEADERS,
-        background=BackgroundTask(_end, stream, slot))
+        stream, slot)
 
 
 @router.post("/completions")
@@ -293,6 +302,4 @@ async def completions(req: CompletionRequest = Body(...), ctx: AppContext = Depe
         return out
 
     include_usage = bool((req.stream_options or {}).get("include_usage"))
-    return StreamingResponse(_stream_events(stream, chunk, include_usage),
-                             media_type="text/event-stream", headers=_SSE_HEADERS,
-                             background=BackgroundTask(_end, stream, slot))
+    return _ChatStreamResponse(_stream_events(stream, chunk, include_usage), stream, slot)
