@@ -6,6 +6,10 @@
 - Streams: at most LORAPOOL_MAX_STREAMS_PER_TENANT open event streams per tenant (default 64;
   0 turns it off). A slot is taken when the stream is accepted and given back when its
   response ends, however it ends.
+- Chats: at most LORAPOOL_MAX_CHATS_PER_TENANT chat/completions generations in flight per
+  tenant (default 4; 0 turns it off), so one tenant cannot take every inference worker. A slot
+  is taken before the request goes to the pool and given back when its reply ends (finished,
+  failed, or its client left).
 
 Both live in this process's memory (like the event hub): several server processes each
 enforce their own.
@@ -25,6 +29,10 @@ from .errors import APIError
 
 RATE_ENV = "LORAPOOL_RATE_LIMIT"
 STREAMS_ENV = "LORAPOOL_MAX_STREAMS_PER_TENANT"
+CHATS_ENV = "LORAPOOL_MAX_CHATS_PER_TENANT"
+DEFAULT_MAX_CHATS = 4
+# A generation takes seconds (max_tokens is capped): a short wait usually finds a free slot.
+CHAT_RETRY_AFTER = 2.0
 DEFAULT_RATE = 20.0
 DEFAULT_BURST = 100
 DEFAULT_MAX_STREAMS = 64
@@ -37,6 +45,7 @@ class LimitSettings:
     rate: float = DEFAULT_RATE  # requests per second per token; 0: no rate limit
     burst: int = DEFAULT_BURST
     max_streams_per_tenant: int = DEFAULT_MAX_STREAMS  # 0: no limit
+    max_chats_per_tenant: int = DEFAULT_MAX_CHATS  # 0: no limit
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "LimitSettings":
@@ -45,17 +54,23 @@ class LimitSettings:
         raw = (env.get(RATE_ENV) or "").strip()
         if raw:
             rate, burst = _parse_rate(raw)
-        streams = DEFAULT_MAX_STREAMS
-        raw = (env.get(STREAMS_ENV) or "").strip()
-        if raw:
-            try:
-                streams = int(raw)
-            except ValueError:
-                streams = -1
-            if streams < 0:
-                raise ValueError(f"{STREAMS_ENV}={raw!r}: expected a whole number ≥ 0 "
-                                 "(0: no limit)")
-        return cls(rate=rate, burst=burst, max_streams_per_tenant=streams)
+        streams = _parse_count(env, STREAMS_ENV, DEFAULT_MAX_STREAMS)
+        chats = _parse_count(env, CHATS_ENV, DEFAULT_MAX_CHATS)
+        return cls(rate=rate, burst=burst, max_streams_per_tenant=streams,
+                   max_chats_per_tenant=chats)
+
+
+def _parse_count(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"{name}={raw!r}: expected a whole number ≥ 0 (0: no limit)")
+    return value
 
 
 def _parse_rate(raw: str) -> tuple[float, int]:
@@ -145,6 +160,7 @@ class Limits:
         s = self.settings
         self.buckets = TokenBuckets(s.rate, s.burst) if s.rate > 0 else None
         self.streams = StreamSlots(s.max_streams_per_tenant)
+        self.chats = StreamSlots(s.max_chats_per_tenant)
 
     def check_rate(self, token_sha256: str) -> None:
         if self.buckets is None:
@@ -167,3 +183,15 @@ class Limits:
 
     def close_stream(self, tenant: str) -> None:
         self.streams.release(tenant)
+
+    def open_chat(self, tenant: str) -> None:
+        """Take a chat-generation slot for `tenant` or raise the 429; pair with `close_chat`."""
+        if not self.chats.acquire(tenant):
+            raise APIError(
+                429, f"Too many chat completions in flight for tenant '{tenant}': the limit is "
+                f"{self.chats.limit} at once ({CHATS_ENV}). Retry after "
+                f"{CHAT_RETRY_AFTER:g} s, or wait for one of them to finish.",
+                code="too_many_chats", headers=_retry_headers(CHAT_RETRY_AFTER))
+
+    def close_chat(self, tenant: str) -> None:
+        self.chats.release(tenant)

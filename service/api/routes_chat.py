@@ -6,6 +6,12 @@
 the pool (`pool.inference`); every problem the node finds before the first token — a prompt
 longer than the context, an adapter it refuses — still becomes a proper 4xx, because the
 response starts only once the node said it is ready.
+
+A tenant has at most `LORAPOOL_MAX_CHATS_PER_TENANT` generations in flight (limits.py): one
+more answers 429 with Retry-After, so no tenant can keep every inference worker busy. The slot
+is given back when the reply ends however it ends: finished, failed, or its client left (a
+streamed reply's client leaving also cancels the generation on the node, see
+`_ChatStreamResponse`).
 """
 
 from __future__ import annotations
@@ -114,6 +120,61 @@ def _pool(ctx: AppContext) -> Any:
     return pool
 
 
+class _ChatSlot:
+    """The tenant's in-flight slot for one reply; `release()` gives it back once."""
+
+    def __init__(self, ctx: AppContext, tenant: str) -> None:
+        ctx.limits.open_chat(tenant)  # the 429 when the tenant is at its limit
+        self._ctx, self._tenant = ctx, tenant
+        self._lock = threading.Lock()
+        self._held = True
+
+    def release(self) -> None:
+        with self._lock:
+            held, self._held = self._held, False
+        if held:
+            self._ctx.limits.close_chat(self._tenant)
+
+
+async def _begin(ctx: AppContext, req: _Common, who: str,
+                 **inputs: Any) -> tuple[Any, _ChatSlot]:
+    """The reply's stream (its first message checked) and the slot it holds."""
+    slot = _ChatSlot(ctx, who)
+    try:
+        stream, _ = await run_in_threadpool(_start, ctx, req, who, **inputs)
+    except BaseException:
+        slot.release()
+        raise
+    return stream, slot
+
+
+async def _whole(stream: Any, slot: _ChatSlot) -> tuple[str, dict]:
+    try:
+        return await run_in_threadpool(_collect, stream)
+    finally:
+        slot.release()
+
+
+class _ChatStreamResponse(StreamingResponse):
+    """An SSE reply that, however it ends, stops the node if the reply was not read to its
+    end (the client left) and gives the tenant's slot back. Not a background task: Starlette
+    skips those when the client disconnects (ASGI 2.4 raises ClientDisconnect from send), and
+    the body iterator is only closed whenever it is garbage collected."""
+
+    def __init__(self, content: Any, stream: Any, slot: _ChatSlot) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=_SSE_HEADERS)
+        self._stream, self._slot = stream, slot
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                await run_in_threadpool(self._stream.cancel)  # a no-op once it ended
+            finally:
+                self._slot.release()
+
+
 def _start(ctx: AppContext, req: _Common, who: str, **inputs: Any) -> tuple[Any, dict]:
     params = _params(req)
     base, adapter = _resolve(ctx, req.model, who)
@@ -178,10 +239,10 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 @router.post("/chat/completions")
 async def chat_completions(req: ChatRequest = Body(...), ctx: AppContext = Depends(context),
                            who: str = Depends(tenant)) -> Any:
-    stream, _ = await run_in_threadpool(_start, ctx, req, who, messages=req.messages)
+    stream, slot = await _begin(ctx, req, who, messages=req.messages)
     ident, created = new_id("chatcmpl"), int(time.time())
     if not req.stream:
-        text, last = await run_in_threadpool(_collect, stream)
+        text, last = await _whole(stream, slot)
         return JSONResponse({
             "id": ident, "object": "chat.completion", "created": created, "model": req.model,
             "system_fingerprint": None,
@@ -206,9 +267,9 @@ async def chat_completions(req: ChatRequest = Body(...), ctx: AppContext = Depen
         return out
 
     include_usage = bool((req.stream_options or {}).get("include_usage"))
-    return StreamingResponse(
+    return _ChatStreamResponse(
         _stream_events(stream, chunk, include_usage, chunk(None, None, role=True)),
-        media_type="text/event-stream", headers=_SSE_HEADERS)
+        stream, slot)
 
 
 @router.post("/completions")
@@ -220,10 +281,10 @@ async def completions(req: CompletionRequest = Body(...), ctx: AppContext = Depe
     if not isinstance(prompt, str) or not prompt:
         raise bad_request("prompt must be a non-empty string (one prompt per request)",
                           param="prompt")
-    stream, _ = await run_in_threadpool(_start, ctx, req, who, prompt=prompt)
+    stream, slot = await _begin(ctx, req, who, prompt=prompt)
     ident, created = new_id("cmpl"), int(time.time())
     if not req.stream:
-        text, last = await run_in_threadpool(_collect, stream)
+        text, last = await _whole(stream, slot)
         return JSONResponse({
             "id": ident, "object": "text_completion", "created": created, "model": req.model,
             "system_fingerprint": None,
@@ -241,5 +302,4 @@ async def completions(req: CompletionRequest = Body(...), ctx: AppContext = Depe
         return out
 
     include_usage = bool((req.stream_options or {}).get("include_usage"))
-    return StreamingResponse(_stream_events(stream, chunk, include_usage),
-                             media_type="text/event-stream", headers=_SSE_HEADERS)
+    return _ChatStreamResponse(_stream_events(stream, chunk, include_usage), stream, slot)

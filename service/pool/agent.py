@@ -81,6 +81,7 @@ class NodeAgent:
         Path(config.work_dir).mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._runners: dict[str, Any] = {}
+        self._slotless: set[str] = set()  # runners that hold memory but no CPU slot
         self._reserved: dict[str, int] = {}
         self._reclaimed: Optional[str] = None
         # Returns a reason when the owner wants the GPU back (schedule/idle rules), else None.
@@ -196,18 +197,23 @@ class NodeAgent:
                 "datasets": dict(self.config.datasets), "cpu_threads": self.config.cpu_threads}
 
     # -- jobs ------------------------------------------------------------------------------
-    def register_job(self, job_id: str, runner: Any, reserve_bytes: int) -> bool:
+    def register_job(self, job_id: str, runner: Any, reserve_bytes: int,
+                     slot: bool = True) -> bool:
         """Track a runner placed here; False (and nothing tracked) when reclaimed meanwhile, or
         when a CPU node's slots are all taken (the scheduler's count is the first guard, this
-        the node's own)."""
+        the node's own). `slot=False`: memory only, no CPU slot (the inference worker, whose
+        loaded bases hold memory but no cores while idle)."""
         if self._cpu is None:
             self.report()
         with self._lock:
             if self._reclaimed is not None:
                 return False
-            if self._cpu and job_id not in self._runners and len(self._runners) >= cpu_slots(
+            in_slots = [j for j in self._runners if j not in self._slotless]
+            if slot and self._cpu and job_id not in self._runners and len(in_slots) >= cpu_slots(
                     cpu_cores(), self.config.cpu_threads, self.config.cpu_slots):
                 return False
+            if not slot:
+                self._slotless.add(job_id)
             self._runners[job_id] = runner
             self._reserved[job_id] = int(reserve_bytes)
             self._pids[job_id] = runner.pid.remote()
@@ -216,6 +222,7 @@ class NodeAgent:
     def unregister_job(self, job_id: str) -> None:
         with self._lock:
             self._runners.pop(job_id, None)
+            self._slotless.discard(job_id)
             self._reserved.pop(job_id, None)
             self._pids.pop(job_id, None)
             self._pid_values.pop(job_id, None)

@@ -10,15 +10,24 @@ The same rules as every job:
 - no shared disk: the base and the adapter travel as ObjectRefs (the base through the
   scheduler's shared `ModelObjects`, the adapter's files read from the artifact store) and are
   materialised in the node's own working folder by content id;
-- placement: the worker registers with its NodeAgent like a job runner (`register_job`) and
-  reserves the memory of the bases it holds plus decoding headroom, so the scheduler sees that
-  memory as taken; when the owner reclaims the node, the agent asks it to stop and it unloads
-  everything;
+- placement: the worker registers with its NodeAgent like a job runner (`register_job`, the
+  same reservation ledger the scheduler's node reports come from) and reserves the memory of
+  the bases it holds plus decoding headroom, so the scheduler sees that memory as taken. A base
+  about to load is reserved *before* it loads (an estimate from its size on disk), corrected to
+  its measured size once loaded, and dropped when the LRU evicts it. It takes no CPU slot of
+  the node (`slot=False`): an idle loaded base holds memory, not cores, and a one-slot CPU node
+  must still train. When the owner reclaims the node, the agent asks it to stop and it unloads
+  everything; a reclaimed node refuses new loads (503);
 - every failure comes back as data ({"error": {...}}), never as a pickled exception.
 
 The reply streams through a Ray streaming generator (`num_returns="streaming"`): first
 {"ready": True, "prompt_tokens"} once the base and adapter are loaded and the prompt checked
-(or {"error": ...} if they could not be), then the library's chunks as dicts.
+(or {"error": ...} if they could not be), then the library's chunks as dicts. The generator is
+backpressured (`_generator_backpressure_num_objects=STREAM_BUFFER`): a slow reader stops the
+node a few chunks ahead instead of letting it buffer the whole answer. A reader that leaves
+cancels the generator (`ray.cancel`), which closes it on the node at its next yield and frees
+the base at once; merely dropping the generator would not (Ray then lifts the backpressure and
+the node runs on to max_tokens).
 """
 
 from __future__ import annotations
@@ -45,6 +54,26 @@ WORKER_PREFIX = "lorapool-infer:"
 # Decoding's own memory beyond the weights (KV cache, logits, activations of one request).
 HEADROOM_BYTES = 256 * 1024**2
 HEADROOM_RATIO = 0.2
+# A base on the CPU loads unquantised (fp32 from bf16 weights on disk: about twice its file
+# size); on a GPU in 4-bit, less than its file. The estimate reserved while it loads.
+CPU_LOAD_FACTOR = 2.0
+GPU_LOAD_FACTOR = 1.0
+# Chunks the node may run ahead of the head's reader before its generator blocks.
+STREAM_BUFFER = 8
+
+
+class _NotAccepting(Exception):
+    """The NodeAgent refused the reservation (the node was reclaimed meanwhile)."""
+
+
+def _ray_cancelled() -> bool:
+    """Whether `ray.cancel` was called on the actor task running in this thread."""
+    if not ray.is_initialized():  # a unit test drives the worker directly (and
+        return False  # get_runtime_context() would start a Ray instance)
+    try:
+        return bool(ray.get_runtime_context().is_canceled())
+    except Exception:  # not inside a Ray task
+        return False
 
 
 def _fetch(value: Any) -> bytes:
@@ -68,8 +97,12 @@ class InferenceWorker:
         self.work_dir, self.device_kind = self._local_config()
         self.engine = InferenceEngine(max_models=max_models, max_bytes=max_bytes)
         self._lock = threading.Lock()
+        # Serialises reservation updates end to end (compute, then tell the agent), so two
+        # requests never land their updates out of order.
+        self._ledger = threading.Lock()
         self._reserved = 0
-        self._active: set[str] = set()  # request ids generating now
+        self._loading = 0  # bytes of bases being loaded now (reserved ahead of the load)
+        self._active: dict[str, int] = {}  # request id in flight → chunks yielded so far
         self._cancelled: set[str] = set()
         self.cancelled = 0  # replies stopped early because their caller left
 
@@ -88,9 +121,12 @@ class InferenceWorker:
         return os.getpid()
 
     def loaded(self) -> dict[str, Any]:
+        with self._lock:
+            yielded = dict(self._active)
         return {"bases": self.engine.cache.keys(), "bytes": self.engine.cache.total_bytes,
-                "reserved": self._reserved, "loads": self.engine.cache.loads,
-                "active": len(self._active), "cancelled": self.cancelled}
+                "reserved": self._reserved, "loading": self._loading,
+                "loads": self.engine.cache.loads, "active": len(yielded),
+                "yielded": yielded, "cancelled": self.cancelled}
 
     def cancel(self, request_id: str) -> None:
         """The caller left (an HTTP client disconnected): stop generating for it. Ray would
@@ -105,56 +141,78 @@ class InferenceWorker:
         self.engine.cache.clear()
         self._reserve()
 
-    def _reserve(self) -> None:
-        """Tell the NodeAgent how much memory this worker holds (0: none, unregistered)."""
-        held = self.engine.cache.total_bytes
-        want = int(held * (1 + HEADROOM_RATIO)) + HEADROOM_BYTES if held else 0
-        with self._lock:
+    def _want(self) -> int:
+        held = self.engine.cache.total_bytes + self._loading
+        return int(held * (1 + HEADROOM_RATIO)) + HEADROOM_BYTES if held else 0
+
+    def _reserve(self) -> bool:
+        """Tell the NodeAgent how much memory this worker holds or is loading (0: none, and
+        unregistered). False when the agent refused (the node was reclaimed)."""
+        with self._ledger:
+            want = self._want()
             if want == self._reserved or not self.agent:
-                return
-            self._reserved = want
-        try:
-            agent = ray.get_actor(self.agent, namespace=NAMESPACE)
-            job_id = f"{WORKER_PREFIX}{self.node}"
-            if want:
-                me = ray.get_runtime_context().current_actor
-                ray.get(agent.register_job.remote(job_id, me, want), timeout=30)
-            else:
-                ray.get(agent.unregister_job.remote(job_id), timeout=30)
-        except Exception:
-            log.exception("could not update the inference reservation on %s", self.node)
+                self._reserved = want
+                return True
+            try:
+                agent = ray.get_actor(self.agent, namespace=NAMESPACE)
+                job_id = f"{WORKER_PREFIX}{self.node}"
+                if want:
+                    me = ray.get_runtime_context().current_actor
+                    ok = ray.get(agent.register_job.remote(job_id, me, want, slot=False),
+                                 timeout=30)
+                else:
+                    ray.get(agent.unregister_job.remote(job_id), timeout=30)
+                    ok = True
+            except Exception:
+                log.exception("could not update the inference reservation on %s", self.node)
+                return True  # the agent is unreachable: serve; its next report will tell
+            if ok:
+                self._reserved = want
+            return bool(ok)
 
     # -- generation -------------------------------------------------------------------------
     def generate(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Streaming: {"ready", "prompt_tokens"} or {"error"}, then chunk dicts."""
         from ..infer import InferenceError
 
-        try:
-            engine, job = self.engine, self._prepare(request)
-        except InferenceError as exc:
-            yield {"error": exc.to_dict()}
-            return
-        except Exception as exc:
-            log.exception("inference on %s could not start", self.node)
-            yield _error(500, "internal_error", f"could not start: {type(exc).__name__}: {exc}")
-            return
-        self._reserve()
-        rid = str(request.get("request_id") or id(request))
+        rid = str(request.get("request_id") or uuid.uuid4().hex)
         with self._lock:
-            self._active.add(rid)
+            self._active[rid] = 0
+        run = None
         try:
+            try:
+                job = self._prepare(request)
+            except InferenceError as exc:
+                yield {"error": exc.to_dict()}
+                return
+            except _NotAccepting as exc:
+                yield _error(503, "no_capacity", str(exc))
+                return
+            except Exception as exc:
+                log.exception("inference on %s could not start", self.node)
+                yield _error(500, "internal_error",
+                             f"could not start: {type(exc).__name__}: {exc}")
+                return
             yield {"ready": True, "prompt_tokens": job.prompt_tokens}
-            for chunk in engine.run(job):
-                if rid in self._cancelled:
+            run = self.engine.run(job)
+            for chunk in run:
+                if rid in self._cancelled or _ray_cancelled():
                     self.cancelled += 1
                     break  # closing engine.run releases the base
+                with self._lock:
+                    self._active[rid] += 1
                 yield chunk.to_dict()
+        except GeneratorExit:  # ray.cancel from the head: the generator is closed at a yield
+            self.cancelled += 1
+            raise
         except Exception as exc:
             log.exception("inference on %s failed", self.node)
             yield _error(500, "internal_error", f"generation failed: {type(exc).__name__}")
         finally:
+            if run is not None:
+                run.close()  # now, not at garbage collection: it holds the base's lock
             with self._lock:
-                self._active.discard(rid)
+                self._active.pop(rid, None)
                 self._cancelled.discard(rid)
 
     def _prepare(self, request: dict[str, Any]):
@@ -165,8 +223,18 @@ class InferenceWorker:
         model_dir = materialise(cache / "models", model["key"], model["files"], _fetch)
         folder = model_dir / model["entry"] if model.get("entry") else model_dir
         device = "cpu" if self.device_kind == "cpu" else "auto"
+        factor = CPU_LOAD_FACTOR if self.device_kind == "cpu" else GPU_LOAD_FACTOR
+        estimate = int(int(request.get("model_bytes") or 0) * factor)
+        loading: list[Optional[int]] = [None]  # set once load() ran
 
         def load():
+            # Reserved before the load starts, so a job placed meanwhile sees it taken.
+            with self._lock:
+                self._loading += estimate
+            loading[0] = estimate
+            if not self._reserve():
+                raise _NotAccepting(f"node {self.node} was reclaimed by its owner and takes "
+                                    "no new work")
             return load_for_inference(folder, device=device, cache_dir=cache,
                                       trust_remote_code=bool(request.get("trust_remote_code")))
 
@@ -175,9 +243,18 @@ class InferenceWorker:
             a = request["adapter"]
             adapter = AdapterSource(a["key"], materialise(cache / "adapters", a["key"],
                                                           a["files"], _fetch))
-        return self.engine.prepare(model["key"], load, params=SamplingParams(**request["params"]),
-                                   adapter=adapter, messages=request.get("messages"),
-                                   prompt=request.get("prompt"))
+        try:
+            return self.engine.prepare(model["key"], load,
+                                       params=SamplingParams(**request["params"]),
+                                       adapter=adapter, messages=request.get("messages"),
+                                       prompt=request.get("prompt"))
+        finally:
+            if loading[0] is not None:
+                with self._lock:
+                    self._loading -= loading[0]
+                # The measured size now (the LRU may also have evicted a base), or back to
+                # what is held when the load failed.
+                self._reserve()
 
 
 RemoteInferenceWorker = ray.remote(num_cpus=0, max_concurrency=4)(InferenceWorker)
@@ -185,7 +262,7 @@ RemoteInferenceWorker = ray.remote(num_cpus=0, max_concurrency=4)(InferenceWorke
 
 class InferenceStream:
     """The head's end of one reply: `first` is the ready/error message, iterating gives the
-    chunk dicts."""
+    chunk dicts. `cancel()` stops the node's generation when the reader leaves early."""
 
     def __init__(self, gen: Any, node: Optional[str], timeout: float,
                  on_lost: Optional[Any] = None, worker: Any = None,
@@ -194,9 +271,13 @@ class InferenceStream:
         self._on_lost = on_lost
         self._worker = worker
         self._request_id = request_id
+        self._done = False  # the node's generator ended (nothing left to cancel)
+        self._cancel_lock = threading.Lock()
         self.node = node
         self._timeout = timeout
         self.first = self._next()
+        if self.first is None or "error" in self.first:
+            self._done = True
 
     def _next(self) -> Optional[dict[str, Any]]:
         ready, _ = ray.wait([self._gen], timeout=self._timeout)
@@ -205,10 +286,12 @@ class InferenceStream:
         try:
             ref = next(self._gen)
         except StopIteration:
+            self._done = True
             return None
         try:
             return ray.get(ref)
         except ray.exceptions.RayError as exc:  # the node or the worker died under it
+            self._done = True
             if self._on_lost is not None:
                 self._on_lost(self.node)
             return _error(503, "node_lost", f"the inference worker on {self.node or '?'} "
@@ -221,10 +304,22 @@ class InferenceStream:
                 return
             yield item
             if "error" in item or item.get("finish_reason"):
+                self._done = True
                 return
 
     def cancel(self) -> None:
-        """Ask the worker to stop generating this reply (the caller is gone)."""
+        """Stop the node generating this reply (the caller is gone); a no-op once it ended.
+        `ray.cancel` closes the generator on the node at its next yield, even while it waits
+        for this side to read (backpressure); the worker's own flag is the fallback for a
+        worker busy between yields."""
+        with self._cancel_lock:
+            if self._done:
+                return
+            self._done = True
+        try:
+            ray.cancel(self._gen)
+        except Exception:  # already finished, or the worker is gone
+            pass
         if self._worker is not None and self._request_id is not None:
             try:
                 self._worker.cancel.remote(self._request_id)
@@ -237,8 +332,10 @@ class InferencePool:
     the most free memory), its worker (started on first use) and the request's inputs."""
 
     def __init__(self, artifacts: Any, models: Optional[ModelObjects] = None, *,
-                 max_models_per_node: int = 2, timeout: float = 600.0) -> None:
+                 max_models_per_node: int = 2, timeout: float = 600.0,
+                 stream_buffer: int = STREAM_BUFFER) -> None:
         self.artifacts = artifacts
+        self.stream_buffer = stream_buffer
         self.models = models or ModelObjects(max_models=2)
         self.max_models_per_node = max_models_per_node
         self.timeout = timeout
@@ -258,10 +355,13 @@ class InferencePool:
         worker = self._worker(node, node_id)
         request_id = uuid.uuid4().hex
         request = {"request_id": request_id, "model": self.models.payload(model),
+                   "model_bytes": int(getattr(model, "bytes", 0) or 0),
                    "trust_remote_code": bool(getattr(model, "trust_remote_code", False)),
                    "adapter": self._adapter_payload(adapter) if adapter is not None else None,
                    "params": params, "messages": messages, "prompt": prompt}
-        gen = worker.generate.options(num_returns="streaming").remote(request)
+        gen = worker.generate.options(
+            num_returns="streaming",
+            _generator_backpressure_num_objects=self.stream_buffer).remote(request)
         with self._lock:
             self._homes[model.sha256] = node
         return InferenceStream(gen, node, self.timeout, on_lost=self.forget, worker=worker,
@@ -335,6 +435,7 @@ class _Failed(InferenceStream):
     def __init__(self, error: dict[str, Any]) -> None:
         self.first = error
         self.node = None
+        self._done = True
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(())

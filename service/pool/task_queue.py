@@ -15,10 +15,12 @@ their results filed:
    the task's own code and message.
 
 Exports (a merged model, a GGUF adapter, the dequantised base) are a third kind. They are
-derived data — the same inputs always give the same files — so they are kept in memory, not in
-the store: `request_export` returns the `ExportState` of (format, model hash, adapter hash),
-starting it when new (or when the last try failed); its result is an artifact that the API
-streams and that later requests reuse. A restart forgets them; asking again rebuilds.
+derived data — the same inputs always give the same files — keyed by (format, model hash,
+adapter hash): `request_export` returns the `ExportState` of that key, starting it when new (or
+when the last try failed); its result is an artifact that the API streams and that later
+requests reuse. Each state change is written to the store's `exports` table
+(service/store/exports.py), so a restart still serves finished exports without rebuilding them
+and picks queued and running ones up again.
 
 Access is checked again when a task starts: an adapter whose share was revoked after the
 request was accepted fails the merge instead of being read.
@@ -37,6 +39,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..store import EvaluationRecord, MergeRecord, new_id
+from ..store.exports import ExportRecord
 from .agent import agent_name, list_agents
 from .background import BackgroundLoop
 from .model_objects import ModelObjects
@@ -112,15 +115,40 @@ class PoolTasks(BackgroundLoop):
         key = (fmt, model.sha256, (adapter.sha256 or adapter.artifact_id) if adapter else "")
         with self._exports_lock:
             known = self._exports.get(self._export_keys.get(key, ""))
+            if known is None:  # a previous server's export of the same inputs
+                rec = self.store.latest_export(key)
+                if rec is not None:
+                    known = self._export_state(rec, model, adapter)
             if known is not None and known.status != "failed" and (
                     known.artifact_id is None or self.artifacts.exists(known.artifact_id)):
                 return known
             state = ExportState(id=new_id("export"), key=key, format=fmt, model=model,
                                 adapter=adapter, base_id=base_id)
+            self.store.create_export(ExportRecord(
+                id=state.id, format=fmt, model=model.name, model_sha256=model.sha256,
+                adapter_id=adapter.id if adapter is not None else None, adapter_key=key[2],
+                base_id=base_id, created_at=int(state.created_at)))
             self._exports[state.id] = state
             self._export_keys[key] = state.id
         self._wake.set()
         return state
+
+    def _export_state(self, rec: ExportRecord, model: Any, adapter: Any) -> ExportState:
+        """The in-memory state of a stored export (call under `_exports_lock`)."""
+        state = ExportState(id=rec.id, key=rec.key, format=rec.format, model=model,
+                            adapter=adapter, base_id=rec.base_id, status=rec.status,
+                            artifact_id=rec.artifact_id, error_code=rec.error_code,
+                            error_message=rec.error_message, attempt=rec.attempt,
+                            node=rec.node, created_at=float(rec.created_at))
+        self._exports[state.id] = state
+        self._export_keys[state.key] = state.id
+        return state
+
+    def _save_export(self, state: ExportState) -> None:
+        self.store.update_export(state.id, status=state.status, artifact_id=state.artifact_id,
+                                 error_code=state.error_code,
+                                 error_message=state.error_message, attempt=state.attempt,
+                                 node=state.node)
 
     def get_export(self, export_id: str) -> Optional[ExportState]:
         with self._exports_lock:
@@ -145,6 +173,7 @@ class PoolTasks(BackgroundLoop):
                     options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
                         node_id=node_id, soft=False)
                 state.status, state.node = "running", node
+                self._save_export(state)
                 ref = export_task.options(**options).remote(payload)
                 self._in_flight[("export", state.id)] = _Flight("export", state.id, ref, node,
                                                                 state.attempt)
@@ -155,6 +184,7 @@ class PoolTasks(BackgroundLoop):
 
     def _export_failed(self, state: ExportState, code: str, message: str) -> None:
         state.status, state.error_code, state.error_message = "failed", code, message
+        self._save_export(state)
 
     def _export_finished(self, f: _Flight, result: dict[str, Any]) -> None:
         state = self.get_export(f.task_id)
@@ -163,11 +193,13 @@ class PoolTasks(BackgroundLoop):
         if result.get("status") == "succeeded":
             state.artifact_id = self.artifacts.put_files(result["files"])
             state.status = "succeeded"
+            self._save_export(state)
             return
         if result.get("traceback"):
             log.warning("export %s failed on %s:\n%s", f.task_id, f.node, result["traceback"])
         if result.get("retryable") and f.attempt + 1 < self.max_attempts:
             state.attempt, state.status = f.attempt + 1, "queued"
+            self._save_export(state)
             self._wake.set()
             return
         self._export_failed(state, str(result.get("code") or "internal_error"),
@@ -188,6 +220,25 @@ class PoolTasks(BackgroundLoop):
             for rec in self.store.tasks_in_status(kind, "running"):
                 if (kind, rec.id) not in self._in_flight:
                     self.store.transition_task(kind, rec.id, {"running"}, "queued", node=None)
+        self._recover_exports()
+
+    def _recover_exports(self) -> None:
+        """Stored exports left queued or running by a previous server: queued again, with
+        their model and adapter read back (failed when either is gone or changed)."""
+        for rec in self.store.exports_in_status("queued", "running"):
+            if ("export", rec.id) in self._in_flight:
+                continue
+            model = self.store.get_model(rec.model)
+            adapter = self.store.get_adapter(rec.adapter_id) if rec.adapter_id else None
+            with self._exports_lock:
+                state = self._export_state(rec, model, adapter)
+                state.status, state.node = "queued", None
+            if model is None or model.sha256 != rec.model_sha256 or (
+                    rec.adapter_id and adapter is None):
+                self._export_failed(state, "invalid_export", "its base model or adapter is "
+                                    "no longer registered as it was")
+            else:
+                self._save_export(state)
 
     # -- starting ---------------------------------------------------------------------------
     def _start_queued(self) -> None:

@@ -131,7 +131,10 @@ class MigrateResult:
 
 def models_metadata() -> MetaData:
     """The models' MetaData with every table registered (some models live outside schema.py)."""
-    from . import federations  # noqa: F401 - registers FederationRow on Base
+    from . import (
+        exports,  # noqa: F401 - registers ExportRow on Base
+        federations,  # noqa: F401 - registers FederationRow on Base
+    )
     from .schema import Base
 
     return Base.metadata

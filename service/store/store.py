@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .db import WRITE_OPTION, make_engine, migrate
+from .exports import ExportStore
 from .federations import FederationStore
 from .pool_tasks import PoolTaskStore
 from .records import (
@@ -131,7 +132,7 @@ def _rec(cls: Any, row: Any) -> Any:
     return cls(**{f: getattr(row, f) for f in cls.model_fields})
 
 
-class Store(PoolTaskStore, FederationStore):
+class Store(PoolTaskStore, FederationStore, ExportStore):
     """See the module docstring. Thread-safe; one per process is enough."""
 
     def __init__(self, url: str) -> None:

@@ -228,6 +228,7 @@ def test_a_database_from_an_older_version_gets_the_new_columns(tmp_path):
     # ... nor the columns that migrations added since.
     con.execute("ALTER TABLE tokens DROP COLUMN is_admin")
     con.execute("ALTER TABLE jobs DROP COLUMN integrations")
+    con.execute("DROP TABLE exports")  # (and the table of migration 0004)
     con.execute("INSERT INTO jobs (id, tenant, model, status, created_at, hyperparameters, seed, "
                 "result_files, lora, quantization, max_seq_len, spec, cancel_requested, attempt, "
                 "memory_breakdown) VALUES ('ftjob-old', 'acme', 'm', 'queued', 1, '{}', 42, "
