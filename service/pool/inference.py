@@ -36,6 +36,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
@@ -60,6 +61,7 @@ CPU_LOAD_FACTOR = 2.0
 GPU_LOAD_FACTOR = 1.0
 # Chunks the node may run ahead of the head's reader before its generator blocks.
 STREAM_BUFFER = 8
+REPORT_MAX_AGE_S = 60.0  # how long a node's last report may stand in for a late one
 
 
 class _NotAccepting(Exception):
@@ -340,6 +342,7 @@ class InferencePool:
         self.max_models_per_node = max_models_per_node
         self.timeout = timeout
         self._homes: dict[str, str] = {}  # base sha256 → the node that last loaded it
+        self._last_reports: dict[str, tuple[float, dict[str, Any]]] = {}  # node → (when, report)
         self._adapter_refs: OrderedDict[str, dict[str, Any]] = OrderedDict()
         # Held for the pool's life: Ray ends a non-detached actor once no handle is left.
         self._workers: dict[str, Any] = {}
@@ -386,12 +389,22 @@ class InferencePool:
         ready = ray.wait(list(refs.values()), num_returns=len(refs), timeout=5.0)[0] if refs \
             else []
         reports = {}
+        now = time.monotonic()
         for name, ref in refs.items():
             if ref in ready:
                 try:
                     reports[name] = ray.get(ref)
                 except Exception:
                     continue
+                with self._lock:
+                    self._last_reports[name] = (now, reports[name])
+            else:
+                # A busy node answers late: its last report stands in for a while (a node that
+                # was reclaimed since refuses the reservation, and the request gets a 503).
+                with self._lock:
+                    seen = self._last_reports.get(name)
+                if seen is not None and now - seen[0] < REPORT_MAX_AGE_S:
+                    reports[name] = seen[1]
         accepting = {n: r for n, r in reports.items() if r.get("accepting", True)}
         if not accepting:
             return None, None, "no node of the pool is accepting work right now"
