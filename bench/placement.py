@@ -191,7 +191,9 @@ class SimNode:
     device: DeviceInfo
     online: bool = False
     other: int = 0
-    jobs: set[str] = field(default_factory=set)
+    # Insertion-ordered (a dict, not a set): set order of strings changes with PYTHONHASHSEED,
+    # which made runs differ from process to process.
+    jobs: dict[str, None] = field(default_factory=dict)
     cached: set[str] = field(default_factory=set)  # base models already fetched here
 
 
@@ -335,11 +337,11 @@ class Sim:
         shape = model_shape(spec)
         transfer = 0 if sj.t.model in node.cached else shape.total_params * 0.6 / LINK_BYTES_PER_S
         sj.ready_at = self.now + 30 + transfer
-        node.jobs.add(sj.t.job_id)
+        node.jobs[sj.t.job_id] = None
         self.queued.pop(sj.t.job_id, None)
 
     def leave_node(self, sj: SimJob, node: SimNode) -> None:
-        node.jobs.discard(sj.t.job_id)
+        node.jobs.pop(sj.t.job_id, None)
         if isinstance(self.placer, FirstFitStatic):  # and BestFitStatic
             self.placer.release(sj.t.job_id)
         sj.node = None
