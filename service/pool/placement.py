@@ -228,9 +228,9 @@ def compute_params(spec: TrainSpec) -> int:
 
 @dataclass
 class _JobInfo:
-    """What `plan()` caches per job across passes (valid while its spec object is the same)."""
+    """What `plan()` caches per job across passes (valid while its view, or an equal spec with the
+    same auto-fit inputs, comes back)."""
 
-    spec_id: int
     variants: list[Variant]
     params: int
     tokens: float
@@ -241,11 +241,16 @@ class _JobInfo:
     def work(self, v: Variant) -> float:
         return self.tokens * flops_per_token(self.params, v[1])
 
+    @property
+    def size(self) -> float:
+        """FLOPs of the job as submitted (its size when ordering by expected run time)."""
+        return self.work(self.variants[0])
+
 
 class _Entry:
     """One open node inside a pass: its remaining memory and job count."""
 
-    __slots__ = ("node", "avail", "count", "cap", "speed", "shared", "cls", "claim", "key", "group")
+    __slots__ = ("node", "avail", "count", "cap", "speed", "shared", "cls", "claim", "key", "groups")
 
     def __init__(self, node: NodeView, cap: int | None, speed: float, shared: bool, cls: tuple):
         self.node = node
@@ -257,7 +262,8 @@ class _Entry:
         self.cls = cls
         self.claim: tuple[str, float] | None = None  # (job id, seconds until it frees)
         self.key: tuple = ()
-        self.group: _Group | None = None
+        # The indexes it is listed in: its speed group, and one group per base model it caches.
+        self.groups: list[_Group] = []
 
     def full(self) -> bool:
         return self.cap is not None and self.count >= self.cap
@@ -278,7 +284,6 @@ class _Group:
         self.lists: list[list[tuple[int, str, str]]] = []  # the buckets, least loaded first
 
     def add(self, e: _Entry) -> None:
-        e.key = (e.avail, e.node.name, e.node.node_id)
         r = e.count if e.shared else 0
         lst = self.buckets.get(r)
         if lst is None:
@@ -322,6 +327,7 @@ class Placer:
         wait_speedup: float = 3.0,
         max_wait_s: float = 1800.0,
         max_reservations: int = 2,
+        size_weight: float = 1.0,
     ) -> None:
         if safety_margin < 0:
             raise ValueError(f"safety_margin must be >= 0, got {safety_margin}")
@@ -336,18 +342,20 @@ class Placer:
         self.wait_speedup = wait_speedup
         self.max_wait_s = max_wait_s
         self.max_reservations = max_reservations
+        self.size_weight = size_weight
         self.last_errors: dict[str, str] = {}
         # Jobs left waiting for a faster card in the last pass: job id → node id.
         self.last_waits: dict[str, str] = {}
         self._cache: dict[tuple, MemoryEstimate] = {}
         self._fingerprints: dict[str, tuple[TrainSpec, str]] = {}
-        self._infos: dict[str, tuple[tuple, _JobInfo]] = {}
+        self._infos: dict[str, tuple[JobView, _JobInfo]] = {}
 
     # -- estimates ------------------------------------------------------------------------------
     def _fingerprint(self, job: JobView) -> str:
-        # model_dump_json costs ~10 µs; keep it per job while its spec object is the same one.
+        # model_dump_json costs ~10 µs; keep it per job while its spec is the same object or an
+        # equal one (the scheduler rebuilds every spec each pass; == on two specs is ~1 µs).
         hit = self._fingerprints.get(job.job_id)
-        if hit is not None and hit[0] is job.spec:
+        if hit is not None and (hit[0] is job.spec or hit[0] == job.spec):
             return hit[1]
         fp = job.spec.model_dump_json()
         if len(self._fingerprints) > self.cache_size:
@@ -380,21 +388,25 @@ class Placer:
 
     def _info(self, job: JobView) -> _JobInfo:
         """The job's cached variants, size and needs (rebuilt when its inputs change)."""
-        sig = (job.allow_autofit, job.min_seq_len, job.tokens)
         hit = self._infos.get(job.job_id)
-        if hit is not None and hit[1].spec_id == id(job.spec) and hit[0][0] is job.spec \
-                and hit[0][1:] == sig:
-            return hit[1]
+        if hit is not None:
+            view, info = hit
+            if view is job:  # the same view object as last pass: nothing can have changed
+                return info
+            if (view.allow_autofit == job.allow_autofit and view.min_seq_len == job.min_seq_len
+                    and view.tokens == job.tokens and (view.spec is job.spec
+                                                       or view.spec == job.spec)):
+                self._infos[job.job_id] = (job, info)
+                return info
         s = job.spec
         tokens = job.tokens
         if tokens is None:
             tokens = (float(s.max_steps * s.batch_size * s.max_seq_len) if s.max_steps
                       else self.default_tokens * s.n_epochs)
-        info = _JobInfo(id(s), list(autofit_variants(job)), compute_params(s), tokens)
+        info = _JobInfo(list(autofit_variants(job)), compute_params(s), tokens)
         if len(self._infos) > self.cache_size:
             self._infos.clear()
-        # The spec object is kept in the key so that its id() is not reused while cached.
-        self._infos[job.job_id] = ((s, *sig), info)
+        self._infos[job.job_id] = (job, info)
         return info
 
     def _needs(self, job: JobView, info: _JobInfo, v: Variant,
@@ -469,7 +481,8 @@ class Placer:
 
         # Jobs that need more than the largest free node cannot place in this pass at all (free
         # memory only shrinks within a pass): they skip the fair-share heap.
-        live: list[tuple[JobView, _JobInfo]] = []
+        kw = self.size_weight / (self.default_speed * 1e12 * self.efficiency)
+        live: list[tuple[tuple, JobView, _JobInfo, int]] = []
         blocked: list[tuple[JobView, _JobInfo]] = []
         gmax = p.max_avail()
         for job in queue:
@@ -480,7 +493,14 @@ class Placer:
                 log.warning("cannot estimate %s: %s", job.job_id, exc)
                 self.last_errors[job.job_id] = f"{type(exc).__name__}: {exc}"
                 continue
-            (blocked if mn > gmax else live).append((job, info))
+            if mn > gmax:
+                blocked.append((job, info))
+            else:
+                # Its turn: submit time, pushed back by its expected size (shortest first among
+                # jobs of similar age; a long job is overtaken only by jobs submitted less than
+                # `size_weight` × its expected run time after it).
+                live.append(((-job.priority, job.submitted_at + kw * info.size, job.job_id),
+                             job, info, mn))
         if blocked and self.max_reservations > 0 and p.freeing:
             oldest = heapq.nsmallest(
                 self.max_reservations, blocked,
@@ -490,23 +510,24 @@ class Placer:
         if not live:
             return []
 
-        # Per tenant: its jobs by (priority desc, submit time); a heap of the tenants' heads.
-        per_tenant: dict[str, list[tuple[JobView, _JobInfo]]] = {}
-        for ji in live:
-            per_tenant.setdefault(ji[0].tenant, []).append(ji)
-        for jobs in per_tenant.values():
-            jobs.sort(key=lambda ji: (-ji[0].priority, ji[0].submitted_at, ji[0].job_id),
-                      reverse=True)
+        # Per tenant: its jobs by turn, the next one last; a heap of the tenants' heads by
+        # (priority, jobs the tenant runs or was given in this pass, turn).
+        per_tenant: dict[str, list[tuple[tuple, JobView, _JobInfo, int]]] = {}
+        for item in live:
+            per_tenant.setdefault(item[1].tenant, []).append(item)
         heap = []
         for tenant, jobs in per_tenant.items():
-            j = jobs[-1][0]
-            heap.append((-j.priority, load.get(tenant, 0), j.submitted_at, j.job_id, tenant))
+            jobs.sort(reverse=True)
+            k = jobs[-1][0]
+            heap.append((k[0], load.get(tenant, 0), k[1], k[2], tenant))
         heapq.heapify(heap)
 
         placements: list[Placement] = []
+        avails = p.avails
         while heap:
-            _, _, _, _, tenant = heapq.heappop(heap)
-            job, info = per_tenant[tenant].pop()
+            tenant = heapq.heappop(heap)[4]
+            jobs = per_tenant[tenant]
+            _, job, info, _ = jobs.pop()
             try:
                 placed = p.place(job, info)
             except Exception as exc:  # noqa: BLE001 - one bad job must not stop the pass
@@ -516,10 +537,14 @@ class Placer:
             if placed is not None:
                 placements.append(placed)
                 load[tenant] = load.get(tenant, 0) + 1
-            if per_tenant[tenant]:
-                j = per_tenant[tenant][-1][0]
-                heapq.heappush(heap, (-j.priority, load.get(tenant, 0), j.submitted_at,
-                                      j.job_id, tenant))
+            # Drop, without a turn, the tenant's next jobs that need more than any node has
+            # left: they cannot place later in this pass either.
+            most = avails[-1] if avails else -1
+            while jobs and jobs[-1][3] > most:
+                jobs.pop()
+            if jobs:
+                k = jobs[-1][0]
+                heapq.heappush(heap, (k[0], load.get(tenant, 0), k[1], k[2], tenant))
         return placements
 
     # -- submit-time check ----------------------------------------------------------------------
@@ -564,7 +589,8 @@ class _Pass:
         self.entries: dict[str, _Entry] = {}
         self.devices: dict[tuple, DeviceInfo] = {}
         groups: dict[tuple, _Group] = {}
-        self.cached: dict[str, list[_Entry]] = {}
+        # Per base model: the nodes that cache it, grouped like `groups` (no transfer there).
+        cached: dict[str, dict[tuple, _Group]] = {}
         freeing: list[tuple[float, str]] = []
         for n in nodes:
             if not n.accepting:
@@ -578,33 +604,43 @@ class _Pass:
                        known and n.device.kind != "cpu", cls)
             self.entries[n.node_id] = e
             self.devices.setdefault(cls, n.device)
-            e.group = groups.setdefault((cls, speed), _Group(speed, cls))
-            if not e.full():
-                e.group.add(e)
+            e.groups.append(groups.setdefault((cls, speed), _Group(speed, cls)))
             for key in n.cached_models:
-                self.cached.setdefault(key, []).append(e)
+                e.groups.append(cached.setdefault(key, {}).setdefault(
+                    (cls, speed), _Group(speed, cls)))
+            e.key = (e.avail, n.name, n.node_id)
+            if not e.full():
+                for g in e.groups:
+                    g.add(e)
             if n.frees_in is not None and n.free_at_end is not None:
                 freeing.append((n.frees_in, n.node_id))
         self.class_set = frozenset(self.devices)
         self.groups = sorted(groups.values(), key=lambda g: -g.speed)
+        self.cached = {k: sorted(gs.values(), key=lambda g: -g.speed) for k, gs in cached.items()}
         self.avails = sorted(e.avail for e in self.entries.values() if not e.full())
         freeing.sort()
         self.freeing = [self.entries[nid] for _, nid in freeing]
+        # The fastest node that frees within max_wait_s: a job already on a node at least
+        # 1/wait_speedup as fast never waits (the common case skips the scan).
+        self.fastest_freeing = max((e.speed for e in self.freeing
+                                    if (e.node.frees_in or 0.0) <= placer.max_wait_s),
+                                   default=0.0)
 
     def max_avail(self) -> int:
         return self.avails[-1] if self.avails else -1
 
     def _take(self, e: _Entry, nbytes: int) -> None:
         """Count a placement on `e`: less memory, one more job, re-indexed."""
-        g = e.group
-        assert g is not None
         if not e.full():
-            g.remove(e)
+            for g in e.groups:
+                g.remove(e)
             del self.avails[bisect.bisect_left(self.avails, e.avail)]
         e.avail -= nbytes
         e.count += 1
+        e.key = (e.avail, e.node.name, e.node.node_id)
         if not e.full():
-            g.add(e)
+            for g in e.groups:
+                g.add(e)
             bisect.insort(self.avails, e.avail)
 
     # -- scoring --------------------------------------------------------------------------------
@@ -618,38 +654,39 @@ class _Pass:
 
     def _best_fast(self, job: JobView, info: _JobInfo, needs: dict[tuple, int],
                    work: float) -> tuple[tuple, _Entry] | None:
+        """The earliest-finishing node that fits, from the indexes: the nodes caching the job's
+        model (no transfer), then all nodes (transfer unless cached); in each, groups go
+        fastest first and stop once even an idle node of the group cannot beat the best."""
         best: tuple[tuple, _Entry] | None = None
-        if job.model_key is not None and job.model_key in self.cached:
-            for e in self.cached[job.model_key]:
-                left = e.avail - needs[e.cls]
-                if left >= 0 and not e.full():
-                    s = work / e.rate()
-                    if self._gap_ok(job, e, s):
-                        key = (s, left, e.count, e.node.name)
-                        if best is None or key < best[0]:
-                            best = (key, e)
+        best_s = math.inf
         transfer = self.placer._transfer_s(job, info, _NO_CACHE)
         entries = self.entries
-        key_t: tuple = best[0] if best is not None else ()
-        for g in self.groups:
-            if best is not None and transfer + work / g.speed > key_t[0]:
-                break  # slower groups cannot win (groups go fastest first)
-            need = needs[g.dev_cls]
-            for lst in g.lists:
-                if not lst or lst[-1][0] < need:
-                    continue
-                i = bisect.bisect_left(lst, (need,))
-                found = None
-                for key in lst[i:i + 8]:  # the best fit, or the next few if it is claimed
-                    e = entries[key[2]]
-                    s = transfer + work / e.rate()
-                    if e.claim is None or self._gap_ok(job, e, s):
-                        found = ((s, key[0] - need, e.count, e.node.name), e)
-                        break
-                if found is not None:
-                    if best is None or found[0] < key_t:
-                        best = found
-                        key_t = found[0]
+        model = job.model_key
+        sources: list[tuple[list[_Group], float]] = [(self.groups, transfer)]
+        if model is not None and model in self.cached:
+            sources.insert(0, (self.cached[model], 0.0))
+        for groups, offset in sources:
+            for g in groups:
+                if offset + work / g.speed > best_s:
+                    break  # slower groups cannot win (groups go fastest first)
+                need = needs[g.dev_cls]
+                for lst in g.lists:
+                    if not lst or lst[-1][0] < need:
+                        continue
+                    i = bisect.bisect_left(lst, (need,))
+                    for key in lst[i:i + 8]:  # the best fit, or the next few if it is claimed
+                        e = entries[key[2]]
+                        t = 0.0 if (offset and model is not None
+                                    and model in e.node.cached_models) else offset
+                        sc = t + work / e.rate()
+                        if e.claim is None or self._gap_ok(job, e, sc):
+                            if sc <= best_s:
+                                k = (sc, key[0] - need, e.count, e.node.name)
+                                if best is None or k < best[0]:
+                                    best, best_s = (k, e), sc
+                            break
+                    else:
+                        continue
                     break  # a busier bucket of the same group is slower
         return best
 
@@ -715,6 +752,8 @@ class _Pass:
         if placer.wait_speedup <= 0 or not self.freeing:
             return False
         floor = chosen.speed * placer.wait_speedup
+        if floor > self.fastest_freeing:
+            return False
         for e in self.freeing:
             t = e.node.frees_in or 0.0
             if t > placer.max_wait_s or t >= score:
