@@ -208,6 +208,8 @@ class Service:
         self.tasks.start()
         self.app = create_app(self.settings, self.store, self.artifacts, self.executor,
                               tasks=self.tasks)
+        # Chats in flight count toward their tenant's fair share of the pool, like its jobs.
+        self.executor.tenant_load = self.app.state.ctx.limits.chats.snapshot
 
     def _uvicorn(self) -> Any:
         import uvicorn

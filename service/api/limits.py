@@ -145,6 +145,11 @@ class StreamSlots:
         with self._lock:
             return self._open.get(tenant, 0)
 
+    def snapshot(self) -> dict[str, int]:
+        """Open streams of every tenant that has any."""
+        with self._lock:
+            return dict(self._open)
+
 
 def _retry_headers(seconds: float) -> dict[str, str]:
     # Retry-After takes whole seconds; retry-after-ms (as OpenAI sends it) the precise wait.

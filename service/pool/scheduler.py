@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -153,6 +153,9 @@ class RayExecutor(BackgroundLoop):
         self.models = models or ModelObjects()
         self._lock = threading.RLock()
         self._last_refresh = 0.0
+        # What else each tenant runs on the pool now (the server sets it to the chats in
+        # flight): counted with its running jobs when fair share orders the queue.
+        self.tenant_load: Optional[Callable[[], dict[str, int]]] = None
 
     # -- JobExecutor ------------------------------------------------------------------------
     def on_start(self) -> None:
@@ -645,6 +648,9 @@ class RayExecutor(BackgroundLoop):
         with self._lock:
             for a in self._active.values():
                 running_by_tenant[a.tenant] = running_by_tenant.get(a.tenant, 0) + 1
+        if self.tenant_load is not None:
+            for tenant, n in self.tenant_load().items():
+                running_by_tenant[tenant] = running_by_tenant.get(tenant, 0) + n
         by_id = {j.id: j for j in queued}
         for placement in self.placer.plan(jobs, views, running_by_tenant):
             try:

@@ -5,7 +5,8 @@
   it the same node runs far ahead;
 - a reader leaving (`InferenceStream.cancel`, an HTTP client disconnecting) stops the
   generation on the node: nothing stays in flight, the next request is served;
-- a tenant's in-flight chats are bounded (429 with Retry-After), other tenants are not held up;
+- a tenant's in-flight chats are bounded (429 with Retry-After), other tenants are not held up,
+  and they count toward its fair share of the pool (the scheduler's `tenant_load`);
 - the inference worker's bases are reserved in the NodeAgent's report like a job's memory,
   given back when the LRU evicts one, and take no CPU slot from training.
 """
@@ -152,6 +153,8 @@ def test_a_tenant_has_a_bounded_number_of_chats_in_flight(service):
             assert held.status_code == 200
             lines = held.iter_lines()
             assert next(line for line in lines if '"content"' in line)
+            # The open chat counts toward acme's fair share of the pool, like a running job.
+            assert service["svc"].executor.tenant_load().get("acme") == 1
             refused = _chat(service)
             assert refused.status_code == 429, refused.text
             assert refused.json()["error"]["code"] == "too_many_chats"
