@@ -108,14 +108,21 @@ class NodeRegistry:
                         report = ray.get(ref)
                     except Exception:
                         continue
-                    if name not in self._nodes:
-                        log.info("node %s joined", name)
-                    self._nodes[name] = NodeState(name, report, now, False, agents[name])
+                    self.note_report(name, report, agents[name], now)
             for name, st in self._nodes.items():
                 if not st.offline and now - st.seen_at > self.heartbeat_timeout:
                     st.offline = True
                     log.warning("node %s is offline (no heartbeat for %.0f s)", name,
                                 now - st.seen_at)
+
+    def note_report(self, name: str, report: dict[str, Any], handle: Any = None,
+                    at: Optional[float] = None) -> None:
+        """Record a report that arrived from the node's agent (a fresh heartbeat)."""
+        with self._lock:
+            if name not in self._nodes:
+                log.info("node %s joined", name)
+            self._nodes[name] = NodeState(name, report, time.time() if at is None else at,
+                                          False, handle)
 
     # -- views -----------------------------------------------------------------------------
     def views(self, active: Iterable[JobOnNode], dying: Mapping[str, int],
