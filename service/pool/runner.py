@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import ray
 
+from .outcomes import Completed, Failed, RunnerEvent, RunnerItem, RunResult, Stopped
 from .transfer import materialise, read_folder
 
 # Everything the head sends in a payload is data, not paths on the head:
@@ -32,6 +33,8 @@ from .transfer import materialise, read_folder
 #   model / data / validation / resume: {"key": content id, "files": {relpath: ObjectRef|bytes},
 #                                        "entry": relpath of the file to use (gguf / jsonl)}
 #   attempt: int
+# (payloads.py builds it: `Payload`.) What goes back is typed (outcomes.py): `drain()` returns
+# `RunnerItem`s and `run()` a `RunResult` (`Completed`, `Stopped` or `Failed`).
 
 
 class _StopNow(BaseException):
@@ -49,7 +52,8 @@ class RunnerMailbox:
 
     def _init_mailbox(self) -> None:
         self._lock = threading.Lock()
-        self._outbox: list[dict[str, Any]] = []
+        # RunnerItems here; the multi-worker runner still queues their dict form.
+        self._outbox: list[Any] = []
         self._stop_reason: Optional[str] = None
 
     def request_stop(self, reason: str) -> None:
@@ -58,7 +62,7 @@ class RunnerMailbox:
             if self._stop_reason is None:
                 self._stop_reason = reason
 
-    def drain(self) -> list[dict[str, Any]]:
+    def drain(self) -> list[Any]:
         """Everything queued since the last call (events and checkpoint files)."""
         with self._lock:
             out, self._outbox = self._outbox, []
@@ -89,22 +93,20 @@ class JobRunner(RunnerMailbox):
         self._peak_memory: Optional[int] = None
 
     # -- called by the head / the NodeAgent: request_stop, drain, pid (RunnerMailbox) -------
-    def run(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """Train; return {"status": completed|stopped|failed, …, "adapter_files"?: {…}}."""
+    def run(self, payload: dict[str, Any]) -> RunResult:
+        """Train; return `Completed` (with the adapter's files), `Stopped` or `Failed`."""
         try:
             return self._run(payload)
         except Exception as exc:  # report every failure to the head as data, with its code
             from ..train.errors import TrainError
 
             if isinstance(exc, TrainError):
-                return {"status": "failed", "code": exc.code, "message": exc.message,
-                        "retryable": exc.retryable}
-            return {"status": "failed", "code": "internal_error",
-                    "message": f"{type(exc).__name__}: {exc}", "retryable": True,
-                    "traceback": traceback.format_exc(limit=20)}
+                return Failed(code=exc.code, message=exc.message, retryable=exc.retryable)
+            return Failed(code="internal_error", message=f"{type(exc).__name__}: {exc}",
+                          retryable=True, traceback=traceback.format_exc(limit=20))
 
     # -- internals ------------------------------------------------------------------------
-    def _put(self, item: dict[str, Any]) -> None:
+    def _put(self, item: RunnerItem) -> None:
         with self._lock:
             self._outbox.append(item)
 
@@ -127,13 +129,13 @@ class JobRunner(RunnerMailbox):
                             "(any more)", code="dataset_not_found")
         return Path(path)
 
-    def _stopped_early(self, started: float) -> dict[str, Any]:
+    def _stopped_early(self, started: float) -> Stopped:
         """The result of a run stopped before its first step: nothing was trained or saved."""
-        return {"status": "stopped", "step": 0, "total_steps": None, "metrics": {},
-                "stop_reason": self._stop_reason, "seconds": time.time() - started,
-                "peak_memory": self._peak_memory, "phase": "setup"}
+        return Stopped(step=0, total_steps=None, metrics={}, stop_reason=self._stop_reason,
+                       seconds=time.time() - started, peak_memory=self._peak_memory,
+                       phase="setup")
 
-    def _run(self, payload: dict[str, Any]) -> dict[str, Any]:
+    def _run(self, payload: dict[str, Any]) -> RunResult:
         started = time.time()
         # Checked before each phase: a job cancelled while queued for this runner's process, or
         # while its model arrives, never imports torch or loads anything.
@@ -175,14 +177,14 @@ class JobRunner(RunnerMailbox):
             stepped = stepped or event.type == "step"
             if not stepped and event.type == "status" and self._stop_reason is not None:
                 raise _StopNow()
-            item: dict[str, Any] = {"kind": "event", "event": event.model_dump(mode="json")}
             if event.memory_peak:
                 self._peak_memory = max(self._peak_memory or 0, int(event.memory_peak))
+            files = None
             if event.type == "checkpoint" and event.path:
                 # Checkpoints leave the node as they are written: losing the node then loses
                 # at most `checkpoint_every` steps.
-                item["files"] = read_folder(event.path)
-            self._put(item)
+                files = read_folder(event.path)
+            self._put(RunnerItem(RunnerEvent.from_train_event(event), files))
 
         def should_stop() -> bool:
             return self._stop_reason is not None
@@ -200,21 +202,19 @@ class JobRunner(RunnerMailbox):
             )
         except _StopNow:
             return self._stopped_early(started)
-        out: dict[str, Any] = {
-            "status": result.status,
-            "step": result.step,
-            "total_steps": result.total_steps,
-            "metrics": result.metrics,
-            "stop_reason": self._stop_reason,
-            "seconds": time.time() - started,
-            "peak_memory": self._peak_memory or result.metrics.get("peak_memory_bytes"),
-        }
-        if result.status == "completed" and result.adapter_dir is not None:
-            out["adapter_files"] = read_folder(result.adapter_dir)
-        elif result.last_checkpoint is not None:
-            # The head may already hold it from the checkpoint event; it deduplicates by step.
-            out["checkpoint_files"] = read_folder(result.last_checkpoint)
-        return out
+        common: dict[str, Any] = dict(
+            step=result.step, total_steps=result.total_steps, metrics=result.metrics,
+            stop_reason=self._stop_reason, seconds=time.time() - started,
+            peak_memory=self._peak_memory or result.metrics.get("peak_memory_bytes"))
+        if result.status == "completed":
+            if result.adapter_dir is None:  # the trainer always writes one; never trust it blindly
+                return Failed(code="internal_error", retryable=True,
+                              message="training completed without an adapter", **common)
+            return Completed(adapter_files=read_folder(result.adapter_dir), **common)
+        # The head may already hold it from the checkpoint event; it deduplicates by step.
+        return Stopped(checkpoint_files=(read_folder(result.last_checkpoint)
+                                         if result.last_checkpoint is not None else None),
+                       **common)
 
 
 RemoteJobRunner = ray.remote(max_concurrency=4)(JobRunner)
