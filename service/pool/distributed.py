@@ -36,6 +36,7 @@ from typing import Any, Optional
 import ray
 
 from .distributed_plan import Candidate, WorkerPlan, describe, order_candidates, plan_workers
+from .outcomes import Failed, RunnerEvent, RunnerItem, RunResult, result_from_wire
 from .runner import RunnerMailbox
 from .transfer import materialise, read_folder
 
@@ -204,7 +205,7 @@ class DistributedJobRunner(RunnerMailbox):
             self._step = max(self._step, int(event.get("step") or 0))
             if event.get("type") == "checkpoint" and item.get("files"):
                 self._checkpoint = (int(event["step"]), item["files"])
-            self._outbox.append(item)
+            self._outbox.append(RunnerItem.from_wire(item))
 
     def poll(self) -> bool:
         """Rank 0 asks between steps: stop now? (a stop request, or room to grow)."""
@@ -230,9 +231,8 @@ class DistributedJobRunner(RunnerMailbox):
     # -- the run ----------------------------------------------------------------------------------
 
     def _event(self, message: str, **data: Any) -> None:
-        self._outbox.append({"kind": "event", "event": {
-            "type": "status", "step": self._step, "message": message,
-            "data": {"distributed": data}}})
+        self._outbox.append(RunnerItem(RunnerEvent(
+            type="status", step=self._step, message=message, data={"distributed": data})))
 
     def _usable(self) -> list[Candidate]:
         """Candidates alive now with room for a worker, same machine first."""
@@ -278,14 +278,13 @@ class DistributedJobRunner(RunnerMailbox):
                                 "checkpointing to grow the job", node=extra[0].node_id)
                 return
 
-    def run(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """Train to the end; the same result shape as `JobRunner.run`."""
+    def run(self, payload: dict[str, Any]) -> RunResult:
+        """Train to the end; a typed result, like `JobRunner.run`."""
         try:
-            return self._run(payload)
+            return result_from_wire(self._run(payload))
         except Exception as exc:  # report as data, like JobRunner
-            return {"status": "failed", "code": "internal_error",
-                    "message": f"{type(exc).__name__}: {exc}", "retryable": True,
-                    "traceback": traceback.format_exc(limit=20)}
+            return Failed(code="internal_error", message=f"{type(exc).__name__}: {exc}",
+                          retryable=True, traceback=traceback.format_exc(limit=20))
 
     def _run(self, payload: dict[str, Any]) -> dict[str, Any]:
         from ray.train import FailureConfig, RunConfig, ScalingConfig

@@ -4,9 +4,9 @@ Two halves, both pure data (no Ray, no store), so they are tested without a clus
 
 1. The messages a job runner sends the head: `RunnerItem` (one entry of `drain()`: a
    `RunnerEvent`, plus the checkpoint files it announces) and `RunResult` (what `run()` returns:
-   `Completed`, `Stopped` or `Failed`). The single-node `JobRunner` builds them; results that
-   arrive as dicts (the multi-worker runner in distributed.py speaks dicts) are parsed once, at
-   the scheduler's boundary, with `from_wire`.
+   `Completed`, `Stopped` or `Failed`). Both runners build them (the multi-worker one in
+   distributed.py from what its Ray Train workers send it); `from_wire` parses the dict form
+   (logs, tests, an older runner) once.
 2. The outcome → transition table: for each kind of ending (a run's result, or what the head
    saw itself: a lost node, a cancel past its deadline, the service stopping or restarting) the
    job's next status, its event (message, level, data), the store fields to set, and whether it

@@ -52,7 +52,7 @@ class RunnerMailbox:
 
     def _init_mailbox(self) -> None:
         self._lock = threading.Lock()
-        # RunnerItems here; the multi-worker runner still queues their dict form.
+        # RunnerItems, from the single- and the multi-worker runner alike.
         self._outbox: list[Any] = []
         self._stop_reason: Optional[str] = None
 

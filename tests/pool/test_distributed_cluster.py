@@ -86,8 +86,9 @@ def _runner(job_id: str, candidates: list[dict[str, Any]], **kw: Any) -> Any:
                                              cpu_threads=1, wait_for_nodes_s=20, **kw)
 
 
-def _events(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [i["event"] for i in items if i.get("kind") == "event"]
+def _events(items: list[Any]) -> list[dict[str, Any]]:
+    """The drained RunnerItems' events, as dicts."""
+    return [i.event.to_wire() for i in items]
 
 
 def test_two_workers_end_with_the_one_worker_adapter(pool):
@@ -97,10 +98,10 @@ def test_two_workers_end_with_the_one_worker_adapter(pool):
     runner = _runner("ftjob-two", [{"node_id": n.node_id, "name": f"desk{i}"}
                                    for i, n in enumerate(nodes[:2])], workers=2)
     result = ray.get(runner.run.remote(pool["payload"]), timeout=600)
-    assert result["status"] == "completed", result
-    _assert_same(_weights(result["adapter_files"]), pool["ref"])
-    assert sorted(w["node_id"] for w in result["workers"]) == sorted(n.node_id for n in nodes[:2])
-    assert [w["rows_per_step"] for w in result["workers"]] == [4, 4]
+    assert result.status == "completed", result
+    _assert_same(_weights(result.adapter_files), pool["ref"])
+    assert sorted(w["node_id"] for w in result.workers) == sorted(n.node_id for n in nodes[:2])
+    assert [w["rows_per_step"] for w in result.workers] == [4, 4]
     events = _events(ray.get(runner.drain.remote()))
     assert any(e["message"].startswith("starting: 2 worker(s)") for e in events)
     # Checkpoints came back through Ray as files (no shared disk), from rank 0 only.
@@ -134,14 +135,14 @@ def test_mixed_cards_each_get_their_own_micro_batch(pool):
     assert sorted(expected.values()) == [1, 2, 4]
     runner = _runner("ftjob-mixed", cands, workers=3, estimate_base_model=pool["model_dir"])
     result = ray.get(runner.run.remote(pool["payload"]), timeout=600)
-    assert result["status"] == "completed", result
-    got = {w["node_id"]: w for w in result["workers"]}
+    assert result.status == "completed", result
+    got = {w["node_id"]: w for w in result.workers}
     assert {nid: w["micro_batch_size"] for nid, w in got.items()} == expected
     # Rows follow speed 4:2:2 of each step's 8.
     speed = {c["node_id"]: c["speed"] for c in cands}
     assert {nid: w["rows_per_step"] for nid, w in got.items()} == {
         nid: int(8 * s / 8) for nid, s in speed.items()}
-    _assert_same(_weights(result["adapter_files"]), pool["ref"])
+    _assert_same(_weights(result.adapter_files), pool["ref"])
 
 
 @pytest.mark.slow
@@ -165,9 +166,9 @@ def test_losing_a_node_mid_run_finishes_on_the_other_with_the_same_adapter(pool)
     cluster.remove_node(victim)
     ray.get(runner.release.remote())
     result = ray.get(ref, timeout=600)
-    assert result["status"] == "completed", result
-    assert [w["node_id"] for w in result["workers"]] == [nodes[0].node_id]
-    _assert_same(_weights(result["adapter_files"]), pool["ref"])
+    assert result.status == "completed", result
+    assert [w["node_id"] for w in result.workers] == [nodes[0].node_id]
+    _assert_same(_weights(result.adapter_files), pool["ref"])
     events = _events(ray.get(runner.drain.remote()))
     messages = [e["message"] for e in events if e["type"] == "status"]
     assert any(m.startswith("worker lost") and "checkpoint step 2" in m for m in messages)
