@@ -231,8 +231,12 @@ def test_reclaimed_node_unloads_and_gives_its_memory_back(service):
     worker = ray.get_actor(WORKER_PREFIX + "local-cpu", namespace="lorapool")
     ray.get(agent.reclaim.remote("the owner is back"))
     try:
+        # The worker unloads, then tells its agent: wait for both (the agent's report may
+        # trail the unload by a call).
         deadline = time.time() + 30
-        while time.time() < deadline and ray.get(worker.loaded.remote())["bases"]:
+        while time.time() < deadline and (
+                ray.get(worker.loaded.remote())["bases"]
+                or WORKER_PREFIX + "local-cpu" in ray.get(agent.report.remote())["jobs"]):
             time.sleep(0.2)
         assert ray.get(worker.loaded.remote())["bases"] == []
         report = ray.get(agent.report.remote())
