@@ -50,6 +50,7 @@ from ..train.spec import TrainSpec
 from .active_jobs import ActiveJob, ActiveJobs
 from .agent import NAMESPACE, agent_name, list_agents
 from .background import BackgroundLoop
+from .job_views import JobViews
 from .model_objects import ModelObjects
 from .node_registry import NodeRegistry
 from .outcomes import (
@@ -142,6 +143,7 @@ class RayExecutor(BackgroundLoop):
         self.active = ActiveJobs(dying_timeout=dying_timeout)
         self.models = models or ModelObjects()
         self.payloads = PayloadBuilder(store, artifacts, self.models)
+        self.job_views = JobViews(job_view)  # queued jobs' views, reused across passes
         # Nodes where each job's earlier attempts ended badly: a retry goes elsewhere if it can.
         self._failed_on: dict[str, set[str]] = {}
         # What else each tenant runs on the pool now (the server sets it to the chats in
@@ -409,19 +411,17 @@ class RayExecutor(BackgroundLoop):
         queued = [j for j in self.store.jobs_in_status("queued") if j.id not in active_ids]
         if not queued:
             return
-        views = self._node_views()
-        if not views:
+        nodes = self._node_views()
+        if not nodes:
             return
+        models = {m.name: m for m in self.store.list_models()}
+        queued_views, errors = self.job_views.views(queued, models)
+        for job_id, (code, message) in errors.items():
+            self.store.transition(job_id, {"queued"}, "failed", finished_at=int(time.time()),
+                                  error_code=code, error_message=message)
         jobs = []
-        for j in queued:
-            try:
-                spec = self._head_spec(j)
-            except Exception as exc:
-                self.store.transition(j.id, {"queued"}, "failed", finished_at=int(time.time()),
-                                      error_code="model_not_found", error_message=str(exc))
-                continue
-            view = job_view(j.id, j.tenant, spec, float(j.created_at), j.placement)
-            avoid = self._failed_on.get(j.id)
+        for view in queued_views:
+            avoid = self._failed_on.get(view.job_id)
             if avoid:
                 view = dataclasses.replace(view, avoid_nodes=frozenset(avoid))
             jobs.append(view)
@@ -430,21 +430,13 @@ class RayExecutor(BackgroundLoop):
             for tenant, n in self.tenant_load().items():
                 running_by_tenant[tenant] = running_by_tenant.get(tenant, 0) + n
         by_id = {j.id: j for j in queued}
-        for placement in self.placer.plan(jobs, views, running_by_tenant):
+        for placement in self.placer.plan(jobs, nodes, running_by_tenant):
             try:
                 self._start(by_id[placement.job_id], placement)
             except Exception as exc:
                 log.exception("could not start %s", placement.job_id)
                 self.store.add_event(placement.job_id, f"Could not start on {placement.node_id}: "
                                      f"{exc}", level="warn")
-
-    def _head_spec(self, job: Any) -> TrainSpec:
-        model = self.store.get_model(job.model)
-        if model is None:
-            raise LookupError(f"model {job.model!r} is no longer registered")
-        fields = dict(job.spec)
-        fields["base_model"] = str(model.path)
-        return TrainSpec(**fields)
 
     def _build_payload(self, job: Any, placement: Any) -> tuple[Payload, int]:
         """What travels to the node (payloads.py); a method so tests can watch what is sent."""
