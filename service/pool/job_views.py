@@ -59,6 +59,3 @@ class JobViews:
         # Only the jobs still queued stay: a placed, cancelled or finished job's view goes.
         self._views = keep if len(keep) <= self._max_size else {}
         return out, errors
-
-    def forget(self, job_id: str) -> None:
-        self._views.pop(job_id, None)
