@@ -36,6 +36,7 @@ class FastPlan:
     padding_free: bool = False
     chunked_loss: bool = False
     host_embeddings: bool = False
+    grouped_lora: bool = False
     reasons: dict[str, str] = field(default_factory=dict)  # piece -> why it is off (or "on")
 
     def as_dict(self) -> dict[str, Any]:

@@ -43,6 +43,8 @@ class FastSpec(BaseModel):
     padding_free: Switch = "auto"  # flat packed rows, position_ids restart, doc-masked attention
     chunked_loss: Switch = "auto"  # linear+CE without full logits (service/train/loss.py)
     host_embeddings: Switch = "auto"  # frozen input embeddings in pinned host memory (fast/)
+    # q/k/v and gate/up as one fused node each (fast/lora_group.py); needs fused_lora, dropout 0
+    grouped_lora: Switch = "auto"
 
 
 FAST_PIECES = tuple(FastSpec.model_fields)

@@ -1,6 +1,7 @@
 """The fast path of the trainer: which pieces run on this device, and plugging them in.
 
-Pieces (issue 9): `fused_lora` (fast/lora.py), `offload_activations` (fast/offload.py),
+Pieces (issue 9): `fused_lora` (fast/lora.py), `grouped_lora` (fast/lora_group.py: sibling
+projections of one input as one node, on top of fused_lora), `offload_activations` (fast/offload.py),
 `kernels` (Liger, fast/kernels.py), `padding_free` (fast/attention.py), `chunked_loss`
 (the trainer's loss.py) and `host_embeddings` (fast/embeddings.py). `TrainSpec.fast` switches each "auto", "on" or "off";
 `resolve_fast(spec, device)` turns that into a `FastPlan` for the device:
@@ -26,7 +27,7 @@ import torch
 log = logging.getLogger(__name__)
 
 PIECES = ("fused_lora", "offload_activations", "kernels", "padding_free", "chunked_loss",
-          "host_embeddings")
+          "host_embeddings", "grouped_lora")
 Switch = Literal["auto", "on", "off"]
 _SWITCHES = ("auto", "on", "off")
 
@@ -45,6 +46,7 @@ except ImportError:
         padding_free: Switch = "auto"
         chunked_loss: Switch = "auto"
         host_embeddings: Switch = "auto"
+        grouped_lora: Switch = "auto"
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class FastPlan:
     padding_free: bool
     chunked_loss: bool
     host_embeddings: bool = False
+    grouped_lora: bool = False
     reasons: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -106,6 +109,12 @@ def _can_run(piece: str, spec: Any, device: torch.device) -> tuple[bool, str]:
         if lora is not None and getattr(lora, "use_dora", False):
             return False, "fused LoRA does not do DoRA (peft's DoRA layer runs instead)"
         return fused_lora_available()
+    if piece == "grouped_lora":
+        lora = getattr(spec, "lora", None)
+        if lora is not None and getattr(lora, "dropout", 0.0) > 0:
+            return False, ("grouped LoRA shares one input across siblings; LoRA dropout draws a "
+                           "mask per projection (set lora.dropout to 0 to group)")
+        return _can_run("fused_lora", spec, device)
     if piece == "offload_activations":
         if not getattr(spec, "gradient_checkpointing", True):
             return False, "activation offload needs gradient_checkpointing on"
@@ -140,7 +149,8 @@ def _what_runs(piece: str, device: torch.device) -> str:
             "offload_activations": "checkpointed layer inputs in pinned host memory",
             "kernels": "Liger RMSNorm/SwiGLU/RoPE",
             "chunked_loss": "chunked linear + cross-entropy",
-            "host_embeddings": "frozen input embeddings in pinned host memory"}[piece]
+            "host_embeddings": "frozen input embeddings in pinned host memory",
+            "grouped_lora": "q/k/v and gate/up projections as one fused node each"}[piece]
 
 
 def resolve_fast(spec: Any, device: torch.device | str) -> FastPlan:
@@ -162,6 +172,8 @@ def resolve_fast(spec: Any, device: torch.device | str) -> FastPlan:
             on[piece], reasons[piece] = False, f"off: {why}"
             continue
         on[piece], reasons[piece] = True, f"on ({switch}): {_what_runs(piece, device)}"
+    if on["grouped_lora"] and not on["fused_lora"]:
+        on["grouped_lora"], reasons["grouped_lora"] = False, "off: needs fused_lora"
     return FastPlan(reasons=reasons, **on)
 
 
@@ -188,6 +200,13 @@ def apply_fast_path(model: torch.nn.Module, plan: FastPlan, spec: Any,
         n = apply_fused_lora(model)
         done["fused_lora"] = f"{n} LoRA Linear4bit modules fused" if n else \
             "no peft LoRA Linear4bit module found"
+        if plan.grouped_lora:
+            from .lora import FusedLoraLinear4bit
+            from .lora_group import group_siblings
+
+            groups = group_siblings(model, FusedLoraLinear4bit)
+            done["grouped_lora"] = f"{groups} sibling groups" if groups else \
+                "no sibling projections (q/k/v, gate/up) found"
     if plan.offload_activations:
         from .offload import install_offloaded_checkpointing
 

@@ -86,9 +86,27 @@ def lora_weight_in(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def dequantize_weight(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype) -> torch.Tensor:
-    """The dense (out, in) weight of a bitsandbytes 4-bit parameter, in `dtype`."""
-    w = bnb.functional.dequantize_4bit(weight, quant_state)
-    return w if w.dtype == dtype else w.to(dtype)
+    """The dense (out, in) weight of a bitsandbytes 4-bit parameter, in `dtype`.
+
+    bitsandbytes' own kernels, called through their registered ops rather than
+    `functional.dequantize_4bit`: that wrapper re-validates the state and goes through two more
+    Python layers per call, which at micro-batch 1 (a few hundred calls per step, each a short
+    kernel) is time the GPU spends waiting. The kernel writes `dtype` directly, so no cast follows.
+    """
+    qs = quant_state
+    if weight.shape[0] == 1 or qs.quant_type not in ("nf4", "fp4"):
+        # The legacy transposed packing, or anything unusual: bitsandbytes' checked path.
+        w = bnb.functional.dequantize_4bit(weight, qs)
+        return w if w.dtype == dtype else w.to(dtype)
+    if qs.nested:
+        s2 = qs.state2
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+            qs.absmax, s2.absmax, s2.code, s2.blocksize, torch.float32)
+        absmax += qs.offset
+    else:
+        absmax = qs.absmax if qs.absmax.dtype == torch.float32 else qs.absmax.float()
+    return torch.ops.bitsandbytes.dequantize_4bit.default(weight, absmax, qs.blocksize,
+                                                          qs.quant_type, qs.shape, dtype)
 
 
 class FusedLoraFunction(torch.autograd.Function):
@@ -218,10 +236,23 @@ if _PeftLinear4bit is not None:
                 return None
             return name
 
+        def _dropout_active(self, name: str) -> bool:
+            dropout = self.lora_dropout[name]
+            return isinstance(dropout, torch.nn.Dropout) and dropout.training and dropout.p > 0
+
         def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            group = self.__dict__.get("_lorapool_group")  # fast/lora_group.py, when grouped
+            if group is not None and not args and not kwargs:
+                out = group.take(self, x)  # a sibling already computed it on this very x
+                if out is not None:
+                    return out
             name = self._fused_adapter(kwargs) if not args else None
             if name is None:
                 return super().forward(x, *args, **kwargs)
+            if group is not None and not kwargs and not self._dropout_active(name):
+                out = group.run(self, x, name)
+                if out is not None:
+                    return out
             self._check_forward_args(x, *args, **kwargs)
             base = self.get_base_layer()
             bnb.nn.modules.fix_4bit_weight_quant_state_from_module(base)
@@ -229,9 +260,7 @@ if _PeftLinear4bit is not None:
             dropout = self.lora_dropout[name]
             # Dropout stays an ordinary autograd op ahead of the fused node: the same module and
             # RNG draw as peft, so a seed gives the same mask on both paths.
-            xd = None
-            if isinstance(dropout, torch.nn.Dropout) and dropout.training and dropout.p > 0:
-                xd = dropout(x)
+            xd = dropout(x) if self._dropout_active(name) else None
             return fused_lora_linear(x, xd, self.lora_A[name].weight, self.lora_B[name].weight,
                                      base.weight, base.weight.quant_state, base.bias,
                                      self.scaling[name], compute_dtype)
