@@ -438,7 +438,14 @@ def child_main(job: dict) -> dict:
 # the parent: subprocesses, budget, table
 
 
-def run_child(job: dict, timeout_s: float, log) -> dict:
+def _env_for(gpu: Any) -> dict | None:
+    """The environment of a child pinned to one GPU (None: inherit, all GPUs visible)."""
+    if gpu is None:
+        return None
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
+
+
+def run_child(job: dict, timeout_s: float, log, gpu: Any = None) -> dict:
     """Run one job in a fresh Python (its own process group, killed whole on timeout)."""
     scratch = Path(job["scratch"])
     scratch.mkdir(parents=True, exist_ok=True)
@@ -448,7 +455,7 @@ def run_child(job: dict, timeout_s: float, log) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_child", str(job_file)],
                             stdout=subprocess.PIPE, stderr=errf, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=_env_for(gpu))
     try:
         stdout, _ = proc.communicate(timeout=timeout_s)
         status = None
@@ -479,7 +486,8 @@ def run_child(job: dict, timeout_s: float, log) -> dict:
     return res
 
 
-def build_models(shapes: list[str], root: Path, device: str, timeout_s: float, log) -> dict:
+def build_models(shapes: list[str], root: Path, device: str, timeout_s: float, log,
+                 gpu: Any = None) -> dict:
     """Build every missing model folder, each in its own subprocess (the parent keeps no CUDA
     context). Returns shape -> folder or an error string."""
     out: dict[str, Any] = {}
@@ -491,7 +499,8 @@ def build_models(shapes: list[str], root: Path, device: str, timeout_s: float, l
         t0 = time.perf_counter()
         cmd = [sys.executable, os.path.abspath(__file__), "--_build", shape, str(dest), device]
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                               env=_env_for(gpu))
             ok = p.returncode == 0 and (dest / "BUILT").exists()
             log.write(f"==== build {shape} (rc {p.returncode})\n{p.stderr[-4000:]}\n")
             out[shape] = dest if ok else f"build failed: {p.stderr.strip()[-300:]}"
@@ -580,52 +589,123 @@ def device_line() -> str:
             f"torch {torch.__version__} CUDA {torch.version.cuda}")
 
 
+def _job_order(shapes: list[str], mbs: list[int], runners: list[str], lanes: int) -> list:
+    """(shape, mb, runner) in launch order: the table's order on one GPU; with several lanes,
+    the longest shapes first so that the lanes finish together (longest-processing-time first)."""
+    order = [(shape, mb, runner) for shape in shapes for mb in mbs for runner in runners]
+    if lanes > 1:
+        order.sort(key=lambda t: -SHAPE_TIMEOUT_S.get(t[0], 300))
+    return order
+
+
 def grid(args, runners: list[str], shapes: list[str], mbs: list[int], device: str,
          deadline: float, log) -> list[dict]:
-    """Build the models, then run every (shape, mb, runner) in turn within the budget."""
+    """Build the models, then run every (shape, mb, runner) within the budget.
+
+    With `--gpus 0,1,...` each GPU is a lane running one subprocess at a time (pinned with
+    CUDA_VISIBLE_DEVICES): the same runs, in one process tree, in a fraction of the wall time.
+    Every run still has a GPU to itself.
+    """
+    import queue
+    import threading
+
     root = models_root(args.models_dir, shapes)
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lorapool-speed-"))
-    results: list[dict] = []
-    for shape in shapes:
-        t_build = min(240.0, max(30.0, deadline - time.perf_counter() - 30))
-        built = build_models([shape], root, device, t_build, log)[shape]
-        for mb in mbs:
-            rows = make_rows(mb * args.steps, args.seq, seed=args.seed)
-            rows_dir = work / f"data-{shape}-mb{mb}"
-            rows_dir.mkdir(parents=True, exist_ok=True)
-            (rows_dir / "rows.json").write_text(json.dumps(rows))
-            (rows_dir / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-            for runner in runners:
-                base = dict(runner=runner, shape=shape, mb=mb, seq=args.seq)
-                left = deadline - time.perf_counter()
-                if not isinstance(built, Path):
-                    results.append({**base, "status": "error", "reason": built})
-                    continue
-                full = args.timeout_s or SHAPE_TIMEOUT_S.get(shape, 300)
-                if left < max(45.0, 0.4 * full):  # too little left to finish: say so instead
-                    results.append({**base, "status": "skipped",
-                                    "reason": f"budget --budget-s {args.budget_s:.0f} spent"})
-                    continue
-                timeout = min(full, left - 20)
-                variant = runner.split("@", 1)[1] if "@" in runner else None
-                extra = {"fast": args.variants[variant]} if variant else {}
-                if runner in args.profile.split(",") and args.out:
-                    extra["profile"] = str(Path(args.out) / f"profile-{runner.replace('@', '-')}"
-                                           f"-{shape}-mb{mb}.txt")
-                job = dict(base, **extra, device=device, model=str(built), steps=args.steps,
-                           warmup=args.warmup, seed=args.seed, rows=str(rows_dir / "rows.json"),
-                           rows_jsonl=str(rows_dir / "rows.jsonl"),
-                           scratch=str(work / f"{runner}-{shape}-mb{mb}"))
-                r = run_child(job, timeout, log)
-                results.append(r)
-                print(f"  {runner:<13}{shape:<5}mb{mb}: {r.get('status')} "
-                      f"{_f(r.get('tok_s'), ',.0f')} tok/s, "
-                      f"{_f(r.get('peak_alloc') and r['peak_alloc'] / GiB, '.2f')} GiB alloc, "
-                      f"{r['wall_s']:.0f} s {r.get('reason', '')[:200]}", flush=True)
-                shutil.rmtree(job["scratch"], ignore_errors=True)
+    lanes = args.gpu_list or [None]
+    log_lock = threading.Lock()
+
+    class _Log:  # the lanes share one log file
+        def write(self, text: str) -> None:
+            with log_lock:
+                log.write(text)
+
+        def flush(self) -> None:
+            with log_lock:
+                log.flush()
+
+    shared_log = _Log()
+    built: dict[str, Any] = {}
+    t_build = min(300.0, max(30.0, deadline - time.perf_counter() - 30))
+    build_threads = []
+    by_size = sorted(shapes, key=lambda sh: -SHAPE_TIMEOUT_S.get(sh, 300)) if len(lanes) > 1 \
+        else shapes
+    for i, shape in enumerate(by_size):  # one build per lane at a time, largest first
+        lane = lanes[i % len(lanes)]
+        t = threading.Thread(target=lambda sh=shape, ln=lane: built.update(build_models(
+            [sh], root, device, t_build, shared_log, gpu=ln)))
+        build_threads.append(t)
+    for k in range(0, len(build_threads), len(lanes)):
+        batch = build_threads[k:k + len(lanes)]
+        for t in batch:
+            t.start()
+        for t in batch:
+            t.join()
+
+    rows_dirs: dict[int, Path] = {}
+    for mb in mbs:
+        rows = make_rows(mb * args.steps, args.seq, seed=args.seed)
+        rows_dir = rows_dirs[mb] = work / f"data-mb{mb}"
+        rows_dir.mkdir(parents=True, exist_ok=True)
+        (rows_dir / "rows.json").write_text(json.dumps(rows))
+        (rows_dir / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    order = _job_order(shapes, mbs, runners, len(lanes))
+    todo: "queue.Queue[tuple[int, tuple]]" = queue.Queue()
+    for i, item in enumerate(order):
+        todo.put((i, item))
+    results: dict[int, dict] = {}
+
+    def one(shape: str, mb: int, runner: str, lane: Any) -> dict:
+        base = dict(runner=runner, shape=shape, mb=mb, seq=args.seq)
+        left = deadline - time.perf_counter()
+        model = built.get(shape, "not built")
+        if not isinstance(model, Path):
+            return {**base, "status": "error", "reason": str(model)}
+        full = args.timeout_s or SHAPE_TIMEOUT_S.get(shape, 300)
+        if left < max(45.0, 0.4 * full):  # too little left to finish: say so instead
+            return {**base, "status": "skipped",
+                    "reason": f"budget --budget-s {args.budget_s:.0f} spent"}
+        timeout = min(full, left - 20)
+        variant = runner.split("@", 1)[1] if "@" in runner else None
+        extra: dict[str, Any] = {"fast": args.variants[variant]} if variant else {}
+        if runner in args.profile.split(",") and args.out:
+            extra["profile"] = str(Path(args.out) / f"profile-{runner.replace('@', '-')}"
+                                   f"-{shape}-mb{mb}.txt")
+        rows_dir = rows_dirs[mb]
+        job = dict(base, **extra, device=device, model=str(model), steps=args.steps,
+                   warmup=args.warmup, seed=args.seed, rows=str(rows_dir / "rows.json"),
+                   rows_jsonl=str(rows_dir / "rows.jsonl"),
+                   scratch=str(work / f"{runner}-{shape}-mb{mb}"))
+        r = run_child(job, timeout, shared_log, gpu=lane)
+        if lane is not None:
+            r["gpu_lane"] = lane
+        print(f"  {runner:<13}{shape:<5}mb{mb}: {r.get('status')} "
+              f"{_f(r.get('tok_s'), ',.0f')} tok/s, "
+              f"{_f(r.get('peak_alloc') and r['peak_alloc'] / GiB, '.2f')} GiB alloc, "
+              f"{r['wall_s']:.0f} s{'' if lane is None else f' (GPU {lane})'} "
+              f"{r.get('reason', '')[:200]}", flush=True)
+        shutil.rmtree(job["scratch"], ignore_errors=True)
+        return r
+
+    def lane_loop(lane: Any) -> None:
+        while True:
+            try:
+                i, (shape, mb, runner) = todo.get_nowait()
+            except queue.Empty:
+                return
+            results[i] = one(shape, mb, runner, lane)
+
+    threads = [threading.Thread(target=lane_loop, args=(lane,)) for lane in lanes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     shutil.rmtree(work, ignore_errors=True)
-    return results
+    # The table's order, whatever order the lanes finished in.
+    index = {item: i for i, item in enumerate(order)}
+    return [results[index[(shape, mb, runner)]] for shape in shapes for mb in mbs
+            for runner in runners]
 
 
 def check_same(args, device: str, deadline: float, log) -> dict:
@@ -723,9 +803,13 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--profile", default="", metavar="RUNNERS",
                     help="comma-separated lorapool runners to profile (two steps each); "
                     "tables under --out")
+    ap.add_argument("--gpus", default="", metavar="0,1,...",
+                    help="run on these GPUs at once, one run per GPU at a time (each pinned with "
+                    "CUDA_VISIBLE_DEVICES); default: one run at a time on the default GPU")
     ap.add_argument("--_child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--_build", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.gpu_list = [g.strip() for g in args.gpus.split(",") if g.strip()]
     args.variants = {}
     for item in args.variant:
         name, _, spec = item.partition("=")

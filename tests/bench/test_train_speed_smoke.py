@@ -122,3 +122,21 @@ def test_no_gpu_exits_with_a_clear_message():
                           text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2
     assert "needs a CUDA GPU" in proc.stderr and "--cpu-smoke" in proc.stderr
+
+
+def test_lanes_take_the_longest_shapes_first_and_one_lane_keeps_the_table_order():
+    one = ts._job_order(["1b", "8b"], [1, 4], ["plain", "lorapool"], lanes=1)
+    assert one[:2] == [("1b", 1, "plain"), ("1b", 1, "lorapool")]
+    many = ts._job_order(["1b", "8b"], [1, 4], ["plain", "lorapool"], lanes=2)
+    assert sorted(many) == sorted(one)
+    assert [shape for shape, _, _ in many] == ["8b"] * 4 + ["1b"] * 4
+
+
+@pytest.mark.slow
+def test_cpu_smoke_on_two_lanes_pins_each_run_and_keeps_the_table_order(tmp_path):
+    proc, report = _smoke(tmp_path, "--gpus", "0,1", "--runners", "plain,lorapool,lorapool-ref")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = report["results"]
+    assert [r["runner"] for r in rows] == ["plain", "lorapool", "lorapool-ref"]
+    assert all(r["status"] == "ok" for r in rows), rows
+    assert {r["gpu_lane"] for r in rows} <= {"0", "1"}
