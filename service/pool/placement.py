@@ -49,7 +49,11 @@ The rules, in the order `plan()` applies them:
 nodes: per-job estimates, work and the smallest need are cached across passes; jobs that need
 more than the largest free node skip the pass in O(1); the open nodes are indexed by speed
 class and load, each a list sorted by free memory (bisect), so a placement costs
-O(classes · log nodes), not O(nodes). Jobs with node constraints take a plain linear scan.
+O(classes · log nodes), not O(nodes); a group where the job fits no node is skipped by its
+most free memory, and a load bucket that loses on load alone ends its group's walk (both
+checked against a full scan in tests/pool/test_placement_index.py). Per-variant data is kept
+by index and device classes as small ints, since hashing tuples was a large share of the
+hot loop. Jobs with node constraints take a plain linear scan.
 
 `check_fits()` answers the API's question at submit time: could any node of the pool hold this
 job (as submitted or auto-fitted) in its *total* memory, once its other jobs are done? If not,
