@@ -49,7 +49,11 @@ The rules, in the order `plan()` applies them:
 nodes: per-job estimates, work and the smallest need are cached across passes; jobs that need
 more than the largest free node skip the pass in O(1); the open nodes are indexed by speed
 class and load, each a list sorted by free memory (bisect), so a placement costs
-O(classes · log nodes), not O(nodes). Jobs with node constraints take a plain linear scan.
+O(classes · log nodes), not O(nodes); a group where the job fits no node is skipped by its
+most free memory, and a load bucket that loses on load alone ends its group's walk (both
+checked against a full scan in tests/pool/test_placement_index.py). Per-variant data is kept
+by index and device classes as small ints, since hashing tuples was a large share of the
+hot loop. Jobs with node constraints take a plain linear scan.
 
 `check_fits()` answers the API's question at submit time: could any node of the pool hold this
 job (as submitted or auto-fitted) in its *total* memory, once its other jobs are done? If not,
@@ -192,9 +196,9 @@ def autofit_variants(job: JobView) -> Iterator[Variant]:
                     yield v
 
 
-def _describe_changes(job: JobView, v: Variant, node: NodeView) -> list[str]:
+def _describe_changes(job: JobView, v: Variant, node_name: str, available: int) -> list[str]:
     s = job.spec
-    where = f"to fit {node.name} ({_fmt(node.available)} free)"
+    where = f"to fit {node_name} ({_fmt(available)} free)"
     out = []
     micro, ckpt, seq = v
     if micro != s.micro_batch_size:
@@ -229,22 +233,29 @@ def compute_params(spec: TrainSpec) -> int:
 @dataclass
 class _JobInfo:
     """What `plan()` caches per job across passes (valid while its view, or an equal spec with the
-    same auto-fit inputs, comes back)."""
+    same auto-fit inputs, comes back). Per-variant data is kept in lists by the variant's index
+    in `variants` (hashing a variant tuple on every look-up cost more than the rest)."""
 
     variants: list[Variant]
     params: int
     tokens: float
-    # need[v][device class] → bytes a node must have available
-    need: dict[Variant, dict[tuple, int]] = field(default_factory=dict)
-    min_need: dict[tuple, int] = field(default_factory=dict)  # per class set: smallest need
+    # need[i][device class id] → bytes a node must have available; est[i][class id] → estimate
+    need: list[dict[int, int] | None] = field(default_factory=list)
+    est: list[dict[int, MemoryEstimate] | None] = field(default_factory=list)
+    min_need: dict[frozenset, int] = field(default_factory=dict)  # per class set: smallest need
+    # The variant specs handed out in placements (built once: model_copy costs ~10 µs).
+    specs: list[TrainSpec | None] = field(default_factory=list)
+    works: list[float] = field(default_factory=list)
+    size: float = 0.0  # FLOPs of the job as submitted (its size when ordering by run time)
+    # The class set each `need` entry is complete for (identity: interned per placer).
+    ready: list[frozenset | None] = field(default_factory=list)
 
-    def work(self, v: Variant) -> float:
-        return self.tokens * flops_per_token(self.params, v[1])
-
-    @property
-    def size(self) -> float:
-        """FLOPs of the job as submitted (its size when ordering by expected run time)."""
-        return self.work(self.variants[0])
+    def __post_init__(self) -> None:
+        n = len(self.variants)
+        self.need, self.est = [None] * n, [None] * n
+        self.specs, self.ready = [None] * n, [None] * n
+        self.works = [self.tokens * flops_per_token(self.params, v[1]) for v in self.variants]
+        self.size = self.works[0]
 
 
 class _Entry:
@@ -252,7 +263,7 @@ class _Entry:
 
     __slots__ = ("node", "avail", "count", "cap", "speed", "shared", "cls", "claim", "key", "groups")
 
-    def __init__(self, node: NodeView, cap: int | None, speed: float, shared: bool, cls: tuple):
+    def __init__(self, node: NodeView, cap: int | None, speed: float, shared: bool, cls: int):
         self.node = node
         self.avail = node.available
         self.count = node.running_jobs
@@ -261,6 +272,8 @@ class _Entry:
         self.shared = shared  # jobs computing together share the GPU's speed
         self.cls = cls
         self.claim: tuple[str, float] | None = None  # (job id, seconds until it frees)
+        # (avail, name, id, self): its place in a group's bucket (ids are unique, so tuples
+        # never compare the entries themselves)
         self.key: tuple = ()
         # The indexes it is listed in: its speed group, and one group per base model it caches.
         self.groups: list[_Group] = []
@@ -273,27 +286,34 @@ class _Entry:
 
 
 class _Group:
-    """Open nodes of one (device class, speed) group, by load: load → [(avail, name, id)]."""
+    """Open nodes of one (device class, speed) group, by load: load → [(avail, name, id, entry)],
+    each bucket sorted by free memory, and the most free memory of any node listed (a group
+    where the job fits nowhere is skipped in O(1))."""
 
-    __slots__ = ("speed", "dev_cls", "buckets", "lists")
+    __slots__ = ("speed", "dev_cls", "buckets", "order", "top")
 
-    def __init__(self, speed: float, dev_cls: tuple):
+    def __init__(self, speed: float, dev_cls: int):
         self.speed = speed
         self.dev_cls = dev_cls
-        self.buckets: dict[int, list[tuple[int, str, str]]] = {}
-        self.lists: list[list[tuple[int, str, str]]] = []  # the buckets, least loaded first
+        self.buckets: dict[int, list[tuple]] = {}
+        self.order: list[tuple[int, list[tuple]]] = []  # (load, bucket), least loaded first
+        self.top = -1
 
     def add(self, e: _Entry) -> None:
         r = e.count if e.shared else 0
         lst = self.buckets.get(r)
         if lst is None:
             lst = self.buckets[r] = []
-            self.lists = [self.buckets[k] for k in sorted(self.buckets)]
+            self.order = sorted(self.buckets.items(), key=lambda kv: kv[0])
         bisect.insort(lst, e.key)
+        if e.avail > self.top:
+            self.top = e.avail
 
     def remove(self, e: _Entry) -> None:
         lst = self.buckets[e.count if e.shared else 0]
         del lst[bisect.bisect_left(lst, e.key)]
+        if e.avail >= self.top:
+            self.top = max((b[-1][0] for b in self.buckets.values() if b), default=-1)
 
 
 class Placer:
@@ -349,6 +369,10 @@ class Placer:
         self._cache: dict[tuple, MemoryEstimate] = {}
         self._fingerprints: dict[str, tuple[TrainSpec, str]] = {}
         self._infos: dict[str, tuple[JobView, _JobInfo]] = {}
+        self._class_sets: dict[frozenset, frozenset] = {}
+        # (kind, compute capability) → a small int id: per-class look-ups in the hot loops hash
+        # an int, not a tuple.
+        self._class_ids: dict[tuple, int] = {}
 
     # -- estimates ------------------------------------------------------------------------------
     def _fingerprint(self, job: JobView) -> str:
@@ -409,21 +433,25 @@ class Placer:
         self._infos[job.job_id] = (job, info)
         return info
 
-    def _needs(self, job: JobView, info: _JobInfo, v: Variant,
-               devices: dict[tuple, DeviceInfo]) -> dict[tuple, int]:
-        per = info.need.get(v)
-        if per is None:
-            per = info.need[v] = {}
-        for cls, dev in devices.items():
+    def _needs(self, job: JobView, info: _JobInfo, i: int,
+               devices: dict[int, DeviceInfo]) -> dict[int, int]:
+        """Bytes variant `i` of the job needs per device class id of `devices` (cached)."""
+        per = info.need[i]
+        ests = info.est[i]
+        if per is None or ests is None:
+            per = info.need[i] = {}
+            ests = info.est[i] = {}
+        for cls in devices:
             if cls not in per:
-                per[cls] = self.need(self.estimate(job, v, dev))
+                est = ests[cls] = self.estimate(job, info.variants[i], devices[cls])
+                per[cls] = self.need(est)
         return per
 
-    def _min_need(self, job: JobView, info: _JobInfo, devices: dict[tuple, DeviceInfo],
+    def _min_need(self, job: JobView, info: _JobInfo, devices: dict[int, DeviceInfo],
                   class_set: frozenset) -> int:
         hit = info.min_need.get(class_set)
         if hit is None:
-            per = self._needs(job, info, info.variants[-1], devices)
+            per = self._needs(job, info, len(info.variants) - 1, devices)
             hit = info.min_need[class_set] = min(per[c] for c in devices)
         return hit
 
@@ -485,14 +513,22 @@ class Placer:
         live: list[tuple[tuple, JobView, _JobInfo, int]] = []
         blocked: list[tuple[JobView, _JobInfo]] = []
         gmax = p.max_avail()
+        cs = p.class_set
+        infos = self._infos
         for job in queue:
-            try:
-                info = self._info(job)
-                mn = self._min_need(job, info, p.devices, p.class_set)
-            except Exception as exc:  # noqa: BLE001 - one bad job must not stop the pass
-                log.warning("cannot estimate %s: %s", job.job_id, exc)
-                self.last_errors[job.job_id] = f"{type(exc).__name__}: {exc}"
-                continue
+            # Fast path: the same view as last pass and the same device classes.
+            hit = infos.get(job.job_id)
+            mn = hit[1].min_need.get(cs) if hit is not None and hit[0] is job else None
+            if mn is not None:
+                info = hit[1]  # type: ignore[index]
+            else:
+                try:
+                    info = self._info(job)
+                    mn = self._min_need(job, info, p.devices, cs)
+                except Exception as exc:  # noqa: BLE001 - one bad job must not stop the pass
+                    log.warning("cannot estimate %s: %s", job.job_id, exc)
+                    self.last_errors[job.job_id] = f"{type(exc).__name__}: {exc}"
+                    continue
             if mn > gmax:
                 blocked.append((job, info))
             else:
@@ -587,36 +623,63 @@ class _Pass:
     def __init__(self, placer: Placer, nodes: list[NodeView]):
         self.placer = placer
         self.entries: dict[str, _Entry] = {}
-        self.devices: dict[tuple, DeviceInfo] = {}
+        self.devices: dict[int, DeviceInfo] = {}  # device class id → one device of it
         groups: dict[tuple, _Group] = {}
         # Per base model: the nodes that cache it, grouped like `groups` (no transfer there).
         cached: dict[str, dict[tuple, _Group]] = {}
         freeing: list[tuple[float, str]] = []
+        per_job_cap = placer.max_jobs_per_node
+        scale = 1e12 * placer.efficiency
+        default_speed = placer.default_speed * scale
+        entries = self.entries
+        devices = self.devices
+        class_ids = placer._class_ids
         for n in nodes:
             if not n.accepting:
                 continue
-            caps = [c for c in (placer.max_jobs_per_node, n.max_jobs) if c is not None]
+            cap = n.max_jobs
+            if per_job_cap is not None:
+                cap = per_job_cap if cap is None else min(per_job_cap, cap)
             known = n.speed is not None and n.speed > 0
-            speed = (n.speed if known else placer.default_speed) * 1e12 * placer.efficiency
-            cls = _device_class(n.device)
+            speed = n.speed * scale if known else default_speed
+            dev = n.device
+            ckey = (dev.kind, tuple(dev.compute_capability))  # _device_class, inlined
+            cls = class_ids.get(ckey)
+            if cls is None:
+                cls = class_ids[ckey] = len(class_ids)
             # A CPU job has its own cores (slots); GPU jobs computing together share the card.
-            e = _Entry(n, min(caps) if caps else None, speed,
-                       known and n.device.kind != "cpu", cls)
-            self.entries[n.node_id] = e
-            self.devices.setdefault(cls, n.device)
-            e.groups.append(groups.setdefault((cls, speed), _Group(speed, cls)))
+            e = _Entry(n, cap, speed, known and dev.kind != "cpu", cls)
+            entries[n.node_id] = e
+            if cls not in devices:
+                devices[cls] = dev
+            g = groups.get((cls, speed))
+            if g is None:
+                g = groups[(cls, speed)] = _Group(speed, cls)
+            e.groups.append(g)
             for key in n.cached_models:
-                e.groups.append(cached.setdefault(key, {}).setdefault(
-                    (cls, speed), _Group(speed, cls)))
-            e.key = (e.avail, n.name, n.node_id)
-            if not e.full():
+                by_speed = cached.get(key)
+                if by_speed is None:
+                    by_speed = cached[key] = {}
+                g = by_speed.get((cls, speed))
+                if g is None:
+                    g = by_speed[(cls, speed)] = _Group(speed, cls)
+                e.groups.append(g)
+            e.key = (e.avail, n.name, n.node_id, e)
+            if cap is None or e.count < cap:
                 for g in e.groups:
                     g.add(e)
             if n.frees_in is not None and n.free_at_end is not None:
                 freeing.append((n.frees_in, n.node_id))
-        self.class_set = frozenset(self.devices)
-        self.groups = sorted(groups.values(), key=lambda g: -g.speed)
-        self.cached = {k: sorted(gs.values(), key=lambda g: -g.speed) for k, gs in cached.items()}
+        # Interned: the same object every pass while the classes stay the same, so per-job
+        # caches keyed by it are found by identity.
+        cs = frozenset(self.devices)
+        self.class_set: frozenset = placer._class_sets.setdefault(cs, cs)
+        # (speed, device class, group), fastest first: all nodes, and per cached base model.
+        self.groups = [(g.speed, g.dev_cls, g) for g in
+                       sorted(groups.values(), key=lambda g: -g.speed)]
+        self.cached = {k: [(g.speed, g.dev_cls, g) for g in
+                           sorted(gs.values(), key=lambda g: -g.speed)]
+                       for k, gs in cached.items()}
         self.avails = sorted(e.avail for e in self.entries.values() if not e.full())
         freeing.sort()
         self.freeing = [self.entries[nid] for _, nid in freeing]
@@ -625,23 +688,33 @@ class _Pass:
         self.fastest_freeing = max((e.speed for e in self.freeing
                                     if (e.node.frees_in or 0.0) <= placer.max_wait_s),
                                    default=0.0)
+        # 0.0: no job waits in this pass; else a job waits only for a node this fast.
+        self.may_wait = (self.fastest_freeing
+                         if placer.wait_speedup > 0 and self.freeing else 0.0)
 
     def max_avail(self) -> int:
         return self.avails[-1] if self.avails else -1
 
     def _take(self, e: _Entry, nbytes: int) -> None:
         """Count a placement on `e`: less memory, one more job, re-indexed."""
-        if not e.full():
-            for g in e.groups:
-                g.remove(e)
-            del self.avails[bisect.bisect_left(self.avails, e.avail)]
+        cap = e.cap
+        avails = self.avails
+        if cap is None or e.count < cap:
+            old = e.key
+            bucket = e.count if e.shared else 0
+            for g in e.groups:  # _Group.remove, inlined (the hot path)
+                lst = g.buckets[bucket]
+                del lst[bisect.bisect_left(lst, old)]
+                if old[0] >= g.top:
+                    g.top = max((b[-1][0] for b in g.buckets.values() if b), default=-1)
+            del avails[bisect.bisect_left(avails, e.avail)]
         e.avail -= nbytes
         e.count += 1
-        e.key = (e.avail, e.node.name, e.node.node_id)
-        if not e.full():
+        e.key = (e.avail, e.node.name, e.node.node_id, e)
+        if cap is None or e.count < cap:
             for g in e.groups:
                 g.add(e)
-            bisect.insort(self.avails, e.avail)
+            bisect.insort(avails, e.avail)
 
     # -- scoring --------------------------------------------------------------------------------
     def _score(self, job: JobView, info: _JobInfo, e: _Entry, work: float) -> float:
@@ -652,34 +725,46 @@ class _Pass:
         """A node claimed by another job takes this one only if it ends before the node frees."""
         return e.claim is None or e.claim[0] == job.job_id or score <= e.claim[1]
 
-    def _best_fast(self, job: JobView, info: _JobInfo, needs: dict[tuple, int],
+    def _best_fast(self, job: JobView, info: _JobInfo, needs: dict[int, int],
                    work: float) -> tuple[tuple, _Entry] | None:
         """The earliest-finishing node that fits, from the indexes: the nodes caching the job's
         model (no transfer), then all nodes (transfer unless cached); in each, groups go
-        fastest first and stop once even an idle node of the group cannot beat the best."""
+        fastest first and stop once even an idle node of the group cannot beat the best; in a
+        group, buckets go least loaded first and stop once their load alone makes them lose."""
         best: tuple[tuple, _Entry] | None = None
         best_s = math.inf
-        transfer = self.placer._transfer_s(job, info, _NO_CACHE)
-        entries = self.entries
+        mb = job.model_bytes
+        transfer = (mb if mb is not None else 2 * info.params) / self.placer.link_bytes_per_s
         model = job.model_key
-        sources: list[tuple[list[_Group], float]] = [(self.groups, transfer)]
+        jid = job.job_id
+        # (groups, transfer time, the least transfer time a node of them can have)
         if model is not None and model in self.cached:
-            sources.insert(0, (self.cached[model], 0.0))
-        for groups, offset in sources:
-            for g in groups:
-                if offset + work / g.speed > best_s:
+            sources = ((self.cached[model], 0.0, 0.0), (self.groups, transfer, 0.0))
+        else:
+            model = None  # no node caches it: every node pays the transfer
+            sources = ((self.groups, transfer, transfer),)
+        for groups, offset, floor in sources:
+            for speed, dev_cls, g in groups:
+                if offset + work / speed > best_s:
                     break  # slower groups cannot win (groups go fastest first)
-                need = needs[g.dev_cls]
-                for lst in g.lists:
+                need = needs[dev_cls]
+                if g.top < need:
+                    continue  # fits on no node of the group
+                for load, lst in g.order:
+                    # Computed as a node's score is (same float): a bucket whose load alone
+                    # makes it lose is skipped, and so are the busier ones after it.
+                    if floor + work / (speed / (1 + load)) > best_s:
+                        break
                     if not lst or lst[-1][0] < need:
                         continue
                     i = bisect.bisect_left(lst, (need,))
                     for key in lst[i:i + 8]:  # the best fit, or the next few if it is claimed
-                        e = entries[key[2]]
+                        e = key[3]
                         t = 0.0 if (offset and model is not None
                                     and model in e.node.cached_models) else offset
-                        sc = t + work / e.rate()
-                        if e.claim is None or self._gap_ok(job, e, sc):
+                        sc = t + work / (e.speed / (1 + e.count) if e.shared else e.speed)
+                        claim = e.claim
+                        if claim is None or claim[0] == jid or sc <= claim[1]:
                             if sc <= best_s:
                                 k = (sc, key[0] - need, e.count, e.node.name)
                                 if best is None or k < best[0]:
@@ -690,7 +775,7 @@ class _Pass:
                     break  # a busier bucket of the same group is slower
         return best
 
-    def _best_scan(self, job: JobView, info: _JobInfo, needs: dict[tuple, int], work: float,
+    def _best_scan(self, job: JobView, info: _JobInfo, needs: dict[int, int], work: float,
                    cands: list[_Entry]) -> tuple[tuple, _Entry] | None:
         best = None
         for e in cands:
@@ -722,30 +807,41 @@ class _Pass:
                      cands: list[_Entry] | None) -> Placement | None:
         if cands is not None and not cands:
             return None
-        if self.max_avail() < info.min_need.get(self.class_set, 0):
+        avails = self.avails
+        if (avails[-1] if avails else -1) < info.min_need.get(self.class_set, 0):
             return None
-        for v in info.variants:
-            needs = self.placer._needs(job, info, v, self.devices)
-            work = info.work(v)
+        placer = self.placer
+        cs = self.class_set
+        ready = info.ready
+        may_wait = self.may_wait
+        for i, v in enumerate(info.variants):
+            # The needs per device class of this pass: filled once per variant and class set.
+            needs = info.need[i]
+            if ready[i] is not cs or needs is None:
+                needs = placer._needs(job, info, i, self.devices)
+                ready[i] = cs
+            work = info.works[i]
             best = (self._best_fast(job, info, needs, work) if cands is None
                     else self._best_scan(job, info, needs, work, cands))
             if best is None:
                 continue
             (score, _, _, _), e = best
-            if cands is None and self._wait_for_faster(job, info, e, score, work, v):
+            if (cands is None and may_wait and e.speed * placer.wait_speedup <= may_wait
+                    and self._wait_for_faster(job, info, e, score, work, i)):
                 return None
             node = e.node
-            est = self.placer.estimate(job, v, node.device)
-            view = NodeView(node.node_id, node.name, node.device, node.free_memory,
-                            node.free_memory - e.avail)
+            est = info.est[i][e.cls]  # type: ignore[index]  # filled by _needs
+            changes = [] if i == 0 else _describe_changes(job, v, node.name, e.avail)
             self._take(e, est.total)
-            return Placement(job.job_id, node.node_id, self.placer.variant_spec(job, v), est,
-                             _describe_changes(job, v, view), expected_s=score)
+            spec = info.specs[i]
+            if spec is None:
+                spec = info.specs[i] = self.placer.variant_spec(job, v)
+            return Placement(job.job_id, node.node_id, spec, est, changes, expected_s=score)
         return None
 
     # -- waiting and reserving ------------------------------------------------------------------
     def _wait_for_faster(self, job: JobView, info: _JobInfo, chosen: _Entry, score: float,
-                         work: float, v: Variant) -> bool:
+                         work: float, i: int) -> bool:
         """Leave `job` queued when a node ≥ wait_speedup× faster than `chosen` frees within
         max_wait_s and the job would still finish there first; that node is claimed for it."""
         placer = self.placer
@@ -760,7 +856,7 @@ class _Pass:
                 break  # sorted by frees_in: the rest free later
             if e.speed < floor or e.claim is not None:
                 continue
-            need = placer._needs(job, info, v, self.devices)[e.cls]
+            need = placer._needs(job, info, i, self.devices)[e.cls]
             if (e.node.free_at_end or 0) < need:
                 continue
             if t + placer._transfer_s(job, info, e.node) + work / e.speed < score:
@@ -782,10 +878,10 @@ class _Pass:
                 break
             if e.claim is not None:
                 continue
-            for v in info.variants:
-                need = placer._needs(job, info, v, self.devices)[e.cls]
+            for i in range(len(info.variants)):
+                need = placer._needs(job, info, i, self.devices)[e.cls]
                 if (e.node.free_at_end or 0) >= need:
-                    finish = t + placer._transfer_s(job, info, e.node) + info.work(v) / e.speed
+                    finish = t + placer._transfer_s(job, info, e.node) + info.works[i] / e.speed
                     if best is None or finish < best[0]:
                         best = (finish, t, e)
                     break

@@ -1,0 +1,76 @@
+"""The placer's fast index gives the same node as a plain scan of every node.
+
+`plan()` finds each job's node through per-pass indexes (speed groups fastest first, each with
+its most free memory; buckets by load, sorted by free memory; a bucket whose load alone loses is
+skipped). The constrained path scores every node instead (`_best_scan`). On random pools —
+mixed speeds, loads, device classes and cached base models — both must pick the same node with
+the same score, placement after placement, so a shortcut that skips a node it should have
+considered, or an index left stale by a placement, fails here.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from lorapool.service.pool.placement import JobView, NodeView, Placer, _Pass
+from lorapool.service.train.spec import DeviceInfo, TrainSpec
+from lorapool.service.train.tiny import make_random_llama
+
+GiB = 1024**3
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return make_random_llama(tmp_path_factory.mktemp("m") / "1b", "1b", write_weights=False)
+
+
+def _pool(rng: random.Random, n: int) -> list[NodeView]:
+    nodes = []
+    for k in range(n):
+        cc = rng.choice([(7, 5), (8, 6), (8, 9)])
+        total = rng.choice([4, 6, 8, 12, 16, 24]) * GiB
+        dev = DeviceInfo(kind="cuda", name=f"gpu{k}", total_memory=total, compute_capability=cc)
+        nodes.append(NodeView(
+            node_id=f"id{k}", name=f"n{k:03d}", device=dev,
+            free_memory=int(total * rng.uniform(0.05, 1.0)),
+            running_jobs=rng.randint(0, 3), speed=rng.choice([10.0, 20.0, 40.0, 80.0]),
+            cached_models=frozenset(rng.sample(["a", "b", "c"], rng.randint(0, 2)))))
+    return nodes
+
+
+def _job(rng: random.Random, model: Path, k: int) -> JobView:
+    s = TrainSpec(base_model=str(model), fast="off", batch_size=8,
+                  micro_batch_size=rng.choice([1, 2, 4, 8]),
+                  max_seq_len=rng.choice([256, 512, 1024, 2048]))
+    return JobView(job_id=f"j{k}", tenant="t", spec=s, tokens=rng.uniform(1e5, 1e8),
+                   model_key=rng.choice(["a", "b", "c", "d"]),
+                   model_bytes=rng.choice([None, 2 * GiB]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_index_picks_what_a_full_scan_picks(model, seed):
+    rng = random.Random(seed)
+    placer = Placer(wait_speedup=0, max_reservations=0)  # no claims: scan and index agree
+    p = _Pass(placer, _pool(rng, 60))
+    placed = 0
+    for k in range(80):
+        job = _job(rng, model, k)
+        info = placer._info(job)
+        for i in range(len(info.variants)):
+            needs = placer._needs(job, info, i, p.devices)
+            work = info.works[i]
+            fast = p._best_fast(job, info, needs, work)
+            scan = p._best_scan(job, info, needs, work, list(p.entries.values()))
+            assert (fast is None) == (scan is None), (k, i)
+            if fast is None:
+                continue
+            assert fast[1] is scan[1], (k, i, fast[0], scan[0])
+            assert fast[0] == scan[0]
+            # Place it, so the next jobs see the indexes after an update.
+            p._take(fast[1], info.est[i][fast[1].cls].total)
+            placed += 1
+            break
+    assert placed >= 20  # the pool filled up along the way, not at once
