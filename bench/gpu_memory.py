@@ -243,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(points)} points, ~{total:.0f} s estimated", flush=True)
     rows: list[dict] = []
     with open(out_dir / "gpu_memory.log", "a") as log:
+        # What a node of this card reports at join; None (the constant) when the probe fails.
+        context_bytes = ts.probe_context(device, log)
+        print(f"measured CUDA context of a training process: "
+              f"{f'{context_bytes / 2**30:.2f} GiB' if context_bytes else 'probe failed'}",
+              flush=True)
         built: dict = {}
         for p in points:
             base = {"name": p.name, **asdict(p)}
@@ -269,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             jsonl.write_text("".join(json.dumps(r) + "\n" for r in
                                      make_rows(p, p.mb * args.steps, args.seed)))
             job = dict(runner="lorapool", shape=p.shape, mb=p.mb, seq=p.seq, r=p.r,
-                       packing=p.packed, predict=True, device=device, model=str(folder),
+                       packing=p.packed, predict=True, context_bytes=context_bytes,
+                       device=device, model=str(folder),
                        steps=args.steps, warmup=min(1, args.steps - 1), seed=args.seed,
                        rows_jsonl=str(jsonl), scratch=str(data / "run"))
             timeout = min(full, left - 20)
@@ -283,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r.get('reason', '')[:200]}", flush=True)
     device = next((r["device_name"] for r in rows if r.get("device_name")), "device unknown")
     (out_dir / "gpu_memory.json").write_text(json.dumps(
-        {"device": device, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
+        {"device": device, "context_bytes": context_bytes,
+         "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
         indent=1, default=str))
     print_table(rows, device)
     print(f"\n{len(rows)} points in {time.perf_counter() - start:.0f} s; JSON: "

@@ -282,7 +282,7 @@ def run_lorapool(job: dict, clock) -> dict:
     if has_fast:
         kw["fast"] = fast
     spec = TrainSpec(**kw)
-    predicted = _predict(spec) if job.get("predict") else {}
+    predicted = _predict(spec, job.get("context_bytes")) if job.get("predict") else {}
     losses: list[float] = []
     notes: list[str] = []
 
@@ -347,8 +347,24 @@ def _recorded_fast(adapter_dir) -> Any:
     return None
 
 
-def _predict(spec) -> dict:
-    """lorapool's own estimate for `spec` on this GPU (gpu_memory.py compares it)."""
+def probe_context(device: str, log) -> int | None:
+    """The CUDA context a training process takes on this GPU, as a node measures it at join
+    (service/train/context_probe.py), in a subprocess: the parent keeps no CUDA context."""
+    if device != "cuda":
+        return None
+    cmd = [sys.executable, "-m", "lorapool.service.train.context_probe"]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        log.write(f"==== context probe (rc {p.returncode})\n{p.stdout}\n{p.stderr[-3000:]}\n")
+        return json.loads(p.stdout.strip().splitlines()[-1])["context_bytes"]
+    except Exception as exc:  # noqa: BLE001 - the estimate then keeps its constant
+        log.write(f"==== context probe failed: {exc}\n")
+        return None
+
+
+def _predict(spec, context_bytes: int | None = None) -> dict:
+    """lorapool's own estimate for `spec` on this GPU (gpu_memory.py compares it), with the
+    CUDA context the node measured (`probe_context`) when given, as placement has it."""
     import torch
 
     from lorapool.service.train import DeviceInfo, estimate_memory
@@ -359,7 +375,7 @@ def _predict(spec) -> dict:
         else:
             p = torch.cuda.get_device_properties(0)
             dev = DeviceInfo(kind="cuda", name=p.name, total_memory=p.total_memory,
-                             compute_capability=(p.major, p.minor))
+                             compute_capability=(p.major, p.minor), context_bytes=context_bytes)
         est = estimate_memory(spec, dev)
         return {"predicted": est.total, "breakdown": est.breakdown}
     except Exception as exc:  # noqa: BLE001 - report, the measurement still counts

@@ -25,6 +25,8 @@ from .policy import DonationPolicy, GpuActivity
 
 NAMESPACE = "lorapool"
 AGENT_PREFIX = "lorapool-agent:"
+CONTEXT_PROBE_TRIES = 3
+CONTEXT_PROBE_RETRY_S = 60.0  # a disturbed probe (a job started meanwhile) waits, then retries
 
 
 class AgentConfig(BaseModel):
@@ -98,6 +100,11 @@ class NodeAgent:
         # Measured speed: once at join time, then again while idle (see _speed()).
         self._speed: Optional[float] = None
         self._speed_at = 0.0
+        # A training process's CUDA context on this card: probed once, in the background, at
+        # join (see _measured_context). `_registrations` tells the probe a job started meanwhile.
+        self._context: Optional[int] = None
+        self._context_probe: Optional[threading.Thread] = None
+        self._registrations = 0
 
     # -- reports ---------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
@@ -114,6 +121,9 @@ class NodeAgent:
                                    cpu_memory=cfg.cpu_memory)
         self._cpu = device.kind == "cpu"
         speed = self._measured_speed(device.kind)
+        context = self._measured_context(device.kind)
+        if context is not None:
+            device = device.model_copy(update={"context_bytes": context})
         with self._lock:
             reserved = sum(self._reserved.values())
             jobs = sorted(self._runners)
@@ -165,6 +175,33 @@ class NodeAgent:
                 self._speed = measured
         return self._speed
 
+    def _measured_context(self, kind: str) -> Optional[int]:
+        """The CUDA context a training process takes on this card (context_probe.py), so that
+        placement's estimate fits this card's driver instead of a constant; None until the
+        probe is done (the estimate keeps its constant meanwhile), on CPU and simulated GPUs."""
+        if kind != "cuda" or self.config.simulate_gpu is not None or self.config.cpu_only:
+            return None
+        if self._context_probe is None:
+            self._context_probe = threading.Thread(target=self._probe_context, daemon=True,
+                                                   name="lorapool-context-probe")
+            self._context_probe.start()
+        return self._context
+
+    def _probe_context(self) -> None:
+        from ..train.context_probe import measure_context_bytes
+
+        for _ in range(CONTEXT_PROBE_TRIES):
+            with self._lock:  # a job starting during the probe would be counted as context
+                busy, seen = bool(self._runners), self._registrations
+            if not busy:
+                measured = measure_context_bytes(self.config.gpu_index)
+                with self._lock:
+                    undisturbed = not self._runners and self._registrations == seen
+                if measured is not None and undisturbed:
+                    self._context = measured
+                    return
+            time.sleep(CONTEXT_PROBE_RETRY_S)
+
     def _cpu_free(self, total: int, available: int, estimates: dict[str, int]) -> int:
         """RAM a new job may take: available now, less what each job here is still expected to
         grow into (its estimate minus the RSS it already holds, which `available` has seen);
@@ -215,6 +252,7 @@ class NodeAgent:
             if not slot:
                 self._slotless.add(job_id)
             self._runners[job_id] = runner
+            self._registrations += 1
             self._reserved[job_id] = int(reserve_bytes)
             self._pids[job_id] = runner.pid.remote()
         return True

@@ -80,7 +80,9 @@ OPTIM_8BIT_MIN_SIZE = 4096  # bitsandbytes' min_8bit_size: smaller tensors get 3
 OPTIM_8BIT_BYTES = 2 + 2 * 4 / 256  # two 8-bit states + a fp32 absmax per 256 each
 ADAMW_BYTES = 8  # two fp32 states
 LOGITS_EXTRA_BYTES = 12  # fp32 copy / log-softmax, its grad, the logits' grad (per element)
-CUDA_CONTEXT_BYTES = 600 * MiB  # measured: 0.60 GiB, H100, CUDA 13, torch 2.11
+# Until a node has measured its own (DeviceInfo.context_bytes, service/train/context_probe.py).
+# Measured at the end of runs: 0.60 GiB on an H100, 0.82 GiB on an H200 (CUDA 13, torch 2.11).
+CUDA_CONTEXT_BYTES = 600 * MiB
 ALLOCATOR_SLACK = 0.10
 # Measured on an H100 (bench/gpu_memory.py, Llama-3.2-1B shape, seq 2048, all-linear r=16): a
 # quantized base keeps this many times the analytic per-layer activations. The fp32 norms of
@@ -462,7 +464,7 @@ def estimate_memory(spec: TrainSpec, device: DeviceInfo, *, config: Any = None) 
     pieces = fast_pieces(spec, device)
     if pieces["fused_lora"]:
         return _fast_estimate(spec, shape, device, dtype, pieces, breakdown)
-    breakdown["cuda_context"] = CUDA_CONTEXT_BYTES
+    breakdown["cuda_context"] = device.context_bytes or CUDA_CONTEXT_BYTES
     breakdown["allocator_slack"] = int(ALLOCATOR_SLACK * sum(
         v for k, v in breakdown.items() if k != "cuda_context"))
     return MemoryEstimate(breakdown=breakdown, total=sum(breakdown.values()),
