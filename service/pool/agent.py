@@ -254,7 +254,7 @@ class NodeAgent:
             self._runners[job_id] = runner
             self._registrations += 1
             self._reserved[job_id] = int(reserve_bytes)
-            self._pids[job_id] = runner.pid.remote()
+            self._pids[job_id] = runner.pid.remote(self.node_id)
         return True
 
     def unregister_job(self, job_id: str) -> None:
@@ -272,8 +272,13 @@ class NodeAgent:
             self._reclaimed = reason
             runners = dict(self._runners)
         for runner in runners.values():
-            runner.request_stop.remote(f"preempted: {reason}")
+            runner.request_stop.remote(f"preempted: {reason}", node=self.node_id)
         return sorted(runners)
+
+    def accepting(self) -> bool:
+        """False while the owner has the GPU back (a multi-worker job asks before it returns)."""
+        with self._lock:
+            return self._reclaimed is None
 
     def release(self) -> None:
         """The owner is gone again: accept jobs."""

@@ -35,6 +35,7 @@ from typing import Any, Optional
 
 import ray
 
+from .agent import NAMESPACE as AGENT_NAMESPACE
 from .distributed_plan import Candidate, WorkerPlan, describe, order_candidates, plan_workers
 from .outcomes import Failed, RunnerEvent, RunnerItem, RunResult, result_from_wire
 from .runner import RunnerMailbox
@@ -43,6 +44,7 @@ from .transfer import materialise, read_folder
 MAX_RESTARTS = 8
 WAIT_FOR_NODES_S = 60.0
 MONITOR_INTERVAL_S = 2.0
+PID_WAIT_S = 120.0  # how long an agent's pid() question waits for its node's worker to start
 
 
 def _fetch(value: Any) -> bytes:
@@ -177,6 +179,11 @@ class DistributedJobRunner(RunnerMailbox):
         self._done: list[dict[str, Any]] = []
         self._started: list[tuple[int, str, int]] = []
         self._current: list[WorkerPlan] = []
+        # Nodes whose owner took the GPU back: no worker there until their agent accepts again.
+        self._excluded: set[str] = set()
+        # node id -> agent actor name holding this job's memory reservation (every worker's
+        # node, not only the scheduler's first one, so no other job is placed into it).
+        self._reserved_on: dict[str, str] = {}
 
     # -- called by the head (the scheduler, tests): request_stop, drain, pid (RunnerMailbox) ---
 
@@ -196,6 +203,42 @@ class DistributedJobRunner(RunnerMailbox):
 
     def release(self) -> None:
         self.hold_at_step(None)
+
+    def request_stop(self, reason: str, node: Optional[str] = None) -> None:
+        """A stop from the head stops the job. One from a worker node's agent (its owner
+        reclaimed the GPU) drops that node: the run checkpoints at the next step boundary and
+        goes on without it, down to `min_workers`; below that the whole job stops."""
+        # The scheduler's own node (the first candidate) is the job's node for the scheduler,
+        # which enforces that node's reclaim itself: there the job stops and is placed anew.
+        first = self.candidates[0].node_id if self.candidates else None
+        if node is not None and node != first:
+            with self._lock:
+                current = [p.node_id for p in self._current]
+                if node in current and len(current) - 1 >= self.min_workers:
+                    self._excluded.add(node)
+                    self._regrow = True  # the same checkpoint-and-replan path as growing
+                    self._event(f"node {self._name_of(node)} reclaimed by its owner: "
+                                "checkpointing to go on without it", node=node)
+                    return
+        super().request_stop(reason)
+
+    def pid(self, node: Optional[str] = None) -> int:
+        """This actor's pid, or with `node` the pid of the worker training there (waits for it
+        to start, up to PID_WAIT_S): what that node's agent must not take for its owner's."""
+        deadline = time.monotonic() + (PID_WAIT_S if node is not None else 0)
+        while node is not None:
+            with self._lock:
+                pids = [pid for _, n, pid in self._started if n == node]
+            if pids:
+                return pids[-1]
+            if time.monotonic() > deadline or self._stop_reason is not None:
+                break
+            time.sleep(0.2)
+        return os.getpid()
+
+    def _name_of(self, node: str) -> str:
+        return next((c.name for c in self.candidates if c.node_id == node and c.name),
+                    node[:8])
 
     # -- called by rank 0 / every worker --------------------------------------------------------
 
@@ -247,12 +290,70 @@ class DistributedJobRunner(RunnerMailbox):
             node = alive.get(c.node_id)
             if node is None:
                 continue
+            if c.node_id in self._excluded:
+                if not self._agent_accepts(c):
+                    continue
+                self._excluded.discard(c.node_id)
             if not c.ip:
                 c.ip = node.get("NodeManagerAddress", "")
             if free and free.get(c.node_id, {}).get(need, 0) < 1:
                 continue
             out.append(c)
         return order_candidates(out)
+
+    def _agent_accepts(self, c: Candidate) -> bool:
+        if not c.agent:
+            return False
+        try:
+            return bool(ray.get(ray.get_actor(c.agent, namespace=AGENT_NAMESPACE)
+                                .accepting.remote(), timeout=5))
+        except Exception:  # noqa: BLE001 - an agent that does not answer is not accepting
+            return False
+
+    def _reserve(self, spec: Any, plans: list[WorkerPlan]) -> list[WorkerPlan]:
+        """Register this job with every worker node's agent (its estimate for that worker),
+        release the nodes the plan no longer uses, and return the plans whose node accepted
+        (an agent refuses when its owner reclaimed it meanwhile)."""
+        from ..train.memory import estimate_memory
+
+        me = ray.get_runtime_context().current_actor
+        devices = {c.node_id: c.device for c in self.candidates}
+        kept = []
+        for p in plans:
+            if not p.agent:
+                kept.append(p)  # no agent there (tests, bare Ray nodes): nothing to tell
+                continue
+            try:
+                worker_spec = spec.model_copy(update={"micro_batch_size": p.micro_batch_size,
+                                                      "device": "auto"})
+                device = devices.get(p.node_id)
+                need = int(estimate_memory(worker_spec, device).total) if device else 0
+            except Exception:  # noqa: BLE001 - no readable config here: reserve the slot only
+                need = 0
+            try:
+                agent = ray.get_actor(p.agent, namespace=AGENT_NAMESPACE)
+                ok = ray.get(agent.register_job.remote(self.job_id, me, need), timeout=10)
+            except Exception:  # noqa: BLE001 - an agent that is gone cannot take a worker
+                ok = False
+            if ok:
+                self._reserved_on[p.node_id] = p.agent
+                kept.append(p)
+            else:
+                self._excluded.add(p.node_id)
+        self._release(keep={p.node_id for p in kept})
+        return kept
+
+    def _release(self, keep: set[str] = frozenset()) -> None:
+        """Give back this job's reservation on every node not in `keep`."""
+        for node, agent_name_ in list(self._reserved_on.items()):
+            if node in keep:
+                continue
+            self._reserved_on.pop(node, None)
+            try:
+                ray.get_actor(agent_name_, namespace=AGENT_NAMESPACE).unregister_job.remote(
+                    self.job_id)
+            except Exception:  # noqa: BLE001 - an agent that is gone holds nothing
+                pass
 
     def _choose(self) -> list[Candidate]:
         deadline = time.monotonic() + self.wait_for_nodes_s
@@ -285,6 +386,8 @@ class DistributedJobRunner(RunnerMailbox):
         except Exception as exc:  # report as data, like JobRunner
             return Failed(code="internal_error", message=f"{type(exc).__name__}: {exc}",
                           retryable=True, traceback=traceback.format_exc(limit=20))
+        finally:
+            self._release()
 
     def _run(self, payload: dict[str, Any]) -> dict[str, Any]:
         from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -308,7 +411,16 @@ class DistributedJobRunner(RunnerMailbox):
                         "message": f"only {len(chosen)} node(s) can take a worker now, "
                         f"placement.min_workers is {self.min_workers}",
                         "seconds": time.time() - started}
-            plans = plan_workers(spec, chosen)
+            plans = self._reserve(spec, plan_workers(spec, chosen))
+            if len(plans) < len(chosen):  # a node refused meanwhile: plan the others again
+                kept = {p.node_id for p in plans}
+                plans = plan_workers(spec, [c for c in chosen if c.node_id in kept])
+            if len(plans) < self.min_workers:
+                self._release()
+                return {"status": "failed", "code": "not_enough_workers", "retryable": True,
+                        "message": f"only {len(plans)} node(s) accepted a worker, "
+                        f"placement.min_workers is {self.min_workers}",
+                        "seconds": time.time() - started}
             with self._lock:
                 self._current, self._regrow, self._done = plans, False, []
                 verb = "starting" if attempt == 0 else (

@@ -56,8 +56,9 @@ class RunnerMailbox:
         self._outbox: list[Any] = []
         self._stop_reason: Optional[str] = None
 
-    def request_stop(self, reason: str) -> None:
-        """Checkpoint and stop at the next step boundary."""
+    def request_stop(self, reason: str, node: Optional[str] = None) -> None:
+        """Checkpoint and stop at the next step boundary. `node`: the Ray node whose agent asks
+        (its owner reclaimed it); a single-node runner stops either way."""
         with self._lock:
             if self._stop_reason is None:
                 self._stop_reason = reason
@@ -68,8 +69,9 @@ class RunnerMailbox:
             out, self._outbox = self._outbox, []
         return out
 
-    def pid(self) -> int:
-        """The training process, so the NodeAgent does not mistake it for the owner's."""
+    def pid(self, node: Optional[str] = None) -> int:
+        """The training process (on `node`, for a runner with workers on several), so the
+        NodeAgent does not mistake it for the owner's."""
         import os
 
         return os.getpid()

@@ -73,7 +73,7 @@ def pool(tmp_path_factory, tiny_model_dir, toy_data) -> Any:
     ref_weights = _weights(read_folder(ref.adapter_dir))
     try:
         yield {"cluster": cluster, "nodes": nodes, "payload": payload, "ref": ref_weights,
-               "fields": fields, "model_dir": str(tiny_model_dir)}
+               "fields": fields, "model_dir": str(tiny_model_dir), "root": root}
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -173,3 +173,100 @@ def test_losing_a_node_mid_run_finishes_on_the_other_with_the_same_adapter(pool)
     messages = [e["message"] for e in events if e["type"] == "status"]
     assert any(m.startswith("worker lost") and "checkpoint step 2" in m for m in messages)
     assert any(m.startswith("shrinking: 1 worker(s) of 2") for m in messages)
+
+
+def _agents(pool: Any, idx: list[int], prefix: str) -> list[tuple[str, Any, Any]]:
+    """A CPU-only NodeAgent on each of the pool's nodes `idx`: (name, node, handle)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from lorapool.service.pool.agent import NAMESPACE, AgentConfig, RemoteNodeAgent, agent_name
+
+    out = []
+    for i in idx:
+        node = pool["nodes"][i]
+        name = f"{prefix}{i}"
+        handle = RemoteNodeAgent.options(
+            name=agent_name(name), namespace=NAMESPACE,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
+        ).remote(AgentConfig(name=name, work_dir=str(pool["root"] / name), cpu_only=True))
+        out.append((name, node, handle))
+    return out
+
+
+def _candidates(agents: list[tuple[str, Any, Any]]) -> list[dict[str, Any]]:
+    """As the scheduler builds them: each node's agent and its reported device."""
+    import ray
+
+    from lorapool.service.pool.agent import agent_name
+    from lorapool.service.train.spec import DeviceInfo
+
+    return [{"node_id": node.node_id, "name": name, "agent": agent_name(name),
+             "device": DeviceInfo(**ray.get(handle.report.remote())["device"])}
+            for name, node, handle in agents]
+
+
+def _wait_held(runner: Any) -> None:
+    import ray
+
+    deadline = time.monotonic() + 300
+    while not ray.get(runner.held.remote()):
+        assert time.monotonic() < deadline, "the run never reached the held step"
+        time.sleep(0.2)
+
+
+def test_every_worker_node_reserves_the_job_while_it_runs(pool):
+    """Each worker's node (not only the scheduler's) lists the job, holds its reservation and
+    knows its worker's pid, so nothing else is placed into that memory; all of it is given
+    back when the job ends."""
+    import ray
+
+    agents = _agents(pool, [0, 1], "resv")
+    runner = _runner("ftjob-reserve", _candidates(agents), workers=2,
+                     estimate_base_model=pool["model_dir"])
+    ray.get(runner.hold_at_step.remote(2))
+    ref = runner.run.remote(pool["payload"])
+    _wait_held(runner)
+    workers = {w["node_id"]: w for w in ray.get(runner.workers_now.remote())}
+    for name, node, handle in agents:
+        report = ray.get(handle.report.remote())
+        assert report["jobs"] == ["ftjob-reserve"], (name, report["jobs"])
+        assert report["reserved_memory"] > 0
+        assert node.node_id in workers
+    ray.get(runner.release.remote())
+    result = ray.get(ref, timeout=600)
+    assert result.status == "completed", result
+    _assert_same(_weights(result.adapter_files), pool["ref"])
+    for name, _, handle in agents:
+        report = ray.get(handle.report.remote())
+        assert report["jobs"] == [] and report["reserved_memory"] == 0, name
+    for _, _, handle in agents:
+        ray.kill(handle)
+
+
+@pytest.mark.slow
+def test_a_reclaimed_worker_node_is_dropped_and_the_job_goes_on(pool):
+    """The owner of the second worker's node takes it back mid-run: its agent asks the job to
+    stop there; the job checkpoints, goes on with the first worker alone (min_workers 1) and
+    ends with the 1-worker adapter; the reclaimed node's reservation is given back."""
+    import ray
+
+    agents = _agents(pool, [0, 1], "recl")
+    runner = _runner("ftjob-reclaim", _candidates(agents), workers=2, min_workers=1,
+                     estimate_base_model=pool["model_dir"])
+    ray.get(runner.hold_at_step.remote(3))
+    ref = runner.run.remote(pool["payload"])
+    _wait_held(runner)
+    _, _, owner_node = agents[1]
+    assert ray.get(owner_node.reclaim.remote("owner back")) == ["ftjob-reclaim"]
+    ray.get(runner.release.remote())
+    result = ray.get(ref, timeout=600)
+    assert result.status == "completed", result
+    assert [w["node_id"] for w in result.workers] == [agents[0][1].node_id]
+    _assert_same(_weights(result.adapter_files), pool["ref"])
+    messages = [e["message"] for e in _events(ray.get(runner.drain.remote()))
+                if e["type"] == "status"]
+    assert any("reclaimed by its owner" in m for m in messages), messages
+    assert any(m.startswith("shrinking: 1 worker(s) of 2") for m in messages), messages
+    assert ray.get(owner_node.report.remote())["jobs"] == []
+    for _, _, handle in agents:
+        ray.kill(handle)
