@@ -489,21 +489,18 @@ FAST_FIXED_SLACK = 100 * MiB
 
 
 def fast_pieces(spec: TrainSpec, device: DeviceInfo) -> dict[str, bool]:
-    """Which memory-relevant fast-path pieces run for `spec` on `device` (a CUDA node)."""
-    switches = spec.fast_spec() if hasattr(spec, "fast_spec") else None
-
-    def on(piece: str, possible: bool) -> bool:
-        value = getattr(switches, piece, "off") if switches is not None else "off"
-        return possible and value in ("auto", "on")
-
-    fused = on("fused_lora", spec.quantization in ("nf4", "fp4") and not spec.lora.use_dora)
-    return {
-        "fused_lora": fused,
-        "offload_activations": on("offload_activations", spec.gradient_checkpointing),
-        "padding_free": on("padding_free", True),
-        "chunked_loss": on("chunked_loss", True),
-        "host_embeddings": on("host_embeddings", True),
+    """Which memory-relevant fast-path pieces run for `spec` on `device` (a CUDA node): the
+    subset of spec.FAST_PIECES that `_fast_estimate` models, each on unless switched "off" or
+    impossible for the spec (the rules of `fast.resolve_fast`'s `_can_run`)."""
+    switches = spec.fast_spec()
+    possible = {
+        "fused_lora": spec.quantization in ("nf4", "fp4") and not spec.lora.use_dora,
+        "offload_activations": spec.gradient_checkpointing,
+        "padding_free": True,
+        "chunked_loss": True,
+        "host_embeddings": True,
     }
+    return {piece: can and getattr(switches, piece) != "off" for piece, can in possible.items()}
 
 
 def _fast_estimate(spec: TrainSpec, shape: ModelShape, device: DeviceInfo, dtype: str,

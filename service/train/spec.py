@@ -3,11 +3,17 @@
 `TrainSpec` is everything `train()` needs besides the data and an output folder; it is plain
 data (JSON-serialisable), so the service can store it, send it to a node and record it next to
 the adapter it produced. Paths in it are paths on the machine that trains.
+
+The fast path's names live here too, so that the API, the memory estimate, the trainer and
+`service/train/fast` share one list: `FastSpec` (the per-piece switches a job asks for), its
+field names `FAST_PIECES`, and `FastPlan` (what runs on one device, as `fast.resolve_fast`
+decides; recorded in the run's events and in lorapool.json under "fast").
 """
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from dataclasses import asdict, field, make_dataclass
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -47,7 +53,33 @@ class FastSpec(BaseModel):
     grouped_lora: Switch = "auto"
 
 
-FAST_PIECES = tuple(FastSpec.model_fields)
+FAST_PIECES: tuple[str, ...] = tuple(FastSpec.model_fields)
+
+
+def _plan_as_dict(self) -> dict[str, Any]:
+    """Plain data for events and lorapool.json: every piece's bool, then "reasons"."""
+    return asdict(self)
+
+
+def _plan_any_on(self) -> bool:
+    return any(getattr(self, piece) for piece in FAST_PIECES)
+
+
+# A frozen dataclass with one bool field per piece of FAST_PIECES (in that order, default off)
+# and `reasons`; built from FastSpec's fields so that a new piece is declared once.
+FastPlan = make_dataclass(
+    "FastPlan",
+    [(piece, bool, False) for piece in FAST_PIECES]
+    + [("reasons", dict[str, str], field(default_factory=dict))],
+    namespace={
+        "__doc__": "What the fast path does on one device: `plan.<piece>` is whether it runs, "
+                   "`plan.reasons[piece]` says why it is on or off.",
+        "__module__": __name__,
+        "as_dict": _plan_as_dict,
+        "any_on": property(_plan_any_on),
+    },
+    frozen=True,
+)
 
 
 class TrainSpec(BaseModel):

@@ -22,13 +22,9 @@ CPU = torch.device("cpu")
 
 
 def _spec(fast=None, **kw) -> TrainSpec:
-    spec = TrainSpec(base_model="unused", device="cpu", **kw)
-    if fast is None:
-        return spec
-    try:  # after tcore's spec.py gains `fast`
-        return TrainSpec(**{**spec.model_dump(), "fast": fast})
-    except Exception:  # before: the field is read with getattr
-        return spec.model_copy(update={"fast": fast})
+    if fast is not None:
+        kw["fast"] = fast
+    return TrainSpec(base_model="unused", device="cpu", **kw)
 
 
 def test_auto_on_cpu_is_the_reference_path_plus_chunked_loss():

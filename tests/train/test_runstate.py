@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from lorapool.service.train import TrainError, fastpath
 from lorapool.service.train import checkpoint as ckpt
 from lorapool.service.train.runstate import FORMAT_VERSION, RunState
 from lorapool.service.train.scaling import LossScaler, needs_loss_scaling
-from lorapool.service.train.spec import FastSpec, TrainSpec
+from lorapool.service.train.spec import FastPlan, FastSpec, TrainSpec
 
 # trainer_state.json exactly as the trainer wrote it before RunState (format 1).
 V1_STATE = {"step": 3, "total_steps": 8, "epoch": 0, "index_in_epoch": 24, "micro_batch_size": 4,
@@ -111,10 +113,18 @@ def test_fast_spec_switches():
         TrainSpec(base_model="/m", fast="on")
 
 
-def test_fallback_plan_without_the_fast_package(monkeypatch):
-    monkeypatch.setattr(fastpath, "_fast_module", lambda: None)
+def test_fallback_plan_without_the_fast_package(monkeypatch, caplog):
+    # The fast package failing to import (what a missing dependency of it does): warned about,
+    # then the reference path with the not-built plan.
+    import lorapool.service.train as train_pkg
+
+    monkeypatch.delattr(train_pkg, "fast", raising=False)
+    monkeypatch.setitem(sys.modules, "lorapool.service.train.fast", None)
     cpu = torch.device("cpu")
-    plan = fastpath.resolve_plan(TrainSpec(base_model="/m", fast={"fused_lora": "on"}), cpu)
+    with caplog.at_level(logging.WARNING, logger=fastpath.__name__):
+        plan = fastpath.resolve_plan(TrainSpec(base_model="/m", fast={"fused_lora": "on"}), cpu)
+    assert "service/train/fast failed to import" in caplog.text
+    assert isinstance(plan, FastPlan)
     assert plan.chunked_loss and not (plan.fused_lora or plan.kernels or plan.padding_free
                                       or plan.offload_activations)
     assert plan.reasons["fused_lora"] == fastpath.NOT_BUILT

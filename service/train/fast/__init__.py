@@ -1,10 +1,11 @@
 """The fast path of the trainer: which pieces run on this device, and plugging them in.
 
-Pieces (issue 9): `fused_lora` (fast/lora.py), `grouped_lora` (fast/lora_group.py: sibling
-projections of one input as one node, on top of fused_lora), `offload_activations` (fast/offload.py),
-`kernels` (Liger, fast/kernels.py), `padding_free` (fast/attention.py), `chunked_loss`
-(the trainer's loss.py) and `host_embeddings` (fast/embeddings.py). `TrainSpec.fast` switches each "auto", "on" or "off";
-`resolve_fast(spec, device)` turns that into a `FastPlan` for the device:
+The pieces are the fields of `spec.FastSpec` (`FAST_PIECES`, also exported here as `PIECES`):
+`fused_lora` (fast/lora.py), `grouped_lora` (fast/lora_group.py: sibling projections of one
+input as one node, on top of fused_lora), `offload_activations` (fast/offload.py), `kernels`
+(Liger, fast/kernels.py), `padding_free` (fast/attention.py), `chunked_loss` (the trainer's
+loss.py) and `host_embeddings` (fast/embeddings.py). `TrainSpec.fast` switches each "auto",
+"on" or "off"; `resolve_fast(spec, device)` turns that into a `spec.FastPlan` for the device:
 
 - CUDA: "auto" is on wherever the piece can run;
 - CPU: "auto" is off (the reference path) except `chunked_loss`, which is numerically the
@@ -12,69 +13,32 @@ projections of one input as one node, on top of fused_lora), `offload_activation
 - "on" forces a piece wherever it can run at all; where it cannot, it is off and
   `plan.reasons` says why.
 
-The trainer then merges `prepare_for_fast(plan, spec)` into its `from_pretrained` kwargs and,
-after peft wrapped the model and checkpointing is on, calls `apply_fast_path(...)`.
+The trainer reaches these through fastpath.py: it merges `prepare_for_fast(plan, spec)` into its
+`from_pretrained` kwargs and, after peft wrapped the model and checkpointing is on, calls
+`apply_fast_path(...)`. A piece's module is imported only when the piece is considered, so a
+missing optional dependency (bitsandbytes, triton, liger-kernel) turns that piece off with a
+reason instead of failing the import of this package.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping, get_args
 
 import torch
 
+from ..spec import FAST_PIECES, FastPlan, FastSpec, Switch
+
 log = logging.getLogger(__name__)
 
-PIECES = ("fused_lora", "offload_activations", "kernels", "padding_free", "chunked_loss",
-          "host_embeddings", "grouped_lora")
-Switch = Literal["auto", "on", "off"]
-_SWITCHES = ("auto", "on", "off")
-
-try:  # tcore's spec.py defines FastSpec; before that lands, an equivalent private one serves
-    from ..spec import FastSpec  # type: ignore[attr-defined]
-except ImportError:
-    from pydantic import BaseModel, ConfigDict
-
-    class FastSpec(BaseModel):  # type: ignore[no-redef]
-        """Per-piece switches of the fast path (fallback twin of spec.FastSpec)."""
-
-        model_config = ConfigDict(extra="forbid")
-        fused_lora: Switch = "auto"
-        offload_activations: Switch = "auto"
-        kernels: Switch = "auto"
-        padding_free: Switch = "auto"
-        chunked_loss: Switch = "auto"
-        host_embeddings: Switch = "auto"
-        grouped_lora: Switch = "auto"
-
-
-@dataclass(frozen=True)
-class FastPlan:
-    """What the fast path does on one device; `reasons[piece]` says why each piece is on/off."""
-
-    fused_lora: bool
-    offload_activations: bool
-    kernels: bool
-    padding_free: bool
-    chunked_loss: bool
-    host_embeddings: bool = False
-    grouped_lora: bool = False
-    reasons: dict[str, str] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain data for events and lorapool.json."""
-        return asdict(self)
-
-    @property
-    def any_on(self) -> bool:
-        return any(getattr(self, p) for p in PIECES)
+PIECES = FAST_PIECES  # the pieces, in FastSpec's field order (spec.py owns the list)
+_SWITCHES = get_args(Switch)
 
 
 def fast_switches(spec: Any) -> dict[str, str]:
     """The per-piece switches of `spec.fast`: "auto"/"off", a FastSpec, or a plain dict.
 
-    Works with a TrainSpec that has no `fast` field yet (everything "auto").
+    `spec` is a TrainSpec or any object with a `fast` attribute (none: everything "auto").
     """
     if hasattr(spec, "fast_spec") and callable(spec.fast_spec):
         fast: Any = spec.fast_spec()
