@@ -387,7 +387,7 @@ class BuiltModel:
     base_dir: Path  # the HF folder actually loaded (a GGUF's dequantised cache folder)
     base_sha256: str
     compute_dtype: torch.dtype
-    plan: Any  # the resolved FastPlan (fastpath.py / service/train/fast)
+    plan: Any  # the resolved spec.FastPlan
     mask_dtype: torch.dtype | None = None  # for PaddedCollator's packed 4D masks
     chunked_loss: bool = False  # the plan's chunked_loss, unless the model cannot use it
 

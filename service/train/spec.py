@@ -12,7 +12,7 @@ decides; recorded in the run's events and in lorapool.json under "fast").
 
 from __future__ import annotations
 
-from dataclasses import asdict, field, make_dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -56,30 +56,28 @@ class FastSpec(BaseModel):
 FAST_PIECES: tuple[str, ...] = tuple(FastSpec.model_fields)
 
 
-def _plan_as_dict(self) -> dict[str, Any]:
-    """Plain data for events and lorapool.json: every piece's bool, then "reasons"."""
-    return asdict(self)
+@dataclass(frozen=True)
+class FastPlan:
+    """What the fast path does on one device: `plan.<piece>` is whether it runs,
+    `plan.reasons[piece]` says why it is on or off. One field per FastSpec switch, same order
+    (tests/train/test_fast_plan.py checks it), so events and lorapool.json list the pieces as a job names them."""
 
+    fused_lora: bool = False
+    offload_activations: bool = False
+    kernels: bool = False
+    padding_free: bool = False
+    chunked_loss: bool = False
+    host_embeddings: bool = False
+    grouped_lora: bool = False
+    reasons: dict[str, str] = field(default_factory=dict)
 
-def _plan_any_on(self) -> bool:
-    return any(getattr(self, piece) for piece in FAST_PIECES)
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for events and lorapool.json: every piece's bool, then "reasons"."""
+        return asdict(self)
 
-
-# A frozen dataclass with one bool field per piece of FAST_PIECES (in that order, default off)
-# and `reasons`; built from FastSpec's fields so that a new piece is declared once.
-FastPlan = make_dataclass(
-    "FastPlan",
-    [(piece, bool, False) for piece in FAST_PIECES]
-    + [("reasons", dict[str, str], field(default_factory=dict))],
-    namespace={
-        "__doc__": "What the fast path does on one device: `plan.<piece>` is whether it runs, "
-                   "`plan.reasons[piece]` says why it is on or off.",
-        "__module__": __name__,
-        "as_dict": _plan_as_dict,
-        "any_on": property(_plan_any_on),
-    },
-    frozen=True,
-)
+    @property
+    def any_on(self) -> bool:
+        return any(getattr(self, piece) for piece in FAST_PIECES)
 
 
 class TrainSpec(BaseModel):

@@ -104,3 +104,11 @@ def test_apply_fast_path_records_what_it_did(tiny_model_dir):
     out = model(input_ids=ids, position_ids=pos, labels=ids)
     out.loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_the_plan_has_one_field_per_switch_in_the_specs_order():
+    from dataclasses import fields
+
+    from lorapool.service.train.spec import FAST_PIECES, FastPlan
+
+    assert tuple(f.name for f in fields(FastPlan)) == (*FAST_PIECES, "reasons")
