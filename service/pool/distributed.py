@@ -21,6 +21,14 @@ fewer than `workers`, a monitor watches for a candidate node to come back with r
 run checkpoints at the next step boundary and restarts with more workers. The RunState position
 is global, so every restart resumes exactly; each worker's micro-batch and row share are
 planned again, the global batch never changes, and every change is an event.
+
+Every worker's node holds the job: each attempt registers it with that node's NodeAgent (the
+estimate for that worker's micro-batch), so the scheduler places nothing into that memory and
+the agent knows the worker's process; nodes the plan drops, and all of them at the end, are
+released. When the owner of a worker's node (other than the scheduler's own node, whose reclaim
+the scheduler enforces) takes the GPU back, its agent's stop request drops just that node: the
+run checkpoints and goes on with the others, down to `min_workers`, and the node may rejoin
+once its agent accepts jobs again.
 """
 
 from __future__ import annotations
