@@ -75,6 +75,7 @@ import bisect
 import heapq
 import logging
 import math
+import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -157,6 +158,22 @@ class Placement:
     changes: list[str] = field(default_factory=list)
     expected_s: float | None = None  # expected transfer + run time there (seconds)
 
+
+_TURN = operator.itemgetter(0)
+
+def _placement(job_id: str, node_id: str, spec: TrainSpec, estimate: MemoryEstimate,
+               changes: list[str], expected_s: float | None) -> Placement:
+    """`Placement(...)`, built without the frozen dataclass's per-field `object.__setattr__`
+    (a third of a placement's cost in `plan()`); the same fields, the same object."""
+    p = _new_placement(Placement)
+    _set_attr(p, "__dict__", {"job_id": job_id, "node_id": node_id, "spec": spec,
+                              "estimate": estimate, "changes": changes,
+                              "expected_s": expected_s})
+    return p
+
+
+_new_placement = object.__new__
+_set_attr = object.__setattr__
 
 # A variant of a job's spec: (micro_batch_size, gradient_checkpointing, max_seq_len).
 Variant = tuple[int, bool, int]
@@ -249,6 +266,10 @@ class _JobInfo:
     size: float = 0.0  # FLOPs of the job as submitted (its size when ordering by run time)
     # The class set each `need` entry is complete for (identity: interned per placer).
     ready: list[frozenset | None] = field(default_factory=list)
+    # The job's turn in the last pass, (turn key, view, info, smallest need), and the size
+    # weight it was built with: reused while the same view and smallest need come back.
+    turn: tuple | None = None
+    turn_kw: float = 0.0
 
     def __post_init__(self) -> None:
         n = len(self.variants)
@@ -261,10 +282,15 @@ class _JobInfo:
 class _Entry:
     """One open node inside a pass: its remaining memory and job count."""
 
-    __slots__ = ("node", "avail", "count", "cap", "speed", "shared", "cls", "claim", "key", "groups")
+    __slots__ = ("node", "name", "node_id", "cached_models", "avail", "count", "cap", "speed",
+                 "shared", "cls", "claim", "key", "groups")
 
     def __init__(self, node: NodeView, cap: int | None, speed: float, shared: bool, cls: int):
         self.node = node
+        # The node's fields the hot loops read, one attribute hop closer.
+        self.name = node.name
+        self.node_id = node.node_id
+        self.cached_models = node.cached_models
         self.avail = node.available
         self.count = node.running_jobs
         self.cap = cap
@@ -285,35 +311,66 @@ class _Entry:
         return self.speed / (1 + self.count) if self.shared else self.speed
 
 
+# Below 1 by far more than float rounding: a speed bound computed from the best score so far
+# prunes only groups whose every node scores strictly worse.
+_LIM_SLACK = 1.0 - 1e-9
+
+
 class _Group:
-    """Open nodes of one (device class, speed) group, by load: load → [(avail, name, id, entry)],
-    each bucket sorted by free memory, and the most free memory of any node listed (a group
-    where the job fits nowhere is skipped in O(1))."""
+    """Open nodes of one (device class, speed) group, by load: each load's bucket holds the keys
+    (avail, name, id, entry) sorted, and beside them the same nodes' free memory alone (an int
+    list bisects faster than tuples and needs no probe tuple); plus the most free memory of any
+    node listed (a group where the job fits nowhere is skipped in O(1))."""
 
     __slots__ = ("speed", "dev_cls", "buckets", "order", "top")
 
     def __init__(self, speed: float, dev_cls: int):
         self.speed = speed
         self.dev_cls = dev_cls
-        self.buckets: dict[int, list[tuple]] = {}
-        self.order: list[tuple[int, list[tuple]]] = []  # (load, bucket), least loaded first
+        self.buckets: dict[int, tuple[list[tuple], list[int]]] = {}
+        # (load, keys, avails) per bucket, least loaded first
+        self.order: list[tuple[int, list[tuple], list[int]]] = []
         self.top = -1
+
+    def build(self) -> None:
+        """Sort the buckets filled in one go (as `add` one by one would leave them)."""
+        top = -1
+        for keys, avs in self.buckets.values():
+            keys.sort()
+            avs[:] = [k[0] for k in keys]
+            if avs and avs[-1] > top:
+                top = avs[-1]
+        self.top = top
+        self.order = sorted((ld, k, a) for ld, (k, a) in self.buckets.items())
 
     def add(self, e: _Entry) -> None:
         r = e.count if e.shared else 0
-        lst = self.buckets.get(r)
-        if lst is None:
-            lst = self.buckets[r] = []
-            self.order = sorted(self.buckets.items(), key=lambda kv: kv[0])
-        bisect.insort(lst, e.key)
-        if e.avail > self.top:
-            self.top = e.avail
+        b = self.buckets.get(r)
+        if b is None:
+            b = self.buckets[r] = ([], [])
+            self.order = sorted((ld, k, a) for ld, (k, a) in self.buckets.items())
+        keys, avs = b
+        key = e.key
+        i = bisect.bisect_left(keys, key)  # keys are unique (node ids are)
+        keys.insert(i, key)
+        avs.insert(i, key[0])
+        if key[0] > self.top:
+            self.top = key[0]
 
     def remove(self, e: _Entry) -> None:
-        lst = self.buckets[e.count if e.shared else 0]
-        del lst[bisect.bisect_left(lst, e.key)]
+        keys, avs = self.buckets[e.count if e.shared else 0]
+        i = bisect.bisect_left(keys, e.key)
+        del keys[i]
+        del avs[i]
         if e.avail >= self.top:
-            self.top = max((b[-1][0] for b in self.buckets.values() if b), default=-1)
+            self.retop()
+
+    def retop(self) -> None:
+        top = -1
+        for _, _, avs in self.order:
+            if avs and avs[-1] > top:
+                top = avs[-1]
+        self.top = top
 
 
 class Placer:
@@ -534,9 +591,14 @@ class Placer:
             else:
                 # Its turn: submit time, pushed back by its expected size (shortest first among
                 # jobs of similar age; a long job is overtaken only by jobs submitted less than
-                # `size_weight` × its expected run time after it).
-                live.append(((-job.priority, job.submitted_at + kw * info.size, job.job_id),
-                             job, info, mn))
+                # `size_weight` × its expected run time after it). Kept on the info while the
+                # same view and class set come back (fewer objects per pass for the GC).
+                item = info.turn
+                if item is None or item[1] is not job or item[3] != mn or info.turn_kw != kw:
+                    item = info.turn = ((-job.priority, job.submitted_at + kw * info.size,
+                                         job.job_id), job, info, mn)
+                    info.turn_kw = kw
+                live.append(item)
         if blocked and self.max_reservations > 0 and p.freeing:
             oldest = heapq.nsmallest(
                 self.max_reservations, blocked,
@@ -553,7 +615,7 @@ class Placer:
             per_tenant.setdefault(item[1].tenant, []).append(item)
         heap = []
         for tenant, jobs in per_tenant.items():
-            jobs.sort(reverse=True)
+            jobs.sort(key=_TURN, reverse=True)  # turns are unique (they end in the job id)
             k = jobs[-1][0]
             heap.append((k[0], load.get(tenant, 0), k[1], k[2], tenant))
         heapq.heapify(heap)
@@ -565,7 +627,11 @@ class Placer:
             jobs = per_tenant[tenant]
             _, job, info, _ = jobs.pop()
             try:
-                placed = p.place(job, info)
+                # JobView.constrained, inlined: most jobs take the indexed path.
+                placed = (p.place(job, info) if (
+                    job.node_id is not None or job.labels or job.require_bf16
+                    or job.min_memory is not None or job.avoid_nodes)
+                    else p._place_among(job, info, None))
             except Exception as exc:  # noqa: BLE001 - one bad job must not stop the pass
                 log.warning("cannot estimate %s: %s", job.job_id, exc)
                 self.last_errors[job.job_id] = f"{type(exc).__name__}: {exc}"
@@ -666,10 +732,19 @@ class _Pass:
                 e.groups.append(g)
             e.key = (e.avail, n.name, n.node_id, e)
             if cap is None or e.count < cap:
-                for g in e.groups:
-                    g.add(e)
+                r = e.count if e.shared else 0
+                for g in e.groups:  # listed unsorted here, sorted once below (_Group.build)
+                    b = g.buckets.get(r)
+                    if b is None:
+                        b = g.buckets[r] = ([], [])
+                    b[0].append(e.key)
             if n.frees_in is not None and n.free_at_end is not None:
                 freeing.append((n.frees_in, n.node_id))
+        for g in groups.values():
+            g.build()
+        for gs in cached.values():
+            for g in gs.values():
+                g.build()
         # Interned: the same object every pass while the classes stay the same, so per-job
         # caches keyed by it are found by identity.
         cs = frozenset(self.devices)
@@ -699,22 +774,28 @@ class _Pass:
         """Count a placement on `e`: less memory, one more job, re-indexed."""
         cap = e.cap
         avails = self.avails
+        groups = e.groups
         if cap is None or e.count < cap:
             old = e.key
             bucket = e.count if e.shared else 0
-            for g in e.groups:  # _Group.remove, inlined (the hot path)
-                lst = g.buckets[bucket]
-                del lst[bisect.bisect_left(lst, old)]
-                if old[0] >= g.top:
-                    g.top = max((b[-1][0] for b in g.buckets.values() if b), default=-1)
+            for g in groups:  # _Group.remove, inlined (the hot path)
+                keys, avs = g.buckets[bucket]
+                i = bisect.bisect_left(keys, old)
+                del keys[i]
+                del avs[i]
             del avails[bisect.bisect_left(avails, e.avail)]
-        e.avail -= nbytes
+        avail = e.avail = e.avail - nbytes
         e.count += 1
-        e.key = (e.avail, e.node.name, e.node.node_id, e)
+        e.key = (avail, e.name, e.node_id, e)
         if cap is None or e.count < cap:
-            for g in e.groups:
+            for g in groups:
                 g.add(e)
-            bisect.insort(avails, e.avail)
+            bisect.insort(avails, avail)
+        # The most free memory of a group: lower only where `e` held it (it now has less).
+        top = avail + nbytes
+        for g in groups:
+            if top >= g.top:
+                g.retop()
 
     # -- scoring --------------------------------------------------------------------------------
     def _score(self, job: JobView, info: _JobInfo, e: _Entry, work: float) -> float:
@@ -730,9 +811,12 @@ class _Pass:
         """The earliest-finishing node that fits, from the indexes: the nodes caching the job's
         model (no transfer), then all nodes (transfer unless cached); in each, groups go
         fastest first and stop once even an idle node of the group cannot beat the best; in a
-        group, buckets go least loaded first and stop once their load alone makes them lose."""
-        best: tuple[tuple, _Entry] | None = None
+        group, buckets go least loaded first and stop once their load alone makes them lose.
+        Returns ((score, memory left over, job count, node name), entry), as `_best_scan`."""
+        best: _Entry | None = None
         best_s = math.inf
+        best_left = best_count = 0
+        best_name = ""
         mb = job.model_bytes
         transfer = (mb if mb is not None else 2 * info.params) / self.placer.link_bytes_per_s
         model = job.model_key
@@ -744,36 +828,50 @@ class _Pass:
             model = None  # no node caches it: every node pays the transfer
             sources = ((self.groups, transfer, transfer),)
         for groups, offset, floor in sources:
+            # Groups slower than `lim` cannot win: offset + work / speed > best_s (kept a hair
+            # low, so rounding never drops a group that could tie; groups go fastest first).
+            lim = work / (best_s - offset) * _LIM_SLACK if best_s > offset else math.inf
             for speed, dev_cls, g in groups:
-                if offset + work / speed > best_s:
-                    break  # slower groups cannot win (groups go fastest first)
+                if speed < lim:
+                    break
                 need = needs[dev_cls]
                 if g.top < need:
                     continue  # fits on no node of the group
-                for load, lst in g.order:
+                for load, keys, avs in g.order:
                     # Computed as a node's score is (same float): a bucket whose load alone
                     # makes it lose is skipped, and so are the busier ones after it.
                     if floor + work / (speed / (1 + load)) > best_s:
                         break
-                    if not lst or lst[-1][0] < need:
+                    n = len(avs)
+                    if not n or avs[-1] < need:
                         continue
-                    i = bisect.bisect_left(lst, (need,))
-                    for key in lst[i:i + 8]:  # the best fit, or the next few if it is claimed
+                    i = bisect.bisect_left(avs, need)
+                    stop = i + 8 if i + 8 < n else n  # the best fit, or the next few if claimed
+                    while i < stop:
+                        key = keys[i]
                         e = key[3]
                         t = 0.0 if (offset and model is not None
-                                    and model in e.node.cached_models) else offset
-                        sc = t + work / (e.speed / (1 + e.count) if e.shared else e.speed)
+                                    and model in e.cached_models) else offset
+                        count = e.count
+                        sc = t + work / (e.speed / (1 + count) if e.shared else e.speed)
                         claim = e.claim
                         if claim is None or claim[0] == jid or sc <= claim[1]:
-                            if sc <= best_s:
-                                k = (sc, key[0] - need, e.count, e.node.name)
-                                if best is None or k < best[0]:
-                                    best, best_s = (k, e), sc
+                            # (sc, left, count, name) < the best's, without building tuples
+                            if best is None or sc < best_s or (sc == best_s and (
+                                    (key[0] - need, count, e.name)
+                                    < (best_left, best_count, best_name))):
+                                best, best_s = e, sc
+                                best_left, best_count, best_name = key[0] - need, count, e.name
+                                lim = (work / (sc - offset) * _LIM_SLACK if sc > offset
+                                       else math.inf)
                             break
+                        i += 1
                     else:
                         continue
                     break  # a busier bucket of the same group is slower
-        return best
+        if best is None:
+            return None
+        return (best_s, best_left, best_count, best_name), best
 
     def _best_scan(self, job: JobView, info: _JobInfo, needs: dict[int, int], work: float,
                    cands: list[_Entry]) -> tuple[tuple, _Entry] | None:
@@ -836,7 +934,7 @@ class _Pass:
             spec = info.specs[i]
             if spec is None:
                 spec = info.specs[i] = self.placer.variant_spec(job, v)
-            return Placement(job.job_id, node.node_id, spec, est, changes, expected_s=score)
+            return _placement(job.job_id, e.node_id, spec, est, changes, score)
         return None
 
     # -- waiting and reserving ------------------------------------------------------------------
