@@ -760,9 +760,9 @@ class _Pass:
         self.freeing = [self.entries[nid] for _, nid in freeing]
         # The fastest node that frees within max_wait_s: a job already on a node at least
         # 1/wait_speedup as fast never waits (the common case skips the scan).
-        self.fastest_freeing = max((e.speed for e in self.freeing
-                                    if (e.node.frees_in or 0.0) <= placer.max_wait_s),
-                                   default=0.0)
+        self.soon = [(t, e) for t, e in ((e.node.frees_in or 0.0, e) for e in self.freeing)
+                     if t <= placer.max_wait_s]
+        self.fastest_freeing = max((e.speed for _, e in self.soon), default=0.0)
         # 0.0: no job waits in this pass; else a job waits only for a node this fast.
         self.may_wait = (self.fastest_freeing
                          if placer.wait_speedup > 0 and self.freeing else 0.0)
@@ -788,8 +788,17 @@ class _Pass:
         e.count += 1
         e.key = (avail, e.name, e.node_id, e)
         if cap is None or e.count < cap:
-            for g in groups:
-                g.add(e)
+            bucket = e.count if e.shared else 0
+            for g in groups:  # _Group.add, inlined
+                b = g.buckets.get(bucket)
+                if b is None:
+                    g.add(e)
+                    continue
+                keys, avs = b
+                i = bisect.bisect_left(keys, e.key)
+                keys.insert(i, e.key)
+                avs.insert(i, avail)
+                # (the group's top cannot rise: this node had more before)
             bisect.insort(avails, avail)
         # The most free memory of a group: lower only where `e` held it (it now has less).
         top = avail + nbytes
@@ -948,14 +957,15 @@ class _Pass:
         floor = chosen.speed * placer.wait_speedup
         if floor > self.fastest_freeing:
             return False
-        for e in self.freeing:
-            t = e.node.frees_in or 0.0
-            if t > placer.max_wait_s or t >= score:
-                break  # sorted by frees_in: the rest free later
+        needs = None
+        for t, e in self.soon:  # those freeing within max_wait_s, soonest first
+            if t >= score:
+                break  # the rest free later
             if e.speed < floor or e.claim is not None:
                 continue
-            need = placer._needs(job, info, i, self.devices)[e.cls]
-            if (e.node.free_at_end or 0) < need:
+            if needs is None:
+                needs = placer._needs(job, info, i, self.devices)
+            if (e.node.free_at_end or 0) < needs[e.cls]:
                 continue
             if t + placer._transfer_s(job, info, e.node) + work / e.speed < score:
                 e.claim = (job.job_id, t)
