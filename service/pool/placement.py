@@ -266,6 +266,9 @@ class _JobInfo:
     size: float = 0.0  # FLOPs of the job as submitted (its size when ordering by run time)
     # The class set each `need` entry is complete for (identity: interned per placer).
     ready: list[frozenset | None] = field(default_factory=list)
+    # Per variant: its smallest need over the device classes of `ready` (skips, in O(1), a
+    # variant no node has room for).
+    least: list[int] = field(default_factory=list)
     # The job's turn in the last pass, (turn key, view, info, smallest need), and the size
     # weight it was built with: reused while the same view and smallest need come back.
     turn: tuple | None = None
@@ -275,6 +278,7 @@ class _JobInfo:
         n = len(self.variants)
         self.need, self.est = [None] * n, [None] * n
         self.specs, self.ready = [None] * n, [None] * n
+        self.least = [0] * n
         self.works = [self.tokens * flops_per_token(self.params, v[1]) for v in self.variants]
         self.size = self.works[0]
 
@@ -283,10 +287,12 @@ class _Entry:
     """One open node inside a pass: its remaining memory and job count."""
 
     __slots__ = ("node", "name", "node_id", "cached_models", "avail", "count", "cap", "speed",
-                 "shared", "cls", "claim", "key", "groups")
+                 "shared", "cls", "claim", "key", "groups", "idx")
 
-    def __init__(self, node: NodeView, cap: int | None, speed: float, shared: bool, cls: int):
+    def __init__(self, node: NodeView, cap: int | None, speed: float, shared: bool, cls: int,
+                 idx: int):
         self.node = node
+        self.idx = idx  # its place in the pass's entry list
         # The node's fields the hot loops read, one attribute hop closer.
         self.name = node.name
         self.node_id = node.node_id
@@ -298,8 +304,11 @@ class _Entry:
         self.shared = shared  # jobs computing together share the GPU's speed
         self.cls = cls
         self.claim: tuple[str, float] | None = None  # (job id, seconds until it frees)
-        # (avail, name, id, self): its place in a group's bucket (ids are unique, so tuples
-        # never compare the entries themselves)
+        # (avail, name, id, idx): its place in a group's bucket (ids are unique, so the index
+        # is never compared). The index, not the entry itself: an entry holding a tuple that
+        # holds it would be a reference cycle, and every pass's entries, buckets and groups
+        # would then wait for the garbage collector (whose gen-1 pass over them was the slow
+        # tail of plan()) instead of going when the pass ends.
         self.key: tuple = ()
         # The indexes it is listed in: its speed group, and one group per base model it caches.
         self.groups: list[_Group] = []
@@ -318,7 +327,7 @@ _LIM_SLACK = 1.0 - 1e-9
 
 class _Group:
     """Open nodes of one (device class, speed) group, by load: each load's bucket holds the keys
-    (avail, name, id, entry) sorted, and beside them the same nodes' free memory alone (an int
+    (avail, name, id, entry index) sorted, and beside them the same nodes' free memory alone (an int
     list bisects faster than tuples and needs no probe tuple); plus the most free memory of any
     node listed (a group where the job fits nowhere is skipped in O(1))."""
 
@@ -699,6 +708,9 @@ class _Pass:
         default_speed = placer.default_speed * scale
         entries = self.entries
         devices = self.devices
+        # Every open node, by its `idx` (what the bucket keys hold).
+        elist: list[_Entry] = []
+        self.elist = elist
         class_ids = placer._class_ids
         for n in nodes:
             if not n.accepting:
@@ -714,7 +726,8 @@ class _Pass:
             if cls is None:
                 cls = class_ids[ckey] = len(class_ids)
             # A CPU job has its own cores (slots); GPU jobs computing together share the card.
-            e = _Entry(n, cap, speed, known and dev.kind != "cpu", cls)
+            e = _Entry(n, cap, speed, known and dev.kind != "cpu", cls, len(elist))
+            elist.append(e)
             entries[n.node_id] = e
             if cls not in devices:
                 devices[cls] = dev
@@ -730,7 +743,7 @@ class _Pass:
                 if g is None:
                     g = by_speed[(cls, speed)] = _Group(speed, cls)
                 e.groups.append(g)
-            e.key = (e.avail, n.name, n.node_id, e)
+            e.key = (e.avail, n.name, n.node_id, e.idx)
             if cap is None or e.count < cap:
                 r = e.count if e.shared else 0
                 for g in e.groups:  # listed unsorted here, sorted once below (_Group.build)
@@ -786,7 +799,7 @@ class _Pass:
             del avails[bisect.bisect_left(avails, e.avail)]
         avail = e.avail = e.avail - nbytes
         e.count += 1
-        e.key = (avail, e.name, e.node_id, e)
+        e.key = (avail, e.name, e.node_id, e.idx)
         if cap is None or e.count < cap:
             bucket = e.count if e.shared else 0
             for g in groups:  # _Group.add, inlined
@@ -830,6 +843,7 @@ class _Pass:
         transfer = (mb if mb is not None else 2 * info.params) / self.placer.link_bytes_per_s
         model = job.model_key
         jid = job.job_id
+        elist = self.elist
         # (groups, transfer time, the least transfer time a node of them can have)
         if model is not None and model in self.cached:
             sources = ((self.cached[model], 0.0, 0.0), (self.groups, transfer, 0.0))
@@ -858,7 +872,7 @@ class _Pass:
                     stop = i + 8 if i + 8 < n else n  # the best fit, or the next few if claimed
                     while i < stop:
                         key = keys[i]
-                        e = key[3]
+                        e = elist[key[3]]
                         t = 0.0 if (offset and model is not None
                                     and model in e.cached_models) else offset
                         count = e.count
@@ -915,18 +929,23 @@ class _Pass:
         if cands is not None and not cands:
             return None
         avails = self.avails
-        if (avails[-1] if avails else -1) < info.min_need.get(self.class_set, 0):
+        most = avails[-1] if avails else -1
+        if most < info.min_need.get(self.class_set, 0):
             return None
         placer = self.placer
         cs = self.class_set
         ready = info.ready
+        least = info.least
         may_wait = self.may_wait
         for i, v in enumerate(info.variants):
             # The needs per device class of this pass: filled once per variant and class set.
             needs = info.need[i]
             if ready[i] is not cs or needs is None:
                 needs = placer._needs(job, info, i, self.devices)
+                least[i] = min(needs[c] for c in self.devices)
                 ready[i] = cs
+            if least[i] > most:
+                continue  # more than any node has left, on every device class: fits nowhere
             work = info.works[i]
             best = (self._best_fast(job, info, needs, work) if cands is None
                     else self._best_scan(job, info, needs, work, cands))
