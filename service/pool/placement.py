@@ -75,7 +75,6 @@ import bisect
 import heapq
 import logging
 import math
-import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -158,8 +157,6 @@ class Placement:
     changes: list[str] = field(default_factory=list)
     expected_s: float | None = None  # expected transfer + run time there (seconds)
 
-
-_TURN = operator.itemgetter(0)
 
 def _placement(job_id: str, node_id: str, spec: TrainSpec, estimate: MemoryEstimate,
                changes: list[str], expected_s: float | None) -> Placement:
@@ -269,10 +266,6 @@ class _JobInfo:
     # Per variant: its smallest need over the device classes of `ready` (skips, in O(1), a
     # variant no node has room for).
     least: list[int] = field(default_factory=list)
-    # The job's turn in the last pass, (turn key, view, info, smallest need), and the size
-    # weight it was built with: reused while the same view and smallest need come back.
-    turn: tuple | None = None
-    turn_kw: float = 0.0
 
     def __post_init__(self) -> None:
         n = len(self.variants)
@@ -435,6 +428,12 @@ class Placer:
         self._cache: dict[tuple, MemoryEstimate] = {}
         self._fingerprints: dict[str, tuple[TrainSpec, str]] = {}
         self._infos: dict[str, tuple[JobView, _JobInfo]] = {}
+        # job id → its turn in the last pass: (-priority, turn, job id, view, info, smallest
+        # need, class set, size weight, tenant, constrained), reused while the same view, class
+        # set and weight come back.
+        self._turns: dict[str, tuple] = {}
+        self._kw_inputs: tuple = ()
+        self._kw = 0.0
         self._class_sets: dict[frozenset, frozenset] = {}
         # (kind, compute capability) → a small int id: per-class look-ups in the hot loops hash
         # an int, not a tuple.
@@ -562,7 +561,10 @@ class Placer:
         """One scheduling pass: where each queued job that fits somewhere now should run.
 
         Never places a job where `estimate * (1 + margin) > free - promised` (with memory placed
-        earlier in the same pass counted as promised). The inputs are not modified.
+        earlier in the same pass counted as promised). The inputs are not modified, and a
+        `JobView` passed again as the same object is taken as unchanged (what is derived from
+        it is cached by identity): a job whose fields change comes as a new view
+        (`dataclasses.replace`, as the scheduler does for `avoid_nodes`).
         """
         self.last_errors = {}
         self.last_waits = {}
@@ -575,19 +577,22 @@ class Placer:
 
         # Jobs that need more than the largest free node cannot place in this pass at all (free
         # memory only shrinks within a pass): they skip the fair-share heap.
-        kw = self.size_weight / (self.default_speed * 1e12 * self.efficiency)
-        live: list[tuple[tuple, JobView, _JobInfo, int]] = []
-        blocked: list[tuple[JobView, _JobInfo]] = []
+        weights = (self.size_weight, self.default_speed, self.efficiency)
+        if weights != self._kw_inputs:  # one float object while they stay (compared by `is`)
+            self._kw_inputs = weights
+            self._kw = self.size_weight / (self.default_speed * 1e12 * self.efficiency)
+        kw = self._kw
+        live: list[tuple] = []
+        blocked: list[tuple] = []
         gmax = p.max_avail()
         cs = p.class_set
-        infos = self._infos
+        turns = self._turns
         for job in queue:
-            # Fast path: the same view as last pass and the same device classes.
-            hit = infos.get(job.job_id)
-            mn = hit[1].min_need.get(cs) if hit is not None and hit[0] is job else None
-            if mn is not None:
-                info = hit[1]  # type: ignore[index]
-            else:
+            # Fast path: the same view as last pass, the same device classes and weights. The
+            # turn tuple is all this loop reads then (one look-up, few objects touched: at a
+            # thousand jobs, cache misses cost more than the Python here).
+            item = turns.get(job.job_id)
+            if item is None or item[3] is not job or item[6] is not cs or item[7] is not kw:
                 try:
                     info = self._info(job)
                     mn = self._min_need(job, info, p.devices, cs)
@@ -595,37 +600,43 @@ class Placer:
                     log.warning("cannot estimate %s: %s", job.job_id, exc)
                     self.last_errors[job.job_id] = f"{type(exc).__name__}: {exc}"
                     continue
-            if mn > gmax:
-                blocked.append((job, info))
+                # Its turn: submit time, pushed back by its expected size (shortest first
+                # among jobs of similar age; a long job is overtaken only by jobs submitted
+                # less than `size_weight` × its expected run time after it).
+                item = (-job.priority, job.submitted_at + kw * info.size, job.job_id, job, info,
+                        mn, cs, kw, job.tenant, job.constrained)
+                if len(turns) > self.cache_size:
+                    turns.clear()
+                turns[job.job_id] = item
+            # Jobs that need more than the largest free node cannot place in this pass at all
+            # (free memory only shrinks within a pass): they skip the fair-share heap.
+            if item[5] > gmax:
+                blocked.append(item)
             else:
-                # Its turn: submit time, pushed back by its expected size (shortest first among
-                # jobs of similar age; a long job is overtaken only by jobs submitted less than
-                # `size_weight` × its expected run time after it). Kept on the info while the
-                # same view and class set come back (fewer objects per pass for the GC).
-                item = info.turn
-                if item is None or item[1] is not job or item[3] != mn or info.turn_kw != kw:
-                    item = info.turn = ((-job.priority, job.submitted_at + kw * info.size,
-                                         job.job_id), job, info, mn)
-                    info.turn_kw = kw
                 live.append(item)
         if blocked and self.max_reservations > 0 and p.freeing:
             oldest = heapq.nsmallest(
                 self.max_reservations, blocked,
-                key=lambda ji: (-ji[0].priority, ji[0].submitted_at, ji[0].job_id))
-            for job, info in oldest:
-                p.reserve(job, info)
+                key=lambda it: (it[0], it[3].submitted_at, it[2]))
+            for item in oldest:
+                p.reserve(item[3], item[4])
         if not live:
             return []
 
         # Per tenant: its jobs by turn, the next one last; a heap of the tenants' heads by
         # (priority, jobs the tenant runs or was given in this pass, turn).
-        per_tenant: dict[str, list[tuple[tuple, JobView, _JobInfo, int]]] = {}
+        per_tenant: dict[str, list[tuple]] = {}
         for item in live:
-            per_tenant.setdefault(item[1].tenant, []).append(item)
+            jobs = per_tenant.get(item[8])
+            if jobs is None:
+                jobs = per_tenant[item[8]] = []
+            jobs.append(item)
         heap = []
         for tenant, jobs in per_tenant.items():
-            jobs.sort(key=_TURN, reverse=True)  # turns are unique (they end in the job id)
-            k = jobs[-1][0]
+            # (-priority, turn, job id) decide (ids are unique): the tuples themselves sort,
+            # with no key list built.
+            jobs.sort(reverse=True)
+            k = jobs[-1]
             heap.append((k[0], load.get(tenant, 0), k[1], k[2], tenant))
         heapq.heapify(heap)
 
@@ -634,13 +645,11 @@ class Placer:
         while heap:
             tenant = heapq.heappop(heap)[4]
             jobs = per_tenant[tenant]
-            _, job, info, _ = jobs.pop()
+            item = jobs.pop()
+            job, info = item[3], item[4]
             try:
-                # JobView.constrained, inlined: most jobs take the indexed path.
-                placed = (p.place(job, info) if (
-                    job.node_id is not None or job.labels or job.require_bf16
-                    or job.min_memory is not None or job.avoid_nodes)
-                    else p._place_among(job, info, None))
+                # Most jobs have no node constraints and take the indexed path.
+                placed = p.place(job, info) if item[9] else p._place_among(job, info, None)
             except Exception as exc:  # noqa: BLE001 - one bad job must not stop the pass
                 log.warning("cannot estimate %s: %s", job.job_id, exc)
                 self.last_errors[job.job_id] = f"{type(exc).__name__}: {exc}"
@@ -651,10 +660,10 @@ class Placer:
             # Drop, without a turn, the tenant's next jobs that need more than any node has
             # left: they cannot place later in this pass either.
             most = avails[-1] if avails else -1
-            while jobs and jobs[-1][3] > most:
+            while jobs and jobs[-1][5] > most:
                 jobs.pop()
             if jobs:
-                k = jobs[-1][0]
+                k = jobs[-1]
                 heapq.heappush(heap, (k[0], load.get(tenant, 0), k[1], k[2], tenant))
         return placements
 
