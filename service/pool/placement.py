@@ -244,7 +244,7 @@ def compute_params(spec: TrainSpec) -> int:
     return max(1, shape.total_params - shape.vocab_size * shape.hidden_size)
 
 
-@dataclass
+@dataclass(slots=True)  # attributes inside the object: fewer cache lines per job
 class _JobInfo:
     """What `plan()` caches per job across passes (valid while its view, or an equal spec with the
     same auto-fit inputs, comes back). Per-variant data is kept in lists by the variant's index
@@ -331,7 +331,9 @@ class _Group:
         self.dev_cls = dev_cls
         self.buckets: dict[int, tuple[list[tuple], list[int]]] = {}
         # (load, keys, avails) per bucket, least loaded first
-        self.order: list[tuple[int, list[tuple], list[int]]] = []
+        # (load, rate, keys, avails) per bucket, least loaded first; rate = speed / (1 + load):
+        # a job's speed on every node listed there (computed once, the same float as a score).
+        self.order: list[tuple[int, float, list[tuple], list[int]]] = []
         self.top = -1
 
     def build(self) -> None:
@@ -343,14 +345,18 @@ class _Group:
             if avs and avs[-1] > top:
                 top = avs[-1]
         self.top = top
-        self.order = sorted((ld, k, a) for ld, (k, a) in self.buckets.items())
+        self.order = self._order()
+
+    def _order(self) -> list[tuple[int, float, list[tuple], list[int]]]:
+        speed = self.speed
+        return sorted((ld, speed / (1 + ld), k, a) for ld, (k, a) in self.buckets.items())
 
     def add(self, e: _Entry) -> None:
         r = e.count if e.shared else 0
         b = self.buckets.get(r)
         if b is None:
             b = self.buckets[r] = ([], [])
-            self.order = sorted((ld, k, a) for ld, (k, a) in self.buckets.items())
+            self.order = self._order()
         keys, avs = b
         key = e.key
         i = bisect.bisect_left(keys, key)  # keys are unique (node ids are)
@@ -369,7 +375,7 @@ class _Group:
 
     def retop(self) -> None:
         top = -1
-        for _, _, avs in self.order:
+        for _, _, _, avs in self.order:
             if avs and avs[-1] > top:
                 top = avs[-1]
         self.top = top
@@ -869,10 +875,10 @@ class _Pass:
                 need = needs[dev_cls]
                 if g.top < need:
                     continue  # fits on no node of the group
-                for load, keys, avs in g.order:
-                    # Computed as a node's score is (same float): a bucket whose load alone
-                    # makes it lose is skipped, and so are the busier ones after it.
-                    if floor + work / (speed / (1 + load)) > best_s:
+                for _, rate, keys, avs in g.order:
+                    # A bucket whose load alone makes it lose is skipped, and so are the busier
+                    # ones after it.
+                    if floor + work / rate > best_s:
                         break
                     n = len(avs)
                     if not n or avs[-1] < need:
@@ -885,7 +891,9 @@ class _Pass:
                         t = 0.0 if (offset and model is not None
                                     and model in e.cached_models) else offset
                         count = e.count
-                        sc = t + work / (e.speed / (1 + count) if e.shared else e.speed)
+                        # (every node of a bucket runs a job at its rate: a shared one
+                        # has `load` jobs, one not shared is listed under load 0)
+                        sc = t + work / rate
                         claim = e.claim
                         if claim is None or claim[0] == jid or sc <= claim[1]:
                             # (sc, left, count, name) < the best's, without building tuples
