@@ -290,7 +290,7 @@ class _Entry:
         self.name = node.name
         self.node_id = node.node_id
         self.cached_models = node.cached_models
-        self.avail = node.available
+        self.avail = node.free_memory - node.promised  # NodeView.available
         self.count = node.running_jobs
         self.cap = cap
         self.speed = speed  # FLOP/s a job reaches alone there
@@ -655,7 +655,8 @@ class Placer:
             job, info = item[3], item[4]
             try:
                 # Most jobs have no node constraints and take the indexed path.
-                placed = p.place(job, info) if item[9] else p._place_among(job, info, None)
+                placed = (p.place(job, info) if item[9]
+                          else p._place_among(job, info, None, item[5]))
             except Exception as exc:  # noqa: BLE001 - one bad job must not stop the pass
                 log.warning("cannot estimate %s: %s", job.job_id, exc)
                 self.last_errors[job.job_id] = f"{type(exc).__name__}: {exc}"
@@ -783,13 +784,15 @@ class _Pass:
         self.cached = {k: [(g.speed, g.dev_cls, g) for g in
                            sorted(gs.values(), key=lambda g: -g.speed)]
                        for k, gs in cached.items()}
-        self.avails = sorted(e.avail for e in self.entries.values() if not e.full())
+        self.avails = sorted([e.avail for e in entries.values()
+                              if e.cap is None or e.count < e.cap])
         freeing.sort()
         self.freeing = [self.entries[nid] for _, nid in freeing]
+        frees = [t or 0.0 for t, _ in freeing]
         # The fastest node that frees within max_wait_s: a job already on a node at least
         # 1/wait_speedup as fast never waits (the common case skips the scan).
-        self.soon = [(t, e) for t, e in ((e.node.frees_in or 0.0, e) for e in self.freeing)
-                     if t <= placer.max_wait_s]
+        max_wait = placer.max_wait_s
+        self.soon = [(t, e) for t, e in zip(frees, self.freeing) if t <= max_wait]
         self.fastest_freeing = max((e.speed for _, e in self.soon), default=0.0)
         # 0.0: no job waits in this pass; else a job waits only for a node this fast.
         self.may_wait = (self.fastest_freeing
@@ -941,13 +944,15 @@ class _Pass:
             return self._place_among(job, info, cands)
         return self._place_among(job, info, None)
 
-    def _place_among(self, job: JobView, info: _JobInfo,
-                     cands: list[_Entry] | None) -> Placement | None:
+    def _place_among(self, job: JobView, info: _JobInfo, cands: list[_Entry] | None,
+                     min_need: int | None = None) -> Placement | None:
+        """Place `job` on the best of `cands` (None: any node, through the indexes).
+        `min_need`: its smallest need in this pass, when the caller has it at hand."""
         if cands is not None and not cands:
             return None
         avails = self.avails
         most = avails[-1] if avails else -1
-        if most < info.min_need.get(self.class_set, 0):
+        if most < (info.min_need.get(self.class_set, 0) if min_need is None else min_need):
             return None
         placer = self.placer
         cs = self.class_set
