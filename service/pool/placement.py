@@ -319,10 +319,11 @@ _LIM_SLACK = 1.0 - 1e-9
 
 
 class _Group:
-    """Open nodes of one (device class, speed) group, by load: each load's bucket holds the keys
-    (avail, name, id, entry index) sorted, and beside them the same nodes' free memory alone (an int
-    list bisects faster than tuples and needs no probe tuple); plus the most free memory of any
-    node listed (a group where the job fits nowhere is skipped in O(1))."""
+    """Open nodes of one (device class, speed) group, by load: each load's bucket holds the
+    keys (avail, name, id, entry index) sorted, and beside them the same nodes' free memory
+    alone (an int list bisects faster than tuples and needs no probe tuple); plus the most free
+    memory of any node listed (a group where the job fits nowhere is skipped in O(1)). A bucket
+    that empties is dropped (`_Pass._take`)."""
 
     __slots__ = ("speed", "dev_cls", "buckets", "order", "top")
 
@@ -330,7 +331,6 @@ class _Group:
         self.speed = speed
         self.dev_cls = dev_cls
         self.buckets: dict[int, tuple[list[tuple], list[int]]] = {}
-        # (load, keys, avails) per bucket, least loaded first
         # (load, rate, keys, avails) per bucket, least loaded first; rate = speed / (1 + load):
         # a job's speed on every node listed there (computed once, the same float as a score).
         self.order: list[tuple[int, float, list[tuple], list[int]]] = []
@@ -365,15 +365,8 @@ class _Group:
         if key[0] > self.top:
             self.top = key[0]
 
-    def remove(self, e: _Entry) -> None:
-        keys, avs = self.buckets[e.count if e.shared else 0]
-        i = bisect.bisect_left(keys, e.key)
-        del keys[i]
-        del avs[i]
-        if e.avail >= self.top:
-            self.retop()
-
     def retop(self) -> None:
+        """Recompute the most free memory of any node listed (after the top one lost some)."""
         top = -1
         for _, _, _, avs in self.order:
             if avs and avs[-1] > top:
@@ -814,6 +807,9 @@ class _Pass:
                 i = bisect.bisect_left(keys, old)
                 del keys[i]
                 del avs[i]
+                if not keys:  # an emptied bucket leaves the walk (its nodes moved up a load)
+                    del g.buckets[bucket]
+                    g.order = g._order()
             del avails[bisect.bisect_left(avails, e.avail)]
         avail = e.avail = e.avail - nbytes
         e.count += 1
