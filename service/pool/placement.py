@@ -53,7 +53,12 @@ O(classes · log nodes), not O(nodes); a group where the job fits no node is ski
 most free memory, and a load bucket that loses on load alone ends its group's walk (both
 checked against a full scan in tests/pool/test_placement_index.py). Per-variant data is kept
 by index and device classes as small ints, since hashing tuples was a large share of the
-hot loop. Jobs with node constraints take a plain linear scan.
+hot loop. Jobs with node constraints take a plain linear scan. A job's turn (priority, turn,
+smallest need, tenant, ...) is one cached tuple while its view object comes back, so a pass
+reads one object per waiting job. Nothing a pass builds is in a reference cycle (bucket keys
+name an entry by index), so it all goes by reference counting when the pass ends; cyclic
+garbage from every pass had made the collector's sweeps the slow tail of `plan()`
+(tests/pool/test_placement_gc.py).
 
 `check_fits()` answers the API's question at submit time: could any node of the pool hold this
 job (as submitted or auto-fitted) in its *total* memory, once its other jobs are done? If not,
