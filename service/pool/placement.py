@@ -53,7 +53,12 @@ O(classes · log nodes), not O(nodes); a group where the job fits no node is ski
 most free memory, and a load bucket that loses on load alone ends its group's walk (both
 checked against a full scan in tests/pool/test_placement_index.py). Per-variant data is kept
 by index and device classes as small ints, since hashing tuples was a large share of the
-hot loop. Jobs with node constraints take a plain linear scan.
+hot loop. Jobs with node constraints take a plain linear scan. A job's turn (priority, turn,
+smallest need, tenant, ...) is one cached tuple while its view object comes back, so a pass
+reads one object per waiting job. Nothing a pass builds is in a reference cycle (bucket keys
+name an entry by index), so it all goes by reference counting when the pass ends; cyclic
+garbage from every pass had made the collector's sweeps the slow tail of `plan()`
+(tests/pool/test_placement_gc.py).
 
 `check_fits()` answers the API's question at submit time: could any node of the pool hold this
 job (as submitted or auto-fitted) in its *total* memory, once its other jobs are done? If not,
@@ -158,6 +163,20 @@ class Placement:
     expected_s: float | None = None  # expected transfer + run time there (seconds)
 
 
+def _placement(job_id: str, node_id: str, spec: TrainSpec, estimate: MemoryEstimate,
+               changes: list[str], expected_s: float | None) -> Placement:
+    """`Placement(...)`, built without the frozen dataclass's per-field `object.__setattr__`
+    (a third of a placement's cost in `plan()`); the same fields, the same object."""
+    p = _new_placement(Placement)
+    _set_attr(p, "__dict__", {"job_id": job_id, "node_id": node_id, "spec": spec,
+                              "estimate": estimate, "changes": changes,
+                              "expected_s": expected_s})
+    return p
+
+
+_new_placement = object.__new__
+_set_attr = object.__setattr__
+
 # A variant of a job's spec: (micro_batch_size, gradient_checkpointing, max_seq_len).
 Variant = tuple[int, bool, int]
 
@@ -230,7 +249,7 @@ def compute_params(spec: TrainSpec) -> int:
     return max(1, shape.total_params - shape.vocab_size * shape.hidden_size)
 
 
-@dataclass
+@dataclass(slots=True)  # attributes inside the object: fewer cache lines per job
 class _JobInfo:
     """What `plan()` caches per job across passes (valid while its view, or an equal spec with the
     same auto-fit inputs, comes back). Per-variant data is kept in lists by the variant's index
@@ -249,11 +268,15 @@ class _JobInfo:
     size: float = 0.0  # FLOPs of the job as submitted (its size when ordering by run time)
     # The class set each `need` entry is complete for (identity: interned per placer).
     ready: list[frozenset | None] = field(default_factory=list)
+    # Per variant: its smallest need over the device classes of `ready` (skips, in O(1), a
+    # variant no node has room for).
+    least: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.variants)
         self.need, self.est = [None] * n, [None] * n
         self.specs, self.ready = [None] * n, [None] * n
+        self.least = [0] * n
         self.works = [self.tokens * flops_per_token(self.params, v[1]) for v in self.variants]
         self.size = self.works[0]
 
@@ -261,19 +284,29 @@ class _JobInfo:
 class _Entry:
     """One open node inside a pass: its remaining memory and job count."""
 
-    __slots__ = ("node", "avail", "count", "cap", "speed", "shared", "cls", "claim", "key", "groups")
+    __slots__ = ("node", "name", "node_id", "cached_models", "avail", "count", "cap", "speed",
+                 "shared", "cls", "claim", "key", "groups", "idx")
 
-    def __init__(self, node: NodeView, cap: int | None, speed: float, shared: bool, cls: int):
+    def __init__(self, node: NodeView, cap: int | None, speed: float, shared: bool, cls: int,
+                 idx: int):
         self.node = node
-        self.avail = node.available
+        self.idx = idx  # its place in the pass's entry list
+        # The node's fields the hot loops read, one attribute hop closer.
+        self.name = node.name
+        self.node_id = node.node_id
+        self.cached_models = node.cached_models
+        self.avail = node.free_memory - node.promised  # NodeView.available
         self.count = node.running_jobs
         self.cap = cap
         self.speed = speed  # FLOP/s a job reaches alone there
         self.shared = shared  # jobs computing together share the GPU's speed
         self.cls = cls
         self.claim: tuple[str, float] | None = None  # (job id, seconds until it frees)
-        # (avail, name, id, self): its place in a group's bucket (ids are unique, so tuples
-        # never compare the entries themselves)
+        # (avail, name, id, idx): its place in a group's bucket (ids are unique, so the index
+        # is never compared). The index, not the entry itself: an entry holding a tuple that
+        # holds it would be a reference cycle, and every pass's entries, buckets and groups
+        # would then wait for the garbage collector (whose gen-1 pass over them was the slow
+        # tail of plan()) instead of going when the pass ends.
         self.key: tuple = ()
         # The indexes it is listed in: its speed group, and one group per base model it caches.
         self.groups: list[_Group] = []
@@ -285,35 +318,65 @@ class _Entry:
         return self.speed / (1 + self.count) if self.shared else self.speed
 
 
+# Below 1 by far more than float rounding: a speed bound computed from the best score so far
+# prunes only groups whose every node scores strictly worse.
+_LIM_SLACK = 1.0 - 1e-9
+
+
 class _Group:
-    """Open nodes of one (device class, speed) group, by load: load → [(avail, name, id, entry)],
-    each bucket sorted by free memory, and the most free memory of any node listed (a group
-    where the job fits nowhere is skipped in O(1))."""
+    """Open nodes of one (device class, speed) group, by load: each load's bucket holds the
+    keys (avail, name, id, entry index) sorted, and beside them the same nodes' free memory
+    alone (an int list bisects faster than tuples and needs no probe tuple); plus the most free
+    memory of any node listed (a group where the job fits nowhere is skipped in O(1)). A bucket
+    that empties is dropped (`_Pass._take`)."""
 
     __slots__ = ("speed", "dev_cls", "buckets", "order", "top")
 
     def __init__(self, speed: float, dev_cls: int):
         self.speed = speed
         self.dev_cls = dev_cls
-        self.buckets: dict[int, list[tuple]] = {}
-        self.order: list[tuple[int, list[tuple]]] = []  # (load, bucket), least loaded first
+        self.buckets: dict[int, tuple[list[tuple], list[int]]] = {}
+        # (load, rate, keys, avails) per bucket, least loaded first; rate = speed / (1 + load):
+        # a job's speed on every node listed there (computed once, the same float as a score).
+        self.order: list[tuple[int, float, list[tuple], list[int]]] = []
         self.top = -1
+
+    def build(self) -> None:
+        """Sort the buckets filled in one go (as `add` one by one would leave them)."""
+        top = -1
+        for keys, avs in self.buckets.values():
+            keys.sort()
+            avs[:] = [k[0] for k in keys]
+            if avs and avs[-1] > top:
+                top = avs[-1]
+        self.top = top
+        self.order = self._order()
+
+    def _order(self) -> list[tuple[int, float, list[tuple], list[int]]]:
+        speed = self.speed
+        return sorted((ld, speed / (1 + ld), k, a) for ld, (k, a) in self.buckets.items())
 
     def add(self, e: _Entry) -> None:
         r = e.count if e.shared else 0
-        lst = self.buckets.get(r)
-        if lst is None:
-            lst = self.buckets[r] = []
-            self.order = sorted(self.buckets.items(), key=lambda kv: kv[0])
-        bisect.insort(lst, e.key)
-        if e.avail > self.top:
-            self.top = e.avail
+        b = self.buckets.get(r)
+        if b is None:
+            b = self.buckets[r] = ([], [])
+            self.order = self._order()
+        keys, avs = b
+        key = e.key
+        i = bisect.bisect_left(keys, key)  # keys are unique (node ids are)
+        keys.insert(i, key)
+        avs.insert(i, key[0])
+        if key[0] > self.top:
+            self.top = key[0]
 
-    def remove(self, e: _Entry) -> None:
-        lst = self.buckets[e.count if e.shared else 0]
-        del lst[bisect.bisect_left(lst, e.key)]
-        if e.avail >= self.top:
-            self.top = max((b[-1][0] for b in self.buckets.values() if b), default=-1)
+    def retop(self) -> None:
+        """Recompute the most free memory of any node listed (after the top one lost some)."""
+        top = -1
+        for _, _, _, avs in self.order:
+            if avs and avs[-1] > top:
+                top = avs[-1]
+        self.top = top
 
 
 class Placer:
@@ -369,6 +432,12 @@ class Placer:
         self._cache: dict[tuple, MemoryEstimate] = {}
         self._fingerprints: dict[str, tuple[TrainSpec, str]] = {}
         self._infos: dict[str, tuple[JobView, _JobInfo]] = {}
+        # job id → its turn in the last pass: (-priority, turn, job id, view, info, smallest
+        # need, class set, size weight, tenant, constrained), reused while the same view, class
+        # set and weight come back.
+        self._turns: dict[str, tuple] = {}
+        self._kw_inputs: tuple = ()
+        self._kw = 0.0
         self._class_sets: dict[frozenset, frozenset] = {}
         # (kind, compute capability) → a small int id: per-class look-ups in the hot loops hash
         # an int, not a tuple.
@@ -496,7 +565,10 @@ class Placer:
         """One scheduling pass: where each queued job that fits somewhere now should run.
 
         Never places a job where `estimate * (1 + margin) > free - promised` (with memory placed
-        earlier in the same pass counted as promised). The inputs are not modified.
+        earlier in the same pass counted as promised). The inputs are not modified, and a
+        `JobView` passed again as the same object is taken as unchanged (what is derived from
+        it is cached by identity): a job whose fields change comes as a new view
+        (`dataclasses.replace`, as the scheduler does for `avoid_nodes`).
         """
         self.last_errors = {}
         self.last_waits = {}
@@ -509,19 +581,22 @@ class Placer:
 
         # Jobs that need more than the largest free node cannot place in this pass at all (free
         # memory only shrinks within a pass): they skip the fair-share heap.
-        kw = self.size_weight / (self.default_speed * 1e12 * self.efficiency)
-        live: list[tuple[tuple, JobView, _JobInfo, int]] = []
-        blocked: list[tuple[JobView, _JobInfo]] = []
+        weights = (self.size_weight, self.default_speed, self.efficiency)
+        if weights != self._kw_inputs:  # one float object while they stay (compared by `is`)
+            self._kw_inputs = weights
+            self._kw = self.size_weight / (self.default_speed * 1e12 * self.efficiency)
+        kw = self._kw
+        live: list[tuple] = []
+        blocked: list[tuple] = []
         gmax = p.max_avail()
         cs = p.class_set
-        infos = self._infos
+        turns = self._turns
         for job in queue:
-            # Fast path: the same view as last pass and the same device classes.
-            hit = infos.get(job.job_id)
-            mn = hit[1].min_need.get(cs) if hit is not None and hit[0] is job else None
-            if mn is not None:
-                info = hit[1]  # type: ignore[index]
-            else:
+            # Fast path: the same view as last pass, the same device classes and weights. The
+            # turn tuple is all this loop reads then (one look-up, few objects touched: at a
+            # thousand jobs, cache misses cost more than the Python here).
+            item = turns.get(job.job_id)
+            if item is None or item[3] is not job or item[6] is not cs or item[7] is not kw:
                 try:
                     info = self._info(job)
                     mn = self._min_need(job, info, p.devices, cs)
@@ -529,32 +604,43 @@ class Placer:
                     log.warning("cannot estimate %s: %s", job.job_id, exc)
                     self.last_errors[job.job_id] = f"{type(exc).__name__}: {exc}"
                     continue
-            if mn > gmax:
-                blocked.append((job, info))
+                # Its turn: submit time, pushed back by its expected size (shortest first
+                # among jobs of similar age; a long job is overtaken only by jobs submitted
+                # less than `size_weight` × its expected run time after it).
+                item = (-job.priority, job.submitted_at + kw * info.size, job.job_id, job, info,
+                        mn, cs, kw, job.tenant, job.constrained)
+                if len(turns) > self.cache_size:
+                    turns.clear()
+                turns[job.job_id] = item
+            # Jobs that need more than the largest free node cannot place in this pass at all
+            # (free memory only shrinks within a pass): they skip the fair-share heap.
+            if item[5] > gmax:
+                blocked.append(item)
             else:
-                # Its turn: submit time, pushed back by its expected size (shortest first among
-                # jobs of similar age; a long job is overtaken only by jobs submitted less than
-                # `size_weight` × its expected run time after it).
-                live.append(((-job.priority, job.submitted_at + kw * info.size, job.job_id),
-                             job, info, mn))
+                live.append(item)
         if blocked and self.max_reservations > 0 and p.freeing:
             oldest = heapq.nsmallest(
                 self.max_reservations, blocked,
-                key=lambda ji: (-ji[0].priority, ji[0].submitted_at, ji[0].job_id))
-            for job, info in oldest:
-                p.reserve(job, info)
+                key=lambda it: (it[0], it[3].submitted_at, it[2]))
+            for item in oldest:
+                p.reserve(item[3], item[4])
         if not live:
             return []
 
         # Per tenant: its jobs by turn, the next one last; a heap of the tenants' heads by
         # (priority, jobs the tenant runs or was given in this pass, turn).
-        per_tenant: dict[str, list[tuple[tuple, JobView, _JobInfo, int]]] = {}
+        per_tenant: dict[str, list[tuple]] = {}
         for item in live:
-            per_tenant.setdefault(item[1].tenant, []).append(item)
+            jobs = per_tenant.get(item[8])
+            if jobs is None:
+                jobs = per_tenant[item[8]] = []
+            jobs.append(item)
         heap = []
         for tenant, jobs in per_tenant.items():
+            # (-priority, turn, job id) decide (ids are unique): the tuples themselves sort,
+            # with no key list built.
             jobs.sort(reverse=True)
-            k = jobs[-1][0]
+            k = jobs[-1]
             heap.append((k[0], load.get(tenant, 0), k[1], k[2], tenant))
         heapq.heapify(heap)
 
@@ -563,9 +649,12 @@ class Placer:
         while heap:
             tenant = heapq.heappop(heap)[4]
             jobs = per_tenant[tenant]
-            _, job, info, _ = jobs.pop()
+            item = jobs.pop()
+            job, info = item[3], item[4]
             try:
-                placed = p.place(job, info)
+                # Most jobs have no node constraints and take the indexed path.
+                placed = (p.place(job, info) if item[9]
+                          else p._place_among(job, info, None, item[5]))
             except Exception as exc:  # noqa: BLE001 - one bad job must not stop the pass
                 log.warning("cannot estimate %s: %s", job.job_id, exc)
                 self.last_errors[job.job_id] = f"{type(exc).__name__}: {exc}"
@@ -576,10 +665,10 @@ class Placer:
             # Drop, without a turn, the tenant's next jobs that need more than any node has
             # left: they cannot place later in this pass either.
             most = avails[-1] if avails else -1
-            while jobs and jobs[-1][3] > most:
+            while jobs and jobs[-1][5] > most:
                 jobs.pop()
             if jobs:
-                k = jobs[-1][0]
+                k = jobs[-1]
                 heapq.heappush(heap, (k[0], load.get(tenant, 0), k[1], k[2], tenant))
         return placements
 
@@ -633,6 +722,9 @@ class _Pass:
         default_speed = placer.default_speed * scale
         entries = self.entries
         devices = self.devices
+        # Every open node, by its `idx` (what the bucket keys hold).
+        elist: list[_Entry] = []
+        self.elist = elist
         class_ids = placer._class_ids
         for n in nodes:
             if not n.accepting:
@@ -648,7 +740,8 @@ class _Pass:
             if cls is None:
                 cls = class_ids[ckey] = len(class_ids)
             # A CPU job has its own cores (slots); GPU jobs computing together share the card.
-            e = _Entry(n, cap, speed, known and dev.kind != "cpu", cls)
+            e = _Entry(n, cap, speed, known and dev.kind != "cpu", cls, len(elist))
+            elist.append(e)
             entries[n.node_id] = e
             if cls not in devices:
                 devices[cls] = dev
@@ -664,12 +757,21 @@ class _Pass:
                 if g is None:
                     g = by_speed[(cls, speed)] = _Group(speed, cls)
                 e.groups.append(g)
-            e.key = (e.avail, n.name, n.node_id, e)
+            e.key = (e.avail, n.name, n.node_id, e.idx)
             if cap is None or e.count < cap:
-                for g in e.groups:
-                    g.add(e)
+                r = e.count if e.shared else 0
+                for g in e.groups:  # listed unsorted here, sorted once below (_Group.build)
+                    b = g.buckets.get(r)
+                    if b is None:
+                        b = g.buckets[r] = ([], [])
+                    b[0].append(e.key)
             if n.frees_in is not None and n.free_at_end is not None:
                 freeing.append((n.frees_in, n.node_id))
+        for g in groups.values():
+            g.build()
+        for gs in cached.values():
+            for g in gs.values():
+                g.build()
         # Interned: the same object every pass while the classes stay the same, so per-job
         # caches keyed by it are found by identity.
         cs = frozenset(self.devices)
@@ -680,14 +782,16 @@ class _Pass:
         self.cached = {k: [(g.speed, g.dev_cls, g) for g in
                            sorted(gs.values(), key=lambda g: -g.speed)]
                        for k, gs in cached.items()}
-        self.avails = sorted(e.avail for e in self.entries.values() if not e.full())
+        self.avails = sorted([e.avail for e in entries.values()
+                              if e.cap is None or e.count < e.cap])
         freeing.sort()
         self.freeing = [self.entries[nid] for _, nid in freeing]
+        frees = [t or 0.0 for t, _ in freeing]
         # The fastest node that frees within max_wait_s: a job already on a node at least
         # 1/wait_speedup as fast never waits (the common case skips the scan).
-        self.fastest_freeing = max((e.speed for e in self.freeing
-                                    if (e.node.frees_in or 0.0) <= placer.max_wait_s),
-                                   default=0.0)
+        max_wait = placer.max_wait_s
+        self.soon = [(t, e) for t, e in zip(frees, self.freeing) if t <= max_wait]
+        self.fastest_freeing = max((e.speed for _, e in self.soon), default=0.0)
         # 0.0: no job waits in this pass; else a job waits only for a node this fast.
         self.may_wait = (self.fastest_freeing
                          if placer.wait_speedup > 0 and self.freeing else 0.0)
@@ -699,22 +803,40 @@ class _Pass:
         """Count a placement on `e`: less memory, one more job, re-indexed."""
         cap = e.cap
         avails = self.avails
+        groups = e.groups
         if cap is None or e.count < cap:
             old = e.key
             bucket = e.count if e.shared else 0
-            for g in e.groups:  # _Group.remove, inlined (the hot path)
-                lst = g.buckets[bucket]
-                del lst[bisect.bisect_left(lst, old)]
-                if old[0] >= g.top:
-                    g.top = max((b[-1][0] for b in g.buckets.values() if b), default=-1)
+            for g in groups:  # _Group.remove, inlined (the hot path)
+                keys, avs = g.buckets[bucket]
+                i = bisect.bisect_left(keys, old)
+                del keys[i]
+                del avs[i]
+                if not keys:  # an emptied bucket leaves the walk (its nodes moved up a load)
+                    del g.buckets[bucket]
+                    g.order = g._order()
             del avails[bisect.bisect_left(avails, e.avail)]
-        e.avail -= nbytes
+        avail = e.avail = e.avail - nbytes
         e.count += 1
-        e.key = (e.avail, e.node.name, e.node.node_id, e)
+        e.key = (avail, e.name, e.node_id, e.idx)
         if cap is None or e.count < cap:
-            for g in e.groups:
-                g.add(e)
-            bisect.insort(avails, e.avail)
+            bucket = e.count if e.shared else 0
+            for g in groups:  # _Group.add, inlined
+                b = g.buckets.get(bucket)
+                if b is None:
+                    g.add(e)
+                    continue
+                keys, avs = b
+                i = bisect.bisect_left(keys, e.key)
+                keys.insert(i, e.key)
+                avs.insert(i, avail)
+                # (the group's top cannot rise: this node had more before)
+            bisect.insort(avails, avail)
+        # The most free memory of a group: lower only where `e` held it (it now has less).
+        top = avail + nbytes
+        for g in groups:
+            if top >= g.top:
+                g.retop()
 
     # -- scoring --------------------------------------------------------------------------------
     def _score(self, job: JobView, info: _JobInfo, e: _Entry, work: float) -> float:
@@ -730,13 +852,17 @@ class _Pass:
         """The earliest-finishing node that fits, from the indexes: the nodes caching the job's
         model (no transfer), then all nodes (transfer unless cached); in each, groups go
         fastest first and stop once even an idle node of the group cannot beat the best; in a
-        group, buckets go least loaded first and stop once their load alone makes them lose."""
-        best: tuple[tuple, _Entry] | None = None
+        group, buckets go least loaded first and stop once their load alone makes them lose.
+        Returns ((score, memory left over, job count, node name), entry), as `_best_scan`."""
+        best: _Entry | None = None
         best_s = math.inf
+        best_left = best_count = 0
+        best_name = ""
         mb = job.model_bytes
         transfer = (mb if mb is not None else 2 * info.params) / self.placer.link_bytes_per_s
         model = job.model_key
         jid = job.job_id
+        elist = self.elist
         # (groups, transfer time, the least transfer time a node of them can have)
         if model is not None and model in self.cached:
             sources = ((self.cached[model], 0.0, 0.0), (self.groups, transfer, 0.0))
@@ -744,36 +870,52 @@ class _Pass:
             model = None  # no node caches it: every node pays the transfer
             sources = ((self.groups, transfer, transfer),)
         for groups, offset, floor in sources:
+            # Groups slower than `lim` cannot win: offset + work / speed > best_s (kept a hair
+            # low, so rounding never drops a group that could tie; groups go fastest first).
+            lim = work / (best_s - offset) * _LIM_SLACK if best_s > offset else math.inf
             for speed, dev_cls, g in groups:
-                if offset + work / speed > best_s:
-                    break  # slower groups cannot win (groups go fastest first)
+                if speed < lim:
+                    break
                 need = needs[dev_cls]
                 if g.top < need:
                     continue  # fits on no node of the group
-                for load, lst in g.order:
-                    # Computed as a node's score is (same float): a bucket whose load alone
-                    # makes it lose is skipped, and so are the busier ones after it.
-                    if floor + work / (speed / (1 + load)) > best_s:
+                for _, rate, keys, avs in g.order:
+                    # A bucket whose load alone makes it lose is skipped, and so are the busier
+                    # ones after it.
+                    if floor + work / rate > best_s:
                         break
-                    if not lst or lst[-1][0] < need:
+                    n = len(avs)
+                    if not n or avs[-1] < need:
                         continue
-                    i = bisect.bisect_left(lst, (need,))
-                    for key in lst[i:i + 8]:  # the best fit, or the next few if it is claimed
-                        e = key[3]
+                    i = bisect.bisect_left(avs, need)
+                    stop = i + 8 if i + 8 < n else n  # the best fit, or the next few if claimed
+                    while i < stop:
+                        key = keys[i]
+                        e = elist[key[3]]
                         t = 0.0 if (offset and model is not None
-                                    and model in e.node.cached_models) else offset
-                        sc = t + work / (e.speed / (1 + e.count) if e.shared else e.speed)
+                                    and model in e.cached_models) else offset
+                        count = e.count
+                        # (every node of a bucket runs a job at its rate: a shared one
+                        # has `load` jobs, one not shared is listed under load 0)
+                        sc = t + work / rate
                         claim = e.claim
                         if claim is None or claim[0] == jid or sc <= claim[1]:
-                            if sc <= best_s:
-                                k = (sc, key[0] - need, e.count, e.node.name)
-                                if best is None or k < best[0]:
-                                    best, best_s = (k, e), sc
+                            # (sc, left, count, name) < the best's, without building tuples
+                            if best is None or sc < best_s or (sc == best_s and (
+                                    (key[0] - need, count, e.name)
+                                    < (best_left, best_count, best_name))):
+                                best, best_s = e, sc
+                                best_left, best_count, best_name = key[0] - need, count, e.name
+                                lim = (work / (sc - offset) * _LIM_SLACK if sc > offset
+                                       else math.inf)
                             break
+                        i += 1
                     else:
                         continue
                     break  # a busier bucket of the same group is slower
-        return best
+        if best is None:
+            return None
+        return (best_s, best_left, best_count, best_name), best
 
     def _best_scan(self, job: JobView, info: _JobInfo, needs: dict[int, int], work: float,
                    cands: list[_Entry]) -> tuple[tuple, _Entry] | None:
@@ -803,23 +945,30 @@ class _Pass:
             return self._place_among(job, info, cands)
         return self._place_among(job, info, None)
 
-    def _place_among(self, job: JobView, info: _JobInfo,
-                     cands: list[_Entry] | None) -> Placement | None:
+    def _place_among(self, job: JobView, info: _JobInfo, cands: list[_Entry] | None,
+                     min_need: int | None = None) -> Placement | None:
+        """Place `job` on the best of `cands` (None: any node, through the indexes).
+        `min_need`: its smallest need in this pass, when the caller has it at hand."""
         if cands is not None and not cands:
             return None
         avails = self.avails
-        if (avails[-1] if avails else -1) < info.min_need.get(self.class_set, 0):
+        most = avails[-1] if avails else -1
+        if most < (info.min_need.get(self.class_set, 0) if min_need is None else min_need):
             return None
         placer = self.placer
         cs = self.class_set
         ready = info.ready
+        least = info.least
         may_wait = self.may_wait
         for i, v in enumerate(info.variants):
             # The needs per device class of this pass: filled once per variant and class set.
             needs = info.need[i]
             if ready[i] is not cs or needs is None:
                 needs = placer._needs(job, info, i, self.devices)
+                least[i] = min(needs[c] for c in self.devices)
                 ready[i] = cs
+            if least[i] > most:
+                continue  # more than any node has left, on every device class: fits nowhere
             work = info.works[i]
             best = (self._best_fast(job, info, needs, work) if cands is None
                     else self._best_scan(job, info, needs, work, cands))
@@ -836,7 +985,7 @@ class _Pass:
             spec = info.specs[i]
             if spec is None:
                 spec = info.specs[i] = self.placer.variant_spec(job, v)
-            return Placement(job.job_id, node.node_id, spec, est, changes, expected_s=score)
+            return _placement(job.job_id, e.node_id, spec, est, changes, score)
         return None
 
     # -- waiting and reserving ------------------------------------------------------------------
@@ -850,14 +999,15 @@ class _Pass:
         floor = chosen.speed * placer.wait_speedup
         if floor > self.fastest_freeing:
             return False
-        for e in self.freeing:
-            t = e.node.frees_in or 0.0
-            if t > placer.max_wait_s or t >= score:
-                break  # sorted by frees_in: the rest free later
+        needs = None
+        for t, e in self.soon:  # those freeing within max_wait_s, soonest first
+            if t >= score:
+                break  # the rest free later
             if e.speed < floor or e.claim is not None:
                 continue
-            need = placer._needs(job, info, i, self.devices)[e.cls]
-            if (e.node.free_at_end or 0) < need:
+            if needs is None:
+                needs = placer._needs(job, info, i, self.devices)
+            if (e.node.free_at_end or 0) < needs[e.cls]:
                 continue
             if t + placer._transfer_s(job, info, e.node) + work / e.speed < score:
                 e.claim = (job.job_id, t)
