@@ -119,7 +119,8 @@ class InferenceWorker:
         return Path(tempfile.gettempdir()) / "lorapool-infer", "cpu"
 
     # -- what the NodeAgent and the head ask ------------------------------------------------
-    def pid(self) -> int:
+    def pid(self, node: Optional[str] = None) -> int:
+        """This worker's process (the NodeAgent asks, naming its node, as it asks runners)."""
         return os.getpid()
 
     def loaded(self) -> dict[str, Any]:
@@ -137,7 +138,7 @@ class InferenceWorker:
             if request_id in self._active:
                 self._cancelled.add(request_id)
 
-    def request_stop(self, reason: str = "") -> None:
+    def request_stop(self, reason: str = "", node: Optional[str] = None) -> None:
         """The owner reclaimed the node: let every base go and give the memory back."""
         log.info("inference worker on %s unloads: %s", self.node, reason)
         self.engine.cache.clear()
