@@ -116,7 +116,8 @@ def _folder_response(folder: Path, filename: str) -> FileResponse:
 
 
 def _status_body(state: Any) -> dict[str, Any]:
-    return {"object": "export", "id": state.id, "format": state.format, "status": state.status,
+    rec = state.record
+    return {"object": "export", "id": rec.id, "format": rec.format, "status": rec.status,
             "adapter": state.adapter.id if state.adapter is not None else None,
             "model": state.model.name}
 
@@ -126,19 +127,20 @@ async def _pool_export(ctx: AppContext, fmt: str, model: Any, adapter: Any, *, w
     require_tasks(ctx, "exports")
     state = ctx.tasks.request_export(fmt, model, adapter,
                                      base_id=public_id(model.name, builtin=model.builtin))
+    rec = state.record  # the task loop updates it in place
     deadline = time.monotonic() + wait
-    while state.status in ("queued", "running") and time.monotonic() < deadline:
+    while rec.status in ("queued", "running") and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
-    if state.status == "failed":
-        raise APIError(422 if state.error_code in ("invalid_export", "invalid_format") else 500,
-                       f"The export failed: {state.error_message}",
-                       code=state.error_code or "export_failed", param="format")
-    if state.status != "succeeded":
+    if rec.status == "failed":
+        raise APIError(422 if rec.error_code in ("invalid_export", "invalid_format") else 500,
+                       f"The export failed: {rec.error_message}",
+                       code=rec.error_code or "export_failed", param="format")
+    if rec.status != "succeeded":
         return JSONResponse(_status_body(state), status_code=202,
                             headers={"Retry-After": str(RETRY_AFTER_S)})
     if prepare:
         return JSONResponse(_status_body(state))
-    files = ctx.artifacts.manifest(state.artifact_id)
+    files = ctx.artifacts.manifest(rec.artifact_id)
     return await asyncio.to_thread(_archive_response, files, ctx.artifacts, filename)
 
 

@@ -32,7 +32,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import ray
@@ -70,21 +70,13 @@ class _Flight:
 
 @dataclass
 class ExportState:
-    """One export: queued → running → succeeded (with `artifact_id`) or failed."""
+    """One export as this server drives it: its stored record (queued → running → succeeded
+    with `artifact_id`, or failed; what `_save_export` writes back) and the model and adapter
+    objects it is built from."""
 
-    id: str
-    key: tuple[str, str, str]  # (format, model sha256, adapter sha256 or "")
-    format: str
+    record: ExportRecord
     model: Any  # the ModelEntry
     adapter: Any  # the AdapterRecord, None for the base
-    base_id: str
-    status: str = "queued"
-    artifact_id: Optional[str] = None
-    error_code: Optional[str] = None
-    error_message: Optional[str] = None
-    attempt: int = 0
-    node: Optional[str] = None
-    created_at: float = field(default_factory=time.time)
 
 
 class PoolTasks(BackgroundLoop):
@@ -119,36 +111,31 @@ class PoolTasks(BackgroundLoop):
                 rec = self.store.latest_export(key)
                 if rec is not None:
                     known = self._export_state(rec, model, adapter)
-            if known is not None and known.status != "failed" and (
-                    known.artifact_id is None or self.artifacts.exists(known.artifact_id)):
+            if known is not None and known.record.status != "failed" and (
+                    known.record.artifact_id is None
+                    or self.artifacts.exists(known.record.artifact_id)):
                 return known
-            state = ExportState(id=new_id("export"), key=key, format=fmt, model=model,
-                                adapter=adapter, base_id=base_id)
-            self.store.create_export(ExportRecord(
-                id=state.id, format=fmt, model=model.name, model_sha256=model.sha256,
+            rec = ExportRecord(
+                id=new_id("export"), format=fmt, model=model.name, model_sha256=model.sha256,
                 adapter_id=adapter.id if adapter is not None else None, adapter_key=key[2],
-                base_id=base_id, created_at=int(state.created_at)))
-            self._exports[state.id] = state
-            self._export_keys[key] = state.id
+                base_id=base_id, created_at=int(time.time()))
+            self.store.create_export(rec)
+            state = self._export_state(rec, model, adapter)
         self._wake.set()
         return state
 
     def _export_state(self, rec: ExportRecord, model: Any, adapter: Any) -> ExportState:
         """The in-memory state of a stored export (call under `_exports_lock`)."""
-        state = ExportState(id=rec.id, key=rec.key, format=rec.format, model=model,
-                            adapter=adapter, base_id=rec.base_id, status=rec.status,
-                            artifact_id=rec.artifact_id, error_code=rec.error_code,
-                            error_message=rec.error_message, attempt=rec.attempt,
-                            node=rec.node, created_at=float(rec.created_at))
-        self._exports[state.id] = state
-        self._export_keys[state.key] = state.id
+        state = ExportState(record=rec, model=model, adapter=adapter)
+        self._exports[rec.id] = state
+        self._export_keys[rec.key] = rec.id
         return state
 
     def _save_export(self, state: ExportState) -> None:
-        self.store.update_export(state.id, status=state.status, artifact_id=state.artifact_id,
-                                 error_code=state.error_code,
-                                 error_message=state.error_message, attempt=state.attempt,
-                                 node=state.node)
+        rec = state.record
+        self.store.update_export(rec.id, status=rec.status, artifact_id=rec.artifact_id,
+                                 error_code=rec.error_code, error_message=rec.error_message,
+                                 attempt=rec.attempt, node=rec.node)
 
     def get_export(self, export_id: str) -> Optional[ExportState]:
         with self._exports_lock:
@@ -156,12 +143,13 @@ class PoolTasks(BackgroundLoop):
 
     def _start_exports(self, free: int) -> None:
         with self._exports_lock:
-            queued = [e for e in self._exports.values() if e.status == "queued"]
-        for state in sorted(queued, key=lambda e: e.created_at)[:max(free, 0)]:
+            queued = [e for e in self._exports.values() if e.record.status == "queued"]
+        for state in sorted(queued, key=lambda e: e.record.created_at)[:max(free, 0)]:
+            rec = state.record
             try:
                 agent, node, node_id = self._pick_node()
-                payload = {"export_id": state.id, "agent": agent, "format": state.format,
-                           "model": self._model_payload(state.model), "base_id": state.base_id,
+                payload = {"export_id": rec.id, "agent": agent, "format": rec.format,
+                           "model": self._model_payload(state.model), "base_id": rec.base_id,
                            "trust_remote_code": bool(state.model.trust_remote_code),
                            "adapter": None}
                 if state.adapter is not None:
@@ -172,18 +160,19 @@ class PoolTasks(BackgroundLoop):
                 if node_id is not None:
                     options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
                         node_id=node_id, soft=False)
-                state.status, state.node = "running", node
+                rec.status, rec.node = "running", node
                 self._save_export(state)
                 ref = export_task.options(**options).remote(payload)
-                self._in_flight[("export", state.id)] = _Flight("export", state.id, ref, node,
-                                                                state.attempt)
+                self._in_flight[("export", rec.id)] = _Flight("export", rec.id, ref, node,
+                                                              rec.attempt)
             except Exception as exc:
-                log.exception("could not start export %s", state.id)
+                log.exception("could not start export %s", rec.id)
                 self._export_failed(state, "internal_error",
                                     f"could not start: {type(exc).__name__}: {exc}")
 
     def _export_failed(self, state: ExportState, code: str, message: str) -> None:
-        state.status, state.error_code, state.error_message = "failed", code, message
+        rec = state.record
+        rec.status, rec.error_code, rec.error_message = "failed", code, message
         self._save_export(state)
 
     def _export_finished(self, f: _Flight, result: dict[str, Any]) -> None:
@@ -191,14 +180,14 @@ class PoolTasks(BackgroundLoop):
         if state is None:
             return
         if result.get("status") == "succeeded":
-            state.artifact_id = self.artifacts.put_files(result["files"])
-            state.status = "succeeded"
+            state.record.artifact_id = self.artifacts.put_files(result["files"])
+            state.record.status = "succeeded"
             self._save_export(state)
             return
         if result.get("traceback"):
             log.warning("export %s failed on %s:\n%s", f.task_id, f.node, result["traceback"])
         if result.get("retryable") and f.attempt + 1 < self.max_attempts:
-            state.attempt, state.status = f.attempt + 1, "queued"
+            state.record.attempt, state.record.status = f.attempt + 1, "queued"
             self._save_export(state)
             self._wake.set()
             return
@@ -232,7 +221,7 @@ class PoolTasks(BackgroundLoop):
             adapter = self.store.get_adapter(rec.adapter_id) if rec.adapter_id else None
             with self._exports_lock:
                 state = self._export_state(rec, model, adapter)
-                state.status, state.node = "queued", None
+                rec.status, rec.node = "queued", None
             if model is None or model.sha256 != rec.model_sha256 or (
                     rec.adapter_id and adapter is None):
                 self._export_failed(state, "invalid_export", "its base model or adapter is "

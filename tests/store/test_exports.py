@@ -55,7 +55,7 @@ def test_records_round_trip(paths):
 def test_a_finished_export_survives_a_restart(paths):
     store, tasks = _server(paths)
     model = _model(store, paths)
-    state = tasks.request_export("base", model, None, base_id="org/tiny")
+    state = tasks.request_export("base", model, None, base_id="org/tiny").record
     assert store.get_export(state.id).status == "queued"
     tasks._export_finished(_Flight("export", state.id, None, "n1", 0),
                            {"status": "succeeded", "files": {"model.safetensors": b"weights"}})
@@ -63,7 +63,8 @@ def test_a_finished_export_survives_a_restart(paths):
     store.close()
 
     store, tasks = _server(paths)  # the next server
-    again = tasks.request_export("base", store.get_model("tiny"), None, base_id="org/tiny")
+    again = tasks.request_export("base", store.get_model("tiny"), None,
+                                 base_id="org/tiny").record
     assert again.id == state.id and again.status == "succeeded"
     assert tasks.artifacts.read_files(again.artifact_id) == {"model.safetensors": b"weights"}
     assert store.exports_in_status("queued") == []  # nothing rebuilt
@@ -72,17 +73,17 @@ def test_a_finished_export_survives_a_restart(paths):
 def test_unfinished_exports_are_queued_again_or_failed_with_a_reason(paths):
     store, tasks = _server(paths)
     model = _model(store, paths)
-    running = tasks.request_export("base", model, None, base_id="org/tiny")
+    running = tasks.request_export("base", model, None, base_id="org/tiny").record
     store.update_export(running.id, status="running", node="gone-node")
     other = ModelEntry(name="other", path=str(paths["model"]), format="hf", sha256="b" * 64)
-    orphan = tasks.request_export("base", other, None, base_id="org/other")  # never registered
+    orphan = tasks.request_export("base", other, None, base_id="org/other").record  # unknown
     store.close()
 
     store, tasks = _server(paths)
     tasks._recover()
     assert store.get_export(running.id).status == "queued"
     assert store.get_export(running.id).node is None
-    assert tasks.get_export(running.id).status == "queued"  # the loop will start it
+    assert tasks.get_export(running.id).record.status == "queued"  # the loop will start it
     lost = store.get_export(orphan.id)
     assert lost.status == "failed" and lost.error_code == "invalid_export"
     assert "no longer registered" in lost.error_message
@@ -93,10 +94,12 @@ def test_a_failed_export_asked_again_starts_anew(paths):
     model = _model(store, paths)
     first = tasks.request_export("gguf", model, None, base_id="org/tiny")
     tasks._export_failed(first, "node_lost", "the node left")
+    first = first.record
     store.close()
 
     store, tasks = _server(paths)
-    second = tasks.request_export("gguf", store.get_model("tiny"), None, base_id="org/tiny")
+    second = tasks.request_export("gguf", store.get_model("tiny"), None,
+                                  base_id="org/tiny").record
     assert second.id != first.id and second.status == "queued"
     assert store.get_export(first.id).status == "failed"
     assert store.latest_export(("gguf", "a" * 64, "")).id == second.id
