@@ -10,18 +10,18 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from fastapi import APIRouter, Body, Depends, Header, Query
+from fastapi import APIRouter, Body, Depends, Header
 from pydantic import Field
 
 from lorapool.types import Evaluation, ListResponse
 
-from ..store import EvaluationRecord, NotFound, new_id
-from . import convert
+from ..store import EvaluationRecord, new_id
 from .access import evaluation_resource, require_tasks, visible_adapter
 from .context import AppContext, context, tenant
-from .errors import bad_request, not_found
+from .errors import bad_request
 from .evaluation_request import EvaluationParams, check_eval_file, resolve_eval_params
 from .idempotency import checked_idempotency_key
+from .task_routes import TaskPage, owned_task, queue_task
 
 router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"])
 
@@ -72,31 +72,15 @@ def create_evaluation(
     record = EvaluationRecord(id=new_id("eval"), tenant=owner, model=model.name,
                               model_sha256=model.sha256, adapter_id=req.adapter,
                               file_id=req.file, params=params, idempotency_key=idempotency_key)
-    stored = ctx.store.create_task("evaluation", record)
-    if stored.id == record.id:
-        ctx.wake_tasks()
-    return evaluation_resource(stored)
+    return queue_task(ctx, "evaluation", record, evaluation_resource)
 
 
 @router.get("", response_model=ListResponse[Evaluation])
-def list_evaluations(
-    after: Optional[str] = None,
-    limit: int = Query(20, ge=1, le=100),
-    owner: str = Depends(tenant),
-    ctx: AppContext = Depends(context),
-) -> Any:
-    try:
-        recs, more = ctx.store.list_tasks("evaluation", owner, after=after, limit=limit)
-    except NotFound as exc:
-        raise bad_request(f"'after' names no evaluation of yours: '{after}'",
-                          param="after") from exc
-    return convert.page([evaluation_resource(r) for r in recs], more)
+def list_evaluations(page: TaskPage = Depends()) -> Any:
+    return page.of("evaluation", evaluation_resource)
 
 
 @router.get("/{evaluation_id}", response_model=Evaluation)
 def get_evaluation(evaluation_id: str, owner: str = Depends(tenant),
                    ctx: AppContext = Depends(context)) -> Any:
-    rec = ctx.store.get_task("evaluation", evaluation_id, owner)
-    if rec is None:
-        raise not_found("evaluation", evaluation_id)
-    return evaluation_resource(rec)
+    return owned_task(ctx, "evaluation", evaluation_id, owner, evaluation_resource)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, Optional
 
-from fastapi import APIRouter, Body, Depends, Header, Query
+from fastapi import APIRouter, Body, Depends, Header
 from pydantic import BaseModel, ConfigDict, Field
 
 from lorapool.types import ListResponse, Merge
@@ -25,13 +25,13 @@ from ..merge.preflight import (
     check_merge_request,
     read_safetensors_shapes,
 )
-from ..store import AdapterRecord, MergeRecord, NotFound, new_id
-from . import convert
+from ..store import AdapterRecord, MergeRecord, new_id
 from .access import merge_resource, require_tasks, visible_adapter
 from .context import AppContext, context, tenant
-from .errors import APIError, bad_request, not_found
+from .errors import APIError, bad_request
 from .evaluation_request import EvaluationParams, check_eval_file, resolve_eval_params
 from .idempotency import checked_idempotency_key
+from .task_routes import TaskPage, owned_task, queue_task
 
 router = APIRouter(prefix="/v1/merges", tags=["merges"])
 
@@ -147,30 +147,15 @@ def create_merge(
                          adapters=list(req.adapters), weights=req.weights, params=params,
                          name=req.name, suffix=req.suffix, evaluate_on=req.evaluate_on,
                          idempotency_key=idempotency_key)
-    stored = ctx.store.create_task("merge", record)
-    if stored.id == record.id:
-        ctx.wake_tasks()
-    return merge_resource(stored)
+    return queue_task(ctx, "merge", record, merge_resource)
 
 
 @router.get("", response_model=ListResponse[Merge])
-def list_merges(
-    after: Optional[str] = None,
-    limit: int = Query(20, ge=1, le=100),
-    owner: str = Depends(tenant),
-    ctx: AppContext = Depends(context),
-) -> Any:
-    try:
-        recs, more = ctx.store.list_tasks("merge", owner, after=after, limit=limit)
-    except NotFound as exc:
-        raise bad_request(f"'after' names no merge of yours: '{after}'", param="after") from exc
-    return convert.page([merge_resource(r) for r in recs], more)
+def list_merges(page: TaskPage = Depends()) -> Any:
+    return page.of("merge", merge_resource)
 
 
 @router.get("/{merge_id}", response_model=Merge)
 def get_merge(merge_id: str, owner: str = Depends(tenant),
               ctx: AppContext = Depends(context)) -> Any:
-    rec = ctx.store.get_task("merge", merge_id, owner)
-    if rec is None:
-        raise not_found("merge", merge_id)
-    return merge_resource(rec)
+    return owned_task(ctx, "merge", merge_id, owner, merge_resource)
