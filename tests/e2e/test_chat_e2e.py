@@ -16,7 +16,6 @@ import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
-GiB = 1024**3
 FORMAT = "<<ok>>"
 WORDS = ["apple", "river", "stone", "cloud", "green", "table", "music", "light", "house"]
 
@@ -31,34 +30,19 @@ def _format_lines(n: int, seed: int = 0) -> str:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     from lorapool import Client
-    from lorapool.service.admin import add_model, create_token
-    from lorapool.service.config import Settings
-    from lorapool.service.server import Service, free_port
-    from lorapool.service.train.tiny import make_tiny_llama
+    from tests.support.local_service import local_service
 
-    root = tmp_path_factory.mktemp("chat-e2e")
-    model_dir = make_tiny_llama(root / "tiny-llama")
-    settings = Settings.from_env(data_dir=root / "data", host="127.0.0.1", port=free_port())
-    add_model(settings, "tiny-llama", model_dir)
-    tokens = {t: create_token(settings, t) for t in ("acme", "globex")}
-    svc = Service(
-        settings,
-        local_node_options={"name": "local-cpu", "cpu_only": True, "cpu_memory": 8 * GiB,
-                            "work_dir": str(root / "node-local")},
-        ray_init_options={"num_cpus": 2},
-    )
-    svc.start()
-    (root / "train.jsonl").write_text(_format_lines(48))
-    try:
-        client = Client(svc.base_url, api_key=tokens["acme"], timeout=30)
+    with local_service(tmp_path_factory.mktemp("chat-e2e")) as local:
+        root = local.root
+        (root / "train.jsonl").write_text(_format_lines(48))
+        client = Client(local.svc.base_url, api_key=local.tokens["acme"], timeout=30)
         job = client.submit("tiny-llama", root / "train.jsonl", n_epochs=8, batch_size=8,
                             micro_batch_size=8, learning_rate=1e-2, max_seq_len=64,
                             quantization="none", lora={"r": 8, "alpha": 16}, seed=0)
         job = client.jobs.wait(job.id, timeout=600)
         assert job.status == "succeeded", job.error
-        yield {"svc": svc, "tokens": tokens, "adapter": job.fine_tuned_model, "root": root}
-    finally:
-        svc.stop()
+        yield {"svc": local.svc, "tokens": local.tokens, "adapter": job.fine_tuned_model,
+               "root": root}
 
 
 def _openai(service, tenant="acme"):

@@ -12,8 +12,6 @@ import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
-GiB = 1024**3
-
 
 def _chat_lines(n: int, seed: int = 0) -> str:
     import random
@@ -31,30 +29,13 @@ def _chat_lines(n: int, seed: int = 0) -> str:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    from lorapool.service.admin import add_model, create_token
-    from lorapool.service.config import Settings
-    from lorapool.service.server import Service, free_port
-    from lorapool.service.train.tiny import make_tiny_llama
+    from tests.support.local_service import local_service
 
-    root = tmp_path_factory.mktemp("e2e")
-    model_dir = make_tiny_llama(root / "tiny-llama")
-    settings = Settings.from_env(data_dir=root / "data", host="127.0.0.1", port=free_port())
-    add_model(settings, "tiny-llama", model_dir)
-    tokens = {t: create_token(settings, t) for t in ("acme", "globex")}
-    svc = Service(
-        settings,
-        local_node_options={"name": "local-cpu", "cpu_only": True, "cpu_memory": 8 * GiB,
-                            "work_dir": str(root / "node-local")},
-        ray_init_options={"num_cpus": 2},
-    )
-    svc.start()
-    (root / "train.jsonl").write_text(_chat_lines(32))
-    (root / "valid.jsonl").write_text(_chat_lines(8, seed=1))
-    try:
-        yield {"svc": svc, "tokens": tokens, "root": root, "model_dir": model_dir,
-               "settings": settings}
-    finally:
-        svc.stop()
+    with local_service(tmp_path_factory.mktemp("e2e")) as local:
+        (local.root / "train.jsonl").write_text(_chat_lines(32))
+        (local.root / "valid.jsonl").write_text(_chat_lines(8, seed=1))
+        yield {"svc": local.svc, "tokens": local.tokens, "root": local.root,
+               "model_dir": local.model_dir, "settings": local.settings}
 
 
 def _client(service, tenant="acme"):
