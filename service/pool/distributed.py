@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .agent import NAMESPACE as AGENT_NAMESPACE
 from .distributed_plan import Candidate, WorkerPlan, describe, order_candidates, plan_workers
@@ -522,11 +523,16 @@ def start_distributed_runner(job_id: str, placement: dict[str, Any], chosen: str
                 "speed": r.get("speed")}
 
     online = [(name, r) for name, r, offline in reports if not offline and r.get("node_id")]
+    # On the head, where the scheduler calls from: a donor that leaves must not take the job's
+    # runner (and with it the job's checkpoint and events) along.
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(),
+                                          soft=False)
     online.sort(key=lambda nr: (nr[0] != chosen, -int(nr[1].get("free_memory") or 0)))
     if placement.get("node"):  # pinned: that node alone (its GPUs, one worker each)
         online = [nr for nr in online if nr[0] == placement["node"]]
     return RemoteDistributedJobRunner.options(name=f"lorapool-job:{job_id}",
-                                              namespace=namespace).remote(
+                                              namespace=namespace,
+                                              scheduling_strategy=here).remote(
         job_id, workers=int(placement["workers"]), estimate_base_model=estimate_base_model,
         min_workers=placement.get("min_workers"),
         candidates=[candidate(name, r) for name, r in online],

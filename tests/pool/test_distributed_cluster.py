@@ -80,10 +80,16 @@ def pool(tmp_path_factory, tiny_model_dir, toy_data) -> Any:
 
 
 def _runner(job_id: str, candidates: list[dict[str, Any]], **kw: Any) -> Any:
+    """On the head (this driver's node), as the scheduler starts it: a removed donor must not
+    take the runner with it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     from lorapool.service.pool.distributed import RemoteDistributedJobRunner
 
-    return RemoteDistributedJobRunner.remote(job_id, candidates=candidates,
-                                             cpu_threads=1, wait_for_nodes_s=20, **kw)
+    head = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return RemoteDistributedJobRunner.options(scheduling_strategy=head).remote(
+        job_id, candidates=candidates, cpu_threads=1, wait_for_nodes_s=20, **kw)
 
 
 def _events(items: list[Any]) -> list[dict[str, Any]]:
