@@ -179,3 +179,19 @@ def test_a_freed_parameter_takes_its_cast_with_it():
     del p
     gc.collect()
     assert pid not in fast_lora._CAST_CACHE and pid not in fast_lora._WATCHED
+
+
+def test_a_freed_parameter_takes_every_stack_it_is_in_with_it():
+    import gc
+
+    from lorapool.service.train.fast import lora as fast_lora
+
+    a, b = torch.nn.Parameter(torch.randn(4, 8)), torch.nn.Parameter(torch.randn(2, 8))
+    stack = fast_lora.stacked_lora_weights([a, b], torch.bfloat16)
+    assert torch.equal(stack, torch.cat([a, b]).detach().to(torch.bfloat16))
+    assert fast_lora.stacked_lora_weights([a, b], torch.bfloat16) is stack  # cached
+    ids = (id(a), id(b))
+    assert ids in fast_lora._STACK_CACHE
+    del a, stack
+    gc.collect()
+    assert ids not in fast_lora._STACK_CACHE  # b lives on, but the stack with a dead member goes

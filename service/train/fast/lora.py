@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -54,18 +54,31 @@ def fused_lora_available() -> tuple[bool, str]:
 # model are launch overhead the GPU waits for). Keyed by the parameter's identity and in-place
 # version; every optimizer step anywhere drops them all (bitsandbytes' optimizers update the
 # parameters in their own kernels, which the version counter does not see). A parameter that is
-# freed (a model evaluated on a long-lived node) takes its copy with it.
+# freed (a model evaluated on a long-lived node) takes its copy with it, and every stack it is in
+# (`stacked_lora_weights`): a later parameter given the same id and memory must never be served
+# a dead one's values.
 _CAST_CACHE: dict[int, tuple[tuple, torch.Tensor]] = {}
-_WATCHED: set[int] = set()  # parameters with a finalizer that drops their entry
+_STACK_CACHE: dict[tuple[int, ...], tuple[tuple, torch.Tensor]] = {}  # by the members' ids
+_WATCHED: set[int] = set()  # parameters with a finalizer that drops their entries
 
 
 def _forget(pid: int) -> None:
     _CAST_CACHE.pop(pid, None)
+    for ids in [ids for ids in _STACK_CACHE if pid in ids]:
+        del _STACK_CACHE[ids]
     _WATCHED.discard(pid)
+
+
+def _watch(param: torch.Tensor) -> None:
+    pid = id(param)
+    if pid not in _WATCHED:
+        _WATCHED.add(pid)
+        weakref.finalize(param, _forget, pid)
 
 
 def _drop_casts(*_: Any, **__: Any) -> None:
     _CAST_CACHE.clear()
+    _STACK_CACHE.clear()
 
 
 register_optimizer_step_post_hook(_drop_casts)
@@ -78,10 +91,21 @@ def lora_weight_in(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     pid, key = id(param), (param.data_ptr(), param._version, dtype)
     hit = _CAST_CACHE.get(pid)
     if hit is None or hit[0] != key:
-        if pid not in _WATCHED:
-            _WATCHED.add(pid)
-            weakref.finalize(param, _forget, pid)
+        _watch(param)
         hit = _CAST_CACHE[pid] = (key, param.detach().to(dtype))
+    return hit[1]
+
+
+def stacked_lora_weights(params: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """[P_1; ...; P_n] (stacked along dim 0) in `dtype`, made at most once between two
+    optimizer steps (fast/lora_group.py stacks sibling projections' A matrices)."""
+    ids = tuple(id(p) for p in params)
+    key = tuple((p.data_ptr(), p._version) for p in params) + (dtype,)
+    hit = _STACK_CACHE.get(ids)
+    if hit is None or hit[0] != key:
+        for p in params:
+            _watch(p)
+        hit = _STACK_CACHE[ids] = (key, torch.cat([lora_weight_in(p, dtype) for p in params]))
     return hit[1]
 
 

@@ -25,12 +25,11 @@ runs fused on its own, as before.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .lora import bnb, dequantize_weight, lora_weight_in
+from .lora import bnb, dequantize_weight, lora_weight_in, stacked_lora_weights
 
 # Sibling projection names by architecture family: Llama/Mistral/Qwen/Gemma/Phi-3-split share
 # these; a model whose names differ simply runs its projections one by one.
@@ -39,27 +38,6 @@ SIBLING_GROUPS: tuple[tuple[str, ...], ...] = (
     ("gate_proj", "up_proj"),
     ("w1", "w3"),
 )
-
-# Concatenated compute-dtype A matrices, made once per optimizer step (see lora._CAST_CACHE).
-_CAT_CACHE: dict[tuple[int, ...], tuple[tuple, torch.Tensor]] = {}
-
-
-def _drop_cats(*_: Any, **__: Any) -> None:
-    _CAT_CACHE.clear()
-
-
-register_optimizer_step_post_hook(_drop_cats)
-
-
-def stacked_lora_a(params: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """[A_1; ...; A_n] in `dtype`, concatenated at most once between two optimizer steps."""
-    ids = tuple(id(p) for p in params)
-    key = tuple((p.data_ptr(), p._version) for p in params) + (dtype,)
-    hit = _CAT_CACHE.get(ids)
-    if hit is None or hit[0] != key:
-        hit = _CAT_CACHE[ids] = (key, torch.cat([lora_weight_in(p, dtype) for p in params]))
-    return hit[1]
-
 
 class LoraGroupFunction(torch.autograd.Function):
     """The outputs of n QLoRA projections of one input `x` (see the module docstring).
@@ -76,7 +54,7 @@ class LoraGroupFunction(torch.autograd.Function):
         x2 = x.reshape(-1, in_shape[-1])
         xc = x2 if x2.dtype == compute_dtype else x2.to(compute_dtype)
         a_params = [m[0] for m in groups]
-        a_cat = stacked_lora_a(a_params, compute_dtype)
+        a_cat = stacked_lora_weights(a_params, compute_dtype)
         h = xc @ a_cat.t()  # (N, sum r)
         ranks = [a.shape[0] for a in a_params]
         outs = []
@@ -106,7 +84,7 @@ class LoraGroupFunction(torch.autograd.Function):
         a_params, b_params = ab[:n], ab[n:]
         xc = x.reshape(-1, ctx.in_shape[-1])
         xc = xc if xc.dtype == cd else xc.to(cd)
-        a_cat = stacked_lora_a(a_params, cd)
+        a_cat = stacked_lora_weights(a_params, cd)
         need_x = ctx.needs_input_grad[0]
         # needs_input_grad: x, dtype, then per member (A, B, W, qs, bias, scale)
         need = ctx.needs_input_grad[2:]
