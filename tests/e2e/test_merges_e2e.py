@@ -20,7 +20,6 @@ import torch
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
-GiB = 1024**3
 TARGETS = ["q_proj", "v_proj"]
 
 
@@ -53,26 +52,15 @@ def _register(svc, tenant: str, folder: Path, model: str, sha: str) -> str:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, toy_data):
-    from lorapool.service.admin import add_model, create_token
-    from lorapool.service.config import Settings
-    from lorapool.service.server import Service, free_port
     from lorapool.service.train.tiny import make_tiny_llama
+    from tests.support.local_service import local_service
 
     root = tmp_path_factory.mktemp("merges")
-    model_dir = make_tiny_llama(root / "tiny-llama")
     other_dir = make_tiny_llama(root / "tiny-other", seed=1)
-    settings = Settings.from_env(data_dir=root / "data", host="127.0.0.1", port=free_port())
-    sha = add_model(settings, "tiny-llama", model_dir).sha256
-    other_sha = add_model(settings, "tiny-other", other_dir).sha256
-    tokens = {t: create_token(settings, t) for t in ("acme", "globex", "initech")}
-    svc = Service(
-        settings,
-        local_node_options={"name": "local-cpu", "cpu_only": True, "cpu_memory": 8 * GiB,
-                            "work_dir": str(root / "node-local")},
-        ray_init_options={"num_cpus": 2},
-    )
-    svc.start()
-    try:
+    with local_service(root, tenants=("acme", "globex", "initech"),
+                       extra_models={"tiny-other": other_dir}) as service:
+        svc, tokens, model_dir = service.svc, service.tokens, service.model_dir
+        sha, other_sha = service.shas["tiny-llama"], service.shas["tiny-other"]
         local = root / "local"
         folders = {
             "a1": _peft_adapter(model_dir, local / "a1", seed=1, sha=sha, n_examples=10),
@@ -89,8 +77,6 @@ def env(tmp_path_factory, toy_data):
         train = toy_data.write_jsonl(root / "train.jsonl", toy_data.chat_records(32))
         yield {"svc": svc, "tokens": tokens, "root": root, "model_dir": model_dir,
                "folders": folders, "ids": ids, "train": train}
-    finally:
-        svc.stop()
 
 
 def _client(env, tenant="acme"):

@@ -8,7 +8,7 @@ each and add their own data on top.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +24,14 @@ class LocalService:
     tokens: dict[str, str]  # tenant → bearer token
     root: Path  # the folder holding the model, the data dir and the node's work dir
     model_dir: Path  # the tiny Llama registered as "tiny-llama"
+    shas: dict[str, str]  # registered model name → its sha256
 
 
 @contextmanager
-def local_service(root: Path,
-                  tenants: Sequence[str] = ("acme", "globex")) -> Iterator[LocalService]:
-    """Start the service under `root`; stopped (Ray included) when the block ends."""
+def local_service(root: Path, tenants: Sequence[str] = ("acme", "globex"),
+                  extra_models: Mapping[str, Path] | None = None) -> Iterator[LocalService]:
+    """Start the service under `root`, with `extra_models` (name → folder) registered next to
+    "tiny-llama"; stopped (Ray included) when the block ends."""
     from lorapool.service.admin import add_model, create_token
     from lorapool.service.config import Settings
     from lorapool.service.server import Service, free_port
@@ -37,7 +39,9 @@ def local_service(root: Path,
 
     model_dir = make_tiny_llama(root / "tiny-llama")
     settings = Settings.from_env(data_dir=root / "data", host="127.0.0.1", port=free_port())
-    add_model(settings, "tiny-llama", model_dir)
+    shas = {"tiny-llama": add_model(settings, "tiny-llama", model_dir).sha256}
+    for name, folder in (extra_models or {}).items():
+        shas[name] = add_model(settings, name, folder).sha256
     tokens = {t: create_token(settings, t) for t in tenants}
     svc = Service(
         settings,
@@ -47,6 +51,6 @@ def local_service(root: Path,
     )
     svc.start()
     try:
-        yield LocalService(svc, settings, tokens, root, model_dir)
+        yield LocalService(svc, settings, tokens, root, model_dir, shas)
     finally:
         svc.stop()
