@@ -22,16 +22,10 @@ from lorapool.service.pool.placement import (
 )
 from lorapool.service.train.memory import estimate_memory
 from lorapool.service.train.spec import DeviceInfo, TrainSpec
-from lorapool.service.train.tiny import make_random_llama
 
 GiB = 1024**3
 AMPERE = {"kind": "cuda", "compute_capability": (8, 6)}
 TURING = {"kind": "cuda", "compute_capability": (7, 5)}
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return make_random_llama(tmp_path_factory.mktemp("m") / "1b", "1b", write_weights=False)
 
 
 def spec(model: Path, **kw) -> TrainSpec:

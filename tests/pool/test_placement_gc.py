@@ -13,33 +13,9 @@ import gc
 import random
 from pathlib import Path
 
-import pytest
-
-from lorapool.service.pool.placement import JobView, NodeView, Placer
-from lorapool.service.train.spec import DeviceInfo, TrainSpec
-from lorapool.service.train.tiny import make_random_llama
-
-GiB = 1024**3
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return make_random_llama(tmp_path_factory.mktemp("m") / "1b", "1b", write_weights=False)
-
-
-def _pool(rng: random.Random, n: int) -> list[NodeView]:
-    nodes = []
-    for k in range(n):
-        total = rng.choice([4, 8, 12, 24]) * GiB
-        dev = DeviceInfo(kind="cuda", name=f"gpu{k}", total_memory=total,
-                         compute_capability=rng.choice([(7, 5), (8, 6), (8, 9)]))
-        nodes.append(NodeView(
-            node_id=f"id{k}", name=f"n{k:03d}", device=dev,
-            free_memory=int(total * rng.uniform(0.2, 1.0)), running_jobs=rng.randint(0, 2),
-            speed=rng.choice([10.0, 40.0, 160.0]),
-            cached_models=frozenset(rng.sample(["a", "b"], rng.randint(0, 1))),
-            frees_in=rng.uniform(60, 7200), free_at_end=total))
-    return nodes
+from lorapool.service.pool.placement import JobView, Placer
+from lorapool.service.train.spec import TrainSpec
+from tests.support.placement_pools import random_pool
 
 
 def _queue(rng: random.Random, model: Path, n: int) -> list[JobView]:
@@ -58,7 +34,7 @@ def _queue(rng: random.Random, model: Path, n: int) -> list[JobView]:
 
 def test_a_pass_leaves_no_cyclic_garbage(model):
     rng = random.Random(3)
-    nodes = _pool(rng, 40)
+    nodes = random_pool(rng, 40, frees=True)
     for n in nodes[::2]:
         n.labels = {"site": "hq"}
     queue = _queue(rng, model, 150)

@@ -15,30 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from lorapool.service.pool.placement import JobView, NodeView, Placer, _Pass
-from lorapool.service.train.spec import DeviceInfo, TrainSpec
-from lorapool.service.train.tiny import make_random_llama
+from lorapool.service.pool.placement import JobView, Placer, _Pass
+from lorapool.service.train.spec import TrainSpec
+from tests.support.placement_pools import random_pool
 
 GiB = 1024**3
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return make_random_llama(tmp_path_factory.mktemp("m") / "1b", "1b", write_weights=False)
-
-
-def _pool(rng: random.Random, n: int) -> list[NodeView]:
-    nodes = []
-    for k in range(n):
-        cc = rng.choice([(7, 5), (8, 6), (8, 9)])
-        total = rng.choice([4, 6, 8, 12, 16, 24]) * GiB
-        dev = DeviceInfo(kind="cuda", name=f"gpu{k}", total_memory=total, compute_capability=cc)
-        nodes.append(NodeView(
-            node_id=f"id{k}", name=f"n{k:03d}", device=dev,
-            free_memory=int(total * rng.uniform(0.05, 1.0)),
-            running_jobs=rng.randint(0, 3), speed=rng.choice([10.0, 20.0, 40.0, 80.0]),
-            cached_models=frozenset(rng.sample(["a", "b", "c"], rng.randint(0, 2)))))
-    return nodes
 
 
 def _job(rng: random.Random, model: Path, k: int) -> JobView:
@@ -54,7 +35,7 @@ def _job(rng: random.Random, model: Path, k: int) -> JobView:
 def test_fast_index_picks_what_a_full_scan_picks(model, seed):
     rng = random.Random(seed)
     placer = Placer(wait_speedup=0, max_reservations=0)  # no claims: scan and index agree
-    p = _Pass(placer, _pool(rng, 60))
+    p = _Pass(placer, random_pool(rng, 60))
     placed = 0
     for k in range(80):
         job = _job(rng, model, k)

@@ -9,19 +9,12 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
-
 from lorapool.service.pool.placement import JobView, NodeView, Placer
 from lorapool.service.train.memory import estimate_memory
 from lorapool.service.train.spec import DeviceInfo, TrainSpec
 from lorapool.service.train.tiny import make_random_llama
 
 GiB = 1024**3
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return make_random_llama(tmp_path_factory.mktemp("m") / "1b", "1b", write_weights=False)
 
 
 def spec(model: Path, **kw) -> TrainSpec:
