@@ -94,6 +94,13 @@ _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
+def cuda_context_bytes(device: DeviceInfo) -> int:
+    """The CUDA context a job's process adds on `device`: the node's measurement, else the
+    constant (the reference and the fast path's estimates both count it this way)."""
+    return device.context_bytes or CUDA_CONTEXT_BYTES
+
+
+
 @dataclass(frozen=True)
 class LinearShape:
     """One `nn.Linear` of the model (as built on the meta device)."""
@@ -464,7 +471,7 @@ def estimate_memory(spec: TrainSpec, device: DeviceInfo, *, config: Any = None) 
     pieces = fast_pieces(spec, device)
     if pieces["fused_lora"]:
         return _fast_estimate(spec, shape, device, dtype, pieces, breakdown)
-    breakdown["cuda_context"] = device.context_bytes or CUDA_CONTEXT_BYTES
+    breakdown["cuda_context"] = cuda_context_bytes(device)
     breakdown["allocator_slack"] = int(ALLOCATOR_SLACK * sum(
         v for k, v in breakdown.items() if k != "cuda_context"))
     return MemoryEstimate(breakdown=breakdown, total=sum(breakdown.values()),
@@ -555,7 +562,7 @@ def _fast_estimate(spec: TrainSpec, shape: ModelShape, device: DeviceInfo, dtype
         "backward_workspace": int(FAST_TOKEN_FACTOR * workspace
                                   + FAST_WEIGHT_OVERHEAD * resident),
     })
-    breakdown["cuda_context"] = device.context_bytes or CUDA_CONTEXT_BYTES
+    breakdown["cuda_context"] = cuda_context_bytes(device)
     breakdown["allocator_slack"] = FAST_FIXED_SLACK
     return MemoryEstimate(breakdown=breakdown, total=sum(breakdown.values()),
                           compute_dtype=dtype, device_kind="cuda")
