@@ -82,6 +82,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ..train.memory import MemoryEstimate, estimate_memory, model_shape
 from ..train.spec import DeviceInfo, TrainSpec
@@ -379,6 +380,24 @@ class _Group:
         self.top = top
 
 
+
+class _Turn(NamedTuple):
+    """A waiting job's place in `plan()`'s order, cached while its view object comes back.
+    The first three fields decide the order (job ids are unique, so tuples compare no further);
+    the rest is what the pass reads about the job without touching the view again."""
+
+    neg_priority: int
+    turn: float  # submit time, pushed back by the job's expected size
+    job_id: str
+    job: JobView
+    info: _JobInfo
+    min_need: int  # its smallest need on any device class of the pass
+    class_set: frozenset  # the device classes `min_need` was taken over
+    kw: float  # the size weight the turn was computed with
+    tenant: str
+    constrained: bool
+
+
 class Placer:
     """lorapool's placement policy; see the module docstring.
 
@@ -435,7 +454,7 @@ class Placer:
         # job id → its turn in the last pass: (-priority, turn, job id, view, info, smallest
         # need, class set, size weight, tenant, constrained), reused while the same view, class
         # set and weight come back.
-        self._turns: dict[str, tuple] = {}
+        self._turns: dict[str, _Turn] = {}
         self._kw_inputs: tuple = ()
         self._kw = 0.0
         self._class_sets: dict[frozenset, frozenset] = {}
@@ -586,8 +605,8 @@ class Placer:
             self._kw_inputs = weights
             self._kw = self.size_weight / (self.default_speed * 1e12 * self.efficiency)
         kw = self._kw
-        live: list[tuple] = []
-        blocked: list[tuple] = []
+        live: list[_Turn] = []
+        blocked: list[_Turn] = []
         gmax = p.max_avail()
         cs = p.class_set
         turns = self._turns
@@ -596,7 +615,8 @@ class Placer:
             # turn tuple is all this loop reads then (one look-up, few objects touched: at a
             # thousand jobs, cache misses cost more than the Python here).
             item = turns.get(job.job_id)
-            if item is None or item[3] is not job or item[6] is not cs or item[7] is not kw:
+            if (item is None or item.job is not job or item.class_set is not cs
+                    or item.kw is not kw):
                 try:
                     info = self._info(job)
                     mn = self._min_need(job, info, p.devices, cs)
@@ -607,33 +627,33 @@ class Placer:
                 # Its turn: submit time, pushed back by its expected size (shortest first
                 # among jobs of similar age; a long job is overtaken only by jobs submitted
                 # less than `size_weight` × its expected run time after it).
-                item = (-job.priority, job.submitted_at + kw * info.size, job.job_id, job, info,
-                        mn, cs, kw, job.tenant, job.constrained)
+                item = _Turn(-job.priority, job.submitted_at + kw * info.size, job.job_id, job,
+                             info, mn, cs, kw, job.tenant, job.constrained)
                 if len(turns) > self.cache_size:
                     turns.clear()
                 turns[job.job_id] = item
             # Jobs that need more than the largest free node cannot place in this pass at all
             # (free memory only shrinks within a pass): they skip the fair-share heap.
-            if item[5] > gmax:
+            if item.min_need > gmax:
                 blocked.append(item)
             else:
                 live.append(item)
         if blocked and self.max_reservations > 0 and p.freeing:
             oldest = heapq.nsmallest(
                 self.max_reservations, blocked,
-                key=lambda it: (it[0], it[3].submitted_at, it[2]))
+                key=lambda it: (it.neg_priority, it.job.submitted_at, it.job_id))
             for item in oldest:
-                p.reserve(item[3], item[4])
+                p.reserve(item.job, item.info)
         if not live:
             return []
 
         # Per tenant: its jobs by turn, the next one last; a heap of the tenants' heads by
         # (priority, jobs the tenant runs or was given in this pass, turn).
-        per_tenant: dict[str, list[tuple]] = {}
+        per_tenant: dict[str, list[_Turn]] = {}
         for item in live:
-            jobs = per_tenant.get(item[8])
+            jobs = per_tenant.get(item.tenant)
             if jobs is None:
-                jobs = per_tenant[item[8]] = []
+                jobs = per_tenant[item.tenant] = []
             jobs.append(item)
         heap = []
         for tenant, jobs in per_tenant.items():
@@ -641,7 +661,7 @@ class Placer:
             # with no key list built.
             jobs.sort(reverse=True)
             k = jobs[-1]
-            heap.append((k[0], load.get(tenant, 0), k[1], k[2], tenant))
+            heap.append((k.neg_priority, load.get(tenant, 0), k.turn, k.job_id, tenant))
         heapq.heapify(heap)
 
         placements: list[Placement] = []
@@ -650,11 +670,11 @@ class Placer:
             tenant = heapq.heappop(heap)[4]
             jobs = per_tenant[tenant]
             item = jobs.pop()
-            job, info = item[3], item[4]
+            job, info = item.job, item.info
             try:
                 # Most jobs have no node constraints and take the indexed path.
-                placed = (p.place(job, info) if item[9]
-                          else p._place_among(job, info, None, item[5]))
+                placed = (p.place(job, info) if item.constrained
+                          else p._place_among(job, info, None, item.min_need))
             except Exception as exc:  # noqa: BLE001 - one bad job must not stop the pass
                 log.warning("cannot estimate %s: %s", job.job_id, exc)
                 self.last_errors[job.job_id] = f"{type(exc).__name__}: {exc}"
@@ -665,11 +685,12 @@ class Placer:
             # Drop, without a turn, the tenant's next jobs that need more than any node has
             # left: they cannot place later in this pass either.
             most = avails[-1] if avails else -1
-            while jobs and jobs[-1][5] > most:
+            while jobs and jobs[-1].min_need > most:
                 jobs.pop()
             if jobs:
                 k = jobs[-1]
-                heapq.heappush(heap, (k[0], load.get(tenant, 0), k[1], k[2], tenant))
+                heapq.heappush(heap, (k.neg_priority, load.get(tenant, 0), k.turn, k.job_id,
+                                      tenant))
         return placements
 
     # -- submit-time check ----------------------------------------------------------------------
