@@ -319,6 +319,7 @@ def run_lorapool(job: dict, clock) -> dict:
             "fast_plan": _recorded_fast(result.adapter_dir),
             "fast_requested": fast if has_fast else "n/a (TrainSpec has no `fast`)",
             "micro_batch_used": result.metrics.get("micro_batch_size"),
+            "cuda_graphs": result.metrics.get("cuda_graphs"),
             "notes": notes[-12:], **predicted}
 
 

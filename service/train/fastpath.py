@@ -10,6 +10,7 @@ the reason "fast path not built". The plan type is `spec.FastPlan` either way.
     plan = without(plan, {"piece": "why"})       # a piece the caller cannot use, turned off
     kwargs = prepare_kwargs(plan, spec)          # extra from_pretrained kwargs (attention impl)
     apply(model, plan, spec, device)             # after peft wrapped the model
+    graphed_steps(model, plan, params, device, max_tokens=...)  # the CUDA graphs, or None
     describe(plan)                               # the "status" event's one-line summary
 """
 
@@ -78,6 +79,19 @@ def apply(model: Any, plan: FastPlan, spec: TrainSpec, device: torch.device) -> 
     fast = _fast_module()
     if fast is not None:
         fast.apply_fast_path(model, plan, spec, device)
+
+
+def graphed_steps(model: Any, plan: FastPlan, params: list, device: torch.device, *,
+                  max_tokens: int) -> Any:
+    """The run's CUDA-graph runner (fast/graphs.py `GraphedSteps`), or None when the plan has
+    cuda_graphs off or the fast package is not built."""
+    if not plan.cuda_graphs or _fast_module() is None:
+        return None
+    from .fast.graphs import GraphedSteps
+
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return GraphedSteps(model, params, device, max_tokens=max_tokens,
+                        hidden_size=int(lm.config.hidden_size))
 
 
 def describe(plan: FastPlan) -> str:

@@ -44,12 +44,12 @@ from .data import DataSource, TokenizedData, build_dataset
 from .distributed import DistContext
 from .errors import NonFiniteLossError, OutOfMemoryError, TrainError
 from .events import EventSink, TrainEvent, TrainResult
+from . import fastpath
 from .fastpath import describe
 from .init_adapter import load_init_adapter
-from .loss import token_loss_sum
+from .loss import label_count, token_loss_sum
 from .model import BuiltModel, build_model, select_device, trainable_parameters
 from .output import ADAPTER_DIRNAME, save_adapter
-from .resolve import IGNORE_INDEX
 from .runstate import RunState
 from .scaling import LossScaler, needs_loss_scaling
 from .spec import TrainSpec
@@ -187,6 +187,12 @@ class Trainer:
         self.optimizer = _optimizer(spec, self.params, self.device)
         self.scheduler = _scheduler(spec, self.optimizer, self.total_steps)
         self.scaler = LossScaler(needs_loss_scaling(self.compute_dtype), self.device.type)
+        # The plan's CUDA graphs (fast/graphs.py), None when off; they accumulate into .grad
+        # buffers that stay put, so gradients are zeroed, not dropped, between steps.
+        most_rows = max(spec.micro_batch_size, getattr(self.dist, "micro_batch_size", 0) or 0)
+        self.graphs = fastpath.graphed_steps(self.model, self.plan, self.params, self.device,
+                                             max_tokens=most_rows * spec.max_seq_len)
+        self._graphs_off_reported = False
 
         self.state = RunState(
             total_steps=self.total_steps, micro_batch_size=spec.micro_batch_size,
@@ -271,22 +277,19 @@ class Trainer:
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Summed next-token cross-entropy over the label tokens of `batch`, and their count
         (loss.py's `token_loss_sum`, the same function evaluation uses)."""
+        count = label_count(batch["labels"])  # counted on the host: no device sync
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        return token_loss_sum(self.model, batch, chunked=self.built.chunked_loss)
-
-    @staticmethod
-    def _label_count(batch: dict[str, torch.Tensor]) -> int:
-        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return token_loss_sum(self.model, batch, chunked=self.built.chunked_loss, count=count)
 
     # -- one optimizer step -----------------------------------------------------------------------
 
     def _optimizer_step(self, rows: list[dict]) -> dict[str, float]:
         batches = self._micro_batches(rows, self.micro_batch_size) if rows else []
-        n_labels = sum(self._label_count(b) for b in batches)
+        n_labels = sum(label_count(b["labels"]) for b in batches)
         n_tokens = sum(n_input_tokens(b) for b in batches)
         if self.dist is not None:  # dist: normalise by the label tokens of the GLOBAL step
             n_labels = self.dist.sum_int(n_labels)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.graphs is None)
         if self.dist is not None:
             loss_total = self._dist_backward(batches, n_labels)
         else:
@@ -312,27 +315,38 @@ class Trainer:
                              f"skipped, loss scale now {self.scaler.scale_value:g}",
                              data={"skipped_steps": self.state.skipped_steps,
                                    "loss_scale": self.scaler.scale_value})
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.graphs is None)
         return {"loss": loss_total / max(1, n_labels), "grad_norm": grad_norm, "lr": lr,
                 "tokens": n_tokens}
 
     def _backward(self, batches: list[dict[str, torch.Tensor]], n_labels: int) -> float:
         """Forward and backward of every micro-batch, each loss scaled by the step's label
-        count (`n_labels`, global under dist); the summed loss."""
-        loss_total = 0.0
+        count (`n_labels`, global under dist); the summed loss.
+
+        The losses are read on the host once, after the last backward: a read per micro-batch
+        would make the host wait for each forward before it could queue the backward. A
+        non-finite loss still fails the step, naming its micro-batch.
+        """
         where = f" on rank {self.dist.rank}" if self.dist is not None else ""
-        for i, batch in enumerate(batches):
+        scale = 1.0 / max(1, n_labels)
+        losses: list[torch.Tensor] = []
+        for batch in batches:
             _oom_probe(self.step + 1, self.micro_batch_size)
-            loss_sum, _ = self._loss_sum(batch)
-            value = float(loss_sum.detach())
+            graphed = self.graphs.prepare(batch) if self.graphs is not None else None
+            if graphed is not None:  # fast/graphs.py: forward + backward as a CUDA graph
+                loss_sum = self.graphs.run(graphed, scale)
+            else:
+                loss_sum, _ = self._loss_sum(batch)
+                self.scaler.scale(loss_sum / max(1, n_labels)).backward()
+            losses.append(loss_sum.detach().float())
+        values = torch.stack(losses).tolist() if losses else []
+        for i, value in enumerate(values):
             if not math.isfinite(value):
                 raise NonFiniteLossError(
                     f"loss became {value} at step {self.step + 1} (micro-batch {i + 1} of "
                     f"{len(batches)}){where}; try a lower learning_rate (now "
                     f"{self.spec.learning_rate})")
-            self.scaler.scale(loss_sum / max(1, n_labels)).backward()
-            loss_total += value
-        return loss_total
+        return float(sum(values))
 
     def _dist_backward(self, batches: list[dict[str, torch.Tensor]], n_labels: int) -> float:
         """dist: this rank's forwards and backwards; an out-of-memory error on any rank makes
@@ -450,6 +464,7 @@ class Trainer:
             # dist: this rank's share of the step's global rows (the position stays global).
             mine = indices if self.dist is None else self.dist.shard(indices)
             out = self._step_with_oom_fallback(self._rows(self.train_data, mine) if mine else [])
+            self._report_graphs_off()
             self.step += 1
             self.index_in_epoch += len(indices)
             dt = time.perf_counter() - t0
@@ -469,6 +484,15 @@ class Trainer:
             self.metrics["eval_loss"] = self._eval_event()
         return self._finish("completed", self.last_checkpoint, started, session_tokens)
 
+    def _report_graphs_off(self) -> None:
+        """One warning event when CUDA graphs turned themselves off (the run goes on eagerly)."""
+        if self.graphs is None or self.graphs.disabled is None or self._graphs_off_reported:
+            return
+        self._graphs_off_reported = True
+        self.events.emit("warning", self.step, epoch=self._epoch_float(),
+                         message=f"CUDA graphs off: {self.graphs.disabled}; the run goes on "
+                         "without them", data={"cuda_graphs": self.graphs.summary()})
+
     def _finish(self, status: str, checkpoint: Path | None, started: float,
                 session_tokens: int) -> TrainResult:
         seconds = time.perf_counter() - started
@@ -483,6 +507,8 @@ class Trainer:
         adapter_dir = None
         if self.dist is not None:
             self.metrics["world_size"] = self.dist.world_size
+        if self.graphs is not None:
+            self.metrics["cuda_graphs"] = self.graphs.summary()
         if status == "completed" and self.is_main:
             adapter_dir = save_adapter(
                 self.model, self.output_dir / ADAPTER_DIRNAME, self.spec,

@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 256 * 2**20
 MIN_CHUNK = 64
 
-__all__ = ["chunked_linear_cross_entropy", "chunked_loss_unsupported", "shifted_targets",
-           "token_loss_sum"]
+__all__ = ["chunked_linear_cross_entropy", "chunked_loss_unsupported", "head_loss_sum",
+           "label_count", "shifted_targets", "token_loss_sum"]
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -61,7 +61,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, chunk: int, ignore_index: int,
-                grad_hidden: bool, grad_weight: bool):
+                grad_hidden: bool, grad_weight: bool, skip_empty: bool = True):
         n = hidden.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         g_hidden = torch.zeros_like(hidden) if grad_hidden else None
@@ -70,8 +70,10 @@ class _ChunkedLinearCE(torch.autograd.Function):
             h = hidden[start:start + chunk]
             t = target[start:start + chunk]
             valid = t != ignore_index
-            if not bool(valid.any()):
-                continue  # nothing to learn here: zero loss, zero gradient
+            # Skipping a label-free chunk reads `valid` on the host; a captured CUDA graph
+            # cannot, and computes the chunk's zero loss and zero gradient instead.
+            if skip_empty and not bool(valid.any()):
+                continue
             logits = F.linear(h, weight, bias).float()
             lse = torch.logsumexp(logits, dim=-1)
             safe_t = t.clamp_min(0)
@@ -81,7 +83,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 continue
             # d(lse - logit_t)/d logits = softmax - onehot(t); rows without a label get 0.
             grad = logits.sub_(lse[:, None]).exp_()
-            grad[torch.arange(len(t), device=t.device), safe_t] -= 1.0
+            grad.scatter_add_(1, safe_t[:, None], grad.new_full((len(t), 1), -1.0))
             grad.mul_(valid[:, None])
             # Same rounding as autograd on the full path: the logits' gradient is cast back to
             # the matmul's dtype before it meets the weight.
@@ -101,13 +103,14 @@ class _ChunkedLinearCE(torch.autograd.Function):
         has_h, has_w, w_dtype = ctx.flags
         dh = (g_hidden * grad_out.to(g_hidden.dtype)) if has_h else None
         dw = (g_weight * grad_out).to(w_dtype) if has_w else None
-        return dh, dw, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
                                  target: torch.Tensor, *, bias: torch.Tensor | None = None,
                                  chunk: int | None = None,
-                                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+                                 ignore_index: int = IGNORE_INDEX,
+                                 graph_safe: bool = False) -> torch.Tensor:
     """Sum of CE(hidden @ weight.T + bias, target) over rows whose target != ignore_index.
 
     `hidden` is (N, H), `weight` (V, H), `target` (N,). Logits are computed `chunk` rows at a
@@ -121,7 +124,8 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
     chunk = chunk or default_chunk(hidden.shape[0], weight.shape[0])
     need = torch.is_grad_enabled()
     return _ChunkedLinearCE.apply(hidden, weight, bias, target, int(chunk), ignore_index,
-                                  need and hidden.requires_grad, need and weight.requires_grad)
+                                  need and hidden.requires_grad, need and weight.requires_grad,
+                                  not graph_safe)
 
 
 # -- the model side -------------------------------------------------------------------------------
@@ -167,34 +171,51 @@ def _liger_loss():
     return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def label_count(labels: torch.Tensor) -> int:
+    """The label tokens `token_loss_sum` sums over (read on the tensor's own device: pass the
+    host copy of a batch to avoid a device sync)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def head_loss_sum(model: Any, hidden: torch.Tensor, target: torch.Tensor, *,
+                  graph_safe: bool = False, chunk: int | None = None) -> torch.Tensor:
+    """Summed CE of the model's output head over `hidden` (B, T, H) against shifted `target`
+    (B, T), without the full logits (the chunked path of `token_loss_sum`).
+
+    `graph_safe` skips Liger's kernel (it reads the label count on the host) and never reads a
+    device value on the host, so a CUDA graph can capture it.
+    """
+    head = _causal_lm(model).get_output_embeddings()
+    # The model's own lm_head call would see the same dtypes; a mismatch only arises where a
+    # norm was upcast and the head was not (then the head's dtype is what the logits use).
+    hidden = hidden.reshape(-1, hidden.shape[-1]).to(head.weight.dtype)
+    target = target.reshape(-1)
+    if not graph_safe and hidden.is_cuda and not head.weight.requires_grad and head.bias is None:
+        liger = _liger_loss()
+        if liger is not None:
+            out = liger(head.weight, hidden, target)
+            return out[0] if isinstance(out, tuple) else out
+    return chunked_linear_cross_entropy(hidden, head.weight, target, bias=head.bias, chunk=chunk,
+                                        graph_safe=graph_safe)
+
+
 def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], *, chunked: bool,
-                   chunk: int | None = None) -> tuple[torch.Tensor, int]:
+                   chunk: int | None = None, count: int | None = None) -> tuple[torch.Tensor, int]:
     """(summed next-token CE over the label tokens of `batch`, their count).
 
     `batch` is a collated micro-batch already on the model's device (labels included). With
     `chunked`, the model must pass `chunked_loss_unsupported(model) is None` (the caller checks
-    once and falls back with a recorded reason).
+    once and falls back with a recorded reason). `count`, when the caller already knows it
+    (`label_count` of the host batch), spares a device sync.
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     target = shifted_targets(batch["labels"])
-    count = int((target != IGNORE_INDEX).sum())
+    if count is None:
+        count = label_count(batch["labels"])
     if not chunked:
         logits = model(**inputs, use_cache=False).logits
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum")
         return loss, count
-
-    lm = _causal_lm(model)
-    hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
-    head = lm.get_output_embeddings()
-    # The model's own lm_head call would see the same dtypes; a mismatch only arises where a
-    # norm was upcast and the head was not (then the head's dtype is what the logits use).
-    hidden = hidden.reshape(-1, hidden.shape[-1]).to(head.weight.dtype)
-    target = target.reshape(-1)
-    if hidden.is_cuda and not head.weight.requires_grad and head.bias is None:
-        liger = _liger_loss()
-        if liger is not None:
-            out = liger(head.weight, hidden, target)
-            return (out[0] if isinstance(out, tuple) else out), count
-    loss = chunked_linear_cross_entropy(hidden, head.weight, target, bias=head.bias, chunk=chunk)
-    return loss, count
+    hidden = _causal_lm(model).get_decoder()(**inputs, use_cache=False).last_hidden_state
+    return head_loss_sum(model, hidden, target, chunk=chunk), count

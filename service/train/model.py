@@ -417,7 +417,8 @@ def build_model(spec: TrainSpec, device: torch.device, *, cache_dir: str | Path 
     compute_dtype = select_compute_dtype(spec, device)
     plan = fastpath.resolve_plan(spec, device)
     if not for_training:
-        plan = fastpath.without(plan, {"offload_activations": "no backward in evaluation"})
+        plan = fastpath.without(plan, {"offload_activations": "no backward in evaluation",
+                                       "cuda_graphs": "no backward in evaluation"})
     model, tokenizer = load_base_model(spec, device, cache_dir=cache_dir,
                                        extra_kwargs=fastpath.prepare_kwargs(plan, spec))
     if for_training:
@@ -429,7 +430,8 @@ def build_model(spec: TrainSpec, device: torch.device, *, cache_dir: str | Path 
     if plan.chunked_loss:
         why = chunked_loss_unsupported(model)
         if why:
-            plan = fastpath.without(plan, {"chunked_loss": why})
+            plan = fastpath.without(plan, {"chunked_loss": why,
+                                           "cuda_graphs": f"needs the chunked loss ({why})"})
     # Eager attention adds the mask to its scores and needs a float mask; SDPA takes bool.
     attn = getattr(model.config, "_attn_implementation", None)
     return BuiltModel(model=model, tokenizer=tokenizer, base_dir=Path(base_dir),

@@ -51,6 +51,9 @@ class FastSpec(BaseModel):
     host_embeddings: Switch = "auto"  # frozen input embeddings in pinned host memory (fast/)
     # q/k/v and gate/up as one fused node each (fast/lora_group.py); needs fused_lora, dropout 0
     grouped_lora: Switch = "auto"
+    # a micro-batch's forward + backward replayed as a CUDA graph (fast/graphs.py): no launch
+    # overhead at micro-batch 1; CUDA bf16 only, needs lora.dropout 0, padding_free, chunked_loss
+    cuda_graphs: Switch = "auto"
 
 
 FAST_PIECES: tuple[str, ...] = tuple(FastSpec.model_fields)
@@ -69,6 +72,7 @@ class FastPlan:
     chunked_loss: bool = False
     host_embeddings: bool = False
     grouped_lora: bool = False
+    cuda_graphs: bool = False
     reasons: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from lorapool.service.train import (
 )
 from lorapool.service.train import loop as loop_mod
 from lorapool.service.train.loop import Trainer
+from lorapool.service.train.loss import label_count
 
 DEVICES = [
     "cpu",
@@ -136,7 +137,7 @@ def test_loss_is_on_assistant_tokens_only(tiny_model_dir, data, tmp_path):
     per_example = len(tok("ok", add_special_tokens=False)["input_ids"]) + 1  # + <|im_end|>
     rows = trainer._rows(trainer.train_data, list(range(8)))
     for batch in trainer._micro_batches(rows, 4):
-        assert trainer._label_count(batch) == per_example * batch["input_ids"].shape[0]
+        assert label_count(batch["labels"]) == per_example * batch["input_ids"].shape[0]
         labels = batch["labels"]
         for row_ids, row_labels in zip(batch["input_ids"], labels):
             kept = row_ids[row_labels != -100]

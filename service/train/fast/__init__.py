@@ -4,7 +4,8 @@ The pieces are the fields of `spec.FastSpec` (`FAST_PIECES`, also exported here 
 `fused_lora` (fast/lora.py), `grouped_lora` (fast/lora_group.py: sibling projections of one
 input as one node, on top of fused_lora), `offload_activations` (fast/offload.py), `kernels`
 (Liger, fast/kernels.py), `padding_free` (fast/attention.py), `chunked_loss` (the trainer's
-loss.py) and `host_embeddings` (fast/embeddings.py). `TrainSpec.fast` switches each "auto",
+loss.py), `host_embeddings` (fast/embeddings.py) and `cuda_graphs` (fast/graphs.py: a
+micro-batch's forward and backward replayed as one CUDA graph). `TrainSpec.fast` switches each "auto",
 "on" or "off"; `resolve_fast(spec, device)` turns that into a `spec.FastPlan` for the device:
 
 - CUDA: "auto" is on wherever the piece can run;
@@ -91,6 +92,8 @@ def _can_run(piece: str, spec: Any, device: torch.device) -> tuple[bool, str]:
         from .kernels import kernels_available
 
         return kernels_available(device)
+    if piece == "cuda_graphs":
+        return _graphs_can_run(spec, device)
     if piece == "padding_free":
         try:
             from transformers import AttentionInterface  # noqa: F401
@@ -99,6 +102,22 @@ def _can_run(piece: str, spec: Any, device: torch.device) -> tuple[bool, str]:
             return False, f"transformers has no attention registry ({exc})"
         return True, ""
     return True, ""  # chunked_loss is pure torch
+
+
+def _graphs_can_run(spec: Any, device: torch.device) -> tuple[bool, str]:
+    if device.type != "cuda":
+        return False, "CUDA graphs need a CUDA device"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return False, "CUDA graphs run the bf16 path only (compute capability >= 8.0)"
+    if getattr(spec, "compute_dtype", "auto") not in ("auto", "bf16"):
+        return False, f"CUDA graphs run the bf16 path only (spec has {spec.compute_dtype!r})"
+    lora = getattr(spec, "lora", None)
+    if lora is not None and getattr(lora, "dropout", 0.0) > 0:
+        return False, ("a checkpointed layer's recompute must redraw its dropout mask, which "
+                       "reads the RNG state and cannot be captured (set lora.dropout to 0)")
+    if not getattr(spec, "gradient_checkpointing", True):
+        return False, "CUDA graphs are built for the checkpointed step"
+    return True, ""
 
 
 def _what_runs(piece: str, device: torch.device) -> str:
@@ -114,7 +133,9 @@ def _what_runs(piece: str, device: torch.device) -> str:
             "kernels": "Liger RMSNorm/SwiGLU/RoPE",
             "chunked_loss": "chunked linear + cross-entropy",
             "host_embeddings": "frozen input embeddings in pinned host memory",
-            "grouped_lora": "q/k/v and gate/up projections as one fused node each"}[piece]
+            "grouped_lora": "q/k/v and gate/up projections as one fused node each",
+            "cuda_graphs": "forward + backward of each micro-batch shape replayed as a CUDA "
+                           "graph (one-document rows, padded to a length bucket)"}[piece]
 
 
 def resolve_fast(spec: Any, device: torch.device | str) -> FastPlan:
@@ -138,6 +159,9 @@ def resolve_fast(spec: Any, device: torch.device | str) -> FastPlan:
         on[piece], reasons[piece] = True, f"on ({switch}): {_what_runs(piece, device)}"
     if on["grouped_lora"] and not on["fused_lora"]:
         on["grouped_lora"], reasons["grouped_lora"] = False, "off: needs fused_lora"
+    if on["cuda_graphs"] and not (on["padding_free"] and on["chunked_loss"]):
+        # The graph takes flat rows (position_ids, no mask) and ends in the chunked loss.
+        on["cuda_graphs"], reasons["cuda_graphs"] = False, "off: needs padding_free and chunked_loss"
     return FastPlan(reasons=reasons, **on)
 
 

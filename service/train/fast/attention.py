@@ -184,11 +184,23 @@ _FLEX_OK: dict[torch.device, bool] = {}
 # flex_attention call that skips the blocks crossing documents is cheaper than many launches.
 MAX_DOCS_PER_ROW_FOR_SDPA = 8
 _BOUNDS_CACHE: dict[str, Any] = {"pos": None}
+# Set while a CUDA graph is captured (fast/graphs.py): the documents are known on the host, and
+# reading them from the device would be a sync the capture cannot contain. A plain global, not
+# a context variable: the checkpointed layers recompute on the autograd engine's own thread.
+_KNOWN_BOUNDS: Optional[list[list[tuple[int, int]]]] = None
+
+
+def set_known_bounds(bounds: Optional[list[list[tuple[int, int]]]]) -> None:
+    """Declare every row's documents (None: read them from position_ids again)."""
+    global _KNOWN_BOUNDS
+    _KNOWN_BOUNDS = bounds
 
 
 def cached_document_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     """`document_bounds` of every row, computed once per position_ids tensor: every layer (and
     the checkpoint recompute) of one forward shares it, so the device sync happens once."""
+    if _KNOWN_BOUNDS is not None:
+        return _KNOWN_BOUNDS
     cached = _BOUNDS_CACHE["pos"]
     if cached is not None and cached() is position_ids and \
             _BOUNDS_CACHE["version"] == position_ids._version:

@@ -84,6 +84,12 @@ def _drop_casts(*_: Any, **__: Any) -> None:
 register_optimizer_step_post_hook(_drop_casts)
 
 
+def drop_step_caches() -> None:
+    """Forget every cached cast and stack now (fast/graphs.py, around a CUDA graph capture:
+    the graph must compute its own, and nothing outside it may read the ones it made)."""
+    _drop_casts()
+
+
 def lora_weight_in(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`param` in `dtype`, cast at most once between two optimizer steps."""
     if param.dtype == dtype:

@@ -186,6 +186,14 @@ class LoraGroup:
         return outs[self.members.index(caller)]
 
 
+def reset_groups(model: torch.nn.Module) -> None:
+    """Forget every group's pending outputs (fast/graphs.py, after a capture or its failure)."""
+    for module in model.modules():
+        group = module.__dict__.get("_lorapool_group")
+        if group is not None:
+            group._pending, group._x, group._key = {}, None, None
+
+
 def group_siblings(model: torch.nn.Module, fused_cls: type) -> int:
     """Attach a `LoraGroup` to every set of sibling fused modules; returns how many groups."""
     n = 0

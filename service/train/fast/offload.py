@@ -25,13 +25,71 @@ from typing import Any, Callable, Optional
 
 import torch
 
-__all__ = ["OffloadedCheckpoint", "offloaded_checkpoint", "install_offloaded_checkpointing"]
+__all__ = ["HostSlots", "OffloadedCheckpoint", "capture_slots", "install_offloaded_checkpointing",
+           "offloaded_checkpoint"]
+
+
+class HostSlots:
+    """Pinned host buffers that outlive one step, for the offloads of a captured CUDA graph.
+
+    A graph replays its copies into the host addresses it saw at capture, so those buffers must
+    stay owned for the graph's life: the caching host allocator would hand a freed one to
+    someone else. Slot i holds the input of the i-th checkpointed layer of a forward; every
+    graph of a run (each micro-batch shape) views the same slots, which is safe because graphs
+    replay one at a time and a slot's contents only live from a layer's forward to its backward.
+    """
+
+    def __init__(self, max_numel: int) -> None:
+        self.max_numel = int(max_numel)
+        self._slots: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self._next = 0
+
+    def restart(self) -> None:
+        """A new forward begins: its first layer takes slot 0."""
+        self._next = 0
+
+    def take(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        numel = 1
+        for n in shape:
+            numel *= int(n)
+        if numel > self.max_numel:
+            raise RuntimeError(f"a checkpointed layer input of {numel} values exceeds the "
+                               f"{self.max_numel} its host slot was sized for")
+        key = (self._next, dtype)
+        self._next += 1
+        if key not in self._slots:
+            self._slots[key] = torch.empty(self.max_numel, dtype=dtype, pin_memory=True)
+        return self._slots[key][:numel].view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._slots.values())
+
+
+# Set by fast/graphs.py while it captures: offloads then go to these persistent buffers.
+_CAPTURE_SLOTS: Optional[HostSlots] = None
+
+
+def capture_slots(slots: Optional[HostSlots]) -> None:
+    """Route the offloads of the forward about to be captured to `slots` (None: stop)."""
+    global _CAPTURE_SLOTS
+    _CAPTURE_SLOTS = slots
+    if slots is not None:
+        slots.restart()
 
 
 class _Stash:
-    """One layer's saved input: on the device, or in pinned host memory while offloaded."""
+    """One layer's saved input: on the device, or in pinned host memory while offloaded.
 
-    def __init__(self, tensor: torch.Tensor, stream: Optional["torch.cuda.Stream"]):
+    No `record_stream`: the side stream's copy out is waited for by the compute stream before
+    the device copy is dropped (`settle`, called when the next layer stashes, so the copy
+    overlaps that layer's forward), and the copy back is written into memory allocated on the
+    compute stream after the side stream waited for it. Every cross-stream use is an event
+    wait, which is also what lets a CUDA graph capture the whole scheme.
+    """
+
+    def __init__(self, tensor: torch.Tensor, stream: Optional["torch.cuda.Stream"],
+                 host: Optional[torch.Tensor] = None):
         self.device = tensor.device
         self.dtype = tensor.dtype
         self.requires_grad = tensor.requires_grad
@@ -40,41 +98,61 @@ class _Stash:
         self.prev: Optional[weakref.ReferenceType] = None  # the stash of the layer before
         self._event = None
         self._back: Optional[torch.Tensor] = None
+        self._device_copy: Optional[torch.Tensor] = None
+        self._copied = None
         if stream is None:  # CPU: nothing to move
             self._host = tensor.detach()
             return
-        self._host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
-        stream.wait_stream(torch.cuda.current_stream(tensor.device))
+        current = torch.cuda.current_stream(tensor.device)
+        self._host = host if host is not None else torch.empty(
+            tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+        stream.wait_stream(current)
         with torch.cuda.stream(stream):
             self._host.copy_(tensor.detach(), non_blocking=True)
-        # The allocator must not hand the device copy's memory to anyone before the side
-        # stream has read it.
-        tensor.record_stream(stream)
+            self._copied = torch.cuda.Event()
+            self._copied.record(stream)
+        # Kept until `settle`: the allocator must not reuse it while the side stream reads it.
+        self._device_copy = tensor.detach()
+
+    def settle(self) -> None:
+        """Drop the device copy once the compute stream has waited for the copy out."""
+        if self._device_copy is None:
+            return
+        torch.cuda.current_stream(self.device).wait_event(self._copied)
+        self._device_copy = None
 
     def prefetch(self) -> None:
         """Start copying the input back to the device on the side stream (idempotent)."""
         if self.stream is None or self._back is not None or self.done:
             return
+        if self._device_copy is not None:  # never left the device (the last layer's input)
+            self._back, self._device_copy = self._device_copy, None
+            return
+        current = torch.cuda.current_stream(self.device)
+        # Allocated on the compute stream, where it is used and freed; the side stream first
+        # waits for that stream, so it cannot write while earlier work still uses the memory.
+        back = torch.empty(self._host.shape, dtype=self.dtype, device=self.device)
+        self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream):
-            self._back = self._host.to(self.device, non_blocking=True)
+            back.copy_(self._host, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record(self.stream)
+        self._back = back
 
     def fetch(self) -> torch.Tensor:
         """The input on its device, ready for use on the current stream."""
         if self.stream is None:
             return self._host
         self.prefetch()
-        current = torch.cuda.current_stream(self.device)
-        current.wait_event(self._event)
-        back = self._back
-        back.record_stream(current)  # allocated on the side stream, used on this one
-        return back
+        if self._event is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._event)
+        return self._back
 
     def release(self) -> None:
         self.done = True
         self._back = None
         self._host = None
+        self._device_copy = None
 
 
 # The stash made by the most recent offloaded forward, so the next one can link to it: the
@@ -100,16 +178,22 @@ class OffloadedCheckpoint(torch.autograd.Function):
         device = hidden.device
         ctx.run = run
         ctx.rest = rest
-        # RNG (LoRA dropout) and autocast must be the same when the layer is replayed.
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        # RNG (LoRA dropout) and autocast must be the same when the layer is replayed. Reading
+        # the RNG state cannot be captured; graphs run only without dropout (fast/__init__.py).
+        ctx.cpu_rng = None if capturing else torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(device) \
+            if device.type == "cuda" and not capturing else None
         ctx.autocast = [(dt, torch.get_autocast_dtype(dt)) for dt in ("cuda", "cpu")
                         if torch.is_autocast_enabled(dt)]
         with torch.no_grad():
             out = run(hidden, *rest)
-        stash = _Stash(hidden, _side_stream(device))
         prev = _LAST() if _LAST is not None else None
+        slots = _CAPTURE_SLOTS if capturing else None
+        host = slots.take(hidden.shape, hidden.dtype) if slots is not None else None
+        stash = _Stash(hidden, _side_stream(device), host)
         if prev is not None and not prev.done:
+            prev.settle()  # its copy out overlapped this layer's forward
             stash.prev = weakref.ref(prev)
         _LAST = weakref.ref(stash)
         ctx.stash = stash
@@ -124,13 +208,17 @@ class OffloadedCheckpoint(torch.autograd.Function):
         if prev is not None:
             prev.prefetch()  # overlaps with this layer's recompute and backward
         hidden = hidden.detach().requires_grad_(stash.requires_grad)
-        devices = [stash.device] if stash.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, stash.device)
+        if ctx.cpu_rng is None:  # captured: no RNG state to restore (no dropout)
             with torch.enable_grad(), _autocast(ctx.autocast):
                 out = ctx.run(hidden, *ctx.rest)
+        else:
+            devices = [stash.device] if stash.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.set_rng_state(ctx.cpu_rng)
+                if ctx.cuda_rng is not None:
+                    torch.cuda.set_rng_state(ctx.cuda_rng, stash.device)
+                with torch.enable_grad(), _autocast(ctx.autocast):
+                    out = ctx.run(hidden, *ctx.rest)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads)
                  if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]

@@ -1,0 +1,334 @@
+"""A micro-batch's forward, loss and backward replayed as one CUDA graph.
+
+At micro-batch 1 a QLoRA step of a small model is bound by the host, not the GPU: an H200 runs
+the 1B shape's kernels in ~55 ms of a ~190 ms step, the rest is Python and kernel launches
+(thousands per step: dequantisation, matmuls, norms, the checkpointed recompute). A CUDA graph
+records those launches once and replays them with a single call, so the host cost of the
+forward and backward all but disappears; what is left on the host is the optimizer step and
+the copy of the next batch into the graph's input buffers.
+
+`GraphedSteps` owns the graphs of one run, one per micro-batch shape (rows x bucketed length):
+
+- Only batches whose every row is one document starting at position 0 are graphed (flat rows
+  from `FlatCollator` with padding_free: an unpacked example per row). The row is padded at its
+  end to a length bucket (multiples of 64 tokens up to 512, then of 256) so a handful of graphs
+  cover every length; the padding tokens carry no label and, attention being causal, no real
+  token sees them: the loss and gradients are those of the unpadded row. Packed rows with
+  several documents run eagerly (their per-document attention is shaped by the data).
+- The first batch of a shape runs eagerly on the capture stream (it warms up cuBLAS, cuDNN and
+  Triton's compiled kernels); the second is captured and replayed; every later one replays.
+- The graph's inputs are static buffers the batch is copied into: the input embeddings (looked
+  up outside the graph, so a host-resident embedding table works), position ids, shifted
+  targets and the loss scale 1 / (label tokens of the optimizer step). Gradients accumulate in
+  place into the LoRA parameters' `.grad` buffers, which must therefore stay the same tensors:
+  `GraphedSteps` re-seats them before each replay if anything replaced them.
+- What the capture cannot contain is kept out of it: the loss is the chunked cross-entropy
+  without Liger (whose kernel reads the label count on the host), the documents are declared
+  rather than read from the device (fast/attention.py), activation offload writes to pinned host
+  buffers that live as long as the graphs (fast/offload.py `HostSlots`), and the fused LoRA
+  modules' per-step weight casts are dropped before and after every capture so that a graph
+  never reads a cast made outside it.
+- Any failure to capture turns graphs off for the rest of the run (`disabled` says why; the
+  trainer reports it as an event) and the batch runs eagerly; nothing is lost.
+
+All graphs share one memory pool (they never run at the same time), so the graphs of several
+lengths cost about what the longest one needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..loss import head_loss_sum, shifted_targets
+from ..resolve import IGNORE_INDEX
+from . import attention, offload
+
+log = logging.getLogger(__name__)
+
+MAX_GRAPHS = 16  # shapes beyond this many run eagerly
+
+
+def bucket_length(n: int, cap: int) -> int:
+    """The graphed length of an n-token row: n rounded up to a multiple of 64 up to 512 tokens
+    and of 256 beyond, never past `cap` (the run's longest row) unless n itself is."""
+    step = 64 if n <= 512 else 256
+    return max(n, min(int(math.ceil(n / step) * step), cap))
+
+
+def single_document_rows(position_ids: torch.Tensor) -> bool:
+    """Whether every row of a (B, T) host tensor is one document: positions 0, 1, ..., T-1."""
+    ramp = torch.arange(position_ids.shape[1], dtype=position_ids.dtype)
+    return bool((position_ids == ramp).all())
+
+
+def pad_batch(batch: dict[str, torch.Tensor], length: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """A one-document-per-row host batch padded at the end to `length`: positions keep
+    counting, labels are IGNORE_INDEX, so no real token's loss or gradient changes."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    b, t = ids.shape
+    if t == length:
+        return batch
+    extra = length - t
+    return {
+        "input_ids": torch.cat([ids, ids.new_full((b, extra), pad_id)], dim=1),
+        "labels": torch.cat([labels, labels.new_full((b, extra), IGNORE_INDEX)], dim=1),
+        "position_ids": torch.arange(length, dtype=torch.long).expand(b, length).contiguous(),
+    }
+
+
+class _EagerRunner:
+    """Runs `fn` directly: the stand-in used where no CUDA graph can exist (the CPU tests of
+    this module's bookkeeping: padding, static buffers, gradient accumulation, fallback).
+    A CUDA graph replays exactly the work `fn` did at capture, on the same buffers."""
+
+    def __init__(self, fn: Callable[[], torch.Tensor]) -> None:
+        self.fn = fn
+
+    def replay(self) -> torch.Tensor:
+        return self.fn()
+
+
+@dataclass
+class _Graph:
+    runner: Any  # torch.cuda.CUDAGraph, or _EagerRunner on the CPU
+    embeds: torch.Tensor  # (B, L, H) leaf that requires grad, so checkpointed layers get one
+    position_ids: torch.Tensor
+    target: torch.Tensor
+    scale: torch.Tensor  # () fp32: 1 / label tokens of the optimizer step
+    loss: Optional[torch.Tensor] = None  # the graph's static output
+
+
+class GraphedSteps:
+    """The CUDA graphs of one run's micro-batches (see the module docstring).
+
+    `model` is the peft-wrapped causal LM with the fast path applied, `params` its trainable
+    parameters, `max_tokens` the most tokens a micro-batch can hold (rows x max_seq_len).
+    """
+
+    def __init__(self, model: Any, params: list[torch.nn.Parameter], device: torch.device, *,
+                 max_tokens: int, hidden_size: int, max_graphs: int = MAX_GRAPHS,
+                 use_cuda_graphs: Optional[bool] = None) -> None:
+        self.model = model
+        self.params = list(params)
+        self.device = torch.device(device)
+        self.max_tokens = int(max_tokens)
+        self.hidden_size = int(hidden_size)
+        self.max_graphs = max_graphs
+        self.cuda = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
+        self.disabled: Optional[str] = None
+        self.captured = 0
+        self.replays = 0
+        self._seen: set[tuple[int, int]] = set()
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._grads: Optional[list[torch.Tensor]] = None
+        self._pool = None
+        self._stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.slots = offload.HostSlots(self.max_tokens * self.hidden_size) if self.cuda else None
+        self._flat: dict[str, torch.Tensor] = {}
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._lm = lm
+        self._decoder = lm.get_decoder()
+        self._embedding = lm.get_input_embeddings()
+
+    # -- which batches --------------------------------------------------------------------------
+
+    def prepare(self, batch: dict[str, torch.Tensor]) -> Optional[dict[str, torch.Tensor]]:
+        """The host batch padded to its bucket, or None when it is not graphed (eagerly run)."""
+        if self.disabled is not None or "attention_mask" in batch or "position_ids" not in batch:
+            return None
+        pos = batch["position_ids"]
+        if pos.device.type != "cpu" or pos.dim() != 2 or not single_document_rows(pos):
+            return None
+        rows, n = pos.shape
+        cap = max(n, self.max_tokens // max(1, rows))
+        length = bucket_length(n, cap)
+        if rows * length > self.max_tokens:
+            return None
+        return pad_batch(batch, length)
+
+    # -- running --------------------------------------------------------------------------------
+
+    def run(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+        """Forward, loss and backward of a `prepare`d batch with the loss scaled by `scale`;
+        gradients accumulate into the parameters' `.grad`. Returns the unscaled summed loss
+        (a device scalar of its own)."""
+        key = tuple(batch["input_ids"].shape)
+        graph = self._graphs.get(key)
+        if graph is None:
+            if key not in self._seen or len(self._graphs) >= self.max_graphs:
+                self._seen.add(key)
+                return self._eager(batch, scale, warmup=True)
+            try:
+                graph = self._capture(key, batch)
+            except Exception as exc:  # noqa: BLE001 - any capture failure: eager from now on
+                self._disable(f"capture failed ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:300] if str(exc) else ''})")
+                return self._eager(batch, scale, warmup=False)
+        self._seat_grads()
+        self._fill(graph, batch, scale)
+        if self.cuda:
+            graph.runner.replay()
+            out = graph.loss
+        else:
+            out = graph.loss = graph.runner.replay()
+        self.replays += 1
+        return out.detach().clone()
+
+    def _disable(self, why: str) -> None:
+        from . import lora, lora_group
+
+        self.disabled = why
+        self._graphs.clear()
+        lora.drop_step_caches()
+        lora_group.reset_groups(self.model)
+        attention.set_known_bounds(None)
+        offload.capture_slots(None)
+        log.warning("CUDA graphs off for this run: %s", why)
+
+    def _declare_documents(self, rows: int, length: int) -> None:
+        attention.set_known_bounds([[(0, length)] for _ in range(rows)])
+
+    def _forward_backward(self, embeds: torch.Tensor, position_ids: torch.Tensor,
+                          target: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """What a graph holds: decoder, chunked loss, scaled backward; the loss (detached)."""
+        hidden = self._decoder(inputs_embeds=embeds, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
+        loss = head_loss_sum(self.model, hidden, target, graph_safe=True)
+        (loss * scale).backward()
+        return loss.detach()
+
+    @torch.no_grad()
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        weight = getattr(self._embedding, "weight", None)
+        on_host = weight is not None and weight.device.type == "cpu"
+        ids = input_ids if on_host else input_ids.to(self.device, non_blocking=True)
+        return self._embedding(ids)
+
+    def _eager(self, batch: dict[str, torch.Tensor], scale: float, *, warmup: bool) -> torch.Tensor:
+        """The same computation without a graph (a shape's first batch, or after a failure)."""
+        rows, length = batch["input_ids"].shape
+        embeds = self._embed(batch["input_ids"]).detach().requires_grad_(True)
+        pos = batch["position_ids"].to(self.device, non_blocking=True)
+        target = shifted_targets(batch["labels"]).to(self.device, non_blocking=True)
+        scale_t = torch.tensor(scale, dtype=torch.float32, device=self.device)
+        self._declare_documents(rows, length)
+        try:
+            if self.cuda and warmup:
+                # Warm up on the capture stream: cuBLAS workspaces and the like are per stream.
+                self._stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(self._stream):
+                    loss = self._forward_backward(embeds, pos, target, scale_t)
+                torch.cuda.current_stream(self.device).wait_stream(self._stream)
+            else:
+                loss = self._forward_backward(embeds, pos, target, scale_t)
+        finally:
+            attention.set_known_bounds(None)
+        return loss
+
+    # -- capture --------------------------------------------------------------------------------
+
+    def _static(self, name: str, shape: tuple[int, ...], per_token: int,
+                dtype: torch.dtype) -> torch.Tensor:
+        """A view of the run's flat buffer `name`, sized for the longest micro-batch and shared
+        by every graph (they replay one at a time)."""
+        flat = self._flat.get(name)
+        if flat is None:
+            flat = self._flat[name] = torch.zeros(self.max_tokens * per_token, dtype=dtype,
+                                                  device=self.device)
+        numel = math.prod(shape)
+        return flat[:numel].view(shape)
+
+    def _buffers(self, key: tuple[int, int], dtype: torch.dtype) -> _Graph:
+        rows, length = key
+        embeds = self._static("embeds", (rows, length, self.hidden_size), self.hidden_size, dtype)
+        embeds.requires_grad_(True)
+        return _Graph(runner=None, embeds=embeds,
+                      position_ids=self._static("position_ids", key, 1, torch.long),
+                      target=self._static("target", key, 1, torch.long),
+                      scale=torch.zeros((), dtype=torch.float32, device=self.device))
+
+    def _seat_grads(self) -> None:
+        """Make every parameter's `.grad` the buffer the graphs accumulate into, keeping what
+        it held (an optimizer's zero_grad(set_to_none=True) or an eager backward replaces it)."""
+        if self._grads is None:
+            self._grads = [torch.zeros_like(p) for p in self.params]
+        for p, buf in zip(self.params, self._grads):
+            g = p.grad
+            if g is buf:
+                continue
+            if g is None:
+                buf.zero_()
+            else:
+                buf.copy_(g)
+            p.grad = buf
+
+    @torch.no_grad()
+    def _fill(self, graph: _Graph, batch: dict[str, torch.Tensor], scale: float) -> None:
+        graph.embeds.copy_(self._embed(batch["input_ids"]))
+        graph.position_ids.copy_(batch["position_ids"], non_blocking=True)
+        graph.target.copy_(shifted_targets(batch["labels"]), non_blocking=True)
+        graph.scale.fill_(scale)
+
+    def _capture(self, key: tuple[int, int], batch: dict[str, torch.Tensor]) -> _Graph:
+        from . import lora, lora_group
+
+        weight = getattr(self._embedding, "weight", None)
+        dtype = weight.dtype if weight is not None else self._embed(batch["input_ids"]).dtype
+        graph = self._buffers(key, dtype)
+        self._seat_grads()
+        self._fill(graph, batch, 1.0)
+        fn = lambda: self._forward_backward(graph.embeds, graph.position_ids,  # noqa: E731
+                                            graph.target, graph.scale)
+        if not self.cuda:
+            graph.runner = _EagerRunner(self._with_documents(fn, key))
+            self._graphs[key] = graph
+            self.captured += 1
+            return graph
+        # Nothing made outside the graph may be read inside it: every cast is recomputed.
+        lora.drop_step_caches()
+        lora_group.reset_groups(self.model)
+        cuda_graph = torch.cuda.CUDAGraph()
+        offload.capture_slots(self.slots)
+        self._declare_documents(*key)
+        try:
+            with torch.cuda.graph(cuda_graph, pool=self._pool, stream=self._stream,
+                                  capture_error_mode="thread_local"):
+                graph.loss = fn()
+        finally:
+            offload.capture_slots(None)
+            attention.set_known_bounds(None)
+            # The casts cached during capture live in the graph's pool, which other graphs
+            # reuse: nothing outside the graph may keep reading them.
+            lora.drop_step_caches()
+            lora_group.reset_groups(self.model)
+        if self._pool is None:
+            self._pool = cuda_graph.pool()
+        graph.runner = cuda_graph
+        self._graphs[key] = graph
+        self.captured += 1
+        log.info("captured a CUDA graph for micro-batches of %d x %d tokens", *key)
+        return graph
+
+    def _with_documents(self, fn: Callable[[], torch.Tensor],
+                        key: tuple[int, int]) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            self._declare_documents(*key)
+            try:
+                return fn()
+            finally:
+                attention.set_known_bounds(None)
+        return run
+
+    def summary(self) -> dict[str, Any]:
+        """For the run's metrics: graphs captured, replays, and why graphs went off (if so)."""
+        out: dict[str, Any] = {"graphs": self.captured, "replays": self.replays}
+        if self.disabled:
+            out["disabled"] = self.disabled
+        if self.slots is not None:
+            out["host_slot_bytes"] = self.slots.nbytes
+        return out

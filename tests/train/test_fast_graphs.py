@@ -1,0 +1,207 @@
+"""CUDA-graph micro-steps (fast/graphs.py): padding to a bucket, static buffers, accumulation.
+
+A CUDA graph cannot exist on this CPU-only machine, so these tests run `GraphedSteps` with
+`use_cuda_graphs=False`: "capture" then keeps the very function a graph would record, and
+"replay" runs it again on the same static buffers. What is tested is everything around the
+graph: which batches are graphed, the bucket padding (which must not change the loss or any
+gradient), the copy of every batch into the shared buffers, gradients accumulating into the
+seated `.grad` buffers across micro-batches and steps, and the fallback when a capture fails.
+The real capture and replay run in the `-m gpu` test at the end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("bitsandbytes")
+
+from lorapool.service.train import LoraSpec, TrainSpec  # noqa: E402
+from lorapool.service.train.fast import graphs as graphs_mod  # noqa: E402
+from lorapool.service.train.fast.graphs import (  # noqa: E402
+    GraphedSteps,
+    bucket_length,
+    pad_batch,
+    single_document_rows,
+)
+from lorapool.service.train.loop import Trainer  # noqa: E402
+from lorapool.service.train.resolve import IGNORE_INDEX  # noqa: E402
+
+FORCED = {"fused_lora": "on", "grouped_lora": "on", "offload_activations": "on",
+          "padding_free": "on", "chunked_loss": "on"}
+
+
+def _spec(model_dir: Path, **kw) -> TrainSpec:
+    base = {"base_model": str(model_dir), "device": "cpu", "compute_dtype": "fp32",
+            "max_seq_len": 64, "batch_size": 4, "micro_batch_size": 1, "learning_rate": 5e-3,
+            "lora": LoraSpec(r=8, alpha=16, dropout=0.0), "max_steps": 4, "seed": 3,
+            "fast": FORCED}
+    base.update(kw)
+    return TrainSpec(**base)
+
+
+def _trainer(model_dir: Path, data: Path, out: Path, **kw) -> Trainer:
+    t = Trainer(_spec(model_dir, **kw), str(data), out)
+    t._setup()
+    return t
+
+
+def _graphs(t: Trainer) -> GraphedSteps:
+    return GraphedSteps(t.model, t.params, t.device, use_cuda_graphs=False,
+                        max_tokens=t.spec.micro_batch_size * t.spec.max_seq_len,
+                        hidden_size=t.model.get_base_model().config.hidden_size)
+
+
+def _grads(t: Trainer) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() for p in t.params]
+
+
+def _zero(t: Trainer) -> None:
+    for p in t.params:
+        p.grad = None
+
+
+@pytest.fixture
+def data(tmp_path, toy_data) -> Path:
+    return toy_data.write_jsonl(tmp_path / "train.jsonl", toy_data.chat_records(16))
+
+
+def test_bucket_lengths() -> None:
+    assert bucket_length(1, 4096) == 64
+    assert bucket_length(64, 4096) == 64
+    assert bucket_length(65, 4096) == 128
+    assert bucket_length(513, 4096) == 768
+    assert bucket_length(2048, 2048) == 2048
+    assert bucket_length(100, 90) == 100  # never shorter than the row, never past the cap
+    assert bucket_length(70, 100) == 100
+
+
+def test_only_one_document_rows_are_graphed() -> None:
+    ramp = torch.arange(6)[None]
+    assert single_document_rows(ramp.expand(2, 6))
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    assert not single_document_rows(packed)
+    batch = {"input_ids": torch.ones(1, 6, dtype=torch.long), "labels": torch.ones(1, 6,
+             dtype=torch.long), "position_ids": ramp}
+    padded = pad_batch(batch, 10)
+    assert padded["input_ids"].shape == (1, 10)
+    assert padded["position_ids"].tolist() == [list(range(10))]
+    assert (padded["labels"][:, 6:] == IGNORE_INDEX).all()
+    assert torch.equal(padded["labels"][:, :6], batch["labels"])
+
+
+def test_graphed_step_equals_eager_step(tiny_model_dir, data, tmp_path) -> None:
+    """Warm-up, capture and replay of a padded batch: the eager path's loss and gradients."""
+    t = _trainer(tiny_model_dir, data, tmp_path / "out")
+    g = _graphs(t)
+    rows = t._rows(t.train_data, [0])
+    (batch,) = t._micro_batches(rows, 1)
+    n = batch["input_ids"].shape[1]
+    assert n % 64, "the row must need padding for this test to mean anything"
+
+    _zero(t)
+    ref_loss, _ = t._loss_sum(batch)
+    (ref_loss * 0.25).backward()
+    ref = _grads(t)
+
+    graphed = g.prepare(batch)
+    assert graphed is not None and graphed["input_ids"].shape[1] == bucket_length(n, 64)
+    for attempt in ("warm-up", "capture", "replay"):
+        _zero(t)
+        loss = g.run(graphed, 0.25)
+        torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-5, atol=1e-5, msg=attempt)
+        for a, b in zip(_grads(t), ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=attempt)
+    assert g.captured == 1 and g.replays == 2 and g.disabled is None
+
+
+def test_graphs_accumulate_over_micro_batches(tiny_model_dir, data, tmp_path) -> None:
+    """Two shapes, each replayed: the sum of the eager micro-batches' gradients."""
+    t = _trainer(tiny_model_dir, data, tmp_path / "out")
+    g = _graphs(t)
+    rows = t._rows(t.train_data, list(range(8)))
+    batches = t._micro_batches(rows, 1)
+    _zero(t)
+    for b in batches:
+        loss, _ = t._loss_sum(b)
+        (loss / 10).backward()
+    ref = _grads(t)
+    for _ in range(2):  # warm up and capture every shape first
+        _zero(t)
+        for b in batches:
+            g.run(g.prepare(b), 0.1)
+    _zero(t)
+    for b in batches:  # now every batch replays
+        g.run(g.prepare(b), 0.1)
+    for a, b in zip(_grads(t), ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert g.captured >= 1 and g.disabled is None
+
+
+def test_training_with_graphs_gives_the_same_adapter(tiny_model_dir, data, tmp_path) -> None:
+    """A whole run through the loop (steps of 4 micro-batches, the optimizer between them)."""
+    plain = _trainer(tiny_model_dir, data, tmp_path / "plain")
+    plain.run()
+    graphed = _trainer(tiny_model_dir, data, tmp_path / "graphed")
+    graphed.graphs = _graphs(graphed)
+    result = graphed.run()
+    assert result.metrics["cuda_graphs"]["replays"] > 0
+    a = load_file(str(tmp_path / "plain" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "graphed" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_packed_rows_run_eagerly(tiny_model_dir, data, tmp_path) -> None:
+    t = _trainer(tiny_model_dir, data, tmp_path / "out", packing=True, micro_batch_size=1)
+    g = _graphs(t)
+    rows = t._rows(t.train_data, [0])
+    (batch,) = t._micro_batches(rows, 1)
+    assert g.prepare(batch) is None  # several documents in the row: no graph
+
+
+def test_a_failed_capture_turns_graphs_off_and_loses_nothing(tiny_model_dir, data, tmp_path,
+                                                             monkeypatch) -> None:
+    events = []
+    plain = _trainer(tiny_model_dir, data, tmp_path / "plain")
+    plain.run()
+    t = Trainer(_spec(tiny_model_dir), str(data), tmp_path / "graphed", on_event=events.append)
+    t._setup()
+    t.graphs = _graphs(t)
+
+    def broken(self, key, dtype):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs_mod.GraphedSteps, "_buffers", broken)
+    result = t.run()
+    assert result.status == "completed"
+    assert "capture failed" in t.graphs.disabled
+    warnings = [e for e in events if e.type == "warning" and "CUDA graphs off" in (e.message or "")]
+    assert len(warnings) == 1
+    a = load_file(str(tmp_path / "plain" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "graphed" / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_train_the_same_adapter_on_the_gpu(tiny_model_dir, data, tmp_path) -> None:
+    """The real thing: captured and replayed CUDA graphs vs the same fast path without them."""
+    cuda = {"device": "cuda", "compute_dtype": "bf16", "fast": "auto", "max_steps": 6}
+    off = dict(cuda, fast={"cuda_graphs": "off"})
+    plain = Trainer(_spec(tiny_model_dir, **off), str(data), tmp_path / "plain")
+    plain.run()
+    graphed = Trainer(_spec(tiny_model_dir, **cuda), str(data), tmp_path / "graphed")
+    result = graphed.run()
+    summary = result.metrics["cuda_graphs"]
+    assert "disabled" not in summary, summary
+    assert summary["graphs"] >= 1 and summary["replays"] >= 1
+    a = load_file(str(tmp_path / "plain" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "graphed" / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=5e-2, atol=5e-3, msg=k)
