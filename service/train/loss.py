@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 from typing import Any
 
@@ -54,6 +55,14 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
 
 def default_chunk(n_tokens: int, vocab: int) -> int:
     return max(MIN_CHUNK, min(n_tokens, CHUNK_BYTES // (4 * max(1, vocab))))
+
+
+def small_chunk(n_tokens: int, vocab: int, hidden: int) -> int:
+    """Liger's chunk rule: tokens / ceil(vocab / hidden) rows, to the next power of two. Used
+    where launches are free (inside a CUDA graph): many small chunks keep the loss' transient
+    memory to what Liger's kernel takes, which is what the memory estimate models."""
+    rows = math.ceil(n_tokens / max(1, math.ceil(vocab / max(1, hidden))))
+    return 1 << max(0, math.ceil(math.log2(max(1, rows))))
 
 
 class _ChunkedLinearCE(torch.autograd.Function):
@@ -121,7 +130,9 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
         raise ValueError("chunked_linear_cross_entropy does not train a bias")
     hidden = hidden.reshape(-1, hidden.shape[-1])
     target = target.reshape(-1)
-    chunk = chunk or default_chunk(hidden.shape[0], weight.shape[0])
+    if not chunk:
+        n, vocab = hidden.shape[0], weight.shape[0]
+        chunk = small_chunk(n, vocab, hidden.shape[1]) if graph_safe else default_chunk(n, vocab)
     need = torch.is_grad_enabled()
     return _ChunkedLinearCE.apply(hidden, weight, bias, target, int(chunk), ignore_index,
                                   need and hidden.requires_grad, need and weight.requires_grad,

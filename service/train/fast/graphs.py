@@ -15,8 +15,10 @@ the copy of the next batch into the graph's input buffers.
   cover every length; the padding tokens carry no label and, attention being causal, no real
   token sees them: the loss and gradients are those of the unpadded row. Packed rows with
   several documents run eagerly (their per-document attention is shaped by the data).
-- The first batch of a shape runs eagerly on the capture stream (it warms up cuBLAS, cuDNN and
-  Triton's compiled kernels); the second is captured and replayed; every later one replays.
+- The run's first graphed batch runs eagerly on the capture stream (it warms up cuBLAS, cuDNN
+  and Triton's compiled kernels); every later batch of a new shape is captured and replayed at
+  once, and every batch of a known shape replays. A shape whose capture fails is warmed up
+  eagerly and tried once more.
 - The graph's inputs are static buffers the batch is copied into: the input embeddings (looked
   up outside the graph, so a host-resident embedding table works), position ids, shifted
   targets and the loss scale 1 / (label tokens of the optimizer step). Gradients accumulate in
@@ -28,8 +30,9 @@ the copy of the next batch into the graph's input buffers.
   buffers that live as long as the graphs (fast/offload.py `HostSlots`), and the fused LoRA
   modules' per-step weight casts are dropped before and after every capture so that a graph
   never reads a cast made outside it.
-- Any failure to capture turns graphs off for the rest of the run (`disabled` says why; the
-  trainer reports it as an event) and the batch runs eagerly; nothing is lost.
+- A capture that fails again after a warm-up turns graphs off for the rest of the run
+  (`disabled` says why; the trainer reports it as an event) and the batch runs eagerly;
+  nothing is lost.
 
 All graphs share one memory pool (they never run at the same time), so the graphs of several
 lengths cost about what the longest one needs.
@@ -123,7 +126,7 @@ class GraphedSteps:
         self.disabled: Optional[str] = None
         self.captured = 0
         self.replays = 0
-        self._seen: set[tuple[int, int]] = set()
+        self._warmed: set[tuple[int, int]] = set()  # shapes that ran eagerly on the capture stream
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._grads: Optional[list[torch.Tensor]] = None
         self._pool = None
@@ -160,15 +163,26 @@ class GraphedSteps:
         key = tuple(batch["input_ids"].shape)
         graph = self._graphs.get(key)
         if graph is None:
-            if key not in self._seen or len(self._graphs) >= self.max_graphs:
-                self._seen.add(key)
+            if len(self._graphs) >= self.max_graphs:
+                return self._eager(batch, scale, warmup=False)
+            if not self._graphs and key not in self._warmed:
+                # Nothing captured yet: one eager run first warms up cuBLAS, cuDNN and
+                # Triton's kernels on the capture stream. Later shapes are captured at once,
+                # so no eager step's working memory sits next to the graphs' pool.
+                self._warmed.add(key)
                 return self._eager(batch, scale, warmup=True)
             try:
                 graph = self._capture(key, batch)
-            except Exception as exc:  # noqa: BLE001 - any capture failure: eager from now on
-                self._disable(f"capture failed ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:300] if str(exc) else ''})")
-                return self._eager(batch, scale, warmup=False)
+            except Exception as exc:  # noqa: BLE001 - a capture failure must not stop the run
+                why = (f"capture failed ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:300] if str(exc) else ''})")
+                if key in self._warmed:
+                    self._disable(why)
+                else:  # perhaps a first-use initialisation: warm this shape up, then retry once
+                    self._warmed.add(key)
+                    self._reset_after_failure()
+                    log.info("CUDA graph for %s x %s: %s; retrying after a warm-up", *key, why)
+                return self._eager(batch, scale, warmup=True)
         self._seat_grads()
         self._fill(graph, batch, scale)
         if self.cuda:
@@ -179,15 +193,18 @@ class GraphedSteps:
         self.replays += 1
         return out.detach().clone()
 
-    def _disable(self, why: str) -> None:
+    def _reset_after_failure(self) -> None:
         from . import lora, lora_group
 
-        self.disabled = why
-        self._graphs.clear()
         lora.drop_step_caches()
         lora_group.reset_groups(self.model)
         attention.set_known_bounds(None)
         offload.capture_slots(None)
+
+    def _disable(self, why: str) -> None:
+        self.disabled = why
+        self._graphs.clear()
+        self._reset_after_failure()
         log.warning("CUDA graphs off for this run: %s", why)
 
     def _declare_documents(self, rows: int, length: int) -> None:
@@ -291,6 +308,9 @@ class GraphedSteps:
             return graph
         # Nothing made outside the graph may be read inside it: every cast is recomputed.
         lora.drop_step_caches()
+        # The warm-up's freed blocks would stay reserved next to the graph's own pool: hand
+        # them back first, so the card holds one step's working memory, not two.
+        torch.cuda.empty_cache()
         lora_group.reset_groups(self.model)
         cuda_graph = torch.cuda.CUDAGraph()
         offload.capture_slots(self.slots)
