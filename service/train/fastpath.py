@@ -94,6 +94,33 @@ def graphed_steps(model: Any, plan: FastPlan, params: list, device: torch.device
                         hidden_size=int(lm.config.hidden_size))
 
 
+def graphs_room(plan: FastPlan, spec: TrainSpec, device: torch.device) -> Optional[str]:
+    """Why CUDA graphs must stay off on this card for lack of memory (None: they fit or are off).
+
+    Called once the model is on the card: the room is what is free plus what this process
+    already holds, against the memory estimate with and without the graphs' pool (memory.py,
+    the rule placement uses too)."""
+    if not plan.cuda_graphs or device.type != "cuda":
+        return None
+    from .memory import graphs_fit
+    from .spec import DeviceInfo
+
+    free, total = torch.cuda.mem_get_info(device)
+    props = torch.cuda.get_device_properties(device)
+    info = DeviceInfo(kind="cuda", name=props.name, total_memory=total, free_memory=None,
+                      compute_capability=(props.major, props.minor))
+    # The estimate counts a CUDA context; this process's already exists and is outside `free`.
+    from .memory import cuda_context_bytes
+
+    room = free + torch.cuda.memory_reserved(device) + cuda_context_bytes(info)
+    try:
+        ok, why = graphs_fit(spec, info, room)
+    except Exception as exc:  # noqa: BLE001 - no estimate (odd config): keep graphs, say why
+        log.warning("no memory estimate for the CUDA graphs decision (%s)", exc)
+        return None
+    return None if ok else f"the card has no room for the graphs' pool: {why}"
+
+
 def describe(plan: FastPlan) -> str:
     """"fast path: fused_lora on, offload_activations off (cpu), ..." for the status event."""
     parts = []

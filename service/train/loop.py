@@ -338,7 +338,10 @@ class Trainer:
             else:
                 loss_sum, _ = self._loss_sum(batch)
                 self.scaler.scale(loss_sum / max(1, n_labels)).backward()
-            losses.append(loss_sum.detach().float())
+                # Detached at once: a live loss keeps its autograd graph's nodes, and a CUDA
+                # graph captured next must not meet accumulate-grad nodes of another stream.
+                loss_sum = loss_sum.detach()
+            losses.append(loss_sum.float())
         values = torch.stack(losses).tolist() if losses else []
         for i, value in enumerate(values):
             if not math.isfinite(value):

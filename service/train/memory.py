@@ -395,11 +395,13 @@ def _adapter_terms(shape: ModelShape, spec: TrainSpec, a: int
     return hit
 
 
-def estimate_memory(spec: TrainSpec, device: DeviceInfo, *, config: Any = None) -> MemoryEstimate:
+def estimate_memory(spec: TrainSpec, device: DeviceInfo, *, config: Any = None,
+                    graphs: bool = True) -> MemoryEstimate:
     """Peak memory (bytes, with a per-term breakdown) of training `spec` on `device`.
 
     See the module docstring for every assumption. `config` is an already-loaded transformers
     config; without it the config is read from `spec.base_model` (folder or .gguf), once per path.
+    `graphs=False` leaves CUDA graphs out (they are otherwise counted where the card has room).
     """
     shape = model_shape(spec, config=config)
     dtype = resolve_compute_dtype(spec, device)
@@ -469,6 +471,7 @@ def estimate_memory(spec: TrainSpec, device: DeviceInfo, *, config: Any = None) 
     if kind == "cpu":
         return _cpu_estimate(spec, shape, breakdown, dtype)
     pieces = fast_pieces(spec, device)
+    pieces["cuda_graphs"] = pieces["cuda_graphs"] and graphs
     if pieces["fused_lora"]:
         return _fast_estimate(spec, shape, device, dtype, pieces, breakdown)
     breakdown["cuda_context"] = cuda_context_bytes(device)
@@ -495,10 +498,21 @@ FAST_WEIGHT_OVERHEAD = 0.17
 FAST_FIXED_SLACK = 100 * MiB
 
 
+# CUDA graphs (fast/graphs.py) keep the step's working memory in the graphs' private pool, next
+# to what the ordinary allocator keeps: measured on an H200 (bench/gpu_memory.py core, seq 2048,
+# mb 1), the driver-visible peak rose by 0.46 / 0.59 / 0.84 GiB for the 1B / 3B / 8B shapes over
+# the same runs without graphs, i.e. 0.30 GiB + 0.40 x the step's working memory (activations,
+# loss chunk, backward workspace) to within 0.03 GiB. Graphs run only where that fits; on a
+# card too small for it the trainer runs the same fast path without them (`graphs_fit`).
+GRAPHS_FIXED = 300 * MiB
+GRAPHS_PER_WORKING_BYTE = 0.40
+
+
 def fast_pieces(spec: TrainSpec, device: DeviceInfo) -> dict[str, bool]:
     """Which memory-relevant fast-path pieces run for `spec` on `device` (a CUDA node): the
     subset of spec.FAST_PIECES that `_fast_estimate` models, each on unless switched "off" or
-    impossible for the spec (the rules of `fast.resolve_fast`'s `_can_run`)."""
+    impossible for the spec (the rules of `fast.resolve_fast`'s `_can_run`). `cuda_graphs` here
+    means "possible"; whether the card has room for them is `_fast_estimate`'s decision."""
     switches = spec.fast_spec()
     possible = {
         "fused_lora": spec.quantization in ("nf4", "fp4") and not spec.lora.use_dora,
@@ -506,8 +520,30 @@ def fast_pieces(spec: TrainSpec, device: DeviceInfo) -> dict[str, bool]:
         "padding_free": True,
         "chunked_loss": True,
         "host_embeddings": True,
+        "cuda_graphs": (device.compute_capability >= (8, 0)
+                        and spec.compute_dtype in ("auto", "bf16") and spec.lora.dropout == 0
+                        and spec.gradient_checkpointing),
     }
-    return {piece: can and getattr(switches, piece) != "off" for piece, can in possible.items()}
+    out = {piece: can and getattr(switches, piece) != "off" for piece, can in possible.items()}
+    out["cuda_graphs"] = out["cuda_graphs"] and out["padding_free"] and out["chunked_loss"]
+    return out
+
+
+def graphs_pool_bytes(estimate: "MemoryEstimate") -> int:
+    """What CUDA graphs add to `estimate` (an estimate made without them)."""
+    b = estimate.breakdown
+    working = b.get("activations", 0) + b.get("logits", 0) + b.get("backward_workspace", 0)
+    return int(GRAPHS_FIXED + GRAPHS_PER_WORKING_BYTE * working)
+
+
+def graphs_fit(spec: TrainSpec, device: DeviceInfo, room: int) -> tuple[bool, str]:
+    """Whether CUDA graphs fit next to `spec`'s fast path in `room` bytes of the card, and the
+    numbers that decided it (for the plan's reason)."""
+    base = estimate_memory(spec, device, graphs=False)
+    extra = graphs_pool_bytes(base)
+    ok = base.total + extra <= room
+    return ok, (f"{(base.total + extra) / GiB:.2f} GiB with graphs ({extra / GiB:.2f} GiB of "
+                f"graph pool) {'fits' if ok else 'exceeds'} the card's {room / GiB:.2f} GiB")
 
 
 def _fast_estimate(spec: TrainSpec, shape: ModelShape, device: DeviceInfo, dtype: str,
@@ -564,8 +600,17 @@ def _fast_estimate(spec: TrainSpec, shape: ModelShape, device: DeviceInfo, dtype
     })
     breakdown["cuda_context"] = cuda_context_bytes(device)
     breakdown["allocator_slack"] = FAST_FIXED_SLACK
-    return MemoryEstimate(breakdown=breakdown, total=sum(breakdown.values()),
-                          compute_dtype=dtype, device_kind="cuda")
+    estimate = MemoryEstimate(breakdown=breakdown, total=sum(breakdown.values()),
+                              compute_dtype=dtype, device_kind="cuda")
+    if pieces.get("cuda_graphs"):
+        # On where the card has room for the pool (the trainer decides the same way).
+        room = device.free_memory if device.free_memory is not None else device.total_memory
+        extra = graphs_pool_bytes(estimate)
+        if not room or estimate.total + extra <= room:
+            breakdown["cuda_graphs_pool"] = extra
+            estimate = MemoryEstimate(breakdown=breakdown, total=sum(breakdown.values()),
+                                      compute_dtype=dtype, device_kind="cuda")
+    return estimate
 
 
 # -- the CPU branch ------------------------------------------------------------------------------
@@ -635,6 +680,7 @@ __all__ = [
     "MemoryEstimate",
     "ModelShape",
     "estimate_memory",
+    "graphs_fit",
     "load_config",
     "model_shape",
     "resolve_compute_dtype",

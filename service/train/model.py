@@ -427,6 +427,9 @@ def build_model(spec: TrainSpec, device: torch.device, *, cache_dir: str | Path 
         model = attach_adapter(model, adapter_dir)
         model.eval()
     fastpath.apply(model, plan, spec, device)
+    why_not = fastpath.graphs_room(plan, spec, device)
+    if why_not:
+        plan = fastpath.without(plan, {"cuda_graphs": why_not})
     if plan.chunked_loss:
         why = chunked_loss_unsupported(model)
         if why:

@@ -163,9 +163,13 @@ class GraphedSteps:
         key = tuple(batch["input_ids"].shape)
         graph = self._graphs.get(key)
         if graph is None:
-            if len(self._graphs) >= self.max_graphs:
+            if self.disabled is not None or len(self._graphs) >= self.max_graphs:
                 return self._eager(batch, scale, warmup=False)
-            if not self._graphs and key not in self._warmed:
+            if not self._graphs and not self._warmed:
+                # What outlives the warm-up is allocated before it, so the blocks the warm-up
+                # frees are whole segments that can go back before the capture.
+                self._seat_grads()
+                self._buffers(key, self._dtype())
                 # Nothing captured yet: one eager run first warms up cuBLAS, cuDNN and
                 # Triton's kernels on the capture stream. Later shapes are captured at once,
                 # so no eager step's working memory sits next to the graphs' pool.
@@ -291,12 +295,14 @@ class GraphedSteps:
         graph.target.copy_(shifted_targets(batch["labels"]), non_blocking=True)
         graph.scale.fill_(scale)
 
+    def _dtype(self) -> torch.dtype:
+        weight = getattr(self._embedding, "weight", None)
+        return weight.dtype if weight is not None else torch.bfloat16
+
     def _capture(self, key: tuple[int, int], batch: dict[str, torch.Tensor]) -> _Graph:
         from . import lora, lora_group
 
-        weight = getattr(self._embedding, "weight", None)
-        dtype = weight.dtype if weight is not None else self._embed(batch["input_ids"]).dtype
-        graph = self._buffers(key, dtype)
+        graph = self._buffers(key, self._dtype())
         self._seat_grads()
         self._fill(graph, batch, 1.0)
         fn = lambda: self._forward_backward(graph.embeds, graph.position_ids,  # noqa: E731
