@@ -96,7 +96,8 @@ def child(job: dict[str, Any]) -> None:
         "reduce_dtype": str(reduce_dtype).replace("torch.", ""),
         "bytes_reduced_total": ctx.bytes_reduced if ctx else 0,
         "steps": result.step, "micro_batch": result.metrics.get("micro_batch_size"),
-        "peak_gib": peak / 2**30 if peak else None}), flush=True)
+        "peak_gib": peak / 2**30 if peak else None,
+        "cuda_graphs": result.metrics.get("cuda_graphs")}), flush=True)
 
 
 def launch(job: dict[str, Any], world: int, timeout_s: float, log) -> dict[str, Any]:

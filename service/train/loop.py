@@ -33,18 +33,19 @@ import math
 import random
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import fastpath
 from .collate import n_input_tokens
 from .data import DataSource, TokenizedData, build_dataset
 from .distributed import DistContext
 from .errors import NonFiniteLossError, OutOfMemoryError, TrainError
 from .events import EventSink, TrainEvent, TrainResult
-from . import fastpath
 from .fastpath import describe
 from .init_adapter import load_init_adapter
 from .loss import label_count, token_loss_sum
@@ -336,8 +337,9 @@ class Trainer:
             if graphed is not None:  # fast/graphs.py: forward + backward as a CUDA graph
                 loss_sum = self.graphs.run(graphed, scale)
             else:
-                loss_sum, _ = self._loss_sum(batch)
-                self.scaler.scale(loss_sum / max(1, n_labels)).backward()
+                with self.graphs.eager_stream() if self.graphs is not None else nullcontext():
+                    loss_sum, _ = self._loss_sum(batch)
+                    self.scaler.scale(loss_sum / max(1, n_labels)).backward()
                 # Detached at once: a live loss keeps its autograd graph's nodes, and a CUDA
                 # graph captured next must not meet accumulate-grad nodes of another stream.
                 loss_sum = loss_sum.detach()

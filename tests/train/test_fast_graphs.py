@@ -213,8 +213,9 @@ def test_cuda_graphs_match_the_eager_step_on_the_gpu(tiny_model_dir, data, tmp_p
 
     def compare(label: str) -> None:
         _zero(t)
-        ref_loss, _ = t._loss_sum(batch)
-        (ref_loss * 0.5).backward()
+        with t.graphs.eager_stream():  # where the loop runs an ungraphed micro-batch
+            ref_loss, _ = t._loss_sum(batch)
+            (ref_loss * 0.5).backward()
         # As the loop does: no live reference to the eager step's autograd graph may meet a
         # capture (its accumulate-grad nodes belong to another stream).
         ref_value = float(ref_loss)

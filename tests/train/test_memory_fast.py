@@ -72,3 +72,32 @@ def test_measured_context_is_used(one_b):
     small = estimate_memory(spec, RTX3060.model_copy(update={"context_bytes": 300 * 2**20}))
     assert small.breakdown["cuda_context"] == 300 * 2**20
     assert est(one_b).total - small.total == est(one_b).breakdown["cuda_context"] - 300 * 2**20
+
+
+def test_cuda_graphs_are_counted_where_the_card_has_room(one_b):
+    """The graphs' pool is in the estimate exactly where graphs will run: dropout 0 (they
+    cannot replay a dropout mask's recompute), a bf16 card, and room on the card for the pool;
+    otherwise the estimate is the eager fast path's, which is what the trainer then runs."""
+    from lorapool.service.train.memory import graphs_fit
+    from lorapool.service.train.spec import LoraSpec
+
+    no_dropout = {"lora": LoraSpec(dropout=0.0), "max_seq_len": 2048}
+    spec = TrainSpec(base_model=str(one_b), **no_dropout)
+    big = DeviceInfo(kind="cuda", total_memory=80 * GiB, compute_capability=(9, 0))
+    graphs = estimate_memory(spec, big)
+    eager = estimate_memory(spec, big, graphs=False)
+    pool = graphs.breakdown["cuda_graphs_pool"]
+    assert "cuda_graphs_pool" not in eager.breakdown
+    assert graphs.total == eager.total + pool and 300 * 2**20 < pool < 2 * GiB
+    # A card with room for the eager path but not for the pool: graphs stay off.
+    tight = DeviceInfo(kind="cuda", total_memory=eager.total + pool // 2,
+                       compute_capability=(9, 0))
+    assert estimate_memory(spec, tight).total == eager.total
+    assert graphs_fit(spec, tight, tight.total_memory)[0] is False
+    assert graphs_fit(spec, big, big.total_memory)[0] is True
+    # The default dropout (0.05), a pre-Ampere card, or the switch off: no graphs.
+    assert "cuda_graphs_pool" not in est(one_b).breakdown
+    turing = DeviceInfo(kind="cuda", total_memory=80 * GiB, compute_capability=(7, 5))
+    assert "cuda_graphs_pool" not in estimate_memory(spec, turing).breakdown
+    off = TrainSpec(base_model=str(one_b), fast={"cuda_graphs": "off"}, **no_dropout)
+    assert "cuda_graphs_pool" not in estimate_memory(off, big).breakdown

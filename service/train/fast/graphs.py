@@ -40,6 +40,7 @@ lengths cost about what the longest one needs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -94,6 +95,24 @@ class _EagerRunner:
 
     def replay(self) -> torch.Tensor:
         return self.fn()
+
+
+class _OnStream:
+    """Run on `stream`, ordered after and before the current stream's work."""
+
+    def __init__(self, stream: "torch.cuda.Stream", device: torch.device) -> None:
+        self.stream, self.device = stream, device
+        self._ctx: Any = None
+
+    def __enter__(self) -> None:
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._ctx = torch.cuda.stream(self.stream)
+        self._ctx.__enter__()
+
+    def __exit__(self, *exc: Any) -> bool:
+        self._ctx.__exit__(*exc)
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        return False
 
 
 @dataclass
@@ -204,6 +223,29 @@ class GraphedSteps:
         lora_group.reset_groups(self.model)
         attention.set_known_bounds(None)
         offload.capture_slots(None)
+        if self.cuda:
+            self._repair_rng()
+
+    def _repair_rng(self) -> None:
+        """A capture that failed never ran its end: the device's default generator still
+        believes it is being captured, and every later random draw on the card raises
+        ("Offset increment outside graph capture"). A clone of its state (same seed and
+        offset) is not in capture; put it back in place."""
+        try:
+            index = self.device.index if self.device.index is not None else \
+                torch.cuda.current_device()
+            gen = torch.cuda.default_generators[index]
+            gen.graphsafe_set_state(gen.clone_state())
+        except Exception as exc:  # noqa: BLE001 - older torch: nothing more to do
+            log.warning("could not reset the CUDA generator after a failed capture: %s", exc)
+
+    def eager_stream(self) -> Any:
+        """A context that runs an ungraphed micro-batch on the graphs' stream (a no-op on the
+        CPU): the accumulate-grad nodes an eager backward leaves behind then belong to the
+        stream the next capture runs on, which a capture requires."""
+        if not self.cuda:
+            return contextlib.nullcontext()
+        return _OnStream(self._stream, self.device)
 
     def _disable(self, why: str) -> None:
         self.disabled = why
