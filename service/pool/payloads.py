@@ -34,6 +34,15 @@ class Payload(TypedDict, total=False):
     dataset: Optional[str]  # a node-local data set, by name only
     init_adapter: Optional[Blob]
     device_kind: str  # multi-worker jobs only: the chosen node's device kind
+    # What the scheduler reserved on the node (the placement's estimate and the CUDA context it
+    # counted): the trainer keeps within it (spec.MemoryBudget).
+    memory_budget: dict[str, Any]
+
+
+def memory_budget(estimate: Any) -> dict[str, Any]:
+    """The `memory_budget` entry of a payload for a placement `estimate` (a MemoryEstimate)."""
+    return {"total": int(estimate.total),
+            "context_bytes": estimate.breakdown.get("cuda_context")}
 
 
 class PayloadBuilder:
@@ -60,6 +69,7 @@ class PayloadBuilder:
             # A node-local data set travels by name only; the runner opens it on its node.
             "dataset": (getattr(job, "dataset", None) or {}).get("name"),
             "init_adapter": self.adapter(getattr(job, "init_adapter", None)),
+            "memory_budget": memory_budget(placement.estimate),
         }
         return payload, resume_step
 

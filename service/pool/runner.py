@@ -154,7 +154,7 @@ class JobRunner(RunnerMailbox):
         if self._stop_reason is not None:
             return self._stopped_early(started)
 
-        from ..train import TrainEvent, TrainSpec, train
+        from ..train import MemoryBudget, TrainEvent, TrainSpec, train
 
         if self._stop_reason is not None:  # importing torch can take a while on a busy node
             return self._stopped_early(started)
@@ -201,6 +201,8 @@ class JobRunner(RunnerMailbox):
                 resume_from=resume,
                 should_stop=should_stop,
                 cache_dir=self.work_dir / "cache",
+                memory_budget=MemoryBudget(**budget) if (budget := payload.get("memory_budget"))
+                else None,
             )
         except _StopNow:
             return self._stopped_early(started)

@@ -18,6 +18,7 @@ _EXPORTS = {
     "FastSpec": "spec",
     "LoraSpec": "spec",
     "DeviceInfo": "spec",
+    "MemoryBudget": "spec",
     "TrainError": "errors",
     "DataError": "errors",
     "LineError": "errors",
@@ -49,6 +50,7 @@ __all__ = [
     "FastSpec",
     "LineError",
     "LoraSpec",
+    "MemoryBudget",
     "MemoryEstimate",
     "ModelLoadError",
     "NonFiniteLossError",
@@ -102,4 +104,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from .memory import MemoryEstimate, estimate_memory
     from .model import BuiltModel, attach_lora, build_model, load_base_model, resolve_base_model
     from .runstate import RunState
-    from .spec import DeviceInfo, FastSpec, LoraSpec, TrainSpec
+    from .spec import DeviceInfo, FastSpec, LoraSpec, MemoryBudget, TrainSpec

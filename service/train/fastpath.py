@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from .spec import FAST_PIECES, FastPlan, TrainSpec
+from .spec import FAST_PIECES, DeviceInfo, FastPlan, MemoryBudget, TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -94,31 +94,46 @@ def graphed_steps(model: Any, plan: FastPlan, params: list, device: torch.device
                         hidden_size=int(lm.config.hidden_size))
 
 
-def graphs_room(plan: FastPlan, spec: TrainSpec, device: torch.device) -> Optional[str]:
+def graphs_room(plan: FastPlan, spec: TrainSpec, device: torch.device,
+                budget: Optional[MemoryBudget] = None) -> Optional[str]:
     """Why CUDA graphs must stay off on this card for lack of memory (None: they fit or are off).
 
     Called once the model is on the card: the room is what is free plus what this process
-    already holds, against the memory estimate with and without the graphs' pool (memory.py,
-    the rule placement uses too)."""
+    already holds, and no more than the scheduler's reservation (`budget`) when there is one.
+    The rule is memory.py's `graphs_fit`, the one the placement estimate applies too."""
     if not plan.cuda_graphs or device.type != "cuda":
         return None
-    from .memory import graphs_fit
-    from .spec import DeviceInfo
+    from .memory import cuda_context_bytes
 
     free, total = torch.cuda.mem_get_info(device)
     props = torch.cuda.get_device_properties(device)
-    info = DeviceInfo(kind="cuda", name=props.name, total_memory=total, free_memory=None,
+    info = DeviceInfo(kind="cuda", name=props.name, total_memory=total,
                       compute_capability=(props.major, props.minor))
     # The estimate counts a CUDA context; this process's already exists and is outside `free`.
-    from .memory import cuda_context_bytes
-
     room = free + torch.cuda.memory_reserved(device) + cuda_context_bytes(info)
+    return graphs_decision(spec, info, room, budget)
+
+
+def graphs_decision(spec: TrainSpec, info: DeviceInfo, room: int,
+                    budget: Optional[MemoryBudget] = None) -> Optional[str]:
+    """`graphs_room`'s decision for a card described by `info` with `room` bytes: None when the
+    estimate with the graphs' pool fits (and fits the reservation), else why not."""
+    from .memory import graphs_fit
+
+    if budget is not None:
+        # The scheduler's estimate, with its context: the same numbers it reserved by.
+        info = info.model_copy(update={"context_bytes": budget.context_bytes})
+        room = min(room, budget.total)
     try:
         ok, why = graphs_fit(spec, info, room)
     except Exception as exc:  # noqa: BLE001 - no estimate (odd config): keep graphs, say why
         log.warning("no memory estimate for the CUDA graphs decision (%s)", exc)
         return None
-    return None if ok else f"the card has no room for the graphs' pool: {why}"
+    if ok:
+        return None
+    where = "the memory reserved for this job" if budget is not None and room == budget.total \
+        else "the card"
+    return f"no room for the graphs' pool in {where}: {why}"
 
 
 def describe(plan: FastPlan) -> str:

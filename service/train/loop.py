@@ -53,7 +53,7 @@ from .model import BuiltModel, build_model, select_device, trainable_parameters
 from .output import ADAPTER_DIRNAME, save_adapter
 from .runstate import RunState
 from .scaling import LossScaler, needs_loss_scaling
-from .spec import TrainSpec
+from .spec import MemoryBudget, TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,10 @@ class Trainer:
                  resume_from: str | Path | None = None,
                  should_stop: Callable[[], bool] | None = None,
                  cache_dir: str | Path | None = None,
-                 dist: DistContext | None = None) -> None:
+                 dist: DistContext | None = None,
+                 memory_budget: MemoryBudget | None = None) -> None:
         self.spec = spec
+        self.memory_budget = memory_budget
         # dist: the process group a launcher set up (or torchrun's env describes); None alone.
         self.dist = dist if dist is not None else DistContext.from_environment(
             device_kind=spec.device)
@@ -150,7 +152,8 @@ class Trainer:
         spec = self.spec
         seed_everything(spec.seed)
         self.events.emit("status", message=f"loading base model {spec.base_model_id or spec.base_model}")
-        built: BuiltModel = build_model(spec, self.device, cache_dir=self.cache_dir)
+        built: BuiltModel = build_model(spec, self.device, cache_dir=self.cache_dir,
+                                        memory_budget=self.memory_budget)
         self.built = built
         self.model, self.tokenizer = built.model, built.tokenizer
         self.base_dir, self.base_sha256 = built.base_dir, built.base_sha256
@@ -534,14 +537,16 @@ def train(spec: TrainSpec, data: DataSource, output_dir: str | Path, *,
           resume_from: str | Path | None = None,
           should_stop: Callable[[], bool] | None = None,
           cache_dir: str | Path | None = None,
-          dist: DistContext | None = None) -> TrainResult:
+          dist: DistContext | None = None,
+          memory_budget: MemoryBudget | None = None) -> TrainResult:
     """Fine-tune a LoRA adapter on `spec.base_model` with `data`; see the module docstring.
 
     Returns status "completed" with `adapter_dir` (output_dir/adapter), or "stopped" (when
     `should_stop()` said so between steps) with `last_checkpoint` to resume from. Raises
     `DataError` for bad data, `ModelLoadError`, `NonFiniteLossError`, `OutOfMemoryError` (even
-    micro-batch 1 does not fit), or `TrainError` for an unusable checkpoint.
+    micro-batch 1 does not fit), or `TrainError` for an unusable checkpoint. `memory_budget`:
+    what the scheduler reserved on the card; the run stays within it (see spec.MemoryBudget).
     """
     return Trainer(spec, data, output_dir, validation_data=validation_data, on_event=on_event,
                    resume_from=resume_from, should_stop=should_stop, cache_dir=cache_dir,
-                   dist=dist).run()
+                   dist=dist, memory_budget=memory_budget).run()

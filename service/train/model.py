@@ -30,7 +30,7 @@ import torch
 from .collate import Collator, FlatCollator, PaddedCollator
 from .errors import ModelLoadError
 from .resolve import resolve_cache_dir, resolve_dtype_name
-from .spec import TrainSpec
+from .spec import MemoryBudget, TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +399,8 @@ class BuiltModel:
 
 
 def build_model(spec: TrainSpec, device: torch.device, *, cache_dir: str | Path | None = None,
-                for_training: bool = True, adapter_dir: str | Path | None = None) -> BuiltModel:
+                for_training: bool = True, adapter_dir: str | Path | None = None,
+                memory_budget: MemoryBudget | None = None) -> BuiltModel:
     """Resolve, load and prepare the model of `spec` on `device`: the one builder of training
     and evaluation.
 
@@ -407,7 +408,9 @@ def build_model(spec: TrainSpec, device: torch.device, *, cache_dir: str | Path 
     (`for_training=False`): the frozen base, with the adapter in `adapter_dir` when given, in
     eval mode; the plan's pieces that only matter with a backward (activation offload) are
     off. Then the fast path's pieces are applied (`fastpath.apply`), and the chunked loss is
-    turned off with a recorded reason where the model cannot use it (loss.py).
+    turned off with a recorded reason where the model cannot use it (loss.py), as are CUDA
+    graphs where the card, or `memory_budget` (the scheduler's reservation), has no room for
+    their pool.
     """
     from . import fastpath
     from .loss import chunked_loss_unsupported
@@ -427,7 +430,7 @@ def build_model(spec: TrainSpec, device: torch.device, *, cache_dir: str | Path 
         model = attach_adapter(model, adapter_dir)
         model.eval()
     fastpath.apply(model, plan, spec, device)
-    why_not = fastpath.graphs_room(plan, spec, device)
+    why_not = fastpath.graphs_room(plan, spec, device, memory_budget)
     if why_not:
         plan = fastpath.without(plan, {"cuda_graphs": why_not})
     if plan.chunked_loss:

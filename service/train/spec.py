@@ -155,6 +155,18 @@ class TrainSpec(BaseModel):
         return FastSpec()
 
 
+class MemoryBudget(BaseModel):
+    """The GPU memory the scheduler reserved for one job attempt: its estimate on the chosen
+    node (`total`, bytes) and the CUDA context that estimate counted. The trainer stays within
+    it: a piece that costs memory beyond the eager fast path (CUDA graphs' pool) runs only if
+    the reservation included it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    total: int = Field(ge=0)
+    context_bytes: Optional[int] = Field(None, ge=0)
+
+
 class DeviceInfo(BaseModel):
     """The GPU (or CPU) a job would run on, as a NodeAgent reports it."""
 

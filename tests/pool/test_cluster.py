@@ -178,6 +178,8 @@ def test_jobs_land_only_where_they_fit_and_nothing_names_head_paths(pool):
     for payload in pool["sent"]:
         leaked = [s for s in strings(payload) if head_dir in s or str(pool["root"]) in s]
         assert not leaked, f"head paths sent to a node: {leaked}"
+    # The reservation travels with the job, so the trainer keeps within it.
+    assert pool["sent"][-1]["memory_budget"]["total"] == job.memory.predicted_bytes
     # The node materialised its own copy of the model in its own folder, by content hash.
     node_cache = pool["root"] / "nodes" / job.node_id / "cache" / "models"
     assert any(p.is_dir() for p in node_cache.iterdir())

@@ -101,3 +101,27 @@ def test_cuda_graphs_are_counted_where_the_card_has_room(one_b):
     assert "cuda_graphs_pool" not in estimate_memory(spec, turing).breakdown
     off = TrainSpec(base_model=str(one_b), fast={"cuda_graphs": "off"}, **no_dropout)
     assert "cuda_graphs_pool" not in estimate_memory(off, big).breakdown
+
+
+def test_the_trainer_uses_graphs_only_within_its_reservation(one_b):
+    """fastpath.graphs_decision: the trainer's rule. With a scheduler reservation that counted
+    the graphs' pool, graphs run; with one made without it (a smaller card at placement time),
+    they stay off even on a card with room to spare: the job must not outgrow its reservation."""
+    from lorapool.service.train.fastpath import graphs_decision
+    from lorapool.service.train.spec import LoraSpec, MemoryBudget
+
+    spec = TrainSpec(base_model=str(one_b), lora=LoraSpec(dropout=0.0), max_seq_len=2048)
+    card = DeviceInfo(kind="cuda", total_memory=80 * GiB, compute_capability=(9, 0),
+                      context_bytes=700 * 2**20)
+    with_pool = estimate_memory(spec, card)
+    without = estimate_memory(spec, card, graphs=False)
+    assert with_pool.total > without.total
+    probe = with_pool.breakdown["cuda_context"]
+    assert graphs_decision(spec, card, 80 * GiB) is None  # no reservation: the card decides
+    assert graphs_decision(spec, card, 80 * GiB, MemoryBudget(
+        total=with_pool.total, context_bytes=probe)) is None
+    why = graphs_decision(spec, card, 80 * GiB, MemoryBudget(total=without.total,
+                                                              context_bytes=probe))
+    assert why is not None and "reserved" in why
+    # A card that is itself too full says so, reservation or not.
+    assert "the card" in graphs_decision(spec, card, without.total)
