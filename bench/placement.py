@@ -215,7 +215,9 @@ def efficiency(spec: TrainSpec, model_params: int) -> float:
 class Sim:
     def __init__(self, policy: str, jobs: list[TraceJob], nodes: list[TraceNode], seed: int):
         self.policy = policy
-        self.placer = {"lorapool": Placer, "first-fit-static": FirstFitStatic,
+        # The simulator models the fast path without CUDA graphs (it has no model of the launch
+        # overhead they remove), so lorapool's placer does not reserve their pool here.
+        self.placer = {"lorapool": lambda: Placer(graphs=False), "first-fit-static": FirstFitStatic,
                        "ray-best-fit": BestFitStatic}[policy]()
         self.queued: dict[str, SimJob] = {}
         self.unfinished = len(jobs)

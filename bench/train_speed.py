@@ -377,7 +377,9 @@ def _predict(spec, context_bytes: int | None = None) -> dict:
             p = torch.cuda.get_device_properties(0)
             dev = DeviceInfo(kind="cuda", name=p.name, total_memory=p.total_memory,
                              compute_capability=(p.major, p.minor), context_bytes=context_bytes)
-        est = estimate_memory(spec, dev)
+        # graphs=True: the card alone, as this run has it (placement adds the graphs' pool on
+        # the node it chooses when that node has room, as here).
+        est = estimate_memory(spec, dev, graphs=True)
         return {"predicted": est.total, "breakdown": est.breakdown}
     except Exception as exc:  # noqa: BLE001 - report, the measurement still counts
         return {"predict_error": f"{type(exc).__name__}: {exc}"[:300]}

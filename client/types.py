@@ -31,7 +31,7 @@ class LoraParams(BaseModel):
 
     r: int = Field(16, ge=1, le=1024, description="LoRA rank")
     alpha: float = Field(32.0, gt=0, le=1e5, description="LoRA scaling numerator (alpha / r)")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout (0: the fastest path)")
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
     use_rslora: bool = False
     use_dora: bool = False

@@ -134,7 +134,7 @@ def submit(
     lora_alpha: Annotated[Optional[float], typer.Option(
         help="LoRA scaling numerator (alpha / r).", show_default="32")] = None,
     lora_dropout: Annotated[Optional[float], typer.Option(
-        help="Dropout on the LoRA input.", show_default="0.05")] = None,
+        help="Dropout on the LoRA input (0 keeps the fastest path).", show_default="0")] = None,
     target_modules: Annotated[Optional[str], typer.Option(
         help='"all-linear" or a comma list, e.g. q_proj,v_proj.', show_default="all-linear")
     ] = None,

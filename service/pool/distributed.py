@@ -122,6 +122,13 @@ def _train_worker(config: dict[str, Any]) -> None:
         fields["init_adapter"] = str(init_adapter)
     if not config["use_gpu"]:
         fields["device"] = "cpu"
+    # Each worker's node reserved the eager fast path's estimate (`_reserve`); CUDA graphs'
+    # pool would outgrow it, so a pool worker runs without graphs.
+    fast = fields.get("fast", "auto")
+    if fast != "off":
+        fast = dict(fast) if isinstance(fast, dict) else {}
+        fast["cuda_graphs"] = "off"
+        fields["fast"] = fast
     spec = TrainSpec(**fields)
     if spec.device == "cpu" and config.get("cpu_threads"):
         import torch

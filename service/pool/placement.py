@@ -84,7 +84,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from ..train.memory import MemoryEstimate, estimate_memory, model_shape
+from ..train.memory import MemoryEstimate, estimate_memory, model_shape, with_graphs
 from ..train.spec import DeviceInfo, TrainSpec
 
 log = logging.getLogger("lorapool.pool.placement")
@@ -412,7 +412,9 @@ class Placer:
     base model travels over; `default_tokens` is a job's size when neither its tokens nor its
     steps are known. `wait_speedup`/`max_wait_s` bound waiting for a faster card (0 turns it
     off); `max_reservations` bounds how many blocked jobs claim a node per pass (0 turns
-    reservation and the backfill rule off).
+    reservation and the backfill rule off). `graphs`: a job placed on a node with room to spare
+    also reserves the CUDA graphs' pool there (memory.py `with_graphs`), which its trainer then
+    uses; every fit test before that uses the estimate without it (the job's minimum).
     """
 
     def __init__(
@@ -430,6 +432,7 @@ class Placer:
         max_wait_s: float = 1800.0,
         max_reservations: int = 2,
         size_weight: float = 1.0,
+        graphs: bool = True,
     ) -> None:
         if safety_margin < 0:
             raise ValueError(f"safety_margin must be >= 0, got {safety_margin}")
@@ -445,6 +448,9 @@ class Placer:
         self.max_wait_s = max_wait_s
         self.max_reservations = max_reservations
         self.size_weight = size_weight
+        self.graphs = graphs
+        # (id of an estimate, device class) → (that estimate, it with the graphs' pool or itself)
+        self._with_pool: dict[tuple, tuple[MemoryEstimate, MemoryEstimate]] = {}
         self.last_errors: dict[str, str] = {}
         # Jobs left waiting for a faster card in the last pass: job id → node id.
         self.last_waits: dict[str, str] = {}
@@ -493,6 +499,26 @@ class Placer:
                 self._cache.clear()
             self._cache[key] = hit
         return hit
+
+    def with_graphs(self, spec: TrainSpec, device: DeviceInfo, est: MemoryEstimate,
+                    available: int) -> MemoryEstimate:
+        """`est` plus the CUDA graphs' pool when the chosen node's `available` bytes hold it
+        with the safety margin (and the job would replay graphs there at all)."""
+        if not self.graphs or device.kind != "cuda":
+            return est
+        # The decision costs a spec walk; its inputs are the estimate object (cached per job,
+        # variant and device class) and the device class: remember the estimate with the pool.
+        key = (id(est), _device_class(device))
+        hit = self._with_pool.get(key)
+        if hit is None or hit[0] is not est:
+            full = with_graphs(spec, device, est, 1 << 62)  # with the pool wherever possible
+            if len(self._with_pool) >= self.cache_size:
+                self._with_pool.clear()
+            hit = self._with_pool[key] = (est, full)
+        full = hit[1]
+        if full is est or full.total * (1.0 + self.safety_margin) > available:
+            return est
+        return full
 
     def need(self, est: MemoryEstimate) -> int:
         """Bytes a node must have available for a job with this estimate."""
@@ -1002,10 +1028,11 @@ class _Pass:
             node = e.node
             est = info.est[i][e.cls]  # type: ignore[index]  # filled by _needs
             changes = [] if i == 0 else _describe_changes(job, v, node.name, e.avail)
-            self._take(e, est.total)
             spec = info.specs[i]
             if spec is None:
                 spec = info.specs[i] = self.placer.variant_spec(job, v)
+            est = placer.with_graphs(spec, node.device, est, e.avail)
+            self._take(e, est.total)
             return _placement(job.job_id, e.node_id, spec, est, changes, score)
         return None
 

@@ -396,12 +396,15 @@ def _adapter_terms(shape: ModelShape, spec: TrainSpec, a: int
 
 
 def estimate_memory(spec: TrainSpec, device: DeviceInfo, *, config: Any = None,
-                    graphs: bool = True) -> MemoryEstimate:
+                    graphs: bool = False) -> MemoryEstimate:
     """Peak memory (bytes, with a per-term breakdown) of training `spec` on `device`.
 
     See the module docstring for every assumption. `config` is an already-loaded transformers
     config; without it the config is read from `spec.base_model` (folder or .gguf), once per path.
-    `graphs=False` leaves CUDA graphs out (they are otherwise counted where the card has room).
+    The estimate depends on the device only through its kind, compute capability and CUDA
+    context (placement caches it per device class). `graphs=True` adds the CUDA graphs' pool
+    where the fast path would replay graphs and the card's free (else total) memory has room
+    for it (`with_graphs`): what a run on this card alone will take.
     """
     shape = model_shape(spec, config=config)
     dtype = resolve_compute_dtype(spec, device)
@@ -471,9 +474,12 @@ def estimate_memory(spec: TrainSpec, device: DeviceInfo, *, config: Any = None,
     if kind == "cpu":
         return _cpu_estimate(spec, shape, breakdown, dtype)
     pieces = fast_pieces(spec, device)
-    pieces["cuda_graphs"] = pieces["cuda_graphs"] and graphs
     if pieces["fused_lora"]:
-        return _fast_estimate(spec, shape, device, dtype, pieces, breakdown)
+        estimate = _fast_estimate(spec, shape, device, dtype, pieces, breakdown)
+        if graphs:
+            room = device.free_memory if device.free_memory is not None else device.total_memory
+            estimate = with_graphs(spec, device, estimate, room if room else 1 << 62)
+        return estimate
     breakdown["cuda_context"] = cuda_context_bytes(device)
     breakdown["allocator_slack"] = int(ALLOCATOR_SLACK * sum(
         v for k, v in breakdown.items() if k != "cuda_context"))
@@ -536,10 +542,33 @@ def graphs_pool_bytes(estimate: "MemoryEstimate") -> int:
     return int(GRAPHS_FIXED + GRAPHS_PER_WORKING_BYTE * working)
 
 
+def graphs_possible(spec: TrainSpec, device: DeviceInfo) -> bool:
+    """Whether the fast path would replay CUDA graphs for `spec` on `device`, memory aside."""
+    if spec.device == "cpu" or device.kind != "cuda":
+        return False
+    pieces = fast_pieces(spec, device)
+    return pieces["fused_lora"] and pieces["cuda_graphs"]
+
+
+def with_graphs(spec: TrainSpec, device: DeviceInfo, estimate: "MemoryEstimate",
+                room: int) -> "MemoryEstimate":
+    """`estimate` (made without graphs) plus the graphs' pool where `spec` would replay graphs
+    on `device` and the sum fits `room` bytes; else `estimate` itself. Placement calls this for
+    the node it chose, so a job reserves the pool exactly where it will use it."""
+    if "cuda_graphs_pool" in estimate.breakdown or not graphs_possible(spec, device):
+        return estimate
+    extra = graphs_pool_bytes(estimate)
+    if estimate.total + extra > room:
+        return estimate
+    breakdown = {**estimate.breakdown, "cuda_graphs_pool": extra}
+    return MemoryEstimate(breakdown=breakdown, total=estimate.total + extra,
+                          compute_dtype=estimate.compute_dtype, device_kind=estimate.device_kind)
+
+
 def graphs_fit(spec: TrainSpec, device: DeviceInfo, room: int) -> tuple[bool, str]:
     """Whether CUDA graphs fit next to `spec`'s fast path in `room` bytes of the card, and the
     numbers that decided it (for the plan's reason)."""
-    base = estimate_memory(spec, device, graphs=False)
+    base = estimate_memory(spec, device)
     extra = graphs_pool_bytes(base)
     ok = base.total + extra <= room
     return ok, (f"{(base.total + extra) / GiB:.2f} GiB with graphs ({extra / GiB:.2f} GiB of "
@@ -600,17 +629,8 @@ def _fast_estimate(spec: TrainSpec, shape: ModelShape, device: DeviceInfo, dtype
     })
     breakdown["cuda_context"] = cuda_context_bytes(device)
     breakdown["allocator_slack"] = FAST_FIXED_SLACK
-    estimate = MemoryEstimate(breakdown=breakdown, total=sum(breakdown.values()),
-                              compute_dtype=dtype, device_kind="cuda")
-    if pieces.get("cuda_graphs"):
-        # On where the card has room for the pool (the trainer decides the same way).
-        room = device.free_memory if device.free_memory is not None else device.total_memory
-        extra = graphs_pool_bytes(estimate)
-        if not room or estimate.total + extra <= room:
-            breakdown["cuda_graphs_pool"] = extra
-            estimate = MemoryEstimate(breakdown=breakdown, total=sum(breakdown.values()),
-                                      compute_dtype=dtype, device_kind="cuda")
-    return estimate
+    return MemoryEstimate(breakdown=breakdown, total=sum(breakdown.values()),
+                          compute_dtype=dtype, device_kind="cuda")
 
 
 # -- the CPU branch ------------------------------------------------------------------------------
@@ -681,6 +701,7 @@ __all__ = [
     "ModelShape",
     "estimate_memory",
     "graphs_fit",
+    "with_graphs",
     "load_config",
     "model_shape",
     "resolve_compute_dtype",

@@ -369,3 +369,24 @@ def test_a_job_no_cpu_node_could_hold_is_refused_at_submit(tiny):
     assert cap_gib == 16.0 and need_gib > 1000  # a 1024 x 32768-token micro-batch: terabytes
     # With auto-fit allowed the same job shrinks to micro-batch 1, which a 16 GiB node holds.
     assert placer.check_fits(job("big", huge), nodes) is None
+
+
+def test_a_roomy_node_also_reserves_the_cuda_graphs_pool(model):
+    """The fast path replays CUDA graphs where the card has room for their pool: the placer
+    reserves that pool on a node that holds it with the margin, and places the job without it
+    (its minimum) on a node that holds only that; the trainer keeps within what was reserved."""
+    s = spec(model, fast="auto")  # default LoRA dropout 0: graphs possible on an Ampere card
+    device = DeviceInfo(name="x", total_memory=48 * GiB, **AMPERE)
+    eager = estimate_memory(s, device)
+    with_pool = estimate_memory(s, device, graphs=True)
+    pool = with_pool.breakdown["cuda_graphs_pool"]
+    roomy = Placer().plan([job("a", s)], [node("rtx-4090", 24 * GiB)], {})
+    assert roomy[0].estimate.breakdown.get("cuda_graphs_pool") == pool
+    assert roomy[0].estimate.total == eager.total + pool
+    tight_free = int(eager.total * 1.1) + pool // 4 + 1  # the job fits, its pool does not
+    tight = Placer().plan([job("a", s)], [node("rtx-3060", tight_free)], {})
+    assert tight and "cuda_graphs_pool" not in tight[0].estimate.breakdown
+    assert tight[0].estimate.total == eager.total
+    # graphs=False (the placement simulator): never reserved.
+    off = Placer(graphs=False).plan([job("a", s)], [node("rtx-4090", 24 * GiB)], {})
+    assert "cuda_graphs_pool" not in off[0].estimate.breakdown

@@ -13,7 +13,7 @@ import pytest
 
 from lorapool.service.train import memory
 from lorapool.service.train.memory import MemoryEstimate, estimate_memory, model_shape
-from lorapool.service.train.spec import DeviceInfo, TrainSpec
+from lorapool.service.train.spec import DeviceInfo, LoraSpec, TrainSpec
 from lorapool.service.train.tiny import make_random_llama, make_tiny_llama
 
 GiB = 1024**3
@@ -127,9 +127,11 @@ def test_weights_nf4_below_int8_below_none(one_b):
 
 
 def test_compute_dtype_follows_the_device(one_b):
-    ampere = estimate_memory(spec(one_b), RTX3060)
-    turing = estimate_memory(spec(one_b), GTX1650)
-    cpu = estimate_memory(spec(one_b), CPU)
+    # With LoRA dropout every LoRA input is kept as a cast copy, in every dtype alike.
+    dropout = {"lora": LoraSpec(dropout=0.05)}
+    ampere = estimate_memory(spec(one_b, **dropout), RTX3060)
+    turing = estimate_memory(spec(one_b, **dropout), GTX1650)
+    cpu = estimate_memory(spec(one_b, **dropout), CPU)
     dtypes = (ampere.compute_dtype, turing.compute_dtype, cpu.compute_dtype)
     assert dtypes == ("bf16", "fp16", "fp32")
     # bf16 and fp16 are both 2 bytes: the same activations; fp32 doubles them.

@@ -84,23 +84,24 @@ def test_cuda_graphs_are_counted_where_the_card_has_room(one_b):
     no_dropout = {"lora": LoraSpec(dropout=0.0), "max_seq_len": 2048}
     spec = TrainSpec(base_model=str(one_b), **no_dropout)
     big = DeviceInfo(kind="cuda", total_memory=80 * GiB, compute_capability=(9, 0))
-    graphs = estimate_memory(spec, big)
-    eager = estimate_memory(spec, big, graphs=False)
+    graphs = estimate_memory(spec, big, graphs=True)
+    eager = estimate_memory(spec, big)
     pool = graphs.breakdown["cuda_graphs_pool"]
     assert "cuda_graphs_pool" not in eager.breakdown
     assert graphs.total == eager.total + pool and 300 * 2**20 < pool < 2 * GiB
     # A card with room for the eager path but not for the pool: graphs stay off.
     tight = DeviceInfo(kind="cuda", total_memory=eager.total + pool // 2,
                        compute_capability=(9, 0))
-    assert estimate_memory(spec, tight).total == eager.total
+    assert estimate_memory(spec, tight, graphs=True).total == eager.total
     assert graphs_fit(spec, tight, tight.total_memory)[0] is False
     assert graphs_fit(spec, big, big.total_memory)[0] is True
-    # The default dropout (0.05), a pre-Ampere card, or the switch off: no graphs.
-    assert "cuda_graphs_pool" not in est(one_b).breakdown
+    # LoRA dropout on, a pre-Ampere card, or the switch off: no graphs.
+    dropout = TrainSpec(base_model=str(one_b), lora=LoraSpec(dropout=0.05), max_seq_len=2048)
+    assert "cuda_graphs_pool" not in estimate_memory(dropout, big, graphs=True).breakdown
     turing = DeviceInfo(kind="cuda", total_memory=80 * GiB, compute_capability=(7, 5))
-    assert "cuda_graphs_pool" not in estimate_memory(spec, turing).breakdown
+    assert "cuda_graphs_pool" not in estimate_memory(spec, turing, graphs=True).breakdown
     off = TrainSpec(base_model=str(one_b), fast={"cuda_graphs": "off"}, **no_dropout)
-    assert "cuda_graphs_pool" not in estimate_memory(off, big).breakdown
+    assert "cuda_graphs_pool" not in estimate_memory(off, big, graphs=True).breakdown
 
 
 def test_the_trainer_uses_graphs_only_within_its_reservation(one_b):
@@ -113,8 +114,8 @@ def test_the_trainer_uses_graphs_only_within_its_reservation(one_b):
     spec = TrainSpec(base_model=str(one_b), lora=LoraSpec(dropout=0.0), max_seq_len=2048)
     card = DeviceInfo(kind="cuda", total_memory=80 * GiB, compute_capability=(9, 0),
                       context_bytes=700 * 2**20)
-    with_pool = estimate_memory(spec, card)
-    without = estimate_memory(spec, card, graphs=False)
+    with_pool = estimate_memory(spec, card, graphs=True)
+    without = estimate_memory(spec, card)
     assert with_pool.total > without.total
     probe = with_pool.breakdown["cuda_context"]
     assert graphs_decision(spec, card, 80 * GiB) is None  # no reservation: the card decides
