@@ -31,6 +31,7 @@ within 3.5 GiB driver-visible at mb 1) and goal (lorapool >= Unsloth tok/s, <= i
         [--runners plain,liger,unsloth,lorapool] [--out DIR] [--budget-s 520]
     python bench/train_speed.py --check-same [--out DIR]   # lorapool fast vs reference, 20 steps
     python bench/train_speed.py --cpu-smoke [--out DIR]    # tiny model on the CPU: the harness
+    python bench/train_speed.py --card-gib 8 --shapes 8b --mb 1   # as on an 8 GB card
 
 Run `bash bench/device_setup.sh` first on the GPU machine (it installs the carried wheels).
 Nothing is downloaded: models are random, data is made here.
@@ -308,8 +309,14 @@ def run_lorapool(job: dict, clock) -> dict:
             inner(ev)
             if ev.type == "step":
                 prof.step()
+    kwargs: dict[str, Any] = {}
+    if job.get("card_gib") and device == "cuda":
+        from lorapool.service.train import MemoryBudget
+
+        # What a scheduler reserves on such a card at most: all of it.
+        kwargs["memory_budget"] = MemoryBudget(total=int(job["card_gib"] * 2**30))
     result = train(spec, job["rows_jsonl"], out, on_event=on_event,
-                   cache_dir=Path(job["scratch"]) / "cache")
+                   cache_dir=Path(job["scratch"]) / "cache", **kwargs)
     if prof is not None:
         prof.stop()
         table = prof.key_averages().table(sort_by="cuda_time_total" if device == "cuda"
@@ -427,6 +434,13 @@ def child_main(job: dict) -> dict:
     if device == "cuda":
         torch.cuda.init()
         torch.zeros(1, device="cuda")
+        if job.get("card_gib"):
+            # A smaller card on a big one: the allocator may hold what such a card leaves
+            # after this process's CUDA context (measured now), no more.
+            free, total = torch.cuda.mem_get_info()
+            context = (total - free) - torch.cuda.memory_reserved()
+            room = int(job["card_gib"] * 2**30) - context
+            torch.cuda.set_per_process_memory_fraction(max(0.01, min(1.0, room / total)))
     torch.manual_seed(job["seed"])
     clock = Clock(device)
     runner = job["runner"]
@@ -692,6 +706,8 @@ def grid(args, runners: list[str], shapes: list[str], mbs: list[int], device: st
             extra["profile"] = str(Path(args.out) / f"profile-{runner.replace('@', '-')}"
                                    f"-{shape}-mb{mb}.txt")
         rows_dir = rows_dirs[mb]
+        if args.card_gib:
+            extra["card_gib"] = args.card_gib
         job = dict(base, **extra, device=device, model=str(model), steps=args.steps,
                    warmup=args.warmup, seed=args.seed, rows=str(rows_dir / "rows.json"),
                    rows_jsonl=str(rows_dir / "rows.jsonl"),
@@ -825,6 +841,10 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--gpus", default="", metavar="0,1,...",
                     help="run on these GPUs at once, one run per GPU at a time (each pinned with "
                     "CUDA_VISIBLE_DEVICES); default: one run at a time on the default GPU")
+    ap.add_argument("--card-gib", type=float, default=None, metavar="GIB",
+                    help="behave as on a card of this size: every run's allocator is capped to "
+                    "it less the CUDA context, and lorapool gets it as its memory reservation "
+                    "(so its fast path decides CUDA graphs as on such a card)")
     ap.add_argument("--_child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--_build", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

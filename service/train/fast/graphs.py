@@ -153,7 +153,6 @@ class GraphedSteps:
         self.slots = offload.HostSlots(self.max_tokens * self.hidden_size) if self.cuda else None
         self._flat: dict[str, torch.Tensor] = {}
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._lm = lm
         self._decoder = lm.get_decoder()
         self._embedding = lm.get_input_embeddings()
 
