@@ -528,7 +528,7 @@ def fast_pieces(spec: TrainSpec, device: DeviceInfo) -> dict[str, bool]:
         "host_embeddings": True,
         "cuda_graphs": (device.compute_capability >= (8, 0)
                         and spec.compute_dtype in ("auto", "bf16") and spec.lora.dropout == 0
-                        and spec.gradient_checkpointing),
+                        and spec.gradient_checkpointing and not spec.packing),
     }
     out = {piece: can and getattr(switches, piece) != "off" for piece, can in possible.items()}
     out["cuda_graphs"] = out["cuda_graphs"] and out["padding_free"] and out["chunked_loss"]

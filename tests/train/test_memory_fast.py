@@ -102,6 +102,8 @@ def test_cuda_graphs_are_counted_where_the_card_has_room(one_b):
     assert "cuda_graphs_pool" not in estimate_memory(spec, turing, graphs=True).breakdown
     off = TrainSpec(base_model=str(one_b), fast={"cuda_graphs": "off"}, **no_dropout)
     assert "cuda_graphs_pool" not in estimate_memory(off, big, graphs=True).breakdown
+    packed = TrainSpec(base_model=str(one_b), packing=True, **no_dropout)  # eager rows
+    assert "cuda_graphs_pool" not in estimate_memory(packed, big, graphs=True).breakdown
 
 
 def test_the_trainer_uses_graphs_only_within_its_reservation(one_b):

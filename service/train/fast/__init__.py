@@ -117,6 +117,9 @@ def _graphs_can_run(spec: Any, device: torch.device) -> tuple[bool, str]:
                        "reads the RNG state and cannot be captured (set lora.dropout to 0)")
     if not getattr(spec, "gradient_checkpointing", True):
         return False, "CUDA graphs are built for the checkpointed step"
+    if getattr(spec, "packing", False):
+        # A packed row holds several documents, whose attention is shaped by the data.
+        return False, "packed rows hold several documents; graphs replay one-document rows"
     return True, ""
 
 
