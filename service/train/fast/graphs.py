@@ -48,7 +48,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..loss import head_loss_sum, shifted_targets
+from ..loss import head_loss_sum, shifted_targets, small_chunk
 from ..resolve import IGNORE_INDEX
 from . import attention, offload
 
@@ -155,6 +155,12 @@ class GraphedSteps:
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._decoder = lm.get_decoder()
         self._embedding = lm.get_input_embeddings()
+        # The loss' chunk is sized for the longest micro-batch (the size the memory estimate
+        # allows), not for each bucket: a short row then takes a few chunks instead of
+        # ceil(vocab / hidden) of them, each reading the whole output head.
+        head = lm.get_output_embeddings()
+        vocab = head.weight.shape[0] if head is not None else 1
+        self._chunk = small_chunk(self.max_tokens, vocab, self.hidden_size)
 
     # -- which batches --------------------------------------------------------------------------
 
@@ -260,7 +266,7 @@ class GraphedSteps:
         """What a graph holds: decoder, chunked loss, scaled backward; the loss (detached)."""
         hidden = self._decoder(inputs_embeds=embeds, position_ids=position_ids,
                                use_cache=False).last_hidden_state
-        loss = head_loss_sum(self.model, hidden, target, graph_safe=True)
+        loss = head_loss_sum(self.model, hidden, target, graph_safe=True, chunk=self._chunk)
         (loss * scale).backward()
         return loss.detach()
 
