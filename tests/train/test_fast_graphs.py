@@ -156,12 +156,33 @@ def test_training_with_graphs_gives_the_same_adapter(tiny_model_dir, data, tmp_p
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_packed_rows_run_eagerly(tiny_model_dir, data, tmp_path) -> None:
-    t = _trainer(tiny_model_dir, data, tmp_path / "out", packing=True, micro_batch_size=1)
+def test_a_flat_row_of_several_examples_is_split_and_graphed(tiny_model_dir, data, tmp_path):
+    """Micro-batch 4 of examples of different lengths: FlatCollator makes one flat row of four
+    documents; the graphs take them as four padded rows, with the eager step's loss and
+    gradients."""
+    t = _trainer(tiny_model_dir, data, tmp_path / "out", micro_batch_size=4)
     g = _graphs(t)
-    rows = t._rows(t.train_data, [0])
-    (batch,) = t._micro_batches(rows, 1)
-    assert g.prepare(batch) is None  # several documents in the row: no graph
+    rows = t._rows(t.train_data, list(range(4)))
+    (batch,) = t._micro_batches(rows, 4)
+    lengths = sorted(len(r["input_ids"]) for r in rows)
+    assert batch["input_ids"].shape[0] == 1 and len(set(lengths)) > 1, "needs a flat row"
+    graphed = g.prepare(batch)
+    assert graphed is not None and graphed["input_ids"].shape == (4, bucket_length(lengths[-1], 64))
+    _zero(t)
+    ref_loss, _ = t._loss_sum(batch)
+    (ref_loss * 0.1).backward()
+    ref = _grads(t)
+    for attempt in ("warm-up", "capture", "replay"):
+        _zero(t)
+        loss = g.run(graphed, 0.1)
+        torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-5, atol=1e-5, msg=attempt)
+        for a, b in zip(_grads(t), ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=attempt)
+    # A row whose second document does not count from 0 is not a row of examples: eager.
+    odd = {"input_ids": torch.ones(1, 6, dtype=torch.long),
+           "labels": torch.ones(1, 6, dtype=torch.long),
+           "position_ids": torch.tensor([[0, 1, 2, 0, 2, 3]])}
+    assert g.prepare(odd) is None
 
 
 def test_a_failed_capture_turns_graphs_off_and_loses_nothing(tiny_model_dir, data, tmp_path,

@@ -9,12 +9,12 @@ the copy of the next batch into the graph's input buffers.
 
 `GraphedSteps` owns the graphs of one run, one per micro-batch shape (rows x bucketed length):
 
-- Only batches whose every row is one document starting at position 0 are graphed (flat rows
-  from `FlatCollator` with padding_free: an unpacked example per row). The row is padded at its
-  end to a length bucket (multiples of 64 tokens up to 512, then of 256) so a handful of graphs
-  cover every length; the padding tokens carry no label and, attention being causal, no real
-  token sees them: the loss and gradients are those of the unpadded row. Packed rows with
-  several documents run eagerly (their per-document attention is shaped by the data).
+- Only unpacked examples are graphed (rows from `FlatCollator` with padding_free; a flat row
+  it made of several examples is split back into them). Every row is padded at its end to a
+  length bucket (multiples of 64 tokens up to 512, then of 256) so a handful of graphs cover
+  every length; the padding tokens carry no label and, attention being causal, no real token
+  sees them: the loss and gradients are those of the unpadded rows. Packed data (several
+  documents per row) runs eagerly: its per-document attention is shaped by the data.
 - The run's first graphed batch runs eagerly on the capture stream (it warms up cuBLAS, cuDNN
   and Triton's compiled kernels); every later batch of a new shape is captured and replayed at
   once, and every batch of a known shape replays. A shape whose capture fails is warmed up
@@ -83,6 +83,30 @@ def pad_batch(batch: dict[str, torch.Tensor], length: int, pad_id: int = 0) -> d
         "labels": torch.cat([labels, labels.new_full((b, extra), IGNORE_INDEX)], dim=1),
         "position_ids": torch.arange(length, dtype=torch.long).expand(b, length).contiguous(),
     }
+
+
+def split_flat_row(batch: dict[str, torch.Tensor]) -> Optional[dict[str, torch.Tensor]]:
+    """A (1, T) flat row of several one-document examples as a (k, L) batch, each example
+    padded at its end to the longest (positions counting on, labels IGNORE_INDEX); None when
+    it is not such a row."""
+    pos = batch["position_ids"]
+    if pos.shape[0] != 1:
+        return None
+    row = pos[0]
+    starts = (row == 0).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        return None
+    ends = starts[1:] + [int(row.shape[0])]
+    length = max(e - s for s, e in zip(starts, ends))
+    pieces = []
+    for s, e in zip(starts, ends):
+        if not bool((row[s:e] == torch.arange(e - s, dtype=row.dtype)).all()):
+            return None  # not one document counting from 0: leave it to the eager path
+        one = {"input_ids": batch["input_ids"][:, s:e], "labels": batch["labels"][:, s:e],
+               "position_ids": row[None, s:e]}
+        pieces.append(pad_batch(one, length))
+    return {k: torch.cat([p[k] for p in pieces]) for k in ("input_ids", "labels",
+                                                             "position_ids")}
 
 
 class _EagerRunner:
@@ -165,12 +189,22 @@ class GraphedSteps:
     # -- which batches --------------------------------------------------------------------------
 
     def prepare(self, batch: dict[str, torch.Tensor]) -> Optional[dict[str, torch.Tensor]]:
-        """The host batch padded to its bucket, or None when it is not graphed (eagerly run)."""
+        """The host batch padded to its bucket, or None when it is not graphed (eagerly run).
+
+        A flat row that `FlatCollator` made of several unpacked examples (graphs never run on
+        packed data) is split back into its examples, each padded to the bucket of the
+        longest: the micro-batches hold examples of similar length (the loop sorts them), so
+        the padding is small next to the launches the graph saves."""
         if self.disabled is not None or "attention_mask" in batch or "position_ids" not in batch:
             return None
         pos = batch["position_ids"]
-        if pos.device.type != "cpu" or pos.dim() != 2 or not single_document_rows(pos):
+        if pos.device.type != "cpu" or pos.dim() != 2:
             return None
+        if not single_document_rows(pos):
+            batch = split_flat_row(batch)
+            if batch is None:
+                return None
+            pos = batch["position_ids"]
         rows, n = pos.shape
         cap = max(n, self.max_tokens // max(1, rows))
         length = bucket_length(n, cap)
