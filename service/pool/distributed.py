@@ -90,11 +90,33 @@ def _node_work_dir(agent: Optional[str]) -> Path:
     return Path(tempfile.mkdtemp(prefix="lorapool-worker-"))
 
 
+def _worker_budgets(spec: Any, micro_batch_size: int,
+                    device: Optional[Any]) -> list[Optional[dict[str, Any]]]:
+    """What to reserve on a worker's node, in the order to try: its estimate with the CUDA
+    graphs' pool where the node's reported free memory holds it, then without (the job's
+    minimum); [None] when there is no estimate (no device report, no readable config)."""
+    from ..train.memory import estimate_memory, with_graphs
+
+    try:
+        worker_spec = spec.model_copy(update={"micro_batch_size": micro_batch_size,
+                                              "device": "auto"})
+        if device is None:
+            return [None]
+        eager = estimate_memory(worker_spec, device)
+        room = device.free_memory if device.free_memory is not None else device.total_memory
+        full = with_graphs(worker_spec, device, eager, room or 0)
+    except Exception:  # noqa: BLE001 - no readable config here: reserve the slot only
+        return [None]
+    context = eager.breakdown.get("cuda_context")
+    out = [{"total": int(e.total), "context_bytes": context} for e in (full, eager)]
+    return out if full is not eager else out[1:]
+
+
 def _train_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker loop: materialise, train (data-parallel), report to the channel."""
     import ray.train
 
-    from ..train import TrainEvent, TrainSpec, train
+    from ..train import MemoryBudget, TrainEvent, TrainSpec, train
     from ..train.distributed import DistContext
 
     channel = config["channel"]
@@ -122,10 +144,11 @@ def _train_worker(config: dict[str, Any]) -> None:
         fields["init_adapter"] = str(init_adapter)
     if not config["use_gpu"]:
         fields["device"] = "cpu"
-    # Each worker's node reserved the eager fast path's estimate (`_reserve`); CUDA graphs'
-    # pool would outgrow it, so a pool worker runs without graphs.
+    # What this worker's node reserved (`_reserve`); without a reservation to keep within
+    # (a node with no agent), no CUDA graphs: their pool would be memory nobody reserved.
+    budget = (plan.get("extra") or {}).get("memory_budget")
     fast = fields.get("fast", "auto")
-    if fast != "off":
+    if budget is None and fast != "off":
         fast = dict(fast) if isinstance(fast, dict) else {}
         fast["cuda_graphs"] = "off"
         fields["fast"] = fast
@@ -151,7 +174,8 @@ def _train_worker(config: dict[str, Any]) -> None:
     out_dir = work / "jobs" / config["job_id"] / f"attempt-{config['attempt']}-rank-{rank}"
     result = train(spec, data, out_dir, validation_data=val,
                    on_event=on_event if rank == 0 else None, resume_from=resume,
-                   should_stop=should_stop if rank == 0 else None, cache_dir=cache, dist=dctx)
+                   should_stop=should_stop if rank == 0 else None, cache_dir=cache, dist=dctx,
+                   memory_budget=MemoryBudget(**budget) if budget else None)
     done: dict[str, Any] = {"rank": rank, "node_id": node_id, "status": result.status,
                             "micro_batch_size": result.metrics.get("micro_batch_size"),
                             "rows_per_step": dctx.counts(spec.batch_size)[rank] if dctx else
@@ -330,8 +354,6 @@ class DistributedJobRunner(RunnerMailbox):
         """Register this job with every worker node's agent (its estimate for that worker),
         release the nodes the plan no longer uses, and return the plans whose node accepted
         (an agent refuses when its owner reclaimed it meanwhile)."""
-        from ..train.memory import estimate_memory
-
         me = ray.get_runtime_context().current_actor
         devices = {c.node_id: c.device for c in self.candidates}
         kept = []
@@ -339,18 +361,19 @@ class DistributedJobRunner(RunnerMailbox):
             if not p.agent:
                 kept.append(p)  # no agent there (tests, bare Ray nodes): nothing to tell
                 continue
-            try:
-                worker_spec = spec.model_copy(update={"micro_batch_size": p.micro_batch_size,
-                                                      "device": "auto"})
-                device = devices.get(p.node_id)
-                need = int(estimate_memory(worker_spec, device).total) if device else 0
-            except Exception:  # noqa: BLE001 - no readable config here: reserve the slot only
-                need = 0
-            try:
-                agent = ray.get_actor(p.agent, namespace=AGENT_NAMESPACE)
-                ok = ray.get(agent.register_job.remote(self.job_id, me, need), timeout=10)
-            except Exception:  # noqa: BLE001 - an agent that is gone cannot take a worker
-                ok = False
+            ok = False
+            for budget in _worker_budgets(spec, p.micro_batch_size, devices.get(p.node_id)):
+                try:
+                    agent = ray.get_actor(p.agent, namespace=AGENT_NAMESPACE)
+                    need = budget["total"] if budget else 0
+                    ok = ray.get(agent.register_job.remote(self.job_id, me, need), timeout=10)
+                except Exception:  # noqa: BLE001 - an agent that is gone cannot take a worker
+                    ok = False
+                if ok:
+                    # The worker's trainer keeps within what its node reserved (graphs run only
+                    # if that counted their pool).
+                    p.extra["memory_budget"] = budget
+                    break
             if ok:
                 self._reserved_on[p.node_id] = p.agent
                 kept.append(p)
