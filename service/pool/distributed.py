@@ -47,6 +47,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from .agent import NAMESPACE as AGENT_NAMESPACE
 from .distributed_plan import Candidate, WorkerPlan, describe, order_candidates, plan_workers
 from .outcomes import Failed, RunnerEvent, RunnerItem, RunResult, result_from_wire
+from .payloads import memory_budget
 from .runner import RunnerMailbox
 from .transfer import materialise, read_folder
 
@@ -107,9 +108,7 @@ def _worker_budgets(spec: Any, micro_batch_size: int,
         full = with_graphs(worker_spec, device, eager, room or 0)
     except Exception:  # noqa: BLE001 - no readable config here: reserve the slot only
         return [None]
-    context = eager.breakdown.get("cuda_context")
-    out = [{"total": int(e.total), "context_bytes": context} for e in (full, eager)]
-    return out if full is not eager else out[1:]
+    return [memory_budget(e) for e in ((full, eager) if full is not eager else (eager,))]
 
 
 def _train_worker(config: dict[str, Any]) -> None:
@@ -362,18 +361,18 @@ class DistributedJobRunner(RunnerMailbox):
                 kept.append(p)  # no agent there (tests, bare Ray nodes): nothing to tell
                 continue
             ok = False
-            for budget in _worker_budgets(spec, p.micro_batch_size, devices.get(p.node_id)):
-                try:
-                    agent = ray.get_actor(p.agent, namespace=AGENT_NAMESPACE)
+            try:
+                agent = ray.get_actor(p.agent, namespace=AGENT_NAMESPACE)
+                for budget in _worker_budgets(spec, p.micro_batch_size, devices.get(p.node_id)):
                     need = budget["total"] if budget else 0
                     ok = ray.get(agent.register_job.remote(self.job_id, me, need), timeout=10)
-                except Exception:  # noqa: BLE001 - an agent that is gone cannot take a worker
-                    ok = False
-                if ok:
-                    # The worker's trainer keeps within what its node reserved (graphs run only
-                    # if that counted their pool).
-                    p.extra["memory_budget"] = budget
-                    break
+                    if ok:
+                        # The worker's trainer keeps within what its node reserved (graphs
+                        # run only if that counted their pool).
+                        p.extra["memory_budget"] = budget
+                        break
+            except Exception:  # noqa: BLE001 - an agent that is gone cannot take a worker
+                ok = False
             if ok:
                 self._reserved_on[p.node_id] = p.agent
                 kept.append(p)

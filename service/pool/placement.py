@@ -449,8 +449,8 @@ class Placer:
         self.max_reservations = max_reservations
         self.size_weight = size_weight
         self.graphs = graphs
-        # (id of an estimate, device class) → (that estimate, it with the graphs' pool or itself)
-        self._with_pool: dict[tuple, tuple[MemoryEstimate, MemoryEstimate]] = {}
+        # id of an estimate → (that estimate, it with the graphs' pool or itself)
+        self._with_pool: dict[int, tuple[MemoryEstimate, MemoryEstimate]] = {}
         self.last_errors: dict[str, str] = {}
         # Jobs left waiting for a faster card in the last pass: job id → node id.
         self.last_waits: dict[str, str] = {}
@@ -506,19 +506,16 @@ class Placer:
         with the safety margin (and the job would replay graphs there at all)."""
         if not self.graphs or device.kind != "cuda":
             return est
-        # The decision costs a spec walk; its inputs are the estimate object (cached per job,
-        # variant and device class) and the device class: remember the estimate with the pool.
-        key = (id(est), _device_class(device))
-        hit = self._with_pool.get(key)
+        # The decision costs a spec walk; its input is the estimate object (cached per job,
+        # variant and device class): remember the estimate with the pool next to it.
+        hit = self._with_pool.get(id(est))
         if hit is None or hit[0] is not est:
             full = with_graphs(spec, device, est, 1 << 62)  # with the pool wherever possible
             if len(self._with_pool) >= self.cache_size:
                 self._with_pool.clear()
-            hit = self._with_pool[key] = (est, full)
+            hit = self._with_pool[id(est)] = (est, full)
         full = hit[1]
-        if full is est or full.total * (1.0 + self.safety_margin) > available:
-            return est
-        return full
+        return est if full is est or self.need(full) > available else full
 
     def need(self, est: MemoryEstimate) -> int:
         """Bytes a node must have available for a job with this estimate."""

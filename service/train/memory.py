@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from .resolve import resolve_dtype_name
-from .spec import DeviceInfo, TrainSpec
+from .spec import DeviceInfo, TrainSpec, cuda_graphs_unsupported
 
 MiB = 1024**2
 GiB = 1024**3
@@ -98,7 +98,6 @@ def cuda_context_bytes(device: DeviceInfo) -> int:
     """The CUDA context a job's process adds on `device`: the node's measurement, else the
     constant (the reference and the fast path's estimates both count it this way)."""
     return device.context_bytes or CUDA_CONTEXT_BYTES
-
 
 
 @dataclass(frozen=True)
@@ -518,7 +517,7 @@ def fast_pieces(spec: TrainSpec, device: DeviceInfo) -> dict[str, bool]:
     """Which memory-relevant fast-path pieces run for `spec` on `device` (a CUDA node): the
     subset of spec.FAST_PIECES that `_fast_estimate` models, each on unless switched "off" or
     impossible for the spec (the rules of `fast.resolve_fast`'s `_can_run`). `cuda_graphs` here
-    means "possible"; whether the card has room for them is `_fast_estimate`'s decision."""
+    means "possible"; whether the card has room for them is `with_graphs`'s decision."""
     switches = spec.fast_spec()
     possible = {
         "fused_lora": spec.quantization in ("nf4", "fp4") and not spec.lora.use_dora,
@@ -526,9 +525,7 @@ def fast_pieces(spec: TrainSpec, device: DeviceInfo) -> dict[str, bool]:
         "padding_free": True,
         "chunked_loss": True,
         "host_embeddings": True,
-        "cuda_graphs": (device.compute_capability >= (8, 0)
-                        and spec.compute_dtype in ("auto", "bf16") and spec.lora.dropout == 0
-                        and spec.gradient_checkpointing and not spec.packing),
+        "cuda_graphs": cuda_graphs_unsupported(spec, device.compute_capability) is None,
     }
     out = {piece: can and getattr(switches, piece) != "off" for piece, can in possible.items()}
     out["cuda_graphs"] = out["cuda_graphs"] and out["padding_free"] and out["chunked_loss"]

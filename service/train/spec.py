@@ -158,6 +158,26 @@ class TrainSpec(BaseModel):
         return FastSpec()
 
 
+def cuda_graphs_unsupported(spec: "TrainSpec",
+                            compute_capability: tuple[int, int]) -> Optional[str]:
+    """Why the fast path cannot replay CUDA graphs (fast/graphs.py) for `spec` on a card of
+    `compute_capability`, memory aside; None when it can. The one rule the trainer's plan
+    (fast/__init__.py) and the memory estimate (memory.py) both apply, so they agree."""
+    if tuple(compute_capability) < (8, 0):
+        return "CUDA graphs run the bf16 path only (compute capability >= 8.0)"
+    if spec.compute_dtype not in ("auto", "bf16"):
+        return f"CUDA graphs run the bf16 path only (spec has {spec.compute_dtype!r})"
+    if spec.lora.dropout > 0:
+        return ("a checkpointed layer's recompute must redraw its dropout mask, which reads "
+                "the RNG state and cannot be captured (set lora.dropout to 0)")
+    if not spec.gradient_checkpointing:
+        return "CUDA graphs are built for the checkpointed step"
+    if spec.packing:
+        # A packed row holds several documents, whose attention is shaped by the data.
+        return "packed rows hold several documents; graphs replay one-document rows"
+    return None
+
+
 class MemoryBudget(BaseModel):
     """The GPU memory the scheduler reserved for one job attempt: its estimate on the chosen
     node (`total`, bytes) and the CUDA context that estimate counted. The trainer stays within

@@ -64,6 +64,31 @@ def _zero(t: Trainer) -> None:
         p.grad = None
 
 
+def _assert_graphs_match_eager(t: Trainer, g: GraphedSteps, batch: dict, scale: float) -> None:
+    """Warm-up, capture and replay of `batch` through `g` each give the eager step's loss and
+    gradients (the loss scaled by `scale`)."""
+    graphed = g.prepare(batch)
+    assert graphed is not None
+    _zero(t)
+    ref_loss, _ = t._loss_sum(batch)
+    (ref_loss * scale).backward()
+    ref = _grads(t)
+    for attempt in ("warm-up", "capture", "replay"):
+        _zero(t)
+        loss = g.run(graphed, scale)
+        torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-5, atol=1e-5, msg=attempt)
+        for a, b in zip(_grads(t), ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=attempt)
+
+
+def _assert_same_adapters(a_dir: Path, b_dir: Path) -> None:
+    a = load_file(str(a_dir / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(b_dir / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
 @pytest.fixture
 def data(tmp_path, toy_data) -> Path:
     return toy_data.write_jsonl(tmp_path / "train.jsonl", toy_data.chat_records(16))
@@ -102,19 +127,8 @@ def test_graphed_step_equals_eager_step(tiny_model_dir, data, tmp_path) -> None:
     n = batch["input_ids"].shape[1]
     assert n % 64, "the row must need padding for this test to mean anything"
 
-    _zero(t)
-    ref_loss, _ = t._loss_sum(batch)
-    (ref_loss * 0.25).backward()
-    ref = _grads(t)
-
-    graphed = g.prepare(batch)
-    assert graphed is not None and graphed["input_ids"].shape[1] == bucket_length(n, 64)
-    for attempt in ("warm-up", "capture", "replay"):
-        _zero(t)
-        loss = g.run(graphed, 0.25)
-        torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-5, atol=1e-5, msg=attempt)
-        for a, b in zip(_grads(t), ref):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=attempt)
+    assert g.prepare(batch)["input_ids"].shape[1] == bucket_length(n, 64)
+    _assert_graphs_match_eager(t, g, batch, 0.25)
     assert g.captured == 1 and g.replays == 2 and g.disabled is None
 
 
@@ -149,11 +163,7 @@ def test_training_with_graphs_gives_the_same_adapter(tiny_model_dir, data, tmp_p
     graphed.graphs = _graphs(graphed)
     result = graphed.run()
     assert result.metrics["cuda_graphs"]["replays"] > 0
-    a = load_file(str(tmp_path / "plain" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "graphed" / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and a
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    _assert_same_adapters(tmp_path / "plain", tmp_path / "graphed")
 
 
 def test_a_flat_row_of_several_examples_is_split_and_graphed(tiny_model_dir, data, tmp_path):
@@ -166,18 +176,8 @@ def test_a_flat_row_of_several_examples_is_split_and_graphed(tiny_model_dir, dat
     (batch,) = t._micro_batches(rows, 4)
     lengths = sorted(len(r["input_ids"]) for r in rows)
     assert batch["input_ids"].shape[0] == 1 and len(set(lengths)) > 1, "needs a flat row"
-    graphed = g.prepare(batch)
-    assert graphed is not None and graphed["input_ids"].shape == (4, bucket_length(lengths[-1], 64))
-    _zero(t)
-    ref_loss, _ = t._loss_sum(batch)
-    (ref_loss * 0.1).backward()
-    ref = _grads(t)
-    for attempt in ("warm-up", "capture", "replay"):
-        _zero(t)
-        loss = g.run(graphed, 0.1)
-        torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-5, atol=1e-5, msg=attempt)
-        for a, b in zip(_grads(t), ref):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=attempt)
+    assert g.prepare(batch)["input_ids"].shape == (4, bucket_length(lengths[-1], 64))
+    _assert_graphs_match_eager(t, g, batch, 0.1)
     # A row whose second document does not count from 0 is not a row of examples: eager.
     odd = {"input_ids": torch.ones(1, 6, dtype=torch.long),
            "labels": torch.ones(1, 6, dtype=torch.long),
@@ -203,10 +203,7 @@ def test_a_failed_capture_turns_graphs_off_and_loses_nothing(tiny_model_dir, dat
     assert "capture failed" in t.graphs.disabled
     warnings = [e for e in events if e.type == "warning" and "CUDA graphs off" in (e.message or "")]
     assert len(warnings) == 1
-    a = load_file(str(tmp_path / "plain" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "graphed" / "adapter" / "adapter_model.safetensors"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    _assert_same_adapters(tmp_path / "plain", tmp_path / "graphed")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

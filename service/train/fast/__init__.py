@@ -28,7 +28,7 @@ from typing import Any, Mapping, get_args
 
 import torch
 
-from ..spec import FAST_PIECES, FastPlan, FastSpec, Switch
+from ..spec import FAST_PIECES, FastPlan, FastSpec, Switch, cuda_graphs_unsupported
 
 log = logging.getLogger(__name__)
 
@@ -107,20 +107,8 @@ def _can_run(piece: str, spec: Any, device: torch.device) -> tuple[bool, str]:
 def _graphs_can_run(spec: Any, device: torch.device) -> tuple[bool, str]:
     if device.type != "cuda":
         return False, "CUDA graphs need a CUDA device"
-    if torch.cuda.get_device_capability(device) < (8, 0):
-        return False, "CUDA graphs run the bf16 path only (compute capability >= 8.0)"
-    if getattr(spec, "compute_dtype", "auto") not in ("auto", "bf16"):
-        return False, f"CUDA graphs run the bf16 path only (spec has {spec.compute_dtype!r})"
-    lora = getattr(spec, "lora", None)
-    if lora is not None and getattr(lora, "dropout", 0.0) > 0:
-        return False, ("a checkpointed layer's recompute must redraw its dropout mask, which "
-                       "reads the RNG state and cannot be captured (set lora.dropout to 0)")
-    if not getattr(spec, "gradient_checkpointing", True):
-        return False, "CUDA graphs are built for the checkpointed step"
-    if getattr(spec, "packing", False):
-        # A packed row holds several documents, whose attention is shaped by the data.
-        return False, "packed rows hold several documents; graphs replay one-document rows"
-    return True, ""
+    why = cuda_graphs_unsupported(spec, torch.cuda.get_device_capability(device))
+    return why is None, why or ""
 
 
 def _what_runs(piece: str, device: torch.device) -> str:

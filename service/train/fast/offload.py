@@ -20,6 +20,7 @@ tensor where it is, so the same code path is exercised by the CPU tests.
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any, Callable, Optional
 
@@ -49,9 +50,7 @@ class HostSlots:
         self._next = 0
 
     def take(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        numel = 1
-        for n in shape:
-            numel *= int(n)
+        numel = math.prod(shape)
         if numel > self.max_numel:
             raise RuntimeError(f"a checkpointed layer input of {numel} values exceeds the "
                                f"{self.max_numel} its host slot was sized for")
