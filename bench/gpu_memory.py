@@ -12,7 +12,12 @@ for the same spec on the same GPU, `torch.cuda.max_memory_allocated`, and the dr
 peak = CUDA context (read at the end of the run) + `max_memory_reserved`. A ratio
 predicted / driver-visible outside [1.00, 1.10] is flagged.
 
-The whole grid does not fit one 10-minute device call: `--subset` names a part (see `--list`),
+`--gpus 0,1,.. --per-gpu K` runs K points at a time on each listed GPU. Peaks are per process
+(the allocator's own counters), so sharing a GPU changes no memory number; the context is then
+the one the node's probe measured (the card's in-use total is no longer this process's alone).
+The whole grid takes about 8 minutes on 4 GPUs x 3.
+
+On one GPU the whole grid does not fit a 10-minute device call: `--subset` names a part (see `--list`),
 the filters (`--shapes`, `--seqs`, `--mbs`, `--ranks`, `--packed`) narrow it, and `--part K/N`
 splits what is left into N parts of about equal estimated time. `--budget-s` stops launching
 points in time to print the table; every point has its own timeout.
@@ -188,6 +193,95 @@ def print_table(rows: list[dict], device: str) -> None:
               f" {bad} outside [{RATIO_LOW:.2f}, {RATIO_HIGH:.2f}]")
 
 
+def _build_all(shapes: list[str], root: Path, device: str, deadline: float, log,
+               gpus: list) -> dict:
+    """Every shape's model folder (or why not), built in parallel, one shape per GPU at a time."""
+    import threading
+
+    import train_speed as ts
+
+    built: dict = {}
+    gpus = list(dict.fromkeys(gpus))
+    left = deadline - time.perf_counter()
+    if left < 60:
+        return {s: "budget spent before the model was built" for s in shapes}
+    threads = [threading.Thread(target=lambda sh=sh, g=gpus[i % len(gpus)]: built.update(
+        ts.build_models([sh], root, device, min(240.0, left - 30), log, gpu=g)))
+        for i, sh in enumerate(shapes)]
+    for k in range(0, len(threads), len(gpus)):
+        for t in threads[k:k + len(gpus)]:
+            t.start()
+        for t in threads[k:k + len(gpus)]:
+            t.join()
+    return built
+
+
+def _run_points(points: list[Point], built: dict, lanes: list, args, context_bytes,
+                device: str, work: Path, deadline: float, log) -> list[dict]:
+    """Run every point in its own child process, `len(lanes)` at a time (a lane is a GPU and a
+    slot on it: the peaks are per process, so points sharing a GPU do not see each other's
+    memory; only their speed suffers, which this bench does not report as a result). Longest
+    points start first; the rows come back in grid order."""
+    import queue
+    import threading
+
+    import train_speed as ts
+
+    todo: "queue.Queue[Point]" = queue.Queue()
+    for p in sorted(points, key=lambda p: -p.est_seconds(args.steps)):
+        todo.put(p)
+    done: dict[Point, dict] = {}
+    lock = threading.Lock()
+
+    def one(p: Point, gpu) -> dict:
+        base = {"name": p.name, **asdict(p)}
+        folder = built.get(p.shape, "not built")
+        if not isinstance(folder, Path):
+            return {**base, "status": "error", "reason": str(folder)}
+        left = deadline - time.perf_counter()
+        full = args.timeout_s or ts.SHAPE_TIMEOUT_S.get(p.shape, 300) * (
+            1.5 if p.seq == 8192 else 1)
+        if left < max(45.0, 0.4 * full):  # too little left to finish: say so instead
+            return {**base, "status": "skipped", "reason": "budget spent"}
+        data = work / p.name
+        data.mkdir(parents=True, exist_ok=True)
+        jsonl = data / "rows.jsonl"
+        jsonl.write_text("".join(json.dumps(r) + "\n" for r in
+                                 make_rows(p, p.mb * args.steps, args.seed)))
+        job = dict(runner="lorapool", shape=p.shape, mb=p.mb, seq=p.seq, r=p.r,
+                   packing=p.packed, predict=True, context_bytes=context_bytes,
+                   device=device, model=str(folder),
+                   steps=args.steps, warmup=min(1, args.steps - 1), seed=args.seed,
+                   rows_jsonl=str(jsonl), scratch=str(data / "run"),
+                   shared_gpu=args.per_gpu > 1)
+        r = ts.run_child(job, min(full, left - 20), log, gpu=gpu)
+        r.update(base)
+        return r
+
+    def lane_loop(gpu) -> None:
+        while True:
+            try:
+                p = todo.get_nowait()
+            except queue.Empty:
+                return
+            r = one(p, gpu)
+            ratio = (r["predicted"] / r["driver_peak"] if r.get("predicted") and
+                     r.get("driver_peak") else None)
+            with lock:
+                done[p] = r
+                print(f"  {p.name:<30} {r.get('status')}: ratio "
+                      f"{f'{ratio:.3f}' if ratio else '-'} {flag(ratio)} "
+                      f"({r.get('wall_s', 0):.0f} s, GPU {gpu}) {r.get('reason', '')[:200]}",
+                      flush=True)
+
+    threads = [threading.Thread(target=lane_loop, args=(gpu,)) for gpu, _ in lanes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [done[p] for p in points if p in done]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--subset", default="core",
@@ -205,9 +299,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout-s", type=float, default=None, help="per point (default by shape)")
     ap.add_argument("--budget-s", type=float, default=540)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gpus", default="", metavar="0,1,...",
+                    help="run points on these GPUs in parallel (each child pinned with "
+                    "CUDA_VISIBLE_DEVICES); default: one at a time on the default GPU")
+    ap.add_argument("--per-gpu", type=int, default=1,
+                    help="points running at once on each GPU (memory peaks are per process, "
+                    "so this only costs their speed, which the table does not judge)")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="two tiny points on the CPU: tests the harness, measures nothing")
     args = ap.parse_args(argv)
+    args.gpu_list = [g for g in args.gpus.split(",") if g != ""]
+    if args.per_gpu < 1:
+        raise SystemExit("--per-gpu must be >= 1")
 
     def ints(s):
         return [int(x) for x in s.split(",")] if s else None
@@ -241,52 +344,16 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lorapool-mem-"))
     print(f"{len(points)} points, ~{total:.0f} s estimated", flush=True)
-    rows: list[dict] = []
-    with open(out_dir / "gpu_memory.log", "a") as log:
+    lanes = [(g, k) for g in (args.gpu_list or [None]) for k in range(args.per_gpu)]
+    with open(out_dir / "gpu_memory.log", "a") as raw_log:
+        log = ts.LockedLog(raw_log)
         # What a node of this card reports at join; None (the constant) when the probe fails.
-        context_bytes = ts.probe_context(device, log)
+        context_bytes = ts.probe_context(device, log, gpu=lanes[0][0])
         print(f"measured CUDA context of a training process: "
               f"{f'{context_bytes / 2**30:.2f} GiB' if context_bytes else 'probe failed'}",
               flush=True)
-        built: dict = {}
-        for p in points:
-            base = {"name": p.name, **asdict(p)}
-            left = deadline - time.perf_counter()
-            if p.shape not in built:
-                if left < 60:
-                    built[p.shape] = "budget spent before the model was built"
-                else:
-                    built.update(ts.build_models([p.shape], root, device,
-                                                 min(240.0, left - 30), log))
-            folder = built[p.shape]
-            left = deadline - time.perf_counter()
-            if not isinstance(folder, Path):
-                rows.append({**base, "status": "error", "reason": str(folder)})
-                continue
-            full = args.timeout_s or ts.SHAPE_TIMEOUT_S.get(p.shape, 300) * (
-                1.5 if p.seq == 8192 else 1)
-            if left < max(45.0, 0.4 * full):  # too little left to finish: say so instead
-                rows.append({**base, "status": "skipped", "reason": "budget spent"})
-                continue
-            data = work / p.name
-            data.mkdir(parents=True, exist_ok=True)
-            jsonl = data / "rows.jsonl"
-            jsonl.write_text("".join(json.dumps(r) + "\n" for r in
-                                     make_rows(p, p.mb * args.steps, args.seed)))
-            job = dict(runner="lorapool", shape=p.shape, mb=p.mb, seq=p.seq, r=p.r,
-                       packing=p.packed, predict=True, context_bytes=context_bytes,
-                       device=device, model=str(folder),
-                       steps=args.steps, warmup=min(1, args.steps - 1), seed=args.seed,
-                       rows_jsonl=str(jsonl), scratch=str(data / "run"))
-            timeout = min(full, left - 20)
-            r = ts.run_child(job, timeout, log)
-            r.update(base)
-            rows.append(r)
-            ratio = (r["predicted"] / r["driver_peak"] if r.get("predicted") and
-                     r.get("driver_peak") else None)
-            print(f"  {p.name:<30} {r.get('status')}: ratio "
-                  f"{f'{ratio:.3f}' if ratio else '-'} {flag(ratio)} ({r['wall_s']:.0f} s) "
-                  f"{r.get('reason', '')[:200]}", flush=True)
+        built = _build_all(shapes, root, device, deadline, log, [g for g, _ in lanes])
+        rows = _run_points(points, built, lanes, args, context_bytes, device, work, deadline, log)
     device = next((r["device_name"] for r in rows if r.get("device_name")), "device unknown")
     (out_dir / "gpu_memory.json").write_text(json.dumps(
         {"device": device, "context_bytes": context_bytes,

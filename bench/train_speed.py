@@ -355,14 +355,14 @@ def _recorded_fast(adapter_dir) -> Any:
     return None
 
 
-def probe_context(device: str, log) -> int | None:
+def probe_context(device: str, log, gpu: Any = None) -> int | None:
     """The CUDA context a training process takes on this GPU, as a node measures it at join
     (service/train/context_probe.py), in a subprocess: the parent keeps no CUDA context."""
     if device != "cuda":
         return None
     cmd = [sys.executable, "-m", "lorapool.service.train.context_probe"]
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env_for(gpu))
         log.write(f"==== context probe (rc {p.returncode})\n{p.stdout}\n{p.stderr[-3000:]}\n")
         return json.loads(p.stdout.strip().splitlines()[-1])["context_bytes"]
     except Exception as exc:  # noqa: BLE001 - the estimate then keeps its constant
@@ -460,6 +460,10 @@ def child_main(job: dict) -> dict:
     if device == "cuda":
         free, total = torch.cuda.mem_get_info()
         context = (total - free) - torch.cuda.memory_reserved()
+        if job.get("shared_gpu") and job.get("context_bytes"):
+            # Other runs share this GPU, so what the card has in use is not ours alone: count
+            # the context a training process takes here, as the node's probe measured it.
+            context = int(job["context_bytes"])
         res.update(peak_alloc=torch.cuda.max_memory_allocated(),
                    peak_reserved=torch.cuda.max_memory_reserved(),
                    reserved_after_load=clock.reserved_after_load, context=context,
@@ -469,6 +473,23 @@ def child_main(job: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------
 # the parent: subprocesses, budget, table
+
+
+class LockedLog:
+    """A log file that several lane threads write to, a whole entry at a time."""
+
+    def __init__(self, log) -> None:
+        import threading
+
+        self._log, self._lock = log, threading.Lock()
+
+    def write(self, text: str) -> None:
+        with self._lock:
+            self._log.write(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._log.flush()
 
 
 def _env_for(gpu: Any) -> dict | None:
@@ -646,18 +667,7 @@ def grid(args, runners: list[str], shapes: list[str], mbs: list[int], device: st
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lorapool-speed-"))
     lanes = args.gpu_list or [None]
-    log_lock = threading.Lock()
-
-    class _Log:  # the lanes share one log file
-        def write(self, text: str) -> None:
-            with log_lock:
-                log.write(text)
-
-        def flush(self) -> None:
-            with log_lock:
-                log.flush()
-
-    shared_log = _Log()
+    shared_log = LockedLog(log)  # the lanes share one log file
     built: dict[str, Any] = {}
     t_build = min(300.0, max(30.0, deadline - time.perf_counter() - 30))
     build_threads = []

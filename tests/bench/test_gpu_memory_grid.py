@@ -74,7 +74,7 @@ def test_list_runs_without_torch():
 def test_cpu_smoke_runs_both_point_kinds_through_train(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(tmp_path / "out"),
-         "--models-dir", str(tmp_path / "models")],
+         "--models-dir", str(tmp_path / "models"), "--per-gpu", "2"],
         capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads((tmp_path / "out" / "gpu_memory.json").read_text())["rows"]
