@@ -15,7 +15,7 @@ predicted / driver-visible outside [1.00, 1.10] is flagged.
 `--gpus 0,1,.. --per-gpu K` runs K points at a time on each listed GPU. Peaks are per process
 (the allocator's own counters), so sharing a GPU changes no memory number; the context is then
 the one the node's probe measured (the card's in-use total is no longer this process's alone).
-The whole grid takes about 8 minutes on 4 GPUs x 3.
+The whole grid takes about 8 minutes on 4 GPUs x 5.
 
 On one GPU the whole grid does not fit a 10-minute device call: `--subset` names a part (see `--list`),
 the filters (`--shapes`, `--seqs`, `--mbs`, `--ranks`, `--packed`) narrow it, and `--part K/N`
@@ -344,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lorapool-mem-"))
     print(f"{len(points)} points, ~{total:.0f} s estimated", flush=True)
-    lanes = [(g, k) for g in (args.gpu_list or [None]) for k in range(args.per_gpu)]
+    # GPU-major within each slot, so the first (longest) points spread over the GPUs.
+    lanes = [(g, k) for k in range(args.per_gpu) for g in (args.gpu_list or [None])]
     with open(out_dir / "gpu_memory.log", "a") as raw_log:
         log = ts.LockedLog(raw_log)
         # What a node of this card reports at join; None (the constant) when the probe fails.

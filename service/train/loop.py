@@ -160,7 +160,9 @@ class Trainer:
         self.compute_dtype, self.mask_dtype = built.compute_dtype, built.mask_dtype
         self.plan = built.plan
         self.collator = built.collator()
-        self.events.emit("status", message=describe(self.plan), data={"fast": self.plan.as_dict()})
+        self.events.emit("status", message=f"{describe(self.plan)}; CUDA allocator: "
+                         f"{built.allocator}" if built.allocator else describe(self.plan),
+                         data={"fast": self.plan.as_dict(), "allocator": built.allocator})
         if spec.init_adapter and self.resume_from is None:
             # A resumed run's checkpoint already holds the adapter weights it reached.
             n = load_init_adapter(self.model, spec.init_adapter)

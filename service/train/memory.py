@@ -492,25 +492,31 @@ def estimate_memory(spec: TrainSpec, device: DeviceInfo, *, config: Any = None,
 # so they are not part of the decision.
 FAST_CHUNKED_LOSS_GRAD_BYTES = 2  # Liger's fused linear CE keeps grad wrt the hidden states
 FAST_RESIDENT_LAYER_INPUTS = 2  # offloaded: the layer being recomputed + the one prefetched
-# Calibration, from six driver-visible peaks on an H200 (bench/train_speed.py, fast path with
-# every piece on, seq 2048, r16 all-linear, 1B/3B/8B shapes, micro-batch 1 and 4; a least-squares
-# fit of the measured dynamic memory): the per-token terms below come out 0.84x as large as
-# written (the recompute frees activations while the backward's buffers grow), and the run holds
-# 0.17x its resident weights again in dequantised-weight and cuBLAS workspaces and allocator
-# blocks, plus a fixed margin. With these, predicted/measured is 1.01-1.07 on all six points.
-FAST_TOKEN_FACTOR = 0.84
-FAST_WEIGHT_OVERHEAD = 0.17
-FAST_FIXED_SLACK = 100 * MiB
+# Calibration: bench/gpu_memory.py over the whole grid (1B/3B/8B x seq 512/2048/8192 x mb 1/4 x
+# r 16/64 x packed or not) on an H200 (bench/results/h200x4-2026-11-27d). The run's peak
+# *allocated* memory is, to within -2.4 / +1.4 % on every measured point,
+#   FAST_WEIGHT_FACTOR x the resident terms (weights, adapters, their grads and optimizer state;
+#     the excess is the dequantised copy of the widest layer and cuBLAS's workspace)
+#   + FAST_TOKEN_FACTOR x the per-token terms as written below (activations, loss chunk,
+#     backward workspace; the recompute frees activations while the backward's buffers grow)
+#   + GRAPHS_TOKEN_FACTOR x the per-token terms more where CUDA graphs run (their static inputs,
+#     and a private pool whose blocks the eager allocator cannot reuse), + GRAPHS_FIXED.
+# The trainer runs with expandable segments (allocator.py), so the allocator reserves what is
+# allocated plus page rounding: ALLOCATOR_PAGE_SLACK of it plus FAST_FIXED_SLACK. (Without them
+# the same grid reserved 0.05 to 3.4 GiB more than it allocated, unpredictably: fragmentation.)
+FAST_WEIGHT_FACTOR = 1.05
+FAST_TOKEN_FACTOR = 0.67
+ALLOCATOR_PAGE_SLACK = 0.05
+FAST_FIXED_SLACK = 128 * MiB
 
 
 # CUDA graphs (fast/graphs.py) keep the step's working memory in the graphs' private pool, next
-# to what the ordinary allocator keeps: measured on an H200 (bench/gpu_memory.py core, seq 2048,
-# mb 1), the driver-visible peak rose by 0.46 / 0.59 / 0.84 GiB for the 1B / 3B / 8B shapes over
-# the same runs without graphs, i.e. 0.30 GiB + 0.40 x the step's working memory (activations,
-# loss chunk, backward workspace) to within 0.03 GiB. Graphs run only where that fits; on a
-# card too small for it the trainer runs the same fast path without them (`graphs_fit`).
-GRAPHS_FIXED = 300 * MiB
-GRAPHS_PER_WORKING_BYTE = 0.40
+# to what the ordinary allocator keeps: + 11 % of the per-token terms (0.07 / 0.67, calibrated
+# above) and a fixed part for the static buffers and the graphs themselves. Graphs run only
+# where that fits; on a card too small for it the trainer runs the same fast path without them
+# (`graphs_fit`).
+GRAPHS_FIXED = 64 * MiB
+GRAPHS_PER_WORKING_BYTE = 0.11
 
 
 def fast_pieces(spec: TrainSpec, device: DeviceInfo) -> dict[str, bool]:
@@ -533,10 +539,10 @@ def fast_pieces(spec: TrainSpec, device: DeviceInfo) -> dict[str, bool]:
 
 
 def graphs_pool_bytes(estimate: "MemoryEstimate") -> int:
-    """What CUDA graphs add to `estimate` (an estimate made without them)."""
+    """What CUDA graphs add to `estimate` (an estimate made without them), page slack included."""
     b = estimate.breakdown
-    working = b.get("activations", 0) + b.get("logits", 0) + b.get("backward_workspace", 0)
-    return int(GRAPHS_FIXED + GRAPHS_PER_WORKING_BYTE * working)
+    working = b.get("activations", 0) + b.get("logits", 0) + b.get("token_workspace", 0)
+    return int((GRAPHS_FIXED + GRAPHS_PER_WORKING_BYTE * working) * (1 + ALLOCATOR_PAGE_SLACK))
 
 
 def graphs_possible(spec: TrainSpec, device: DeviceInfo) -> bool:
@@ -619,13 +625,14 @@ def _fast_estimate(spec: TrainSpec, shape: ModelShape, device: DeviceInfo, dtype
     }
     resident = sum(breakdown.values())
     breakdown.update({
+        "weight_workspace": int((FAST_WEIGHT_FACTOR - 1) * resident),
         "activations": int(FAST_TOKEN_FACTOR * activations),
         "logits": int(FAST_TOKEN_FACTOR * logits),
-        "backward_workspace": int(FAST_TOKEN_FACTOR * workspace
-                                  + FAST_WEIGHT_OVERHEAD * resident),
+        "token_workspace": int(FAST_TOKEN_FACTOR * workspace),
     })
+    allocated = sum(breakdown.values())
     breakdown["cuda_context"] = cuda_context_bytes(device)
-    breakdown["allocator_slack"] = FAST_FIXED_SLACK
+    breakdown["allocator_slack"] = int(ALLOCATOR_PAGE_SLACK * allocated + FAST_FIXED_SLACK)
     return MemoryEstimate(breakdown=breakdown, total=sum(breakdown.values()),
                           compute_dtype=dtype, device_kind="cuda")
 

@@ -390,6 +390,7 @@ class BuiltModel:
     plan: Any  # the resolved spec.FastPlan
     mask_dtype: torch.dtype | None = None  # for PaddedCollator's packed 4D masks
     chunked_loss: bool = False  # the plan's chunked_loss, unless the model cannot use it
+    allocator: str = ""  # the CUDA allocator's mode (allocator.py), for the run's events
 
     def collator(self) -> Collator:
         """The batching that matches the plan: flat rows when padding_free is on."""
@@ -413,6 +414,7 @@ def build_model(spec: TrainSpec, device: torch.device, *, cache_dir: str | Path 
     their pool.
     """
     from . import fastpath
+    from .allocator import use_expandable_segments
     from .loss import chunked_loss_unsupported
 
     base_dir = resolve_base_model(spec, cache_dir)
@@ -422,6 +424,8 @@ def build_model(spec: TrainSpec, device: torch.device, *, cache_dir: str | Path 
     if not for_training:
         plan = fastpath.without(plan, {"offload_activations": "no backward in evaluation",
                                        "cuda_graphs": "no backward in evaluation"})
+    # Before the weights arrive: the setting applies to segments created after it.
+    allocator = use_expandable_segments(device)
     model, tokenizer = load_base_model(spec, device, cache_dir=cache_dir,
                                        extra_kwargs=fastpath.prepare_kwargs(plan, spec))
     if for_training:
@@ -443,4 +447,4 @@ def build_model(spec: TrainSpec, device: torch.device, *, cache_dir: str | Path 
     return BuiltModel(model=model, tokenizer=tokenizer, base_dir=Path(base_dir),
                       base_sha256=base_sha256, compute_dtype=compute_dtype, plan=plan,
                       mask_dtype=compute_dtype if attn == "eager" else None,
-                      chunked_loss=bool(plan.chunked_loss))
+                      chunked_loss=bool(plan.chunked_loss), allocator=allocator)

@@ -88,7 +88,9 @@ def test_cuda_graphs_are_counted_where_the_card_has_room(one_b):
     eager = estimate_memory(spec, big)
     pool = graphs.breakdown["cuda_graphs_pool"]
     assert "cuda_graphs_pool" not in eager.breakdown
-    assert graphs.total == eager.total + pool and 300 * 2**20 < pool < 2 * GiB
+    assert graphs.total == eager.total + pool
+    working = sum(eager.breakdown[k] for k in ("activations", "logits", "token_workspace"))
+    assert 64 * 2**20 + 0.1 * working < pool < 64 * 2**20 + 0.2 * working  # a fraction of it
     # A card with room for the eager path but not for the pool: graphs stay off.
     tight = DeviceInfo(kind="cuda", total_memory=eager.total + pool // 2,
                        compute_capability=(9, 0))
