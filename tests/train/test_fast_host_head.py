@@ -1,0 +1,312 @@
+"""fast/host_head.py: the streamed output-head loss equals the full and the chunked one (values
+and gradients, every block layout), stays finite on large logits and computes no gradient it
+is not asked for; HostHead gives nn.Linear's logits; the swap shares one table with a tied
+input embedding and is refused where it cannot help."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorapool.service.train.fast import host_head as hh
+from lorapool.service.train.fast.embeddings import HostEmbedding
+from lorapool.service.train.fast.host_head import (
+    HostHead,
+    default_block_rows,
+    host_head_of,
+    move_output_head_to_host,
+    streamed_linear_cross_entropy,
+)
+from lorapool.service.train.loss import chunked_linear_cross_entropy
+from lorapool.service.train.resolve import IGNORE_INDEX
+
+V, H, N = 1000, 16, 37
+
+
+def _case(dtype, n=N, h=H, v=V, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g).to(dtype)
+    weight = (torch.randn(v, h, generator=g) / h**0.5).to(dtype)
+    target = torch.randint(0, v, (n,), generator=g)
+    target[torch.randperm(n, generator=g)[: n // 3]] = IGNORE_INDEX  # a third carries no loss
+    target[0] = v - 1  # in the last (partial, for block 96) block
+    target[1] = 0
+    return hidden, weight, target
+
+
+def _full(hidden, weight, target, bias=None):
+    logits = F.linear(hidden, weight, bias).float()
+    return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _loss_and_grad(fn, hidden, *args, **kw):
+    h = hidden.clone().requires_grad_(True)
+    loss = fn(h, *args, **kw)
+    loss.backward(torch.tensor(0.7))  # a non-unit incoming gradient, as loss / n_labels gives
+    return loss.detach(), h.grad
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, dict(rtol=1e-5, atol=1e-5)),
+                                       (torch.bfloat16, dict(rtol=2e-2, atol=2e-2))])
+@pytest.mark.parametrize("block_rows", [96, 1, 999, 1000, 4096, None])
+def test_streamed_equals_full_and_chunked(dtype, tol, block_rows):
+    hidden, weight, target = _case(dtype)
+    ref, ref_grad = _loss_and_grad(_full, hidden, weight, target)
+    chunked, chunked_grad = _loss_and_grad(chunked_linear_cross_entropy, hidden, weight, target)
+    got, grad = _loss_and_grad(streamed_linear_cross_entropy, hidden, weight, target,
+                               block_rows=block_rows)
+    assert got.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(got, ref, **tol)
+    torch.testing.assert_close(got, chunked, **tol)
+    torch.testing.assert_close(grad, ref_grad, **tol)
+    torch.testing.assert_close(grad, chunked_grad, **tol)
+    assert torch.all(grad[target == IGNORE_INDEX] == 0)
+    assert grad[target != IGNORE_INDEX].abs().sum() > 0
+
+
+def test_last_partial_block_target_counts():
+    # Only one labelled row, its target in the last 40-row block of 96-row blocks: a pick that
+    # missed the partial block would give lse instead of lse - logit.
+    hidden, weight, target = _case(torch.float32)
+    only = torch.full_like(target, IGNORE_INDEX)
+    only[5] = V - 3
+    ref, ref_grad = _loss_and_grad(_full, hidden, weight, only)
+    got, grad = _loss_and_grad(streamed_linear_cross_entropy, hidden, weight, only,
+                               block_rows=96)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-6)
+    lse = torch.logsumexp(F.linear(hidden[5], weight), 0)
+    assert abs(got.item() - lse.item()) > 1e-2  # the target logit was subtracted
+
+
+def test_bias_is_added_per_block():
+    hidden, weight, target = _case(torch.float32)
+    bias = torch.randn(V, generator=torch.Generator().manual_seed(3))
+    ref, ref_grad = _loss_and_grad(_full, hidden, weight, target, bias)
+    got, grad = _loss_and_grad(streamed_linear_cross_entropy, hidden, weight, target,
+                               bias=bias, block_rows=96)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_all_rows_ignored_gives_zero_loss_and_zero_grad():
+    hidden, weight, _ = _case(torch.float32)
+    target = torch.full((N,), IGNORE_INDEX)
+    got, grad = _loss_and_grad(streamed_linear_cross_entropy, hidden, weight, target,
+                               block_rows=96)
+    assert got.item() == 0.0
+    assert grad is not None and torch.count_nonzero(grad) == 0
+
+
+def test_other_ignore_index():
+    hidden, weight, target = _case(torch.float32)
+    target[target == IGNORE_INDEX] = 7  # a real vocabulary id used as the ignore label
+    logits = F.linear(hidden, weight)
+    ref = F.cross_entropy(logits, target, ignore_index=7, reduction="sum")
+    got = streamed_linear_cross_entropy(hidden, weight, target, ignore_index=7, block_rows=96)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_numerically_stable_with_large_logits():
+    hidden, weight, target = _case(torch.float32)
+    hidden = hidden * 100
+    assert F.linear(hidden, weight).abs().max() > 200  # exp() of these overflows fp32
+    # The reference in fp64 throughout (the streamed loss upcasts each block to fp32).
+    ref, ref_grad = _loss_and_grad(
+        lambda h, w, t: F.cross_entropy(F.linear(h, w), t, ignore_index=IGNORE_INDEX,
+                                        reduction="sum"),
+        hidden.double(), weight.double(), target)
+    got, grad = _loss_and_grad(streamed_linear_cross_entropy, hidden, weight, target,
+                               block_rows=96)
+    assert torch.isfinite(got) and torch.isfinite(grad).all()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-4)
+
+
+def _count_linear(monkeypatch):
+    calls = []
+    real = F.linear
+
+    def counting(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(hh.F, "linear", counting)
+    return calls
+
+
+def test_gradient_pass_only_when_asked(monkeypatch):
+    hidden, weight, target = _case(torch.float32)
+    calls = _count_linear(monkeypatch)
+    blocks = -(-V // 96)  # 11 blocks
+    h = hidden.clone().requires_grad_(True)
+    out = streamed_linear_cross_entropy(h, weight, target, block_rows=96)
+    assert out.requires_grad and len(calls) == 2 * blocks  # both passes
+    calls.clear()
+    out = streamed_linear_cross_entropy(hidden, weight, target, block_rows=96)
+    assert not out.requires_grad and len(calls) == blocks  # hidden needs no grad: one pass
+    calls.clear()
+    with torch.no_grad():
+        out = streamed_linear_cross_entropy(h, weight, target, block_rows=96)
+    assert not out.requires_grad and len(calls) == blocks
+    ref = _full(hidden, weight, target)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_refuses_a_trainable_weight_or_bias_and_bad_targets():
+    hidden, weight, target = _case(torch.float32)
+    with pytest.raises(ValueError, match="no gradient for the weight"):
+        streamed_linear_cross_entropy(hidden, weight.clone().requires_grad_(True), target)
+    with pytest.raises(ValueError, match="bias"):
+        streamed_linear_cross_entropy(hidden, weight, target,
+                                      bias=torch.zeros(V, requires_grad=True))
+    bad = target.clone()
+    bad[2] = V
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        streamed_linear_cross_entropy(hidden, weight, bad)
+
+
+def test_default_block_rule():
+    # 2048 tokens, Llama-3 vocab, H=2048 bf16: logits allow 32768 rows, the 64 MiB weight
+    # block 16384.
+    assert default_block_rows(2048, 128256, 2048, 2) == 16384
+    # 8192 tokens: the 256 MiB logits cap (8192 rows) is the tighter one.
+    assert default_block_rows(8192, 128256, 2048, 2) == 8192
+    assert default_block_rows(10**6, 128256, 2048, 2) == 1024  # the floor wins
+    assert default_block_rows(16, 500, 64, 4) == 500  # never more than the vocabulary
+
+
+# -- HostHead and the swap ------------------------------------------------------------------------
+
+
+def _linear(bias: bool) -> torch.nn.Linear:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(H, V, bias=bias)
+    lin.requires_grad_(False)
+    return lin
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_host_head_forward_equals_linear(bias):
+    lin = _linear(bias)
+    head = HostHead(lin, pin=False, block_rows=96)
+    x = torch.randn(2, 5, H)
+    torch.testing.assert_close(head(x), lin(x), rtol=1e-6, atol=1e-6)
+    # Gradient wrt the hidden states flows through the streamed blocks as through the Linear.
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    w = torch.randn(2, 5, V)
+    (head(xa) * w).sum().backward()
+    (lin(xb) * w).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)
+    # The streamed loss through the module equals the full one.
+    target = torch.randint(0, V, (2, 5))
+    target[0, :2] = IGNORE_INDEX
+    ref = F.cross_entropy(lin(x).reshape(-1, V), target.reshape(-1), reduction="sum")
+    torch.testing.assert_close(head.loss_sum(x, target), ref, rtol=1e-5, atol=1e-5)
+    assert "on host" in repr(head)
+
+
+def test_host_head_stays_on_host_through_model_to():
+    head = HostHead(_linear(True), pin=False)
+    model = torch.nn.Sequential(torch.nn.Linear(H, H), head)
+    model.to(torch.float64)
+    assert model[0].weight.dtype == torch.float64  # the rest of the model did move
+    assert head.weight.dtype == torch.float32 and head.weight.device.type == "cpu"
+    assert head.bias.dtype == torch.float32
+    assert list(head.parameters()) == [] and "weight" not in model.state_dict().keys()
+
+
+def test_host_head_refuses_a_trained_head_and_a_mismatched_table():
+    lin = _linear(False)
+    lin.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="frozen"):
+        HostHead(lin, pin=False)
+    with pytest.raises(ValueError, match="host_weight"):
+        HostHead(_linear(False), pin=False, host_weight=torch.zeros(V, H + 1))
+
+
+def _llama(tie: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=tie)
+    model = LlamaForCausalLM(config).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _ids():
+    return torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def test_swap_is_off_on_the_cpu_and_for_a_trained_head():
+    model = _llama(tie=False)
+    head = model.get_output_embeddings()
+    msg = move_output_head_to_host(model)
+    assert msg.startswith("off:") and "not on CUDA" in msg
+    assert model.get_output_embeddings() is head and host_head_of(model) is None
+    head.weight.requires_grad_(True)
+    assert move_output_head_to_host(model, allow_cpu=True) == "off: the output head is trained"
+    assert model.get_output_embeddings() is head
+
+
+def test_swap_untied_keeps_logits_and_leaves_the_embedding():
+    model = _llama(tie=False)
+    ids = _ids()
+    ref = model(ids).logits
+    emb = model.get_input_embeddings()
+    msg = move_output_head_to_host(model, allow_cpu=True, block_rows=64)
+    assert msg.startswith("output head (") and "shared" not in msg
+    head = host_head_of(model)
+    assert isinstance(head, HostHead) and model.get_input_embeddings() is emb
+    torch.testing.assert_close(model(ids).logits, ref, rtol=1e-6, atol=1e-6)
+    assert move_output_head_to_host(model, allow_cpu=True).startswith("off: the output head "
+                                                                      "already")
+    # An untied input embedding already on the host is not taken for the head's table.
+    model2 = _llama(tie=False)
+    model2.set_input_embeddings(HostEmbedding(model2.get_input_embeddings(), torch.device("cpu")))
+    assert "shared" not in move_output_head_to_host(model2, allow_cpu=True)
+    assert host_head_of(model2).weight is not model2.get_input_embeddings().weight
+
+
+def test_swap_tied_moves_the_embedding_and_shares_one_table():
+    model = _llama(tie=True)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    ids = _ids()
+    ref = model(ids).logits
+    msg = move_output_head_to_host(model, allow_cpu=True, block_rows=64)
+    assert msg.endswith("shared with the tied input embedding")
+    emb, head = model.get_input_embeddings(), host_head_of(model)
+    assert isinstance(emb, HostEmbedding) and isinstance(head, HostHead)
+    assert head.weight is emb.weight and head.weight.data_ptr() == emb.weight.data_ptr()
+    torch.testing.assert_close(model(ids).logits, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_swap_tied_reuses_an_embedding_already_on_the_host():
+    model = _llama(tie=True)
+    ids = _ids()
+    ref = model(ids).logits
+    # The host embedding's table is its own copy (as on CUDA): identity no longer shows the tie.
+    host_emb = HostEmbedding(copy.deepcopy(model.get_input_embeddings()), torch.device("cpu"))
+    model.set_input_embeddings(host_emb)
+    assert host_emb.weight.data_ptr() != model.get_output_embeddings().weight.data_ptr()
+    msg = move_output_head_to_host(model, allow_cpu=True)
+    assert "shared with the tied input embedding" in msg
+    assert model.get_input_embeddings() is host_emb
+    assert host_head_of(model).weight.data_ptr() == host_emb.weight.data_ptr()
+    torch.testing.assert_close(model(ids).logits, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_host_head_of_sees_through_peft():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_llama(tie=False), LoraConfig(r=4, target_modules=["q_proj"]))
+    assert host_head_of(model) is None
+    assert move_output_head_to_host(model, allow_cpu=True).startswith("output head (")
+    assert isinstance(host_head_of(model), HostHead)
+    assert host_head_of(model) is model.get_base_model().lm_head
