@@ -313,8 +313,10 @@ def run_lorapool(job: dict, clock) -> dict:
     if job.get("card_gib") and device == "cuda":
         from lorapool.service.train import MemoryBudget
 
-        # What a scheduler reserves on such a card at most: all of it.
-        kwargs["memory_budget"] = MemoryBudget(total=int(job["card_gib"] * 2**30))
+        # What a scheduler reserves on such a card at most: all of it, with the context the
+        # node's probe measured (the estimate counts it).
+        kwargs["memory_budget"] = MemoryBudget(total=int(job["card_gib"] * 2**30),
+                                               context_bytes=job.get("context_bytes"))
     result = train(spec, job["rows_jsonl"], out, on_event=on_event,
                    cache_dir=Path(job["scratch"]) / "cache", **kwargs)
     if prof is not None:
@@ -699,6 +701,8 @@ def grid(args, runners: list[str], shapes: list[str], mbs: list[int], device: st
         todo.put((i, item))
     results: dict[int, dict] = {}
 
+    card_context: dict[Any, int | None] = {}  # --card-gib: each GPU's probed CUDA context
+
     def one(shape: str, mb: int, runner: str, lane: Any) -> dict:
         base = dict(runner=runner, shape=shape, mb=mb, seq=args.seq)
         left = deadline - time.perf_counter()
@@ -718,6 +722,9 @@ def grid(args, runners: list[str], shapes: list[str], mbs: list[int], device: st
         rows_dir = rows_dirs[mb]
         if args.card_gib:
             extra["card_gib"] = args.card_gib
+            if lane not in card_context:  # once per GPU: what a node measures at join
+                card_context[lane] = probe_context(device, shared_log, gpu=lane)
+            extra["context_bytes"] = card_context[lane]
         job = dict(base, **extra, device=device, model=str(model), steps=args.steps,
                    warmup=args.warmup, seed=args.seed, rows=str(rows_dir / "rows.json"),
                    rows_jsonl=str(rows_dir / "rows.jsonl"),

@@ -93,22 +93,24 @@ def _node_work_dir(agent: Optional[str]) -> Path:
 
 def _worker_budgets(spec: Any, micro_batch_size: int,
                     device: Optional[Any]) -> list[Optional[dict[str, Any]]]:
-    """What to reserve on a worker's node, in the order to try: its estimate with the CUDA
-    graphs' pool where the node's reported free memory holds it, then without (the job's
-    minimum); [None] when there is no estimate (no device report, no readable config)."""
-    from ..train.memory import estimate_memory, with_graphs
+    """What to reserve on a worker's node, in the order to try: its richest configuration
+    (memory.py `fast_variants`: output head on the GPU, CUDA graphs' pool) that the node's
+    reported free memory holds, then the job's minimum; [None] when there is no estimate (no
+    device report, no readable config)."""
+    from ..train.memory import fast_variants
 
     try:
         worker_spec = spec.model_copy(update={"micro_batch_size": micro_batch_size,
                                               "device": "auto"})
         if device is None:
             return [None]
-        eager = estimate_memory(worker_spec, device)
+        variants = fast_variants(worker_spec, device)
         room = device.free_memory if device.free_memory is not None else device.total_memory
-        full = with_graphs(worker_spec, device, eager, room or 0)
+        minimum = variants[-1]
+        full = next((v for v in variants if v.total <= (room or 0)), minimum)
     except Exception:  # noqa: BLE001 - no readable config here: reserve the slot only
         return [None]
-    return [memory_budget(e) for e in ((full, eager) if full is not eager else (eager,))]
+    return [memory_budget(e) for e in ((full, minimum) if full is not minimum else (minimum,))]
 
 
 def _train_worker(config: dict[str, Any]) -> None:

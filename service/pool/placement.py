@@ -84,7 +84,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from ..train.memory import MemoryEstimate, estimate_memory, model_shape, with_graphs
+from ..train.memory import MemoryEstimate, estimate_memory, fast_variants, model_shape
 from ..train.spec import DeviceInfo, TrainSpec
 
 log = logging.getLogger("lorapool.pool.placement")
@@ -413,8 +413,9 @@ class Placer:
     steps are known. `wait_speedup`/`max_wait_s` bound waiting for a faster card (0 turns it
     off); `max_reservations` bounds how many blocked jobs claim a node per pass (0 turns
     reservation and the backfill rule off). `graphs`: a job placed on a node with room to spare
-    also reserves the CUDA graphs' pool there (memory.py `with_graphs`), which its trainer then
-    uses; every fit test before that uses the estimate without it (the job's minimum).
+    reserves there the richest configuration of the fast path that node holds (memory.py
+    `fast_variants`: its output head on the GPU, CUDA graphs' pool), which its trainer then
+    uses; every fit test before that uses the job's minimum (the estimate).
     """
 
     def __init__(
@@ -450,7 +451,7 @@ class Placer:
         self.size_weight = size_weight
         self.graphs = graphs
         # id of an estimate → (that estimate, it with the graphs' pool or itself)
-        self._with_pool: dict[int, tuple[MemoryEstimate, MemoryEstimate]] = {}
+        self._variants: dict[int, tuple[MemoryEstimate, list[MemoryEstimate]]] = {}
         self.last_errors: dict[str, str] = {}
         # Jobs left waiting for a faster card in the last pass: job id → node id.
         self.last_waits: dict[str, str] = {}
@@ -500,22 +501,20 @@ class Placer:
             self._cache[key] = hit
         return hit
 
-    def with_graphs(self, spec: TrainSpec, device: DeviceInfo, est: MemoryEstimate,
-                    available: int) -> MemoryEstimate:
-        """`est` plus the CUDA graphs' pool when the chosen node's `available` bytes hold it
-        with the safety margin (and the job would replay graphs there at all)."""
+    def best_fit(self, spec: TrainSpec, device: DeviceInfo, est: MemoryEstimate,
+                 available: int) -> MemoryEstimate:
+        """The richest configuration of the job (memory.py `fast_variants`) that the chosen
+        node's `available` bytes hold with the safety margin; `est` (its minimum) otherwise."""
         if not self.graphs or device.kind != "cuda":
             return est
-        # The decision costs a spec walk; its input is the estimate object (cached per job,
-        # variant and device class): remember the estimate with the pool next to it.
-        hit = self._with_pool.get(id(est))
+        # The variants cost a spec walk; their input is the estimate object (cached per job,
+        # variant and device class): remember them next to it.
+        hit = self._variants.get(id(est))
         if hit is None or hit[0] is not est:
-            full = with_graphs(spec, device, est, 1 << 62)  # with the pool wherever possible
-            if len(self._with_pool) >= self.cache_size:
-                self._with_pool.clear()
-            hit = self._with_pool[id(est)] = (est, full)
-        full = hit[1]
-        return est if full is est or self.need(full) > available else full
+            if len(self._variants) >= self.cache_size:
+                self._variants.clear()
+            hit = self._variants[id(est)] = (est, fast_variants(spec, device))
+        return next((v for v in hit[1] if self.need(v) <= available), est)
 
     def need(self, est: MemoryEstimate) -> int:
         """Bytes a node must have available for a job with this estimate."""
@@ -1028,7 +1027,7 @@ class _Pass:
             spec = info.specs[i]
             if spec is None:
                 spec = info.specs[i] = self.placer.variant_spec(job, v)
-            est = placer.with_graphs(spec, node.device, est, e.avail)
+            est = placer.best_fit(spec, node.device, est, e.avail)
             self._take(e, est.total)
             return _placement(job.job_id, e.node_id, spec, est, changes, score)
         return None

@@ -10,6 +10,7 @@ the reason "fast path not built". The plan type is `spec.FastPlan` either way.
     plan = without(plan, {"piece": "why"})       # a piece the caller cannot use, turned off
     kwargs = prepare_kwargs(plan, spec)          # extra from_pretrained kwargs (attention impl)
     apply(model, plan, spec, device)             # after peft wrapped the model
+    plan = fit_memory(plan, spec, device, budget)  # host_head / cuda_graphs as the memory allows
     graphed_steps(model, plan, params, device, max_tokens=...)  # the CUDA graphs, or None
     describe(plan)                               # the "status" event's one-line summary
 """
@@ -94,46 +95,59 @@ def graphed_steps(model: Any, plan: FastPlan, params: list, device: torch.device
                         hidden_size=int(lm.config.hidden_size))
 
 
-def graphs_room(plan: FastPlan, spec: TrainSpec, device: torch.device,
-                budget: Optional[MemoryBudget] = None) -> Optional[str]:
-    """Why CUDA graphs must stay off on this card for lack of memory (None: they fit or are off).
+def fit_memory(plan: FastPlan, spec: TrainSpec, device: torch.device,
+               budget: Optional[MemoryBudget] = None) -> FastPlan:
+    """`plan` with `host_head` and `cuda_graphs` kept only where the memory says so: the
+    richest configuration of memory.py's `fast_variants` that this card holds, and no more
+    than the scheduler's reservation (`budget`) when there is one: the head on the GPU with
+    graphs, else without them, else the head in host memory. The placement estimate makes the
+    same choice for the node it picked, so the job keeps within what was reserved for it.
 
-    Called once the model is on the card: the room is what is free plus what this process
-    already holds, and no more than the scheduler's reservation (`budget`) when there is one.
-    The rule is memory.py's `graphs_fit`, the one the placement estimate applies too."""
-    if not plan.cuda_graphs or device.type != "cuda":
-        return None
+    Called before the weights load: the room is what is free plus what this process already
+    holds (and its CUDA context, which the estimate counts)."""
+    if device.type != "cuda" or not (plan.cuda_graphs or plan.host_head):
+        return plan
     from .memory import cuda_context_bytes
 
     free, total = torch.cuda.mem_get_info(device)
     props = torch.cuda.get_device_properties(device)
     info = DeviceInfo(kind="cuda", name=props.name, total_memory=total,
                       compute_capability=(props.major, props.minor))
-    # The estimate counts a CUDA context; this process's already exists and is outside `free`.
     room = free + torch.cuda.memory_reserved(device) + cuda_context_bytes(info)
-    return graphs_decision(spec, info, room, budget)
+    return decide_memory(plan, spec, info, room, budget)
 
 
-def graphs_decision(spec: TrainSpec, info: DeviceInfo, room: int,
-                    budget: Optional[MemoryBudget] = None) -> Optional[str]:
-    """`graphs_room`'s decision for a card described by `info` with `room` bytes: None when the
-    estimate with the graphs' pool fits (and fits the reservation), else why not."""
-    from .memory import graphs_fit
+def decide_memory(plan: FastPlan, spec: TrainSpec, info: DeviceInfo, room: int,
+                  budget: Optional[MemoryBudget] = None) -> FastPlan:
+    """`fit_memory`'s decision for a card described by `info` with `room` bytes."""
+    from .memory import fit_to_room
 
     if budget is not None:
         # The scheduler's estimate, with its context: the same numbers it reserved by.
         info = info.model_copy(update={"context_bytes": budget.context_bytes})
         room = min(room, budget.total)
-    try:
-        ok, why = graphs_fit(spec, info, room)
-    except Exception as exc:  # noqa: BLE001 - no estimate (odd config): keep graphs, say why
-        log.warning("no memory estimate for the CUDA graphs decision (%s)", exc)
-        return None
-    if ok:
-        return None
     where = "the memory reserved for this job" if budget is not None and room == budget.total \
         else "the card"
-    return f"no room for the graphs' pool in {where}: {why}"
+    try:
+        chosen = fit_to_room(spec, info, room)
+    except Exception as exc:  # noqa: BLE001 - no estimate (odd config): graphs as planned
+        log.warning("no memory estimate for the host-head / CUDA-graphs decision (%s)", exc)
+        return without(plan, {"host_head": f"off: no memory estimate ({exc})"[:200]}) \
+            if spec.fast_spec().host_head != "on" else plan
+    numbers = f"{chosen.gib():.2f} GiB in {where}'s {room / 2**30:.2f} GiB"
+    off: dict[str, str] = {}
+    if plan.host_head and not chosen.host_head:
+        off["host_head"] = f"off (auto): the head fits on the GPU ({numbers})"
+    if plan.cuda_graphs and not chosen.graphs:
+        off["cuda_graphs"] = ("off: the output head streams from host memory"
+                              if chosen.host_head else
+                              f"no room for the graphs' pool in {where} ({numbers} without it)")
+    plan = without(plan, off)
+    if plan.host_head and spec.fast_spec().host_head == "auto":
+        plan = replace(plan, reasons={**plan.reasons, "host_head": (
+            f"on (auto): the job fits {where} only with its output head in host memory "
+            f"({numbers})")})
+    return plan
 
 
 def describe(plan: FastPlan) -> str:

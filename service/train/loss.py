@@ -17,7 +17,8 @@ Two ways to compute it, the same number to rounding:
   (and wrt the lm_head weight, only if it is trainable) chunk by chunk *in forward*; backward
   only scales them by the incoming gradient. The (tokens x vocab) logits never exist at once.
   On CUDA, Liger-Kernel's fused linear cross-entropy is used instead when it is importable and
-  the lm_head is frozen (`LORAPOOL_LIGER_FLCE=0` turns it off).
+  the lm_head is frozen (`LORAPOOL_LIGER_FLCE=0` turns it off). Where the fast path moved the
+  head to host memory (fast/host_head.py), its own streamed loss computes the same sum.
 
 The labels are shifted by one (position t predicts token t+1); the last position's target is
 IGNORE_INDEX. Every example's first label is IGNORE_INDEX (data.py), so in a flat padding-free
@@ -156,6 +157,8 @@ def chunked_loss_unsupported(model: Any) -> str | None:
         if getattr(cfg, attr, None) not in (None, 1, 1.0):
             return f"the model scales its logits ({attr})"
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if _host_head(lm) is not None:  # fast/host_head.py streams it into its own loss
+        return None
     if type(head) is not torch.nn.Linear:  # a LoRA-wrapped or quantized head has no plain weight
         return f"the output head is a {type(head).__name__}, not a plain Linear"
     if head.bias is not None and head.bias.requires_grad:
@@ -182,6 +185,15 @@ def _liger_loss():
     return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def _host_head(model: Any) -> Any:
+    """The model's output head when the fast path moved it to host memory (fast/host_head.py's
+    `HostHead`), else None. Imported late: the fast package is optional (fastpath.py)."""
+    head = getattr(_causal_lm(model), "get_output_embeddings", lambda: None)()
+    if head is None or type(head).__name__ != "HostHead":
+        return None
+    return head
+
+
 def label_count(labels: torch.Tensor) -> int:
     """The label tokens `token_loss_sum` sums over (read on the tensor's own device: pass the
     host copy of a batch to avoid a device sync)."""
@@ -196,6 +208,11 @@ def head_loss_sum(model: Any, hidden: torch.Tensor, target: torch.Tensor, *,
     `graph_safe` skips Liger's kernel (it reads the label count on the host) and never reads a
     device value on the host, so a CUDA graph can capture it.
     """
+    host = _host_head(model)
+    if host is not None:
+        if graph_safe:
+            raise ValueError("the streamed host head cannot run inside a CUDA graph")
+        return host.loss_sum(hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1))
     head = _causal_lm(model).get_output_embeddings()
     # The model's own lm_head call would see the same dtypes; a mismatch only arises where a
     # norm was upcast and the head was not (then the head's dtype is what the logits use).

@@ -171,6 +171,12 @@ class MemoryEstimate:
     total: int
     compute_dtype: str = "bf16"
     device_kind: str = "cuda"
+    host_head: bool = False  # the fast path's output head in host memory (fast/host_head.py)
+
+    @property
+    def graphs(self) -> bool:
+        """Whether this configuration replays CUDA graphs (it then counts their pool)."""
+        return "cuda_graphs_pool" in self.breakdown
 
     def __int__(self) -> int:
         return self.total
@@ -401,10 +407,27 @@ def estimate_memory(spec: TrainSpec, device: DeviceInfo, *, config: Any = None,
     See the module docstring for every assumption. `config` is an already-loaded transformers
     config; without it the config is read from `spec.base_model` (folder or .gguf), once per path.
     The estimate depends on the device only through its kind, compute capability and CUDA
-    context (placement caches it per device class). `graphs=True` adds the CUDA graphs' pool
-    where the fast path would replay graphs and the card's free (else total) memory has room
-    for it (`with_graphs`): what a run on this card alone will take.
+    context (placement caches it per device class).
+
+    By default this is the job's minimum: on the fast path, the output head in host memory where
+    it may go (fast/host_head.py) and no CUDA graphs. `graphs=True` is what a run on this card
+    alone will take: the richest configuration (`fast_variants`: head on the GPU, with graphs)
+    that the card's free (else total) memory holds.
     """
+    variants = fast_variants(spec, device, config=config)
+    if not graphs:
+        return variants[-1]
+    room = device.free_memory if device.free_memory is not None else device.total_memory
+    return _first_fit(variants, room if room else 1 << 62)
+
+
+def fast_variants(spec: TrainSpec, device: DeviceInfo, *, config: Any = None
+                  ) -> list[MemoryEstimate]:
+    """Every memory configuration the trainer may pick for `spec` on `device`, richest first,
+    the last being the minimum (`estimate_memory`); a single estimate where the fast path does
+    not run. Placement fits a job by the minimum and reserves, on the node it chose, the first
+    one that node holds (`best_fit`); the trainer picks the same one from its reservation
+    (`fit_to_room`), so the two agree by construction."""
     shape = model_shape(spec, config=config)
     dtype = resolve_compute_dtype(spec, device)
     a = _DTYPE_BYTES[dtype]
@@ -471,19 +494,16 @@ def estimate_memory(spec: TrainSpec, device: DeviceInfo, *, config: Any = None,
         "backward_workspace": int(workspace),
     }
     if kind == "cpu":
-        return _cpu_estimate(spec, shape, breakdown, dtype)
+        return [_cpu_estimate(spec, shape, breakdown, dtype)]
     pieces = fast_pieces(spec, device)
     if pieces["fused_lora"]:
-        estimate = _fast_estimate(spec, shape, device, dtype, pieces, breakdown)
-        if graphs:
-            room = device.free_memory if device.free_memory is not None else device.total_memory
-            estimate = with_graphs(spec, device, estimate, room if room else 1 << 62)
-        return estimate
+        return [_fast_estimate(spec, shape, device, dtype, v, breakdown)
+                for v in _variant_pieces(spec, device, pieces)]
     breakdown["cuda_context"] = cuda_context_bytes(device)
     breakdown["allocator_slack"] = int(ALLOCATOR_SLACK * sum(
         v for k, v in breakdown.items() if k != "cuda_context"))
-    return MemoryEstimate(breakdown=breakdown, total=sum(breakdown.values()),
-                          compute_dtype=dtype, device_kind=kind)
+    return [MemoryEstimate(breakdown=breakdown, total=sum(breakdown.values()),
+                           compute_dtype=dtype, device_kind=kind)]
 
 
 # -- the fast path (service/train/fast) on CUDA --------------------------------------------------
@@ -515,7 +535,7 @@ FAST_FIXED_SLACK = 128 * MiB
 # allocator cannot reuse: 0.07 x the per-token terms in the fit above (10.5 % of the eager
 # share), raised to 12.5 % so that the largest graphed point, 8B at 32k tokens, is covered too,
 # plus a fixed part for the graphs themselves. Graphs run only where that fits; on a card too
-# small for it the trainer runs the same fast path without them (`graphs_fit`).
+# small for it the trainer runs the same fast path without them (`fit_to_room`).
 GRAPHS_FIXED = 64 * MiB
 GRAPHS_PER_WORKING_BYTE = 0.125
 
@@ -524,7 +544,7 @@ def fast_pieces(spec: TrainSpec, device: DeviceInfo) -> dict[str, bool]:
     """Which memory-relevant fast-path pieces run for `spec` on `device` (a CUDA node): the
     subset of spec.FAST_PIECES that `_fast_estimate` models, each on unless switched "off" or
     impossible for the spec (the rules of `fast.resolve_fast`'s `_can_run`). `cuda_graphs` here
-    means "possible"; whether the card has room for them is `with_graphs`'s decision."""
+    means "possible"; whether the card has room for them is `best_fit`'s decision."""
     switches = spec.fast_spec()
     possible = {
         "fused_lora": spec.quantization in ("nf4", "fp4") and not spec.lora.use_dora,
@@ -532,51 +552,81 @@ def fast_pieces(spec: TrainSpec, device: DeviceInfo) -> dict[str, bool]:
         "padding_free": True,
         "chunked_loss": True,
         "host_embeddings": True,
+        "host_head": True,
         "cuda_graphs": cuda_graphs_unsupported(spec, device.compute_capability) is None,
     }
     out = {piece: can and getattr(switches, piece) != "off" for piece, can in possible.items()}
+    out["host_head"] = out["host_head"] and out["chunked_loss"]
     out["cuda_graphs"] = out["cuda_graphs"] and out["padding_free"] and out["chunked_loss"]
+    # The minimum (what placement fits a job by): the head in host memory where it may go, and
+    # then no graphs (the streamed head's copies are paced by the host).
+    if out["host_head"]:
+        out["cuda_graphs"] = False
     return out
 
 
-def graphs_pool_bytes(estimate: "MemoryEstimate") -> int:
-    """What CUDA graphs add to `estimate` (an estimate made without them), page slack included."""
-    b = estimate.breakdown
-    working = b.get("activations", 0) + b.get("logits", 0) + b.get("token_workspace", 0)
-    return int((GRAPHS_FIXED + GRAPHS_PER_WORKING_BYTE * working) * (1 + ALLOCATOR_PAGE_SLACK))
+# fast/host_head.py's default block (its `default_block_rows`), restated without torch.
+HOST_HEAD_LOGITS_BLOCK_BYTES = 64 * MiB
+HOST_HEAD_WEIGHT_BLOCK_BYTES = 16 * MiB
+HOST_HEAD_MIN_BLOCK_ROWS = 512
+
+
+def host_head_block_rows(tokens: int, vocab: int, hidden: int, elem: int) -> int:
+    """Vocabulary rows per block of the streamed head's loss (fast/host_head.py)."""
+    by_logits = HOST_HEAD_LOGITS_BLOCK_BYTES // (4 * max(1, tokens))
+    by_weight = HOST_HEAD_WEIGHT_BLOCK_BYTES // max(1, hidden * elem)
+    return max(1, min(vocab, max(HOST_HEAD_MIN_BLOCK_ROWS, min(by_logits, by_weight))))
+
+
+def _variant_pieces(spec: TrainSpec, device: DeviceInfo,
+                    minimum: dict[str, bool]) -> list[dict[str, bool]]:
+    """The fast path's memory configurations, richest (fastest) first, ending with `minimum`:
+    the head on the GPU with CUDA graphs, then without them, then the head in host memory. A
+    switch set "on" pins its piece; "off" removes the configurations that need it."""
+    switches = spec.fast_spec()
+    graphs_ok = (cuda_graphs_unsupported(spec, device.compute_capability) is None
+                 and switches.cuda_graphs != "off" and minimum["padding_free"]
+                 and minimum["chunked_loss"])
+    out = []
+    if switches.host_head != "on":
+        head_on_gpu = {**minimum, "host_head": False}
+        if graphs_ok:
+            out.append({**head_on_gpu, "cuda_graphs": True})
+        out.append({**head_on_gpu, "cuda_graphs": False})
+    if minimum["host_head"]:
+        out.append(minimum)
+    return out
+
+
+def _first_fit(variants: list["MemoryEstimate"], room: int) -> "MemoryEstimate":
+    """The first (richest) of `variants` within `room` bytes; the last (the minimum) if none."""
+    return next((v for v in variants if v.total <= room), variants[-1])
+
+
+def fit_to_room(spec: TrainSpec, device: DeviceInfo, room: int, *, config: Any = None
+                ) -> "MemoryEstimate":
+    """The richest configuration of `fast_variants` within `room` bytes (the minimum if none
+    is): whether the output head stays on the GPU and CUDA graphs run (`.host_head`,
+    `.graphs`)."""
+    return _first_fit(fast_variants(spec, device, config=config), room)
 
 
 def graphs_possible(spec: TrainSpec, device: DeviceInfo) -> bool:
     """Whether the fast path would replay CUDA graphs for `spec` on `device`, memory aside."""
     if spec.device == "cpu" or device.kind != "cuda":
         return False
-    pieces = fast_pieces(spec, device)
-    return pieces["fused_lora"] and pieces["cuda_graphs"]
+    return any(e.graphs for e in fast_variants(spec, device))
 
 
-def with_graphs(spec: TrainSpec, device: DeviceInfo, estimate: "MemoryEstimate",
-                room: int) -> "MemoryEstimate":
-    """`estimate` (made without graphs) plus the graphs' pool where `spec` would replay graphs
-    on `device` and the sum fits `room` bytes; else `estimate` itself. Placement calls this for
-    the node it chose, so a job reserves the pool exactly where it will use it."""
-    if "cuda_graphs_pool" in estimate.breakdown or not graphs_possible(spec, device):
-        return estimate
-    extra = graphs_pool_bytes(estimate)
-    if estimate.total + extra > room:
-        return estimate
-    breakdown = {**estimate.breakdown, "cuda_graphs_pool": extra}
-    return MemoryEstimate(breakdown=breakdown, total=estimate.total + extra,
-                          compute_dtype=estimate.compute_dtype, device_kind=estimate.device_kind)
-
-
-def graphs_fit(spec: TrainSpec, device: DeviceInfo, room: int) -> tuple[bool, str]:
-    """Whether CUDA graphs fit next to `spec`'s fast path in `room` bytes of the card, and the
-    numbers that decided it (for the plan's reason)."""
-    base = estimate_memory(spec, device)
-    extra = graphs_pool_bytes(base)
-    ok = base.total + extra <= room
-    return ok, (f"{(base.total + extra) / GiB:.2f} GiB with graphs ({extra / GiB:.2f} GiB of "
-                f"graph pool) {'fits' if ok else 'exceeds'} the card's {room / GiB:.2f} GiB")
+def best_fit(spec: TrainSpec, device: DeviceInfo, minimum: "MemoryEstimate",
+             fits: Any) -> "MemoryEstimate":
+    """The richest configuration of `fast_variants` for which `fits(estimate)` holds, else
+    `minimum` (the job's estimate as placed). Placement calls this for the node it chose, so a
+    job reserves the graphs' pool and the GPU room for its output head exactly where it will
+    use them."""
+    if minimum.device_kind != "cuda" or "lora_compute_copies" not in minimum.breakdown:
+        return minimum
+    return next((v for v in fast_variants(spec, device) if fits(v)), minimum)
 
 
 def _fast_estimate(spec: TrainSpec, shape: ModelShape, device: DeviceInfo, dtype: str,
@@ -591,8 +641,11 @@ def _fast_estimate(spec: TrainSpec, shape: ModelShape, device: DeviceInfo, dtype
     V = shape.vocab_size
     tokens = spec.micro_batch_size * spec.max_seq_len
     lora_params = terms["lora_params"] // LORA_PARAM_BYTES
-    # The input table in host memory (fast/embeddings.py) unless the head shares it.
+    # The input table in host memory (fast/embeddings.py) unless the head shares it; the head
+    # (and a table tied to it) there too where host_head is on (fast/host_head.py).
     host_rows = V * h if pieces.get("host_embeddings") and not shape.tied_embeddings else 0
+    if pieces.get("host_head"):
+        host_rows += V * h
 
     layer = (2 * a * h  # RMSNorm inputs (Liger keeps them in the compute dtype)
              + 2 * a * h  # normed inputs of attention and MLP (shared by q/k/v, gate/up)
@@ -607,7 +660,14 @@ def _fast_estimate(spec: TrainSpec, shape: ModelShape, device: DeviceInfo, dtype
     else:
         per_token = L * layer
     per_token += 2 * a * h  # embeddings' output, final norm output
-    if pieces["chunked_loss"]:
+    if pieces.get("host_head"):
+        # The streamed loss: its fp32 gradient wrt the hidden states and its cast, one block's
+        # fp32 logits and their softmax, two weight blocks in flight. Not scaled by
+        # FAST_TOKEN_FACTOR below (not calibrated on the grid: the head stays on a big card).
+        rows = host_head_block_rows(tokens, V, h, a)
+        logits = (tokens * h * (4 + a) + 2 * tokens * rows * 4
+                  + 2 * rows * h * a) / FAST_TOKEN_FACTOR
+    elif pieces["chunked_loss"]:
         # Liger's chunk: next power of two of tokens / ceil(vocab / hidden) rows of logits.
         rows = math.ceil(tokens / max(1, math.ceil(V / h)))
         chunk = 1 << max(0, math.ceil(math.log2(max(1, rows))))
@@ -631,11 +691,15 @@ def _fast_estimate(spec: TrainSpec, shape: ModelShape, device: DeviceInfo, dtype
         "logits": int(FAST_TOKEN_FACTOR * logits),
         "token_workspace": int(FAST_TOKEN_FACTOR * workspace),
     })
+    if pieces.get("cuda_graphs"):
+        working = breakdown["activations"] + breakdown["logits"] + breakdown["token_workspace"]
+        breakdown["cuda_graphs_pool"] = int(GRAPHS_FIXED + GRAPHS_PER_WORKING_BYTE * working)
     allocated = sum(breakdown.values())
     breakdown["cuda_context"] = cuda_context_bytes(device)
     breakdown["allocator_slack"] = int(ALLOCATOR_PAGE_SLACK * allocated + FAST_FIXED_SLACK)
     return MemoryEstimate(breakdown=breakdown, total=sum(breakdown.values()),
-                          compute_dtype=dtype, device_kind="cuda")
+                          compute_dtype=dtype, device_kind="cuda",
+                          host_head=bool(pieces.get("host_head")))
 
 
 # -- the CPU branch ------------------------------------------------------------------------------
@@ -704,9 +768,10 @@ __all__ = [
     "LinearShape",
     "MemoryEstimate",
     "ModelShape",
+    "best_fit",
     "estimate_memory",
-    "graphs_fit",
-    "with_graphs",
+    "fast_variants",
+    "fit_to_room",
     "load_config",
     "model_shape",
     "resolve_compute_dtype",

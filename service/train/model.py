@@ -409,9 +409,9 @@ def build_model(spec: TrainSpec, device: torch.device, *, cache_dir: str | Path 
     (`for_training=False`): the frozen base, with the adapter in `adapter_dir` when given, in
     eval mode; the plan's pieces that only matter with a backward (activation offload) are
     off. Then the fast path's pieces are applied (`fastpath.apply`), and the chunked loss is
-    turned off with a recorded reason where the model cannot use it (loss.py), as are CUDA
-    graphs where the card, or `memory_budget` (the scheduler's reservation), has no room for
-    their pool.
+    turned off with a recorded reason where the model cannot use it (loss.py). What the card,
+    or `memory_budget` (the scheduler's reservation), holds decides whether the output head
+    stays on the GPU and whether CUDA graphs run (`fastpath.fit_memory`).
     """
     from . import fastpath
     from .allocator import use_expandable_segments
@@ -424,8 +424,10 @@ def build_model(spec: TrainSpec, device: torch.device, *, cache_dir: str | Path 
     if not for_training:
         plan = fastpath.without(plan, {"offload_activations": "no backward in evaluation",
                                        "cuda_graphs": "no backward in evaluation"})
-    # Before the weights arrive: the setting applies to segments created after it.
+    # Before the weights arrive: the allocator setting applies to segments created after it,
+    # and the memory decisions (output head in host memory? CUDA graphs?) read the free card.
     allocator = use_expandable_segments(device)
+    plan = fastpath.fit_memory(plan, spec, device, memory_budget)
     model, tokenizer = load_base_model(spec, device, cache_dir=cache_dir,
                                        extra_kwargs=fastpath.prepare_kwargs(plan, spec))
     if for_training:
@@ -434,9 +436,6 @@ def build_model(spec: TrainSpec, device: torch.device, *, cache_dir: str | Path 
         model = attach_adapter(model, adapter_dir)
         model.eval()
     fastpath.apply(model, plan, spec, device)
-    why_not = fastpath.graphs_room(plan, spec, device, memory_budget)
-    if why_not:
-        plan = fastpath.without(plan, {"cuda_graphs": why_not})
     if plan.chunked_loss:
         why = chunked_loss_unsupported(model)
         if why:

@@ -52,6 +52,10 @@ class FastSpec(BaseModel):
     padding_free: Switch = "auto"  # flat packed rows, position_ids restart, doc-masked attention
     chunked_loss: Switch = "auto"  # linear+CE without full logits (service/train/loss.py)
     host_embeddings: Switch = "auto"  # frozen input embeddings in pinned host memory (fast/)
+    # the frozen output head in pinned host memory, streamed block by block into the loss
+    # (fast/host_head.py); "auto": only where the job would not fit the card (or the scheduler's
+    # reservation) with the head on the GPU; no CUDA graphs then
+    host_head: Switch = "auto"
     # q/k/v and gate/up as one fused node each (fast/lora_group.py); needs fused_lora, dropout 0
     grouped_lora: Switch = "auto"
     # a micro-batch's forward + backward replayed as a CUDA graph (fast/graphs.py): no launch
@@ -74,6 +78,7 @@ class FastPlan:
     padding_free: bool = False
     chunked_loss: bool = False
     host_embeddings: bool = False
+    host_head: bool = False
     grouped_lora: bool = False
     cuda_graphs: bool = False
     reasons: dict[str, str] = field(default_factory=dict)

@@ -372,21 +372,23 @@ def test_a_job_no_cpu_node_could_hold_is_refused_at_submit(tiny):
 
 
 def test_a_roomy_node_also_reserves_the_cuda_graphs_pool(model):
-    """The fast path replays CUDA graphs where the card has room for their pool: the placer
-    reserves that pool on a node that holds it with the margin, and places the job without it
-    (its minimum) on a node that holds only that; the trainer keeps within what was reserved."""
+    """The placer fits a job by its minimum (the fast path's output head in host memory) and
+    reserves, on the node it chose, the richest configuration that node holds with the margin:
+    head on the GPU with the CUDA graphs' pool on a roomy node, the minimum on one that holds
+    only that; the trainer keeps within what was reserved."""
+    from lorapool.service.train.memory import fast_variants
+
     s = spec(model, fast="auto")  # default LoRA dropout 0: graphs possible on an Ampere card
     device = DeviceInfo(name="x", total_memory=48 * GiB, **AMPERE)
-    eager = estimate_memory(s, device)
-    with_pool = estimate_memory(s, device, graphs=True)
-    pool = with_pool.breakdown["cuda_graphs_pool"]
+    graphs, eager, minimum = fast_variants(s, device)
+    assert estimate_memory(s, device) == minimum and minimum.host_head
     roomy = Placer().plan([job("a", s)], [node("rtx-4090", 24 * GiB)], {})
-    assert roomy[0].estimate.breakdown.get("cuda_graphs_pool") == pool
-    assert roomy[0].estimate.total == eager.total + pool
-    tight_free = int(eager.total * 1.1) + pool // 4 + 1  # the job fits, its pool does not
+    assert roomy[0].estimate.total == graphs.total and roomy[0].estimate.graphs
+    middle = Placer().plan([job("a", s)], [node("rtx-3060", int(eager.total * 1.1) + 1)], {})
+    assert middle and middle[0].estimate.total == eager.total
+    tight_free = int(minimum.total * 1.1) + 1  # the job fits, nothing richer does
     tight = Placer().plan([job("a", s)], [node("rtx-3060", tight_free)], {})
-    assert tight and "cuda_graphs_pool" not in tight[0].estimate.breakdown
-    assert tight[0].estimate.total == eager.total
+    assert tight and tight[0].estimate.total == minimum.total
     # graphs=False (the placement simulator): never reserved.
     off = Placer(graphs=False).plan([job("a", s)], [node("rtx-4090", 24 * GiB)], {})
     assert "cuda_graphs_pool" not in off[0].estimate.breakdown

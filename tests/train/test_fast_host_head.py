@@ -170,13 +170,21 @@ def test_refuses_a_trainable_weight_or_bias_and_bad_targets():
 
 
 def test_default_block_rule():
-    # 2048 tokens, Llama-3 vocab, H=2048 bf16: logits allow 32768 rows, the 64 MiB weight
-    # block 16384.
-    assert default_block_rows(2048, 128256, 2048, 2) == 16384
-    # 8192 tokens: the 256 MiB logits cap (8192 rows) is the tighter one.
-    assert default_block_rows(8192, 128256, 2048, 2) == 8192
-    assert default_block_rows(10**6, 128256, 2048, 2) == 1024  # the floor wins
+    # 2048 tokens, Llama-3 vocab, H=2048 bf16: logits allow 8192 rows, the 16 MiB weight
+    # block 4096.
+    assert default_block_rows(2048, 128256, 2048, 2) == 4096
+    # 8192 tokens: the 64 MiB logits cap (2048 rows) is the tighter one.
+    assert default_block_rows(8192, 128256, 2048, 2) == 2048
+    assert default_block_rows(10**6, 128256, 2048, 2) == 512  # the floor wins
     assert default_block_rows(16, 500, 64, 4) == 500  # never more than the vocabulary
+
+
+def test_the_memory_estimate_uses_the_same_block_rule():
+    from lorapool.service.train.memory import host_head_block_rows
+
+    for n, v, h, e in [(2048, 128256, 2048, 2), (8192, 128256, 3072, 2), (512, 128256, 4096, 2),
+                       (10**6, 128256, 2048, 2), (16, 500, 64, 4), (32768, 32000, 4096, 4)]:
+        assert host_head_block_rows(n, v, h, e) == default_block_rows(n, v, h, e)
 
 
 # -- HostHead and the swap ------------------------------------------------------------------------
@@ -310,3 +318,62 @@ def test_host_head_of_sees_through_peft():
     assert move_output_head_to_host(model, allow_cpu=True).startswith("output head (")
     assert isinstance(host_head_of(model), HostHead)
     assert host_head_of(model) is model.get_base_model().lm_head
+
+
+# -- the trainer on a GPU -----------------------------------------------------------------------
+
+
+def _run(model_dir, data, out, host_head: str):
+    """A short bf16 run on the GPU; (per-step losses, the trainer, its plan's host_head)."""
+    from lorapool.service.train import LoraSpec, TrainSpec
+    from lorapool.service.train.loop import Trainer
+
+    losses: list[float] = []
+    spec = TrainSpec(base_model=str(model_dir), device="cuda", compute_dtype="bf16",
+                     max_seq_len=64, batch_size=4, micro_batch_size=2, learning_rate=5e-3,
+                     lora=LoraSpec(r=8, alpha=16), max_steps=5, seed=3,
+                     fast={"host_head": host_head})
+    t = Trainer(spec, str(data), out,
+                on_event=lambda e: losses.append(e.loss) if e.type == "step" else None)
+    t.run()
+    return losses, t
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tied", [False, True])
+def test_training_with_the_head_on_the_host_is_training(tiny_model_dir, toy_data, tmp_path,
+                                                        tied) -> None:
+    """The real trainer with host_head "on" (streamed loss, pinned table, side-stream copies)
+    and "off": the same per-step losses and adapters to bf16 tolerance; the head (and a table
+    tied to it) left the GPU."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    model = tiny_model_dir
+    if tied:
+        model = tmp_path / "tied"
+        shutil.copytree(tiny_model_dir, model)
+        config = json.loads((model / "config.json").read_text())
+        config["tie_word_embeddings"] = True
+        (model / "config.json").write_text(json.dumps(config))
+    data = toy_data.write_jsonl(tmp_path / "train.jsonl", toy_data.chat_records(24))
+    off, _ = _run(model, data, tmp_path / "off", "off")
+    on, t = _run(model, data, tmp_path / "on", "on")
+    assert t.plan.host_head and not t.plan.cuda_graphs, t.plan.reasons
+    head = hh.host_head_of(t.model)
+    assert head is not None and head.weight.device.type == "cpu" and head.weight.is_pinned()
+    if tied:
+        emb = t.model.get_base_model().get_input_embeddings()
+        assert isinstance(emb, HostEmbedding) and emb.weight.data_ptr() == head.weight.data_ptr()
+    assert len(on) == len(off) == 5
+    for a, b in zip(on, off):
+        assert abs(a - b) <= 2e-2 * abs(b), (on, off)
+    a = load_file(str(tmp_path / "on" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "off" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        rel = float((a[k].float() - b[k].float()).norm() / b[k].float().norm().clamp_min(1e-12))
+        assert rel < 0.05, (k, rel)

@@ -74,59 +74,77 @@ def test_measured_context_is_used(one_b):
     assert est(one_b).total - small.total == est(one_b).breakdown["cuda_context"] - 300 * 2**20
 
 
-def test_cuda_graphs_are_counted_where_the_card_has_room(one_b):
-    """The graphs' pool is in the estimate exactly where graphs will run: dropout 0 (they
-    cannot replay a dropout mask's recompute), a bf16 card, and room on the card for the pool;
-    otherwise the estimate is the eager fast path's, which is what the trainer then runs."""
-    from lorapool.service.train.memory import graphs_fit
+def test_the_room_picks_the_configuration(one_b):
+    """The fast path's memory configurations, richest first: the output head on the GPU with
+    CUDA graphs, then without graphs, then the head in host memory (the minimum, what placement
+    fits by). A card gets the richest one it holds; graphs only where they can run at all
+    (dropout 0, a bf16 card, unpacked rows, the switch not off)."""
+    from lorapool.service.train.memory import fast_variants, fit_to_room
     from lorapool.service.train.spec import LoraSpec
 
-    no_dropout = {"lora": LoraSpec(dropout=0.0), "max_seq_len": 2048}
-    spec = TrainSpec(base_model=str(one_b), **no_dropout)
+    spec = TrainSpec(base_model=str(one_b), max_seq_len=2048)
     big = DeviceInfo(kind="cuda", total_memory=80 * GiB, compute_capability=(9, 0))
-    graphs = estimate_memory(spec, big, graphs=True)
-    eager = estimate_memory(spec, big)
+    graphs, eager, host = fast_variants(spec, big)
+    assert (graphs.graphs, graphs.host_head) == (True, False)
+    assert (eager.graphs, eager.host_head) == (False, False)
+    assert (host.graphs, host.host_head) == (False, True)
+    assert graphs.total > eager.total > host.total
+    assert estimate_memory(spec, big) == host and estimate_memory(spec, big, graphs=True) == graphs
     pool = graphs.breakdown["cuda_graphs_pool"]
-    assert "cuda_graphs_pool" not in eager.breakdown
-    assert graphs.total == eager.total + pool
     working = sum(eager.breakdown[k] for k in ("activations", "logits", "token_workspace"))
     assert 64 * 2**20 + 0.1 * working < pool < 64 * 2**20 + 0.2 * working  # a fraction of it
-    # A card with room for the eager path but not for the pool: graphs stay off.
-    tight = DeviceInfo(kind="cuda", total_memory=eager.total + pool // 2,
-                       compute_capability=(9, 0))
-    assert estimate_memory(spec, tight, graphs=True).total == eager.total
-    assert graphs_fit(spec, tight, tight.total_memory)[0] is False
-    assert graphs_fit(spec, big, big.total_memory)[0] is True
-    # LoRA dropout on, a pre-Ampere card, or the switch off: no graphs.
-    dropout = TrainSpec(base_model=str(one_b), lora=LoraSpec(dropout=0.05), max_seq_len=2048)
-    assert "cuda_graphs_pool" not in estimate_memory(dropout, big, graphs=True).breakdown
+    # The head leaves the GPU: its table (the 1B shape's, bf16) less the streamed loss' blocks.
+    table = 128256 * 2048 * 2
+    assert eager.breakdown["unquantized_params"] - host.breakdown["unquantized_params"] == table
+    assert 0.5 * table < eager.total - host.total < table
+    for room, want in ((graphs.total, graphs), (graphs.total - 1, eager), (eager.total - 1, host),
+                       (host.total - 1, host)):
+        assert fit_to_room(spec, big, room) == want
+        card = DeviceInfo(kind="cuda", total_memory=room, compute_capability=(9, 0))
+        assert estimate_memory(spec, card, graphs=True) == want
+    # No graphs configuration where they cannot run; switches pin or remove the head's move.
+    no_graphs = [TrainSpec(base_model=str(one_b), lora=LoraSpec(dropout=0.05), max_seq_len=2048),
+                 TrainSpec(base_model=str(one_b), fast={"cuda_graphs": "off"}, max_seq_len=2048),
+                 TrainSpec(base_model=str(one_b), packing=True, max_seq_len=2048)]
+    for s in no_graphs:
+        assert [(v.graphs, v.host_head) for v in fast_variants(s, big)] == [(False, False),
+                                                                            (False, True)]
     turing = DeviceInfo(kind="cuda", total_memory=80 * GiB, compute_capability=(7, 5))
-    assert "cuda_graphs_pool" not in estimate_memory(spec, turing, graphs=True).breakdown
-    off = TrainSpec(base_model=str(one_b), fast={"cuda_graphs": "off"}, **no_dropout)
-    assert "cuda_graphs_pool" not in estimate_memory(off, big, graphs=True).breakdown
-    packed = TrainSpec(base_model=str(one_b), packing=True, **no_dropout)  # eager rows
-    assert "cuda_graphs_pool" not in estimate_memory(packed, big, graphs=True).breakdown
+    assert not any(v.graphs for v in fast_variants(spec, turing))
+    kept = TrainSpec(base_model=str(one_b), fast={"host_head": "off"}, max_seq_len=2048)
+    assert [(v.graphs, v.host_head) for v in fast_variants(kept, big)] == [(True, False),
+                                                                          (False, False)]
+    pinned = TrainSpec(base_model=str(one_b), fast={"host_head": "on"}, max_seq_len=2048)
+    assert [(v.graphs, v.host_head) for v in fast_variants(pinned, big)] == [(False, True)]
 
 
-def test_the_trainer_uses_graphs_only_within_its_reservation(one_b):
-    """fastpath.graphs_decision: the trainer's rule. With a scheduler reservation that counted
-    the graphs' pool, graphs run; with one made without it (a smaller card at placement time),
-    they stay off even on a card with room to spare: the job must not outgrow its reservation."""
-    from lorapool.service.train.fastpath import graphs_decision
-    from lorapool.service.train.spec import LoraSpec, MemoryBudget
+def test_the_trainer_keeps_within_its_reservation(one_b):
+    """fastpath.decide_memory: the trainer's rule, the placement's `fit_to_room` applied to the
+    scheduler's reservation (or the card). A reservation that counted the graphs' pool gets
+    graphs; one made without it, none, even on a card with room to spare; one made for the
+    minimum, the head in host memory: the job never outgrows what was reserved for it."""
+    from lorapool.service.train.fastpath import decide_memory
+    from lorapool.service.train.memory import fast_variants
+    from lorapool.service.train.spec import FastPlan, MemoryBudget
 
-    spec = TrainSpec(base_model=str(one_b), lora=LoraSpec(dropout=0.0), max_seq_len=2048)
+    spec = TrainSpec(base_model=str(one_b), max_seq_len=2048)
     card = DeviceInfo(kind="cuda", total_memory=80 * GiB, compute_capability=(9, 0),
                       context_bytes=700 * 2**20)
-    with_pool = estimate_memory(spec, card, graphs=True)
-    without = estimate_memory(spec, card)
-    assert with_pool.total > without.total
-    probe = with_pool.breakdown["cuda_context"]
-    assert graphs_decision(spec, card, 80 * GiB) is None  # no reservation: the card decides
-    assert graphs_decision(spec, card, 80 * GiB, MemoryBudget(
-        total=with_pool.total, context_bytes=probe)) is None
-    why = graphs_decision(spec, card, 80 * GiB, MemoryBudget(total=without.total,
-                                                              context_bytes=probe))
-    assert why is not None and "reserved" in why
-    # A card that is itself too full says so, reservation or not.
-    assert "the card" in graphs_decision(spec, card, without.total)
+    plan = FastPlan(fused_lora=True, chunked_loss=True, padding_free=True, host_head=True,
+                    cuda_graphs=True, reasons={})
+    graphs, eager, host = fast_variants(spec, card)
+    probe = graphs.breakdown["cuda_context"]
+
+    def decide(room, total=None):
+        budget = None if total is None else MemoryBudget(total=total, context_bytes=probe)
+        out = decide_memory(plan, spec, card, room, budget)
+        return out.host_head, out.cuda_graphs, out.reasons
+
+    assert decide(80 * GiB)[:2] == (False, True)  # no reservation: the card decides
+    assert decide(80 * GiB, graphs.total)[:2] == (False, True)
+    head, g, why = decide(80 * GiB, eager.total)
+    assert (head, g) == (False, False) and "reserved" in why["cuda_graphs"]
+    head, g, why = decide(80 * GiB, host.total)
+    assert (head, g) == (True, False) and why["host_head"].startswith("on (auto)")
+    assert "host memory" in why["cuda_graphs"]
+    assert "the card" in decide(eager.total)[2]["cuda_graphs"]  # a full card says so

@@ -4,11 +4,13 @@ The pieces are the fields of `spec.FastSpec` (`FAST_PIECES`, also exported here 
 `fused_lora` (fast/lora.py), `grouped_lora` (fast/lora_group.py: sibling projections of one
 input as one node, on top of fused_lora), `offload_activations` (fast/offload.py), `kernels`
 (Liger, fast/kernels.py), `padding_free` (fast/attention.py), `chunked_loss` (the trainer's
-loss.py), `host_embeddings` (fast/embeddings.py) and `cuda_graphs` (fast/graphs.py: a
+loss.py), `host_embeddings` (fast/embeddings.py), `host_head` (fast/host_head.py: the frozen
+output head streamed from host memory into the loss) and `cuda_graphs` (fast/graphs.py: a
 micro-batch's forward and backward replayed as one CUDA graph). `TrainSpec.fast` switches each "auto",
 "on" or "off"; `resolve_fast(spec, device)` turns that into a `spec.FastPlan` for the device:
 
-- CUDA: "auto" is on wherever the piece can run;
+- CUDA: "auto" is on wherever the piece can run (`host_head` and `cuda_graphs` stay
+  tentative: the trainer keeps them only where the memory says so, fastpath.fit_memory);
 - CPU: "auto" is off (the reference path) except `chunked_loss`, which is numerically the
   same and always saves memory;
 - "on" forces a piece wherever it can run at all; where it cannot, it is off and
@@ -88,6 +90,10 @@ def _can_run(piece: str, spec: Any, device: torch.device) -> tuple[bool, str]:
         if device.type != "cuda":
             return False, "host embeddings save GPU memory; on the CPU they already are in RAM"
         return True, ""
+    if piece == "host_head":
+        if device.type != "cuda":
+            return False, "a host head saves GPU memory; on the CPU it already is in RAM"
+        return True, ""
     if piece == "kernels":
         from .kernels import kernels_available
 
@@ -124,6 +130,7 @@ def _what_runs(piece: str, device: torch.device) -> str:
             "kernels": "Liger RMSNorm/SwiGLU/RoPE",
             "chunked_loss": "chunked linear + cross-entropy",
             "host_embeddings": "frozen input embeddings in pinned host memory",
+            "host_head": "frozen output head in pinned host memory, streamed into the loss",
             "grouped_lora": "q/k/v and gate/up projections as one fused node each",
             "cuda_graphs": "forward + backward of each micro-batch shape replayed as a CUDA "
                            "graph (one-document rows, padded to a length bucket)"}[piece]
@@ -150,6 +157,11 @@ def resolve_fast(spec: Any, device: torch.device | str) -> FastPlan:
         on[piece], reasons[piece] = True, f"on ({switch}): {_what_runs(piece, device)}"
     if on["grouped_lora"] and not on["fused_lora"]:
         on["grouped_lora"], reasons["grouped_lora"] = False, "off: needs fused_lora"
+    if on["host_head"] and not on["chunked_loss"]:
+        on["host_head"], reasons["host_head"] = False, "off: needs chunked_loss (its loss streams)"
+    if on["host_head"] and switches["host_head"] == "on":
+        # The streamed head's copies are paced by the host: a graph cannot hold them.
+        on["cuda_graphs"], reasons["cuda_graphs"] = False, "off: host_head is on"
     if on["cuda_graphs"] and not (on["padding_free"] and on["chunked_loss"]):
         # The graph takes flat rows (position_ids, no mask) and ends in the chunked loss.
         on["cuda_graphs"], reasons["cuda_graphs"] = False, "off: needs padding_free and chunked_loss"
@@ -201,6 +213,11 @@ def apply_fast_path(model: torch.nn.Module, plan: FastPlan, spec: Any,
         from .embeddings import move_input_embeddings_to_host
 
         done["host_embeddings"] = move_input_embeddings_to_host(model)
+    if plan.host_head:
+        from .host_head import move_output_head_to_host
+
+        # After host_embeddings: a tied input table already on the host is shared, not copied.
+        done["host_head"] = move_output_head_to_host(model)
     if plan.padding_free:
         from .attention import register_doc_attention
 

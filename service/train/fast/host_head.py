@@ -31,25 +31,27 @@ from .embeddings import HostEmbedding
 
 log = logging.getLogger(__name__)
 
-# The default block (`default_block_rows`): its fp32 logits are at most LOGITS_BLOCK_BYTES
-# (the chunked loss' budget), one weight block at most WEIGHT_BLOCK_BYTES (two live on the
-# device), and it is never under MIN_BLOCK_ROWS rows (smaller copies and matmuls waste the bus
-# and the card more than they save) nor over the vocabulary.
-LOGITS_BLOCK_BYTES = 256 * 2**20
-WEIGHT_BLOCK_BYTES = 64 * 2**20
-MIN_BLOCK_ROWS = 1024
+# The default block (`default_block_rows`): its fp32 logits are at most LOGITS_BLOCK_BYTES, one
+# weight block at most WEIGHT_BLOCK_BYTES (two live on the device), and it is never under
+# MIN_BLOCK_ROWS rows (smaller copies and matmuls waste the bus and the card more than they
+# save) nor over the vocabulary. The head moves to the host only on a card that needs the
+# room, so the blocks are sized for memory first: 60-120 blocks of a 128k vocabulary at seq
+# 2048 cost launches, not memory. memory.py restates this rule (torch-free); a test checks.
+LOGITS_BLOCK_BYTES = 64 * 2**20
+WEIGHT_BLOCK_BYTES = 16 * 2**20
+MIN_BLOCK_ROWS = 512
 
 __all__ = ["HostHead", "default_block_rows", "host_head_of", "move_output_head_to_host",
            "streamed_linear_cross_entropy"]
 
 
 def default_block_rows(n_rows: int, vocab: int, hidden_size: int, elem_size: int) -> int:
-    """Vocabulary rows per block: min(V, max(1024, min(256 MiB / (4 N), 64 MiB / (H elem)))).
+    """Vocabulary rows per block: min(V, max(512, min(64 MiB / (4 N), 16 MiB / (H elem)))).
 
-    The fp32 logits of a block (N x rows x 4 bytes) stay within 256 MiB and a weight block
-    (rows x H x elem bytes) within 64 MiB, so the loss holds ~2 weight blocks and one logits
-    block on the device; the 1024-row floor wins over both caps (at N > 65,536 tokens the
-    logits block grows past 256 MiB rather than the blocks becoming tiny).
+    The fp32 logits of a block (N x rows x 4 bytes) stay within 64 MiB and a weight block
+    (rows x H x elem bytes) within 16 MiB, so the loss holds ~2 weight blocks and one logits
+    block on the device; the 512-row floor wins over both caps (at N > 32,768 tokens the
+    logits block grows past 64 MiB rather than the blocks becoming tiny).
     """
     by_logits = LOGITS_BLOCK_BYTES // (4 * max(1, n_rows))
     by_weight = WEIGHT_BLOCK_BYTES // max(1, hidden_size * elem_size)
