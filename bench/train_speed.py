@@ -329,6 +329,7 @@ def run_lorapool(job: dict, clock) -> dict:
             "fast_requested": fast if has_fast else "n/a (TrainSpec has no `fast`)",
             "micro_batch_used": result.metrics.get("micro_batch_size"),
             "cuda_graphs": result.metrics.get("cuda_graphs"),
+            "load_peak_reserved": result.metrics.get("load_peak_reserved_bytes"),
             "notes": notes[-12:], **predicted}
 
 
@@ -403,6 +404,7 @@ class Clock:
         self.t_loaded: float | None = None
         self.steps: list[float] = []
         self.reserved_after_load: int | None = None
+        self.load_peak_reserved: int | None = None  # the allocator's peak while loading
 
     def loaded(self, reset: bool = True) -> None:
         """The model is loaded and training starts now. `reset`: start the CUDA peaks here
@@ -415,6 +417,7 @@ class Clock:
             if self.device == "cuda":
                 self.reserved_after_load = torch.cuda.memory_reserved()
                 if reset:
+                    self.load_peak_reserved = torch.cuda.max_memory_reserved()
                     torch.cuda.reset_peak_memory_stats()
 
     def step(self, i: int) -> None:
@@ -466,10 +469,14 @@ def child_main(job: dict) -> dict:
             # Other runs share this GPU, so what the card has in use is not ours alone: count
             # the context a training process takes here, as the node's probe measured it.
             context = int(job["context_bytes"])
+        # The card must hold loading too: its peak, from before the counters restart for
+        # training (lorapool's trainer reports it; the hand runners' clock kept it).
+        loading = res.get("load_peak_reserved") or clock.load_peak_reserved or 0
         res.update(peak_alloc=torch.cuda.max_memory_allocated(),
                    peak_reserved=torch.cuda.max_memory_reserved(),
                    reserved_after_load=clock.reserved_after_load, context=context,
-                   driver_peak=context + torch.cuda.max_memory_reserved())
+                   driver_peak=context + max(torch.cuda.max_memory_reserved(), loading),
+                   driver_peak_training=context + torch.cuda.max_memory_reserved())
     return res
 
 

@@ -11,6 +11,7 @@ the reason "fast path not built". The plan type is `spec.FastPlan` either way.
     kwargs = prepare_kwargs(plan, spec)          # extra from_pretrained kwargs (attention impl)
     apply(model, plan, spec, device)             # after peft wrapped the model
     plan = fit_memory(plan, spec, device, budget)  # host_head / cuda_graphs as the memory allows
+    keep_tables_on_host(model, plan, device)     # host_head: tables stay on the host at load
     graphed_steps(model, plan, params, device, max_tokens=...)  # the CUDA graphs, or None
     describe(plan)                               # the "status" event's one-line summary
 """
@@ -80,6 +81,17 @@ def apply(model: Any, plan: FastPlan, spec: TrainSpec, device: torch.device) -> 
     fast = _fast_module()
     if fast is not None:
         fast.apply_fast_path(model, plan, spec, device)
+
+
+def keep_tables_on_host(model: Any, plan: FastPlan, device: torch.device) -> str:
+    """For a model loaded on the CPU because the plan moves its output head to the host: make
+    its frozen tables host modules before the rest moves to `device` (fast/host_head.py)."""
+    fast = _fast_module()
+    if fast is None or not plan.host_head:
+        return ""
+    from .fast.host_head import keep_tables_on_host as keep
+
+    return keep(model, device)
 
 
 def graphed_steps(model: Any, plan: FastPlan, params: list, device: torch.device, *,

@@ -453,6 +453,9 @@ class Trainer:
         spec = self.spec
         self.last_checkpoint: Path | None = None
         if self.device.type == "cuda":
+            # What loading took (the card had to hold it too), before the peaks restart with
+            # the training itself.
+            self.metrics["load_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.resume_from is None and self.val_data is not None:
             self.metrics["initial_eval_loss"] = self._eval_event()

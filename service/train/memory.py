@@ -695,6 +695,16 @@ def _fast_estimate(spec: TrainSpec, shape: ModelShape, device: DeviceInfo, dtype
         working = breakdown["activations"] + breakdown["logits"] + breakdown["token_workspace"]
         breakdown["cuda_graphs_pool"] = int(GRAPHS_FIXED + GRAPHS_PER_WORKING_BYTE * working)
     allocated = sum(breakdown.values())
+    if not pieces.get("host_head"):
+        # Loading straight to the GPU puts every table there (in the compute dtype) before the
+        # fast path sends the input embedding to the host, and one layer arrives unquantised
+        # at a time. With a small micro-batch that, not training, is the peak. (With host_head
+        # the model is loaded on the CPU and only what stays moves: model.py.)
+        loading = (terms["base_weights_quantized"] + shape.other_params * a
+                   + shape.largest_quantizable * a)
+        if loading > allocated:
+            breakdown["loading_peak"] = int(loading - allocated)
+            allocated = loading
     breakdown["cuda_context"] = cuda_context_bytes(device)
     breakdown["allocator_slack"] = int(ALLOCATOR_PAGE_SLACK * allocated + FAST_FIXED_SLACK)
     return MemoryEstimate(breakdown=breakdown, total=sum(breakdown.values()),

@@ -23,7 +23,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -248,11 +248,18 @@ def load_tokenizer(folder: str | Path, spec: TrainSpec):
 
 def load_base_model(spec: TrainSpec, device: torch.device | str | None = None,
                     *, cache_dir: str | Path | None = None,
-                    extra_kwargs: dict[str, Any] | None = None):
+                    extra_kwargs: dict[str, Any] | None = None,
+                    keep_on_host: Callable[[Any], Any] | None = None):
     """(model, tokenizer) for `spec`, quantised as it asks, on `device` (default: the spec's).
 
     `extra_kwargs` go to `from_pretrained` (the fast path's attention implementation). The
     model is frozen and in eval mode; `attach_lora` makes it trainable.
+
+    `keep_on_host` (CUDA only): the model is loaded and quantised on the CPU, then
+    `keep_on_host(model)` swaps in the modules that stay in host memory (the fast path's host
+    tables, whose `_apply` ignores moves), then the rest moves to the GPU. A small card then
+    never holds what it would only hand back: loading straight to the GPU puts the embedding
+    and head tables there first, so the load's peak, not training's, would decide the card.
     """
     from transformers import AutoModelForCausalLM
 
@@ -260,7 +267,8 @@ def load_base_model(spec: TrainSpec, device: torch.device | str | None = None,
     folder = resolve_base_model(spec, cache_dir)
     compute_dtype = select_compute_dtype(spec, device)
     tokenizer = load_tokenizer(folder, spec)
-    device_map = {"": device.index if device.type == "cuda" else "cpu"}
+    staged = keep_on_host is not None and device.type == "cuda"
+    device_map = {"": device.index if device.type == "cuda" and not staged else "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder,
@@ -274,6 +282,13 @@ def load_base_model(spec: TrainSpec, device: torch.device | str | None = None,
     except Exception as exc:
         raise ModelLoadError(f"cannot load base model {folder}: {exc}") from exc
     _disable_cpu_weight_packing(model)
+    if staged:
+        keep_on_host(model)
+        # nn.Module.to, not the model's own: transformers refuses .to() on a bitsandbytes model
+        # (it placed it itself); the quantised weights move as they are (Params4bit.to).
+        torch.nn.Module.to(model, device)
+        if hasattr(model, "hf_device_map"):
+            model.hf_device_map = {"": device.index}
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -428,8 +443,10 @@ def build_model(spec: TrainSpec, device: torch.device, *, cache_dir: str | Path 
     # and the memory decisions (output head in host memory? CUDA graphs?) read the free card.
     allocator = use_expandable_segments(device)
     plan = fastpath.fit_memory(plan, spec, device, memory_budget)
+    keep = (lambda m: fastpath.keep_tables_on_host(m, plan, device)) if plan.host_head else None
     model, tokenizer = load_base_model(spec, device, cache_dir=cache_dir,
-                                       extra_kwargs=fastpath.prepare_kwargs(plan, spec))
+                                       extra_kwargs=fastpath.prepare_kwargs(plan, spec),
+                                       keep_on_host=keep)
     if for_training:
         model = attach_lora(model, spec, plan=plan)
     elif adapter_dir is not None:

@@ -78,13 +78,13 @@ def make_random_llama(
     tokenizer = make_char_tokenizer(chat_template)
     params = dict(PRESETS[preset])
     params.setdefault("vocab_size", len(tokenizer))
+    params["tie_word_embeddings"] = False  # an override may tie them (Llama-3.2-1B/3B do)
     params.update(overrides)
     config = LlamaConfig(
         max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
         **params,
     )
     if write_weights:

@@ -248,8 +248,8 @@ def _llama(tie: bool):
     return model
 
 
-def _ids():
-    return torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(1))
+def _ids(vocab: int = 300):
+    return torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(1))
 
 
 def test_swap_is_off_on_the_cpu_and_for_a_trained_head():
@@ -344,21 +344,16 @@ def _run(model_dir, data, out, host_head: str):
 @pytest.mark.parametrize("tied", [False, True])
 def test_training_with_the_head_on_the_host_is_training(tiny_model_dir, toy_data, tmp_path,
                                                         tied) -> None:
-    """The real trainer with host_head "on" (streamed loss, pinned table, side-stream copies)
-    and "off": the same per-step losses and adapters to bf16 tolerance; the head (and a table
-    tied to it) left the GPU."""
-    import json
-    import shutil
-
+    """The real trainer with host_head "on" (loaded and quantised on the CPU, tables kept in
+    pinned host memory, streamed loss with side-stream copies) and "off" (loaded on the GPU):
+    the same per-step losses and adapters to bf16 tolerance; the head (and a table tied to it)
+    never on the GPU."""
     from safetensors.torch import load_file
 
-    model = tiny_model_dir
-    if tied:
-        model = tmp_path / "tied"
-        shutil.copytree(tiny_model_dir, model)
-        config = json.loads((model / "config.json").read_text())
-        config["tie_word_embeddings"] = True
-        (model / "config.json").write_text(json.dumps(config))
+    from lorapool.service.train.tiny import make_tiny_llama
+
+    model = make_tiny_llama(tmp_path / "tied", tie_word_embeddings=True) if tied \
+        else tiny_model_dir
     data = toy_data.write_jsonl(tmp_path / "train.jsonl", toy_data.chat_records(24))
     off, _ = _run(model, data, tmp_path / "off", "off")
     on, t = _run(model, data, tmp_path / "on", "on")
@@ -377,3 +372,33 @@ def test_training_with_the_head_on_the_host_is_training(tiny_model_dir, toy_data
     for k in a:
         rel = float((a[k].float() - b[k].float()).norm() / b[k].float().norm().clamp_min(1e-12))
         assert rel < 0.05, (k, rel)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_tables_kept_on_the_host_at_load(tmp_path, tied) -> None:
+    """keep_tables_on_host on a model loaded (and quantised) on the CPU, as the trainer's
+    staged load does before the rest moves to the GPU: both tables become host modules (one
+    table when tied), a following module move leaves them be, and the logits are unchanged."""
+    from lorapool.service.train import TrainSpec
+    from lorapool.service.train.model import load_base_model
+    from lorapool.service.train.tiny import make_tiny_llama
+
+    folder = make_tiny_llama(tmp_path / "m", tie_word_embeddings=tied)
+    spec = TrainSpec(base_model=str(folder), device="cpu", compute_dtype="fp32")
+    model, _ = load_base_model(spec, "cpu")
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    ids = _ids(vocab=model.config.vocab_size)
+    with torch.no_grad():
+        ref = model(ids).logits
+    msg = hh.keep_tables_on_host(model, torch.device("cpu"))
+    assert "input embedding" in msg and "output head" in msg
+    assert ("the same table" in msg) == tied
+    emb, head = model.get_input_embeddings(), hh.host_head_of(model)
+    assert isinstance(emb, HostEmbedding) and isinstance(head, HostHead)
+    assert (emb.weight.data_ptr() == head.weight.data_ptr()) == tied
+    torch.nn.Module.to(model, torch.float64)  # a move or cast of the rest leaves them alone
+    assert emb.weight.dtype == head.weight.dtype == torch.float32
+    torch.nn.Module.to(model, torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5)
+    assert hh.keep_tables_on_host(model, torch.device("cpu")).startswith("nothing")

@@ -82,7 +82,8 @@ def test_the_room_picks_the_configuration(one_b):
     from lorapool.service.train.memory import fast_variants, fit_to_room
     from lorapool.service.train.spec import LoraSpec
 
-    spec = TrainSpec(base_model=str(one_b), max_seq_len=2048)
+    # Long rows: training, not loading, is the peak, so each configuration costs more.
+    spec = TrainSpec(base_model=str(one_b), max_seq_len=8192)
     big = DeviceInfo(kind="cuda", total_memory=80 * GiB, compute_capability=(9, 0))
     graphs, eager, host = fast_variants(spec, big)
     assert (graphs.graphs, graphs.host_head) == (True, False)
@@ -103,18 +104,18 @@ def test_the_room_picks_the_configuration(one_b):
         card = DeviceInfo(kind="cuda", total_memory=room, compute_capability=(9, 0))
         assert estimate_memory(spec, card, graphs=True) == want
     # No graphs configuration where they cannot run; switches pin or remove the head's move.
-    no_graphs = [TrainSpec(base_model=str(one_b), lora=LoraSpec(dropout=0.05), max_seq_len=2048),
-                 TrainSpec(base_model=str(one_b), fast={"cuda_graphs": "off"}, max_seq_len=2048),
-                 TrainSpec(base_model=str(one_b), packing=True, max_seq_len=2048)]
+    no_graphs = [TrainSpec(base_model=str(one_b), lora=LoraSpec(dropout=0.05), max_seq_len=8192),
+                 TrainSpec(base_model=str(one_b), fast={"cuda_graphs": "off"}, max_seq_len=8192),
+                 TrainSpec(base_model=str(one_b), packing=True, max_seq_len=8192)]
     for s in no_graphs:
         assert [(v.graphs, v.host_head) for v in fast_variants(s, big)] == [(False, False),
                                                                             (False, True)]
     turing = DeviceInfo(kind="cuda", total_memory=80 * GiB, compute_capability=(7, 5))
     assert not any(v.graphs for v in fast_variants(spec, turing))
-    kept = TrainSpec(base_model=str(one_b), fast={"host_head": "off"}, max_seq_len=2048)
+    kept = TrainSpec(base_model=str(one_b), fast={"host_head": "off"}, max_seq_len=8192)
     assert [(v.graphs, v.host_head) for v in fast_variants(kept, big)] == [(True, False),
                                                                           (False, False)]
-    pinned = TrainSpec(base_model=str(one_b), fast={"host_head": "on"}, max_seq_len=2048)
+    pinned = TrainSpec(base_model=str(one_b), fast={"host_head": "on"}, max_seq_len=8192)
     assert [(v.graphs, v.host_head) for v in fast_variants(pinned, big)] == [(False, True)]
 
 
@@ -127,7 +128,7 @@ def test_the_trainer_keeps_within_its_reservation(one_b):
     from lorapool.service.train.memory import fast_variants
     from lorapool.service.train.spec import FastPlan, MemoryBudget
 
-    spec = TrainSpec(base_model=str(one_b), max_seq_len=2048)
+    spec = TrainSpec(base_model=str(one_b), max_seq_len=8192)
     card = DeviceInfo(kind="cuda", total_memory=80 * GiB, compute_capability=(9, 0),
                       context_bytes=700 * 2**20)
     plan = FastPlan(fused_lora=True, chunked_loss=True, padding_free=True, host_head=True,
@@ -148,3 +149,23 @@ def test_the_trainer_keeps_within_its_reservation(one_b):
     assert (head, g) == (True, False) and why["host_head"].startswith("on (auto)")
     assert "host memory" in why["cuda_graphs"]
     assert "the card" in decide(eager.total)[2]["cuda_graphs"]  # a full card says so
+
+
+def test_loading_straight_to_the_gpu_is_counted(one_b):
+    """A short micro-batch's peak is the load: every table arrives on the GPU (in the compute
+    dtype) before the fast path moves the input embedding out. The head-on-GPU configurations
+    count it; the host-head one loads on the CPU and moves only what stays, so it does not."""
+    from lorapool.service.train.memory import fast_variants
+
+    big = DeviceInfo(kind="cuda", total_memory=80 * GiB, compute_capability=(9, 0))
+    short = TrainSpec(base_model=str(one_b), max_seq_len=64)
+    graphs, eager, host = fast_variants(short, big)
+    tables = 2 * 128256 * 2048 * 2  # the 1B shape's embedding and head, bf16
+    for v in (graphs, eager):
+        b = v.breakdown
+        assert b.get("loading_peak", 0) > 0
+        on_gpu = sum(x for k, x in b.items() if k not in ("cuda_context", "allocator_slack"))
+        assert on_gpu >= b["base_weights_quantized"] + tables
+    assert "loading_peak" not in host.breakdown
+    long = TrainSpec(base_model=str(one_b), max_seq_len=8192, micro_batch_size=4, batch_size=4)
+    assert "loading_peak" not in fast_variants(long, big)[1].breakdown  # training is the peak

@@ -210,14 +210,20 @@ def apply_fast_path(model: torch.nn.Module, plan: FastPlan, spec: Any,
         ok, why = apply_kernels(model)
         done["kernels"] = why if ok else f"off: {why}"
     if plan.host_embeddings:
-        from .embeddings import move_input_embeddings_to_host
+        from .embeddings import HostEmbedding, move_input_embeddings_to_host
 
-        done["host_embeddings"] = move_input_embeddings_to_host(model)
+        hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+        done["host_embeddings"] = (
+            "input embedding in pinned host memory since load"
+            if isinstance(hf.get_input_embeddings(), HostEmbedding)
+            else move_input_embeddings_to_host(model))
     if plan.host_head:
-        from .host_head import move_output_head_to_host
+        from .host_head import host_head_of, move_output_head_to_host
 
         # After host_embeddings: a tied input table already on the host is shared, not copied.
-        done["host_head"] = move_output_head_to_host(model)
+        done["host_head"] = ("output head in pinned host memory since load"
+                             if host_head_of(model) is not None
+                             else move_output_head_to_host(model))
     if plan.padding_free:
         from .attention import register_doc_attention
 

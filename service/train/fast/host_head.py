@@ -423,3 +423,36 @@ def move_output_head_to_host(model: Any, *, allow_cpu: bool = False,
     where = "pinned host memory" if pin else "host memory"
     tied = ", shared with the tied input embedding" if table is not None else ""
     return f"output head ({size / 2**20:.0f} MiB) in {where}{tied}"
+
+
+def keep_tables_on_host(model: Any, device: torch.device) -> str:
+    """Before a model loaded on the CPU moves to `device`: its frozen input embedding and output
+    head become `HostEmbedding` / `HostHead` (one table when tied, pinned for a CUDA device),
+    whose `_apply` keeps them where they are, so the move takes everything else and the card
+    never holds the tables, not even while the model loads. What was done, for the events."""
+    hf = _causal_lm(model)
+    get_in = getattr(hf, "get_input_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    head = _output_head(hf)
+    done = []
+    table = None
+    tied = head is not None and emb is not None and getattr(head, "weight", None) is \
+        getattr(emb, "weight", None)
+    if isinstance(emb, torch.nn.Embedding) and not emb.weight.requires_grad and \
+            emb.weight.device.type == "cpu":
+        host_emb = HostEmbedding(emb, device)
+        hf.set_input_embeddings(host_emb)
+        table = host_emb.weight if tied else None
+        done.append(f"input embedding ({_mib(emb.weight)} MiB)")
+    if type(head) is torch.nn.Linear and not head.weight.requires_grad and \
+            (head.bias is None or not head.bias.requires_grad) and head.weight.device.type == "cpu":
+        hf.set_output_embeddings(HostHead(head, pin=device.type == "cuda", host_weight=table))
+        done.append("output head" + (" (the same table)" if table is not None
+                                     else f" ({_mib(head.weight)} MiB)"))
+    if not done:
+        return "nothing kept on the host (no frozen CPU tables)"
+    return " and ".join(done) + " kept in host memory at load"
+
+
+def _mib(t: torch.Tensor) -> int:
+    return round(t.numel() * t.element_size() / 2**20)
