@@ -119,14 +119,46 @@ def fit_memory(plan: FastPlan, spec: TrainSpec, device: torch.device,
     holds (and its CUDA context, which the estimate counts)."""
     if device.type != "cuda" or not (plan.cuda_graphs or plan.host_head):
         return plan
+    info, room = _card(device)
+    return decide_memory(plan, spec, info, room, budget)
+
+
+def _card(device: torch.device) -> tuple[DeviceInfo, int]:
+    """This CUDA card as the estimate sees it, and its room: what is free plus what this
+    process already holds, and its CUDA context (which the estimate counts)."""
     from .memory import cuda_context_bytes
 
     free, total = torch.cuda.mem_get_info(device)
     props = torch.cuda.get_device_properties(device)
     info = DeviceInfo(kind="cuda", name=props.name, total_memory=total,
                       compute_capability=(props.major, props.minor))
-    room = free + torch.cuda.memory_reserved(device) + cuda_context_bytes(info)
-    return decide_memory(plan, spec, info, room, budget)
+    return info, free + torch.cuda.memory_reserved(device) + cuda_context_bytes(info)
+
+
+def load_on_host(plan: FastPlan, spec: TrainSpec, device: torch.device,
+                 budget: Optional[MemoryBudget] = None) -> bool:
+    """Whether to load the model on the CPU and move only what stays to the GPU: where the
+    output head goes to the host and loading straight onto the card (every table there for a
+    moment) would not fit the room `fit_memory` decided by."""
+    if device.type != "cuda" or not plan.host_head:
+        return False
+    info, room = _card(device)
+    return load_decision(spec, info, room, budget)
+
+
+def load_decision(spec: TrainSpec, info: DeviceInfo, room: int,
+                  budget: Optional[MemoryBudget] = None) -> bool:
+    """`load_on_host`'s decision for a card described by `info` with `room` bytes."""
+    from .memory import straight_load_bytes
+
+    if budget is not None:
+        info = info.model_copy(update={"context_bytes": budget.context_bytes})
+        room = min(room, budget.total)
+    try:
+        return straight_load_bytes(spec, info) > room
+    except Exception as exc:  # noqa: BLE001 - no estimate: the load that always fits
+        log.warning("no load estimate (%s); loading on the CPU", exc)
+        return True
 
 
 def decide_memory(plan: FastPlan, spec: TrainSpec, info: DeviceInfo, room: int,

@@ -565,6 +565,21 @@ def fast_pieces(spec: TrainSpec, device: DeviceInfo) -> dict[str, bool]:
     return out
 
 
+def _straight_load_allocated(base_quantized: int, shape: ModelShape, a: int) -> int:
+    return base_quantized + shape.other_params * a + shape.largest_quantizable * a
+
+
+def straight_load_bytes(spec: TrainSpec, device: DeviceInfo, *, config: Any = None) -> int:
+    """Driver-visible bytes of loading `spec`'s model straight onto the GPU (every table there,
+    quantised layers arriving one at a time), context and page slack included. The trainer
+    loads on the CPU instead (host_head only) where the room is smaller than this."""
+    shape = model_shape(spec, config=config)
+    a = _DTYPE_BYTES[resolve_compute_dtype(spec, device)]
+    allocated = _straight_load_allocated(_quantized_weight_bytes(spec, shape, a), shape, a)
+    return int(allocated * (1 + ALLOCATOR_PAGE_SLACK) + FAST_FIXED_SLACK
+               + cuda_context_bytes(device))
+
+
 # fast/host_head.py's default block (its `default_block_rows`), restated without torch.
 HOST_HEAD_LOGITS_BLOCK_BYTES = 64 * MiB
 HOST_HEAD_WEIGHT_BLOCK_BYTES = 16 * MiB
@@ -699,9 +714,9 @@ def _fast_estimate(spec: TrainSpec, shape: ModelShape, device: DeviceInfo, dtype
         # Loading straight to the GPU puts every table there (in the compute dtype) before the
         # fast path sends the input embedding to the host, and one layer arrives unquantised
         # at a time. With a small micro-batch that, not training, is the peak. (With host_head
-        # the model is loaded on the CPU and only what stays moves: model.py.)
-        loading = (terms["base_weights_quantized"] + shape.other_params * a
-                   + shape.largest_quantizable * a)
+        # the model is loaded on the CPU where that would not fit, and only what stays moves:
+        # model.py, `straight_load_bytes`.)
+        loading = _straight_load_allocated(terms["base_weights_quantized"], shape, a)
         if loading > allocated:
             breakdown["loading_peak"] = int(loading - allocated)
             allocated = loading
@@ -782,6 +797,7 @@ __all__ = [
     "estimate_memory",
     "fast_variants",
     "fit_to_room",
+    "straight_load_bytes",
     "load_config",
     "model_shape",
     "resolve_compute_dtype",

@@ -443,7 +443,10 @@ def build_model(spec: TrainSpec, device: torch.device, *, cache_dir: str | Path 
     # and the memory decisions (output head in host memory? CUDA graphs?) read the free card.
     allocator = use_expandable_segments(device)
     plan = fastpath.fit_memory(plan, spec, device, memory_budget)
-    keep = (lambda m: fastpath.keep_tables_on_host(m, plan, device)) if plan.host_head else None
+    # A card too small even to load the model straight (every table on it for a moment):
+    # load on the CPU and move only what stays.
+    keep = (lambda m: fastpath.keep_tables_on_host(m, plan, device)) \
+        if fastpath.load_on_host(plan, spec, device, memory_budget) else None
     model, tokenizer = load_base_model(spec, device, cache_dir=cache_dir,
                                        extra_kwargs=fastpath.prepare_kwargs(plan, spec),
                                        keep_on_host=keep)

@@ -169,3 +169,26 @@ def test_loading_straight_to_the_gpu_is_counted(one_b):
     assert "loading_peak" not in host.breakdown
     long = TrainSpec(base_model=str(one_b), max_seq_len=8192, micro_batch_size=4, batch_size=4)
     assert "loading_peak" not in fast_variants(long, big)[1].breakdown  # training is the peak
+
+
+def test_the_model_loads_on_the_host_only_where_a_straight_load_does_not_fit(one_b):
+    """fastpath.load_decision: with the head going to the host, the model loads on the CPU
+    exactly where loading it straight onto the card (every table there for a moment) would
+    exceed the room, or the scheduler's reservation."""
+    from lorapool.service.train.fastpath import load_decision
+    from lorapool.service.train.memory import straight_load_bytes
+    from lorapool.service.train.spec import MemoryBudget
+
+    spec = TrainSpec(base_model=str(one_b), max_seq_len=2048)
+    card = DeviceInfo(kind="cuda", total_memory=80 * GiB, compute_capability=(9, 0),
+                      context_bytes=700 * 2**20)
+    straight = straight_load_bytes(spec, card)
+    tables = 2 * 128256 * 2048 * 2
+    assert straight > tables + card.context_bytes
+    assert load_decision(spec, card, straight) is False
+    assert load_decision(spec, card, straight - 1) is True
+    ctx = card.context_bytes
+    assert load_decision(spec, card, 80 * GiB, MemoryBudget(total=straight - 1,
+                                                            context_bytes=ctx)) is True
+    assert load_decision(spec, card, 80 * GiB, MemoryBudget(total=straight,
+                                                            context_bytes=ctx)) is False
