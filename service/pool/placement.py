@@ -451,7 +451,7 @@ class Placer:
         self.size_weight = size_weight
         self.graphs = graphs
         # id of an estimate → (that estimate, it with the graphs' pool or itself)
-        self._variants: dict[int, tuple[MemoryEstimate, list[MemoryEstimate]]] = {}
+        self._variants: dict[int, tuple[MemoryEstimate, list[tuple[int, MemoryEstimate]]]] = {}
         self.last_errors: dict[str, str] = {}
         # Jobs left waiting for a faster card in the last pass: job id → node id.
         self.last_waits: dict[str, str] = {}
@@ -513,8 +513,13 @@ class Placer:
         if hit is None or hit[0] is not est:
             if len(self._variants) >= self.cache_size:
                 self._variants.clear()
-            hit = self._variants[id(est)] = (est, fast_variants(spec, device))
-        return next((v for v in hit[1] if self.need(v) <= available), est)
+            richer = [(self.need(v), v) for v in fast_variants(spec, device)
+                      if v.total > est.total]
+            hit = self._variants[id(est)] = (est, richer)
+        for need, v in hit[1]:  # richest first; none when only the minimum fits
+            if need <= available:
+                return v
+        return est
 
     def need(self, est: MemoryEstimate) -> int:
         """Bytes a node must have available for a job with this estimate."""
