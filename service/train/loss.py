@@ -187,7 +187,8 @@ def _liger_loss():
 
 def _host_head(model: Any) -> Any:
     """The model's output head when the fast path moved it to host memory (fast/host_head.py's
-    `HostHead`), else None. Imported late: the fast package is optional (fastpath.py)."""
+    `HostHead`), else None. Known by its class name: importing the fast package here would make
+    the loss depend on it, and it is optional (fastpath.py)."""
     head = getattr(_causal_lm(model), "get_output_embeddings", lambda: None)()
     if head is None or type(head).__name__ != "HostHead":
         return None

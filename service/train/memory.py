@@ -426,7 +426,7 @@ def fast_variants(spec: TrainSpec, device: DeviceInfo, *, config: Any = None
     """Every memory configuration the trainer may pick for `spec` on `device`, richest first,
     the last being the minimum (`estimate_memory`); a single estimate where the fast path does
     not run. Placement fits a job by the minimum and reserves, on the node it chose, the first
-    one that node holds (`best_fit`); the trainer picks the same one from its reservation
+    one that node holds (`Placer.best_fit`); the trainer picks the same one from its reservation
     (`fit_to_room`), so the two agree by construction."""
     shape = model_shape(spec, config=config)
     dtype = resolve_compute_dtype(spec, device)
@@ -524,7 +524,7 @@ FAST_RESIDENT_LAYER_INPUTS = 2  # offloaded: the layer being recomputed + the on
 # allocated plus page rounding: ALLOCATOR_PAGE_SLACK of it plus FAST_FIXED_SLACK. (Without them
 # the same grid reserved 0.05 to 3.4 GiB more than it allocated, unpredictably: fragmentation.)
 # Checked on the grid again with expandable segments (grid.json): predicted / driver-visible
-# 1.00 - 1.08 on every point.
+# peak of training 1.00 - 1.08 on every point (before the loading term below was added).
 FAST_WEIGHT_FACTOR = 1.05
 FAST_TOKEN_FACTOR = 0.67
 ALLOCATOR_PAGE_SLACK = 0.05
@@ -544,7 +544,7 @@ def fast_pieces(spec: TrainSpec, device: DeviceInfo) -> dict[str, bool]:
     """Which memory-relevant fast-path pieces run for `spec` on `device` (a CUDA node): the
     subset of spec.FAST_PIECES that `_fast_estimate` models, each on unless switched "off" or
     impossible for the spec (the rules of `fast.resolve_fast`'s `_can_run`). `cuda_graphs` here
-    means "possible"; whether the card has room for them is `best_fit`'s decision."""
+    means "possible"; whether the card has room for them is `fit_to_room`'s decision."""
     switches = spec.fast_spec()
     possible = {
         "fused_lora": spec.quantization in ("nf4", "fp4") and not spec.lora.use_dora,
@@ -624,24 +624,6 @@ def fit_to_room(spec: TrainSpec, device: DeviceInfo, room: int, *, config: Any =
     is): whether the output head stays on the GPU and CUDA graphs run (`.host_head`,
     `.graphs`)."""
     return _first_fit(fast_variants(spec, device, config=config), room)
-
-
-def graphs_possible(spec: TrainSpec, device: DeviceInfo) -> bool:
-    """Whether the fast path would replay CUDA graphs for `spec` on `device`, memory aside."""
-    if spec.device == "cpu" or device.kind != "cuda":
-        return False
-    return any(e.graphs for e in fast_variants(spec, device))
-
-
-def best_fit(spec: TrainSpec, device: DeviceInfo, minimum: "MemoryEstimate",
-             fits: Any) -> "MemoryEstimate":
-    """The richest configuration of `fast_variants` for which `fits(estimate)` holds, else
-    `minimum` (the job's estimate as placed). Placement calls this for the node it chose, so a
-    job reserves the graphs' pool and the GPU room for its output head exactly where it will
-    use them."""
-    if minimum.device_kind != "cuda" or "lora_compute_copies" not in minimum.breakdown:
-        return minimum
-    return next((v for v in fast_variants(spec, device) if fits(v)), minimum)
 
 
 def _fast_estimate(spec: TrainSpec, shape: ModelShape, device: DeviceInfo, dtype: str,
@@ -793,7 +775,6 @@ __all__ = [
     "LinearShape",
     "MemoryEstimate",
     "ModelShape",
-    "best_fit",
     "estimate_memory",
     "fast_variants",
     "fit_to_room",
