@@ -255,9 +255,9 @@ def load_base_model(spec: TrainSpec, device: torch.device | str | None = None,
     `extra_kwargs` go to `from_pretrained` (the fast path's attention implementation). The
     model is frozen and in eval mode; `attach_lora` makes it trainable.
 
-    `keep_on_host` (CUDA only): the model is loaded and quantised on the CPU, then
+    `keep_on_host`: the model is loaded and quantised on the CPU, frozen, then
     `keep_on_host(model)` swaps in the modules that stay in host memory (the fast path's host
-    tables, whose `_apply` ignores moves), then the rest moves to the GPU. A small card then
+    tables, whose `_apply` ignores moves), then the rest moves to `device`. A small card then
     never holds what it would only hand back: loading straight to the GPU puts the embedding
     and head tables there first, so the load's peak, not training's, would decide the card.
     """
@@ -267,7 +267,7 @@ def load_base_model(spec: TrainSpec, device: torch.device | str | None = None,
     folder = resolve_base_model(spec, cache_dir)
     compute_dtype = select_compute_dtype(spec, device)
     tokenizer = load_tokenizer(folder, spec)
-    staged = keep_on_host is not None and device.type == "cuda"
+    staged = keep_on_host is not None
     device_map = {"": device.index if device.type == "cuda" and not staged else "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -282,16 +282,17 @@ def load_base_model(spec: TrainSpec, device: torch.device | str | None = None,
     except Exception as exc:
         raise ModelLoadError(f"cannot load base model {folder}: {exc}") from exc
     _disable_cpu_weight_packing(model)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
     if staged:
+        # Frozen first: only frozen tables may stay on the host.
         keep_on_host(model)
         # nn.Module.to, not the model's own: transformers refuses .to() on a bitsandbytes model
         # (it placed it itself); the quantised weights move as they are (Params4bit.to).
         torch.nn.Module.to(model, device)
         if hasattr(model, "hf_device_map"):
-            model.hf_device_map = {"": device.index}
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+            model.hf_device_map = {"": device.index if device.type == "cuda" else "cpu"}
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     return model, tokenizer
 

@@ -385,6 +385,11 @@ def test_tables_kept_on_the_host_at_load(tmp_path, tied) -> None:
 
     folder = make_tiny_llama(tmp_path / "m", tie_word_embeddings=tied)
     spec = TrainSpec(base_model=str(folder), device="cpu", compute_dtype="fp32")
+    # The trainer's staged load, end to end (on a GPU the move after the swap goes to the card).
+    staged, _ = load_base_model(spec, "cpu", keep_on_host=lambda m: hh.keep_tables_on_host(
+        m, torch.device("cpu")))
+    assert isinstance(staged.get_input_embeddings(), HostEmbedding)
+    assert hh.host_head_of(staged) is not None
     model, _ = load_base_model(spec, "cpu")
     assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
     ids = _ids(vocab=model.config.vocab_size)
@@ -401,4 +406,47 @@ def test_tables_kept_on_the_host_at_load(tmp_path, tied) -> None:
     torch.nn.Module.to(model, torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(staged(ids).logits, ref, rtol=1e-5, atol=1e-5)
     assert hh.keep_tables_on_host(model, torch.device("cpu")).startswith("nothing")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_staged_model_takes_lora_and_trains(tmp_path, tied) -> None:
+    """What the trainer does next with a staged model: peft wraps it (the host tables are no
+    parameters: "all-linear" must not find them, nothing may re-tie them), checkpointing is on,
+    and a step's loss through the streamed head has the same value and LoRA gradients as the
+    same model with its tables in place; the adapter saves as a plain PEFT folder."""
+    from lorapool.service.train import LoraSpec, TrainSpec
+    from lorapool.service.train.loss import token_loss_sum
+    from lorapool.service.train.model import attach_lora, load_base_model
+    from lorapool.service.train.tiny import make_tiny_llama
+
+    folder = make_tiny_llama(tmp_path / "m", tie_word_embeddings=tied)
+    spec = TrainSpec(base_model=str(folder), device="cpu", compute_dtype="fp32",
+                     lora=LoraSpec(r=4, alpha=8), seed=0)
+    ids = _ids(vocab=100)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    results = []
+    for staged in (False, True):
+        keep = (lambda m: hh.keep_tables_on_host(m, torch.device("cpu"))) if staged else None
+        base, _ = load_base_model(spec, "cpu", keep_on_host=keep)
+        torch.manual_seed(0)
+        model = attach_lora(base, spec)
+        assert (hh.host_head_of(model) is not None) == staged
+        with torch.no_grad():  # non-zero B, so every LoRA weight gets a gradient
+            for name, prm in model.named_parameters():
+                if "lora_B" in name:
+                    prm.copy_(torch.full_like(prm, 0.01))
+        loss, n = token_loss_sum(model, batch, chunked=True)
+        loss.backward()
+        grads = {k: prm.grad.clone() for k, prm in model.named_parameters() if prm.grad is not None}
+        assert grads and all("lora_" in k for k in grads)
+        results.append((float(loss), n, grads))
+        if staged:
+            model.save_pretrained(tmp_path / "adapter")
+            assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    (ref, n_ref, g_ref), (got, n_got, g_got) = results
+    assert n_ref == n_got and abs(got - ref) <= 1e-5 * abs(ref)
+    assert g_ref.keys() == g_got.keys()
+    for k in g_ref:
+        torch.testing.assert_close(g_got[k], g_ref[k], rtol=1e-4, atol=1e-6, msg=k)
