@@ -8,10 +8,11 @@ the reason "fast path not built". The plan type is `spec.FastPlan` either way.
 
     plan = resolve_plan(spec, device)            # FastPlan (frozen), recorded in events + lorapool.json
     plan = without(plan, {"piece": "why"})       # a piece the caller cannot use, turned off
+    plan = fit_memory(plan, spec, device, budget)  # host_head / cuda_graphs as the memory allows
+    if load_on_host(plan, spec, device, budget): # a straight load would not fit: load on the CPU,
+        keep_tables_on_host(model, plan, device) #   keep the tables there, move the rest
     kwargs = prepare_kwargs(plan, spec)          # extra from_pretrained kwargs (attention impl)
     apply(model, plan, spec, device)             # after peft wrapped the model
-    plan = fit_memory(plan, spec, device, budget)  # host_head / cuda_graphs as the memory allows
-    keep_tables_on_host(model, plan, device)     # host_head: tables stay on the host at load
     graphed_steps(model, plan, params, device, max_tokens=...)  # the CUDA graphs, or None
     describe(plan)                               # the "status" event's one-line summary
 """
