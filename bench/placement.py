@@ -473,8 +473,9 @@ class Sim:
             "makespan_h": max((sj.done_at for sj in done), default=0.0) / HOUR,
             "mem_util": self.mem_used_integral / self.mem_total_integral
             if self.mem_total_integral else 0.0,
+            # Undefined (nan, printed "n/a") when no job ever waited: not 0 %.
             "mem_util_waiting": self.wait_used_integral / self.wait_total_integral
-            if self.wait_total_integral else 0.0,
+            if self.wait_total_integral else math.nan,
             "plan_rounds": len(self.plan_ms),
             "plan_mean_ms": statistics.fmean(self.plan_ms) if self.plan_ms else 0.0,
             "plan_p95_ms": (sorted(self.plan_ms)[int(0.95 * (len(self.plan_ms) - 1))]
@@ -575,7 +576,8 @@ def render(results: dict[str, dict[str, Any]], lat: dict[str, float]) -> str:
         ("plan() in the run: mean (ms)", "plan_mean_ms", "{:.2f}"),
         ("plan() in the run: p95 (ms)", "plan_p95_ms", "{:.2f}"),
     ]
-    table = [(name, [fmt.format(c[k] * (100 if "util" in k else 1)) for c in cols])
+    table = [(name, ["n/a" if isinstance(c[k], float) and math.isnan(c[k]) else
+                     fmt.format(c[k] * (100 if "util" in k else 1)) for c in cols])
              for name, k, fmt in rows]
     table.append(("plan(), 1000 queued, cold (ms)",
                   [f"{lat[p + '_cold_ms']:.0f}" for p in POLICIES]))
@@ -592,12 +594,16 @@ def render(results: dict[str, dict[str, Any]], lat: dict[str, float]) -> str:
         lines.append("| " + " | ".join([f"{name:<{w0}}"] + [f"{v:>{w}}" for v, w in zip(vals, ws)])
                      + " |")
     best_other = min(results[p]["mean_jct_both_h"] for p in POLICIES[1:])
-    util_other = max(results[p]["mem_util_waiting"] for p in POLICIES[1:])
+    waits = [results[p]["mem_util_waiting"] for p in POLICIES[1:]]
+    util_other = max((u for u in waits if not math.isnan(u)), default=math.nan)
     util_whole = max(results[p]["mem_util"] for p in POLICIES[1:])
+    delta = a["mem_util_waiting"] - util_other
+    waited = (f"{delta * 100:+.1f} points" if not math.isnan(delta) else
+              "n/a (no job waited under " + ("any policy" if math.isnan(util_other)
+                                             else "lorapool") + ")")
     lines.append(f"goals: mean JCT on jobs all completed {best_other / a['mean_jct_both_h']:.2f}x "
                  f"better than the best other (>= 1.3); GPU-memory util. while jobs wait "
-                 f"{(a['mem_util_waiting'] - util_other) * 100:+.1f} points (>= +15; whole run "
-                 f"{(a['mem_util'] - util_whole) * 100:+.1f}); "
+                 f"{waited} (>= +15; whole run {(a['mem_util'] - util_whole) * 100:+.1f}); "
                  f"in-run plan() p95 {a['plan_p95_ms']:.2f} ms (< 5)")
     lines.append(f"plan latency (CPU time), one round with {lat['queued']:.0f} queued x {lat['nodes']:.0f} "
                  f"nodes (goal < 5 ms): lorapool p50 {lat['lorapool_warm_ms']:.2f} / p99 "
