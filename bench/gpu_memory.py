@@ -9,8 +9,9 @@ the measured driver-visible peak and exceeds it by at most 10 % on every point o
 Each point runs lorapool's real `train()` (fast="auto" when the spec has it; a few steps) in its
 own subprocess (bench/train_speed.py's child, so peaks are clean) and records the prediction
 for the same spec on the same GPU, `torch.cuda.max_memory_allocated`, and the driver-visible
-peak = CUDA context (read at the end of the run) + `max_memory_reserved`. A ratio
-predicted / driver-visible outside [1.00, 1.10] is flagged.
+peak = CUDA context (read at the end of the run) + the allocator's peak reservation, loading
+included (the trainer reports loading's own peak before it restarts the counters for training).
+A ratio predicted / driver-visible outside [1.00, 1.10] is flagged.
 
 `--gpus 0,1,.. --per-gpu K` runs K points at a time on each listed GPU. Peaks are per process
 (the allocator's own counters), so sharing a GPU changes no memory number; the context is then
@@ -164,8 +165,9 @@ def make_rows(point: Point, n_rows: int, seed: int = 0) -> list[dict]:
 
 def print_table(rows: list[dict], device: str) -> None:
     cols = (f"{'point':<30}{'predicted':>11}{'driver':>9}{'ratio':>7}{'flag':>7}"
-            f"{'alloc':>8}{'context':>9}{'tok/s':>9}{'mb used':>8}  status")
-    print(f"\npredicted vs measured driver-visible peak (GiB), lorapool fast path; {device}")
+            f"{'alloc':>8}{'load':>7}{'context':>9}{'tok/s':>9}{'mb used':>8}  status")
+    print(f"\npredicted vs measured driver-visible peak (GiB: context + the allocator's peak, "
+          f"loading included; 'load' is loading's own), lorapool fast path; {device}")
     print(cols + "\n" + "-" * len(cols))
     for r in rows:
         ok = r.get("status") == "ok"
@@ -182,7 +184,8 @@ def print_table(rows: list[dict], device: str) -> None:
 
         print(f"{r['name']:<30}{g(pred):>11}{g(drv):>9}"
               f"{(f'{ratio:.3f}' if ratio else '-'):>7}{flag(ratio):>7}"
-              f"{g(r.get('peak_alloc')):>8}{g(r.get('context')):>9}"
+              f"{g(r.get('peak_alloc')):>8}{g(r.get('load_peak_reserved')):>7}"
+              f"{g(r.get('context')):>9}"
               f"{(format(r['tok_s'], ',.0f') if r.get('tok_s') else '-'):>9}"
               f"{str(r.get('micro_batch_used') or '-'):>8}  {status}")
     ratios = [r["predicted"] / r["driver_peak"] for r in rows
