@@ -292,8 +292,16 @@ class GraphedSteps:
         self._reset_after_failure()
         log.warning("CUDA graphs off for this run: %s", why)
 
-    def _declare_documents(self, rows: int, length: int) -> None:
+    @staticmethod
+    @contextlib.contextmanager
+    def _documents(rows: int, length: int) -> Any:
+        """Declare one document per row to the attention while the block runs (a capture
+        cannot read them from the device)."""
         attention.set_known_bounds([[(0, length)] for _ in range(rows)])
+        try:
+            yield
+        finally:
+            attention.set_known_bounds(None)
 
     def _forward_backward(self, embeds: torch.Tensor, position_ids: torch.Tensor,
                           target: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -318,19 +326,11 @@ class GraphedSteps:
         pos = batch["position_ids"].to(self.device, non_blocking=True)
         target = shifted_targets(batch["labels"]).to(self.device, non_blocking=True)
         scale_t = torch.tensor(scale, dtype=torch.float32, device=self.device)
-        self._declare_documents(rows, length)
-        try:
-            if self.cuda and warmup:
-                # Warm up on the capture stream: cuBLAS workspaces and the like are per stream.
-                self._stream.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(self._stream):
-                    loss = self._forward_backward(embeds, pos, target, scale_t)
-                torch.cuda.current_stream(self.device).wait_stream(self._stream)
-            else:
-                loss = self._forward_backward(embeds, pos, target, scale_t)
-        finally:
-            attention.set_known_bounds(None)
-        return loss
+        # A warm-up runs on the capture stream: cuBLAS workspaces and the like are per stream.
+        on_stream = _OnStream(self._stream, self.device) if self.cuda and warmup \
+            else contextlib.nullcontext()
+        with self._documents(rows, length), on_stream:
+            return self._forward_backward(embeds, pos, target, scale_t)
 
     # -- capture --------------------------------------------------------------------------------
 
@@ -401,14 +401,13 @@ class GraphedSteps:
         lora_group.reset_groups(self.model)
         cuda_graph = torch.cuda.CUDAGraph()
         offload.capture_slots(self.slots)
-        self._declare_documents(*key)
         try:
-            with torch.cuda.graph(cuda_graph, pool=self._pool, stream=self._stream,
-                                  capture_error_mode="thread_local"):
+            with self._documents(*key), torch.cuda.graph(
+                    cuda_graph, pool=self._pool, stream=self._stream,
+                    capture_error_mode="thread_local"):
                 graph.loss = fn()
         finally:
             offload.capture_slots(None)
-            attention.set_known_bounds(None)
             # The casts cached during capture live in the graph's pool, which other graphs
             # reuse: nothing outside the graph may keep reading them.
             lora.drop_step_caches()
@@ -424,11 +423,8 @@ class GraphedSteps:
     def _with_documents(self, fn: Callable[[], torch.Tensor],
                         key: tuple[int, int]) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
-            self._declare_documents(*key)
-            try:
+            with self._documents(*key):
                 return fn()
-            finally:
-                attention.set_known_bounds(None)
         return run
 
     def summary(self) -> dict[str, Any]:
