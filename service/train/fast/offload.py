@@ -20,14 +20,30 @@ tensor where it is, so the same code path is exercised by the CPU tests.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 __all__ = ["HostSlots", "OffloadedCheckpoint", "capture_slots", "install_offloaded_checkpointing",
            "offloaded_checkpoint"]
+
+
+@contextlib.contextmanager
+def _forward_rng(cpu_rng: Optional[torch.Tensor], cuda_rng: Optional[torch.Tensor],
+                 device: torch.device) -> Iterator[None]:
+    """The RNG state the layer's forward saw, for its recompute (LoRA dropout draws the same
+    mask); nothing to restore where none was saved (a captured forward: no dropout there)."""
+    if cpu_rng is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, device)
+        yield
 
 
 class HostSlots:
@@ -207,17 +223,9 @@ class OffloadedCheckpoint(torch.autograd.Function):
         if prev is not None:
             prev.prefetch()  # overlaps with this layer's recompute and backward
         hidden = hidden.detach().requires_grad_(stash.requires_grad)
-        if ctx.cpu_rng is None:  # captured: no RNG state to restore (no dropout)
-            with torch.enable_grad(), _autocast(ctx.autocast):
-                out = ctx.run(hidden, *ctx.rest)
-        else:
-            devices = [stash.device] if stash.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                torch.set_rng_state(ctx.cpu_rng)
-                if ctx.cuda_rng is not None:
-                    torch.cuda.set_rng_state(ctx.cuda_rng, stash.device)
-                with torch.enable_grad(), _autocast(ctx.autocast):
-                    out = ctx.run(hidden, *ctx.rest)
+        with _forward_rng(ctx.cpu_rng, ctx.cuda_rng, stash.device), torch.enable_grad(), \
+                _autocast(ctx.autocast):
+            out = ctx.run(hidden, *ctx.rest)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads)
                  if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
