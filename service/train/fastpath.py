@@ -147,14 +147,22 @@ def load_on_host(plan: FastPlan, spec: TrainSpec, device: torch.device,
     return load_decision(spec, info, room, budget)
 
 
+def _within(info: DeviceInfo, room: int,
+            budget: Optional[MemoryBudget]) -> tuple[DeviceInfo, int]:
+    """The card and room a decision works with: no more than the scheduler's reservation, and
+    its context, so the trainer uses the same numbers the scheduler reserved by."""
+    if budget is None:
+        return info, room
+    return (info.model_copy(update={"context_bytes": budget.context_bytes}),
+            min(room, budget.total))
+
+
 def load_decision(spec: TrainSpec, info: DeviceInfo, room: int,
                   budget: Optional[MemoryBudget] = None) -> bool:
     """`load_on_host`'s decision for a card described by `info` with `room` bytes."""
     from .memory import straight_load_bytes
 
-    if budget is not None:
-        info = info.model_copy(update={"context_bytes": budget.context_bytes})
-        room = min(room, budget.total)
+    info, room = _within(info, room, budget)
     try:
         return straight_load_bytes(spec, info) > room
     except Exception as exc:  # noqa: BLE001 - no estimate: the load that always fits
@@ -167,10 +175,7 @@ def decide_memory(plan: FastPlan, spec: TrainSpec, info: DeviceInfo, room: int,
     """`fit_memory`'s decision for a card described by `info` with `room` bytes."""
     from .memory import fit_to_room
 
-    if budget is not None:
-        # The scheduler's estimate, with its context: the same numbers it reserved by.
-        info = info.model_copy(update={"context_bytes": budget.context_bytes})
-        room = min(room, budget.total)
+    info, room = _within(info, room, budget)
     where = "the memory reserved for this job" if budget is not None and room == budget.total \
         else "the card"
     try:
