@@ -46,6 +46,17 @@ class HostEmbedding(torch.nn.Module):
         return self
 
 
+def set_input_embedding(hf: torch.nn.Module, module: torch.nn.Module) -> None:
+    """`hf.set_input_embeddings(module)`, keeping what enable_input_require_grads did: it hooked
+    the old module, and checkpointed layers (and their offload) need inputs that require grad,
+    so the new one is hooked instead."""
+    hooked = getattr(hf, "_require_grads_hook", None) is not None
+    hf.set_input_embeddings(module)
+    if hooked:
+        hf._require_grads_hook.remove()
+        hf.enable_input_require_grads()
+
+
 def move_input_embeddings_to_host(model: torch.nn.Module) -> str:
     """Swap the model's input embedding for a `HostEmbedding`; what was done, for the events."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -58,13 +69,7 @@ def move_input_embeddings_to_host(model: torch.nn.Module) -> str:
     if head is not None and getattr(head, "weight", None) is emb.weight:
         return "off: the input embedding is tied to the output head (the head needs it on the GPU)"
     size = emb.weight.numel() * emb.weight.element_size()
-    hooked = getattr(hf, "_require_grads_hook", None) is not None
-    hf.set_input_embeddings(HostEmbedding(emb, emb.weight.device))
+    set_input_embedding(hf, HostEmbedding(emb, emb.weight.device))
     del emb
-    if hooked:
-        # enable_input_require_grads hooked the old module: checkpointed layers (and their
-        # offload) need inputs that require grad, so hook the new one.
-        hf._require_grads_hook.remove()
-        hf.enable_input_require_grads()
     torch.cuda.empty_cache()
     return f"input embedding ({size / 2**20:.0f} MiB) in pinned host memory"

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ..resolve import IGNORE_INDEX
-from .embeddings import HostEmbedding
+from ..loss import _causal_lm
+from .embeddings import HostEmbedding, set_input_embedding
 
 log = logging.getLogger(__name__)
 
@@ -334,13 +335,6 @@ class HostHead(torch.nn.Module):
 # -- the model side -------------------------------------------------------------------------------
 
 
-def _causal_lm(model: Any) -> Any:
-    """The transformers *ForCausalLM inside a peft wrapper (or the model itself). loss.py has
-    the same accessor; importing it from there would make a cycle once loss.py imports this."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def _output_head(hf: Any) -> Any:
     get_out = getattr(hf, "get_output_embeddings", None)
     return get_out() if callable(get_out) else None
@@ -376,16 +370,10 @@ def _shared_table(hf: Any, head: torch.nn.Linear, pin: bool) -> torch.Tensor | N
     get_in = getattr(hf, "get_input_embeddings", None)
     emb = get_in() if callable(get_in) else None
     if isinstance(emb, torch.nn.Embedding) and emb.weight is head.weight:
-        hooked = getattr(hf, "_require_grads_hook", None) is not None
         host_emb = HostEmbedding(emb, head.weight.device)
         if pin and not host_emb.weight.is_pinned():
             host_emb.weight = host_emb.weight.pin_memory()
-        hf.set_input_embeddings(host_emb)
-        if hooked:
-            # As in move_input_embeddings_to_host: enable_input_require_grads hooked the old
-            # module; checkpointed layers need inputs that require grad, so hook the new one.
-            hf._require_grads_hook.remove()
-            hf.enable_input_require_grads()
+        set_input_embedding(hf, host_emb)
         return host_emb.weight
     if isinstance(emb, HostEmbedding) and _equal_tables(head.weight, emb.weight):
         if pin and not emb.weight.is_pinned():
@@ -441,7 +429,7 @@ def keep_tables_on_host(model: Any, device: torch.device) -> str:
     if isinstance(emb, torch.nn.Embedding) and not emb.weight.requires_grad and \
             emb.weight.device.type == "cpu":
         host_emb = HostEmbedding(emb, device)
-        hf.set_input_embeddings(host_emb)
+        set_input_embedding(hf, host_emb)
         table = host_emb.weight if tied else None
         done.append(f"input embedding ({_mib(emb.weight)} MiB)")
     if type(head) is torch.nn.Linear and not head.weight.requires_grad and \
