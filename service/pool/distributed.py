@@ -97,7 +97,7 @@ def _worker_budgets(spec: Any, micro_batch_size: int,
     (memory.py `fast_variants`: output head on the GPU, CUDA graphs' pool) that the node's
     reported free memory holds, then the job's minimum; [None] when there is no estimate (no
     device report, no readable config)."""
-    from ..train.memory import fast_variants
+    from ..train.memory import fast_variants, first_fit
 
     try:
         worker_spec = spec.model_copy(update={"micro_batch_size": micro_batch_size,
@@ -107,7 +107,7 @@ def _worker_budgets(spec: Any, micro_batch_size: int,
         variants = fast_variants(worker_spec, device)
         room = device.free_memory if device.free_memory is not None else device.total_memory
         minimum = variants[-1]
-        full = next((v for v in variants if v.total <= (room or 0)), minimum)
+        full = first_fit(variants, room or 0)
     except Exception:  # noqa: BLE001 - no readable config here: reserve the slot only
         return [None]
     return [memory_budget(e) for e in ((full, minimum) if full is not minimum else (minimum,))]

@@ -418,7 +418,7 @@ def estimate_memory(spec: TrainSpec, device: DeviceInfo, *, config: Any = None,
     if not graphs:
         return variants[-1]
     room = device.free_memory if device.free_memory is not None else device.total_memory
-    return _first_fit(variants, room if room else 1 << 62)
+    return first_fit(variants, room if room else 1 << 62)
 
 
 def fast_variants(spec: TrainSpec, device: DeviceInfo, *, config: Any = None
@@ -613,7 +613,7 @@ def _variant_pieces(spec: TrainSpec, device: DeviceInfo,
     return out
 
 
-def _first_fit(variants: list["MemoryEstimate"], room: int) -> "MemoryEstimate":
+def first_fit(variants: list["MemoryEstimate"], room: int) -> "MemoryEstimate":
     """The first (richest) of `variants` within `room` bytes; the last (the minimum) if none."""
     return next((v for v in variants if v.total <= room), variants[-1])
 
@@ -623,7 +623,7 @@ def fit_to_room(spec: TrainSpec, device: DeviceInfo, room: int, *, config: Any =
     """The richest configuration of `fast_variants` within `room` bytes (the minimum if none
     is): whether the output head stays on the GPU and CUDA graphs run (`.host_head`,
     `.graphs`)."""
-    return _first_fit(fast_variants(spec, device, config=config), room)
+    return first_fit(fast_variants(spec, device, config=config), room)
 
 
 def _fast_estimate(spec: TrainSpec, shape: ModelShape, device: DeviceInfo, dtype: str,
@@ -777,6 +777,7 @@ __all__ = [
     "ModelShape",
     "estimate_memory",
     "fast_variants",
+    "first_fit",
     "fit_to_room",
     "straight_load_bytes",
     "load_config",
