@@ -199,24 +199,12 @@ def print_table(rows: list[dict], device: str) -> None:
 def _build_all(shapes: list[str], root: Path, device: str, deadline: float, log,
                gpus: list) -> dict:
     """Every shape's model folder (or why not), built in parallel, one shape per GPU at a time."""
-    import threading
-
     import train_speed as ts
 
-    built: dict = {}
-    gpus = list(dict.fromkeys(gpus))
     left = deadline - time.perf_counter()
     if left < 60:
         return {s: "budget spent before the model was built" for s in shapes}
-    threads = [threading.Thread(target=lambda sh=sh, g=gpus[i % len(gpus)]: built.update(
-        ts.build_models([sh], root, device, min(240.0, left - 30), log, gpu=g)))
-        for i, sh in enumerate(shapes)]
-    for k in range(0, len(threads), len(gpus)):
-        for t in threads[k:k + len(gpus)]:
-            t.start()
-        for t in threads[k:k + len(gpus)]:
-            t.join()
-    return built
+    return ts.build_models_parallel(shapes, root, device, min(240.0, left - 30), log, gpus)
 
 
 def _run_points(points: list[Point], built: dict, lanes: list, args, context_bytes,

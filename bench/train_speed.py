@@ -573,6 +573,26 @@ def build_models(shapes: list[str], root: Path, device: str, timeout_s: float, l
     return out
 
 
+def build_models_parallel(shapes: list[str], root: Path, device: str, timeout_s: float, log,
+                          gpus: list) -> dict:
+    """`build_models` for every shape, one build per GPU at a time (each pinned to its GPU),
+    largest first when there are several GPUs, so the lanes finish together."""
+    import threading
+
+    gpus = list(dict.fromkeys(gpus)) or [None]
+    built: dict[str, Any] = {}
+    order = sorted(shapes, key=lambda sh: -SHAPE_TIMEOUT_S.get(sh, 300)) if len(gpus) > 1 \
+        else shapes
+    threads = [threading.Thread(target=lambda sh=sh, g=gpus[i % len(gpus)]: built.update(
+        build_models([sh], root, device, timeout_s, log, gpu=g))) for i, sh in enumerate(order)]
+    for k in range(0, len(threads), len(gpus)):
+        for t in threads[k:k + len(gpus)]:
+            t.start()
+        for t in threads[k:k + len(gpus)]:
+            t.join()
+    return built
+
+
 def _f(x: float | None, spec: str, none: str = "-") -> str:
     return none if x is None else format(x, spec)
 
@@ -677,22 +697,8 @@ def grid(args, runners: list[str], shapes: list[str], mbs: list[int], device: st
     work = Path(tempfile.mkdtemp(prefix="lorapool-speed-"))
     lanes = args.gpu_list or [None]
     shared_log = LockedLog(log)  # the lanes share one log file
-    built: dict[str, Any] = {}
     t_build = min(300.0, max(30.0, deadline - time.perf_counter() - 30))
-    build_threads = []
-    by_size = sorted(shapes, key=lambda sh: -SHAPE_TIMEOUT_S.get(sh, 300)) if len(lanes) > 1 \
-        else shapes
-    for i, shape in enumerate(by_size):  # one build per lane at a time, largest first
-        lane = lanes[i % len(lanes)]
-        t = threading.Thread(target=lambda sh=shape, ln=lane: built.update(build_models(
-            [sh], root, device, t_build, shared_log, gpu=ln)))
-        build_threads.append(t)
-    for k in range(0, len(build_threads), len(lanes)):
-        batch = build_threads[k:k + len(lanes)]
-        for t in batch:
-            t.start()
-        for t in batch:
-            t.join()
+    built = build_models_parallel(shapes, root, device, t_build, shared_log, lanes)
 
     rows_dirs: dict[int, Path] = {}
     for mb in mbs:
