@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .memory import loss_chunk_rows
 from .resolve import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -61,9 +61,9 @@ def default_chunk(n_tokens: int, vocab: int) -> int:
 def small_chunk(n_tokens: int, vocab: int, hidden: int) -> int:
     """Liger's chunk rule: tokens / ceil(vocab / hidden) rows, to the next power of two. Used
     where launches are free (inside a CUDA graph): many small chunks keep the loss' transient
-    memory to what Liger's kernel takes, which is what the memory estimate models."""
-    rows = math.ceil(n_tokens / max(1, math.ceil(vocab / max(1, hidden))))
-    return 1 << max(0, math.ceil(math.log2(max(1, rows))))
+    memory to what Liger's kernel takes, which is what the memory estimate models (with this
+    very rule, memory.py's `loss_chunk_rows`)."""
+    return loss_chunk_rows(n_tokens, vocab, hidden)
 
 
 class _ChunkedLinearCE(torch.autograd.Function):

@@ -580,6 +580,14 @@ def straight_load_bytes(spec: TrainSpec, device: DeviceInfo, *, config: Any = No
                + cuda_context_bytes(device))
 
 
+def loss_chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
+    """Rows of logits per chunk of the fast path's loss: Liger's rule, the next power of two of
+    tokens / ceil(vocab / hidden). Here because it is arithmetic the estimate needs without
+    torch; loss.py's `small_chunk` (the CUDA graphs' loss) is this function."""
+    rows = math.ceil(tokens / max(1, math.ceil(vocab / max(1, hidden))))
+    return 1 << max(0, math.ceil(math.log2(max(1, rows))))
+
+
 # fast/host_head.py's default block (its `default_block_rows`), restated without torch.
 HOST_HEAD_LOGITS_BLOCK_BYTES = 64 * MiB
 HOST_HEAD_WEIGHT_BLOCK_BYTES = 16 * MiB
@@ -665,9 +673,7 @@ def _fast_estimate(spec: TrainSpec, shape: ModelShape, device: DeviceInfo, dtype
         logits = (tokens * h * (4 + a) + 2 * tokens * rows * 4
                   + 2 * rows * h * a) / FAST_TOKEN_FACTOR
     elif pieces["chunked_loss"]:
-        # Liger's chunk: next power of two of tokens / ceil(vocab / hidden) rows of logits.
-        rows = math.ceil(tokens / max(1, math.ceil(V / h)))
-        chunk = 1 << max(0, math.ceil(math.log2(max(1, rows))))
+        chunk = loss_chunk_rows(tokens, V, h)
         logits = tokens * h * FAST_CHUNKED_LOSS_GRAD_BYTES + chunk * V * (a + 4)
     else:
         logits = tokens * V * (a + LOGITS_EXTRA_BYTES)
@@ -781,6 +787,7 @@ __all__ = [
     "fit_to_room",
     "straight_load_bytes",
     "load_config",
+    "loss_chunk_rows",
     "model_shape",
     "resolve_compute_dtype",
 ]

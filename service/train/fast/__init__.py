@@ -210,12 +210,12 @@ def apply_fast_path(model: torch.nn.Module, plan: FastPlan, spec: Any,
         ok, why = apply_kernels(model)
         done["kernels"] = why if ok else f"off: {why}"
     if plan.host_embeddings:
+        from ..loss import _causal_lm
         from .embeddings import HostEmbedding, move_input_embeddings_to_host
 
-        hf = model.get_base_model() if hasattr(model, "get_base_model") else model
         done["host_embeddings"] = (
             "input embedding in pinned host memory since load"
-            if isinstance(hf.get_input_embeddings(), HostEmbedding)
+            if isinstance(_causal_lm(model).get_input_embeddings(), HostEmbedding)
             else move_input_embeddings_to_host(model))
     if plan.host_head:
         from .host_head import host_head_of, move_output_head_to_host
