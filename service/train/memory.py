@@ -414,9 +414,9 @@ def estimate_memory(spec: TrainSpec, device: DeviceInfo, *, config: Any = None,
     alone will take: the richest configuration (`fast_variants`: head on the GPU, with graphs)
     that the card's free (else total) memory holds.
     """
-    variants = fast_variants(spec, device, config=config)
     if not graphs:
-        return variants[-1]
+        return _estimates(spec, device, config, minimum_only=True)[-1]
+    variants = fast_variants(spec, device, config=config)
     room = device.free_memory if device.free_memory is not None else device.total_memory
     return first_fit(variants, room if room else 1 << 62)
 
@@ -428,6 +428,13 @@ def fast_variants(spec: TrainSpec, device: DeviceInfo, *, config: Any = None
     not run. Placement fits a job by the minimum and reserves, on the node it chose, the first
     one that node holds (`Placer.best_fit`); the trainer picks the same one from its reservation
     (`fit_to_room`), so the two agree by construction."""
+    return _estimates(spec, device, config, minimum_only=False)
+
+
+def _estimates(spec: TrainSpec, device: DeviceInfo, config: Any, *,
+               minimum_only: bool) -> list[MemoryEstimate]:
+    """`fast_variants`, or only its last (the minimum) with `minimum_only`: placement estimates
+    every queued job per device class, and needs just that one there."""
     shape = model_shape(spec, config=config)
     dtype = resolve_compute_dtype(spec, device)
     a = _DTYPE_BYTES[dtype]
@@ -497,8 +504,9 @@ def fast_variants(spec: TrainSpec, device: DeviceInfo, *, config: Any = None
         return [_cpu_estimate(spec, shape, breakdown, dtype)]
     pieces = fast_pieces(spec, device)
     if pieces["fused_lora"]:
+        variants = _variant_pieces(spec, device, pieces)
         return [_fast_estimate(spec, shape, device, dtype, v, breakdown)
-                for v in _variant_pieces(spec, device, pieces)]
+                for v in (variants[-1:] if minimum_only else variants)]
     breakdown["cuda_context"] = cuda_context_bytes(device)
     breakdown["allocator_slack"] = int(ALLOCATOR_SLACK * sum(
         v for k, v in breakdown.items() if k != "cuda_context"))
