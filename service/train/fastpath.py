@@ -9,8 +9,8 @@ the reason "fast path not built". The plan type is `spec.FastPlan` either way.
     plan = resolve_plan(spec, device)            # FastPlan (frozen), recorded in events + lorapool.json
     plan = without(plan, {"piece": "why"})       # a piece the caller cannot use, turned off
     plan = fit_memory(plan, spec, device, budget)  # host_head / cuda_graphs as the memory allows
-    if load_on_host(plan, spec, device, budget): # a straight load would not fit: load on the CPU,
-        keep_tables_on_host(model, plan, device) #   keep the tables there, move the rest
+    where = load_placement(plan, spec, device, budget)  # "host" / "input_embedding_on_host" /
+    keep_tables_on_host(model, plan, device)     #   "device"; tables read into host memory stay
     kwargs = prepare_kwargs(plan, spec)          # extra from_pretrained kwargs (attention impl)
     apply(model, plan, spec, device)             # after peft wrapped the model
     graphed_steps(model, plan, params, device, max_tokens=...)  # the CUDA graphs, or None
@@ -85,10 +85,11 @@ def apply(model: Any, plan: FastPlan, spec: TrainSpec, device: torch.device) -> 
 
 
 def keep_tables_on_host(model: Any, plan: FastPlan, device: torch.device) -> str:
-    """For a model loaded on the CPU because the plan moves its output head to the host: make
-    its frozen tables host modules before the rest moves to `device` (fast/host_head.py)."""
+    """For a model whose tables were loaded into host memory (`load_placement`): make its frozen
+    tables that are there host modules, so that no later move takes them to `device`
+    (fast/host_head.py)."""
     fast = _fast_module()
-    if fast is None or not plan.host_head:
+    if fast is None or not (plan.host_head or plan.host_embeddings):
         return ""
     from .fast.host_head import keep_tables_on_host as keep
 
@@ -136,15 +137,20 @@ def _card(device: torch.device) -> tuple[DeviceInfo, int]:
     return info, free + torch.cuda.memory_reserved(device) + cuda_context_bytes(info)
 
 
-def load_on_host(plan: FastPlan, spec: TrainSpec, device: torch.device,
-                 budget: Optional[MemoryBudget] = None) -> bool:
-    """Whether to load the model on the CPU and move only what stays to the GPU: where the
-    output head goes to the host and loading straight onto the card (every table there for a
-    moment) would not fit the room `fit_memory` decided by."""
-    if device.type != "cuda" or not plan.host_head:
-        return False
-    info, room = _card(device)
-    return load_decision(spec, info, room, budget)
+def load_placement(plan: FastPlan, spec: TrainSpec, device: torch.device,
+                   budget: Optional[MemoryBudget] = None) -> str:
+    """Where model.py's `load_base_model` puts the weights as they arrive: "host" (loaded on the
+    CPU, only what stays moves to the card) where the output head goes to the host and loading
+    straight onto the card would not fit the room `fit_memory` decided by; else
+    "input_embedding_on_host" where the plan keeps the input table in host memory (the loader
+    falls back to "device" for a tied table); else "device"."""
+    if device.type != "cuda" or _fast_module() is None:
+        return "device"
+    if plan.host_head:
+        info, room = _card(device)
+        if load_decision(spec, info, room, budget):
+            return "host"
+    return "input_embedding_on_host" if plan.host_embeddings else "device"
 
 
 def _within(info: DeviceInfo, room: int,
@@ -159,7 +165,8 @@ def _within(info: DeviceInfo, room: int,
 
 def load_decision(spec: TrainSpec, info: DeviceInfo, room: int,
                   budget: Optional[MemoryBudget] = None) -> bool:
-    """`load_on_host`'s decision for a card described by `info` with `room` bytes."""
+    """Whether a straight load (every table on the card for a moment) would not fit a card
+    described by `info` with `room` bytes: `load_placement`'s "host" decision."""
     from .memory import straight_load_bytes
 
     info, room = _within(info, room, budget)

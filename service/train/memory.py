@@ -573,17 +573,26 @@ def fast_pieces(spec: TrainSpec, device: DeviceInfo) -> dict[str, bool]:
     return out
 
 
-def _straight_load_allocated(base_quantized: int, shape: ModelShape, a: int) -> int:
-    return base_quantized + shape.other_params * a + shape.largest_quantizable * a
+def _straight_load_allocated(base_quantized: int, shape: ModelShape, a: int,
+                             host_embeddings: bool) -> int:
+    """Allocated bytes at the peak of loading onto the GPU: the quantised layers, every
+    unquantised table (but the input embedding where the fast path keeps it in host memory: the
+    loader reads it there, model.py), and one layer arriving unquantised."""
+    on_card = shape.other_params
+    if host_embeddings and not shape.tied_embeddings:
+        on_card -= shape.vocab_size * shape.hidden_size
+    return base_quantized + on_card * a + shape.largest_quantizable * a
 
 
 def straight_load_bytes(spec: TrainSpec, device: DeviceInfo, *, config: Any = None) -> int:
-    """Driver-visible bytes of loading `spec`'s model straight onto the GPU (every table there,
-    quantised layers arriving one at a time), context and page slack included. The trainer
-    loads on the CPU instead (host_head only) where the room is smaller than this."""
+    """Driver-visible bytes of loading `spec`'s model straight onto the GPU (every table there
+    but a host-kept input embedding, quantised layers arriving one at a time), context and page
+    slack included. The trainer loads on the CPU instead (host_head only) where the room is
+    smaller than this."""
     shape = model_shape(spec, config=config)
     a = _DTYPE_BYTES[resolve_compute_dtype(spec, device)]
-    allocated = _straight_load_allocated(_quantized_weight_bytes(spec, shape, a), shape, a)
+    allocated = _straight_load_allocated(_quantized_weight_bytes(spec, shape, a), shape, a,
+                                         fast_pieces(spec, device)["host_embeddings"])
     return int(allocated * (1 + ALLOCATOR_PAGE_SLACK) + FAST_FIXED_SLACK
                + cuda_context_bytes(device))
 
@@ -707,12 +716,13 @@ def _fast_estimate(spec: TrainSpec, shape: ModelShape, device: DeviceInfo, dtype
         breakdown["cuda_graphs_pool"] = int(GRAPHS_FIXED + GRAPHS_PER_WORKING_BYTE * working)
     allocated = sum(breakdown.values())
     if not pieces.get("host_head"):
-        # Loading straight to the GPU puts every table there (in the compute dtype) before the
-        # fast path sends the input embedding to the host, and one layer arrives unquantised
-        # at a time. With a small micro-batch that, not training, is the peak. (With host_head
+        # Loading straight to the GPU puts the head (and every table the fast path does not
+        # keep in host memory) there in the compute dtype, and one layer arrives unquantised at
+        # a time. With a small micro-batch that, not training, can be the peak. (With host_head
         # the model is loaded on the CPU where that would not fit, and only what stays moves:
         # model.py, `straight_load_bytes`.)
-        loading = _straight_load_allocated(terms["base_weights_quantized"], shape, a)
+        loading = _straight_load_allocated(terms["base_weights_quantized"], shape, a,
+                                           bool(pieces.get("host_embeddings")))
         if loading > allocated:
             breakdown["loading_peak"] = int(loading - allocated)
             allocated = loading

@@ -23,7 +23,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -214,8 +214,12 @@ def _gguf_dense_kwargs() -> dict[str, Any]:
 # -- loading --------------------------------------------------------------------------------------
 
 
-def quantization_config(spec: TrainSpec, compute_dtype: torch.dtype):
-    """transformers' `BitsAndBytesConfig` for the spec, or None when unquantised."""
+def quantization_config(spec: TrainSpec, compute_dtype: torch.dtype, *,
+                        cpu_modules: bool = False):
+    """transformers' `BitsAndBytesConfig` for the spec, or None when unquantised.
+
+    `cpu_modules`: the device map puts some (unquantised) modules in host memory, which
+    transformers allows a quantised model only with `llm_int8_enable_fp32_cpu_offload`."""
     from transformers import BitsAndBytesConfig
 
     if spec.quantization in ("nf4", "fp4"):
@@ -225,9 +229,10 @@ def quantization_config(spec: TrainSpec, compute_dtype: torch.dtype):
             bnb_4bit_use_double_quant=spec.double_quant,
             bnb_4bit_compute_dtype=compute_dtype,
             bnb_4bit_quant_storage=torch.uint8,
+            llm_int8_enable_fp32_cpu_offload=cpu_modules,
         )
     if spec.quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=cpu_modules)
     return None
 
 
@@ -246,33 +251,109 @@ def load_tokenizer(folder: str | Path, spec: TrainSpec):
     return tok
 
 
+def untied_input_embedding_name(folder: str | Path, spec: TrainSpec) -> str | None:
+    """The module name of the model's input embedding (`model.embed_tokens` for Llama), or None
+    where the output head shares its table (the head needs it on the GPU) or there is none.
+    Read from a weightless copy of the model: nothing is loaded."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True,
+                                            trust_remote_code=spec.trust_remote_code)
+        with init_empty_weights():
+            empty = AutoModelForCausalLM.from_config(
+                config, trust_remote_code=spec.trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - an odd config: the plain load handles it
+        log.warning("cannot build a weightless copy of %s (%s)", folder, exc)
+        return None
+    emb, head = empty.get_input_embeddings(), empty.get_output_embeddings()
+    if not isinstance(emb, torch.nn.Embedding) or \
+            (head is not None and getattr(head, "weight", None) is emb.weight):
+        return None
+    return next((name for name, module in empty.named_modules() if module is emb), None)
+
+
+LoadPlacement = Literal["device", "input_embedding_on_host", "host"]
+
+
 def load_base_model(spec: TrainSpec, device: torch.device | str | None = None,
                     *, cache_dir: str | Path | None = None,
                     extra_kwargs: dict[str, Any] | None = None,
-                    keep_on_host: Callable[[Any], Any] | None = None):
+                    keep_on_host: Callable[[Any], Any] | None = None,
+                    placement: LoadPlacement | None = None):
     """(model, tokenizer) for `spec`, quantised as it asks, on `device` (default: the spec's).
 
     `extra_kwargs` go to `from_pretrained` (the fast path's attention implementation). The
     model is frozen and in eval mode; `attach_lora` makes it trainable.
 
-    `keep_on_host`: the model is loaded and quantised on the CPU, frozen, then
-    `keep_on_host(model)` swaps in the modules that stay in host memory (the fast path's host
-    tables, whose `_apply` ignores moves), then the rest moves to `device`. A small card then
-    never holds what it would only hand back: loading straight to the GPU puts the embedding
-    and head tables there first, so the load's peak, not training's, would decide the card.
-    """
-    from transformers import AutoModelForCausalLM
+    `placement` says where the weights arrive, so that a small card never holds what it would
+    only hand back (loading straight to the GPU puts the embedding and head tables there first,
+    and for short micro-batches that, not training, is the peak):
 
+    - "device": straight onto `device`;
+    - "input_embedding_on_host" (a CUDA device): everything onto the card except the input
+      embedding, which is read into host memory and never touches the card; then
+      `keep_on_host(model)` makes it the fast path's host table. Where the table is tied to the
+      head, or the split load fails, this is the straight load (with a warning for a failure);
+    - "host" (the default when `keep_on_host` is given; on any device, so the CPU tests drive
+      it end to end): loaded and quantised on the CPU, frozen, `keep_on_host(model)` swaps in
+      the modules that stay in host memory (the fast path's host tables, whose `_apply` ignores
+      moves), then the rest moves to `device`.
+    """
     device = torch.device(device) if device is not None else select_device(spec)
     folder = resolve_base_model(spec, cache_dir)
     compute_dtype = select_compute_dtype(spec, device)
     tokenizer = load_tokenizer(folder, spec)
-    staged = keep_on_host is not None
-    device_map = {"": device.index if device.type == "cuda" and not staged else "cpu"}
+    if placement is None:
+        placement = "host" if keep_on_host is not None else "device"
+    if placement == "input_embedding_on_host" and (device.type != "cuda" or keep_on_host is None):
+        placement = "device"
+    embedding = untied_input_embedding_name(folder, spec) \
+        if placement == "input_embedding_on_host" else None
+    if placement == "input_embedding_on_host" and embedding is None:
+        placement = "device"
+    model = None
+    if embedding is not None:
+        try:
+            model = _from_pretrained(folder, spec, compute_dtype, extra_kwargs,
+                                     {embedding: "cpu", "": device.index})
+            _undispatch(model, device)
+        except (ModelLoadError, RuntimeError, ValueError) as exc:
+            log.warning("loading with the input embedding in host memory failed (%s); loading "
+                        "straight onto the card", exc)
+            model, placement = None, "device"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if model is None:
+        target = "cpu" if placement == "host" or device.type != "cuda" else device.index
+        model = _from_pretrained(folder, spec, compute_dtype, extra_kwargs, {"": target})
+    _disable_cpu_weight_packing(model)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if placement != "device" and keep_on_host is not None:
+        # Frozen first: only frozen tables may stay on the host.
+        keep_on_host(model)
+    if placement == "host":
+        # nn.Module.to, not the model's own: transformers refuses .to() on a bitsandbytes model
+        # (it placed it itself); the quantised weights move as they are (Params4bit.to).
+        torch.nn.Module.to(model, device)
+        if hasattr(model, "hf_device_map"):
+            model.hf_device_map = {"": device.index if device.type == "cuda" else "cpu"}
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    return model, tokenizer
+
+
+def _from_pretrained(folder: Path, spec: TrainSpec, compute_dtype: torch.dtype,
+                     extra_kwargs: dict[str, Any] | None, device_map: dict[str, Any]):
+    from transformers import AutoModelForCausalLM
+
+    split = len(set(device_map.values())) > 1
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        return AutoModelForCausalLM.from_pretrained(
             folder,
-            quantization_config=quantization_config(spec, compute_dtype),
+            quantization_config=quantization_config(spec, compute_dtype, cpu_modules=split),
             dtype=compute_dtype,
             device_map=device_map,
             local_files_only=True,
@@ -281,20 +362,21 @@ def load_base_model(spec: TrainSpec, device: torch.device | str | None = None,
         )
     except Exception as exc:
         raise ModelLoadError(f"cannot load base model {folder}: {exc}") from exc
-    _disable_cpu_weight_packing(model)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if staged:
-        # Frozen first: only frozen tables may stay on the host.
-        keep_on_host(model)
-        # nn.Module.to, not the model's own: transformers refuses .to() on a bitsandbytes model
-        # (it placed it itself); the quantised weights move as they are (Params4bit.to).
-        torch.nn.Module.to(model, device)
-        if hasattr(model, "hf_device_map"):
-            model.hf_device_map = {"": device.index if device.type == "cuda" else "cpu"}
-    model.config.use_cache = False  # the KV cache is useless in training and costs memory
-    return model, tokenizer
+
+
+def _undispatch(model: Any, device: torch.device) -> None:
+    """Make a model that transformers loaded over two devices (accelerate's hooks, which would
+    copy the host module's weights to the card on every call) a plain module again: the hooks
+    come off and the host module's weights are put back where they were read, in host memory.
+    Raises RuntimeError where any weight is left without data."""
+    from accelerate.hooks import remove_hook_from_module
+
+    remove_hook_from_module(model, recurse=True)
+    model.hf_device_map = {"": device.index}
+    stranded = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+                if t.device.type == "meta"]
+    if stranded:
+        raise RuntimeError(f"{len(stranded)} weights left on the meta device ({stranded[0]}, …)")
 
 
 def _disable_cpu_weight_packing(model) -> None:
@@ -444,13 +526,13 @@ def build_model(spec: TrainSpec, device: torch.device, *, cache_dir: str | Path 
     # and the memory decisions (output head in host memory? CUDA graphs?) read the free card.
     allocator = use_expandable_segments(device)
     plan = fastpath.fit_memory(plan, spec, device, memory_budget)
-    # A card too small even to load the model straight (every table on it for a moment):
-    # load on the CPU and move only what stays.
-    keep = (lambda m: fastpath.keep_tables_on_host(m, plan, device)) \
-        if fastpath.load_on_host(plan, spec, device, memory_budget) else None
-    model, tokenizer = load_base_model(spec, device, cache_dir=cache_dir,
-                                       extra_kwargs=fastpath.prepare_kwargs(plan, spec),
-                                       keep_on_host=keep)
+    # Where the weights arrive: a card too small even to load the model straight (every table
+    # on it for a moment) loads on the CPU and takes only what stays; else the input table,
+    # which the fast path keeps in host memory anyway, is read there and never reaches the card.
+    model, tokenizer = load_base_model(
+        spec, device, cache_dir=cache_dir, extra_kwargs=fastpath.prepare_kwargs(plan, spec),
+        keep_on_host=lambda m: fastpath.keep_tables_on_host(m, plan, device),
+        placement=fastpath.load_placement(plan, spec, device, memory_budget))
     if for_training:
         model = attach_lora(model, spec, plan=plan)
     elif adapter_dir is not None:

@@ -139,6 +139,52 @@ def test_cuda_compute_dtype_follows_capability(tiny_model_dir):
     assert next(model.parameters()).device.type == "cuda"
 
 
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_input_embedding_is_read_into_host_memory(tmp_path, tied):
+    """placement="input_embedding_on_host" (the fast path's default load on a GPU): the input
+    table is read into pinned host memory and never reaches the card, so the load's peak is a
+    table lower; the rest is on the card with no accelerate hooks left; the logits equal a
+    straight load's. A table tied to the head stays on the card (the straight load)."""
+    from lorapool.service.train.fast import host_head as hh
+    from lorapool.service.train.fast.embeddings import HostEmbedding
+    from lorapool.service.train.tiny import make_tiny_llama
+
+    vocab, hidden = 32768, 256  # a table (16 MiB bf16) that dwarfs the rest of the model
+    folder = make_tiny_llama(tmp_path / "m", tie_word_embeddings=tied, vocab_size=vocab,
+                             hidden_size=hidden, intermediate_size=512)
+    spec = _spec(folder, device="cuda")
+    device = select_device(spec)
+    torch.manual_seed(0)
+    ids = torch.randint(0, vocab, (2, 48), device=device)
+    peaks, logits = {}, {}
+    for placement in ("device", "input_embedding_on_host"):
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        model, _ = load_base_model(spec, device, placement=placement,
+                                   keep_on_host=lambda m: hh.keep_tables_on_host(m, device))
+        peaks[placement] = torch.cuda.max_memory_allocated(device) - base
+        emb = model.get_input_embeddings()
+        if placement != "device" and not tied:
+            assert isinstance(emb, HostEmbedding) and emb.weight.is_pinned()
+        else:
+            assert isinstance(emb, torch.nn.Embedding) and emb.weight.device.type == "cuda"
+        assert {p.device.type for p in model.parameters()} == {"cuda"}
+        assert not any(hasattr(m, "_hf_hook") for m in model.modules())
+        with torch.no_grad():
+            logits[placement] = model(ids).logits.float()
+        del model, emb
+    table = vocab * hidden * 2
+    if tied:
+        assert abs(peaks["input_embedding_on_host"] - peaks["device"]) < table // 4, peaks
+    else:
+        assert peaks["input_embedding_on_host"] <= peaks["device"] - 0.9 * table, peaks
+    torch.testing.assert_close(logits["input_embedding_on_host"], logits["device"],
+                               rtol=0, atol=0)
+
+
 def _smollm2_folder():
     import importlib.util
 
