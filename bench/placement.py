@@ -26,7 +26,9 @@ Policies:
 - lorapool: `Placer` (estimate * 1.1 <= free - promised per node, best fit, auto-fit, fair
   share), refusing at submit with `check_fits` what no current node could ever hold.
 - first-fit-static: `FirstFitStatic` (whole-GiB memory units from the estimate on a reference
-  GPU, static per-node capacity, FIFO first fit, no auto-fit, blind to other processes).
+  GPU; each node declares, when it joins, the whole GiB free on its card then, as a donor's
+  `ray start --resources` script would from nvidia-smi; static from then on; FIFO first fit, no
+  auto-fit, blind to speed).
 - ray-best-fit: `BestFitStatic` (the same Ray GPU-memory custom resources, each job pinned to
   the node left with the fewest units).
 
@@ -391,6 +393,9 @@ class Sim:
         r = self.rng.random()
         n.other = 0 if r < 0.5 else int(self.rng.uniform(0.3, 3.0) * GiB)
         n.other = min(n.other, n.device.total_memory // 2)
+        if isinstance(self.placer, FirstFitStatic):  # and BestFitStatic
+            # The donor's `ray start` declares the GiB free on its card now (nvidia-smi).
+            self.placer.declare(n.t.name, n.device.total_memory - n.other)
         if n.t.churns:
             self._push(self.now + self.rng.expovariate(1 / (3 * HOUR)), "leave", n.t.name)
 

@@ -69,9 +69,9 @@ on the device only through `kind` and `compute_capability` (true for `estimate_m
 
 `FirstFitStatic` and `BestFitStatic` are the baselines the benchmark compares against: what a
 user who skipped lorapool would script with Ray custom resources (a fixed whole-GiB memory
-request per job against a static per-node capacity, FIFO, no auto-fit, blind to other
-processes' memory and to speed), taking the first node in order or the one left with the fewest
-units.
+request per job against a static per-node capacity declared when the node joins, FIFO, no
+auto-fit, blind to speed and to memory other processes take later), taking the first node in
+order or the one left with the fewest units.
 """
 
 from __future__ import annotations
@@ -1096,10 +1096,12 @@ class FirstFitStatic:
     """The baseline: what plain Ray custom resources would do.
 
     Each job asks for a fixed number of whole-GiB "memory units" (its estimate on a reference
-    GPU, rounded up, as a user would declare it once), taken from each node's static capacity
-    (its total memory in whole GiB, as declared when the node joined). Jobs go in submit order
-    (FIFO, no fair share) to the first node, in the order given, with enough units left. No
-    auto-fit; other processes' memory is invisible to it.
+    GPU, rounded up, as a user would declare it once), taken from each node's static capacity:
+    what the donor declared when it joined (`ray start --resources '{"gpu_memory_gib": N}'`,
+    N = the whole GiB its card had free then, `declare()`), or its total memory in whole GiB
+    for a node that declared nothing. Jobs go in submit order (FIFO, no fair share) to the first
+    node, in the order given, with enough units left. No auto-fit; memory that other processes
+    take after the node joined is invisible to it, and so is speed.
 
     Unlike `Placer` it is stateful, like Ray's resource accounting: `plan()` takes units, and
     `release(job_id)` gives them back when a job ends or leaves its node.
@@ -1113,6 +1115,12 @@ class FirstFitStatic:
         self.unit = unit
         self._held: dict[str, tuple[str, int]] = {}  # job_id -> (node_id, units)
         self._units: dict[str, int] = {}  # job_id -> units requested
+        self._declared: dict[str, int] = {}  # node_id -> units it declared when it joined
+
+    def declare(self, node_id: str, free_memory: int) -> None:
+        """A node (re)joins and declares the whole GiB free on its card then, as a donor's
+        `ray start` script would from nvidia-smi; static from then on."""
+        self._declared[node_id] = max(0, free_memory) // self.unit
 
     def units(self, job: JobView) -> int:
         if job.job_id not in self._units:
@@ -1121,7 +1129,8 @@ class FirstFitStatic:
         return self._units[job.job_id]
 
     def capacity(self, node: NodeView) -> int:
-        return node.device.total_memory // self.unit
+        declared = self._declared.get(node.node_id)
+        return declared if declared is not None else node.device.total_memory // self.unit
 
     def used(self, node_id: str) -> int:
         return sum(u for n, u in self._held.values() if n == node_id)
@@ -1173,9 +1182,9 @@ class FirstFitStatic:
 
 class BestFitStatic(FirstFitStatic):
     """The second baseline: Ray GPU-memory custom resources + best fit, as a user would script
-    it (each node declares `gpu_memory_gib` = its total memory; each job requests its estimate on
-    a reference GPU in whole GiB and is pinned to the node that has the fewest units left after
-    it). Still FIFO, static, blind to other processes' memory and to node speed."""
+    it (each node declares `gpu_memory_gib` when it joins, see `FirstFitStatic`; each job
+    requests its estimate on a reference GPU in whole GiB and is pinned to the node that has the
+    fewest units left after it). Still FIFO, static, blind to node speed."""
 
     def _choose(self, job: JobView, nodes: list[NodeView], used: dict[str, int],
                 want: int) -> NodeView | None:

@@ -274,6 +274,22 @@ def test_first_fit_static_ignores_free_memory_and_releases_units(model):
     assert len(ff.plan(queue, nodes)) == 1
 
 
+def test_static_baselines_use_what_a_node_declared_when_it_joined(model):
+    s = spec(model, max_seq_len=256)
+    ff = FirstFitStatic()
+    units = ff.units(job("a", s))
+    nodes = [node("busy", 1 * GiB, 12 * GiB)]
+    # The donor's `ray start` declared the GiB free then (here: room for exactly two jobs).
+    ff.declare("id-busy", 2 * units * GiB + GiB // 2)
+    assert ff.capacity(nodes[0]) == 2 * units
+    queue = [job(f"b{i}", s, t=i) for i in range(4)]
+    assert [p.job_id for p in ff.plan(queue, nodes)] == ["b0", "b1"]
+    # Rejoining declares again.
+    ff.declare("id-busy", 0)
+    assert ff.capacity(nodes[0]) == 0
+    assert ff.plan(queue, nodes) == []
+
+
 def test_a_retry_avoids_the_nodes_where_it_failed_unless_none_other_fits(model):
     s = spec(model, max_seq_len=256)
     n = need(s)
