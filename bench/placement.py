@@ -202,6 +202,9 @@ class SimNode:
     # which made runs differ from process to process.
     jobs: dict[str, None] = field(default_factory=dict)
     cached: set[str] = field(default_factory=set)  # base models already fetched here
+    # The node's own random stream (other processes, when it leaves, crashes, comes back): the
+    # same under every policy, whatever the policies do with the jobs in between.
+    rng: random.Random = field(default_factory=random.Random)
 
 
 def flops_per_token(model_params: int, ckpt: bool) -> float:
@@ -228,11 +231,11 @@ class Sim:
         self.views: dict[str, JobView] = {}
         self.wait_used_integral = 0.0
         self.wait_total_integral = 0.0
-        self.rng = random.Random(seed)
         self.jobs = {j.job_id: SimJob(j) for j in jobs}
         self.nodes = {n.name: SimNode(n, DeviceInfo(kind="cuda", name=n.name,
                                                     total_memory=n.gib * GiB,
-                                                    compute_capability=n.cc))
+                                                    compute_capability=n.cc),
+                                  rng=random.Random(f"{seed}:{n.name}"))
                       for n in nodes}
         self.now = 0.0
         self.events: list[tuple[float, int, str, str]] = []
@@ -390,28 +393,31 @@ class Sim:
 
     def on_join(self, n: SimNode) -> None:
         n.online = True
-        r = self.rng.random()
-        n.other = 0 if r < 0.5 else int(self.rng.uniform(0.3, 3.0) * GiB)
+        r, other = n.rng.random(), n.rng.uniform(0.3, 3.0)
+        n.other = 0 if r < 0.5 else int(other * GiB)
         n.other = min(n.other, n.device.total_memory // 2)
         if isinstance(self.placer, FirstFitStatic):  # and BestFitStatic
             # The donor's `ray start` declares the GiB free on its card now (nvidia-smi).
             self.placer.declare(n.t.name, n.device.total_memory - n.other)
         if n.t.churns:
-            self._push(self.now + self.rng.expovariate(1 / (3 * HOUR)), "leave", n.t.name)
+            self._push(self.now + n.rng.expovariate(1 / (3 * HOUR)), "leave", n.t.name)
 
     def on_leave(self, n: SimNode) -> None:
-        crash = self.rng.random() < 0.2
+        # Drawn whatever runs there, so the node's stream (and its next return) is the same
+        # under every policy.
+        crash = n.rng.random() < 0.2
+        loss_s = n.rng.uniform(0, CRASH_LOSS_S)
         for j in list(n.jobs):
             sj = self.jobs[j]
             if sj.status == "computing" and crash:
-                lost = self._rate(n, sj) * self.rng.uniform(0, CRASH_LOSS_S)
+                lost = self._rate(n, sj) * loss_s
                 sj.remaining = min(sj.work_total, sj.remaining + lost)
             self.leave_node(sj, n)
             sj.status = "queued"  # preemption is not the job's fault: no attempt charged
             self.queued[sj.t.job_id] = sj
             sj.attempts = max(0, sj.attempts - 1)
         n.online = False
-        self._push(self.now + self.rng.uniform(0.5, 2.0) * HOUR, "join", n.t.name)
+        self._push(self.now + n.rng.uniform(0.5, 2.0) * HOUR, "join", n.t.name)
 
     def schedule(self) -> None:
         if not self.queued:
