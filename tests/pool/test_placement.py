@@ -398,7 +398,7 @@ def test_a_roomy_node_also_reserves_the_cuda_graphs_pool(model):
     device = DeviceInfo(name="x", total_memory=48 * GiB, **AMPERE)
     graphs, eager, minimum = fast_variants(s, device)
     assert estimate_memory(s, device) == minimum and minimum.host_head
-    roomy = Placer().plan([job("a", s)], [node("rtx-4090", 24 * GiB)], {})
+    roomy = Placer(fit_up_work=0).plan([job("a", s)], [node("rtx-4090", 24 * GiB)], {})
     assert roomy[0].estimate.total == graphs.total and roomy[0].estimate.graphs
     middle = Placer().plan([job("a", s)], [node("rtx-3060", int(eager.total * 1.1) + 1)], {})
     assert middle and middle[0].estimate.total == eager.total
@@ -408,3 +408,29 @@ def test_a_roomy_node_also_reserves_the_cuda_graphs_pool(model):
     # graphs=False (the placement simulator): never reserved.
     off = Placer(graphs=False).plan([job("a", s)], [node("rtx-4090", 24 * GiB)], {})
     assert "cuda_graphs_pool" not in off[0].estimate.breakdown
+
+
+def test_a_roomy_node_runs_a_larger_micro_batch_with_the_same_effective_batch(model):
+    s = spec(model, max_seq_len=512, micro_batch_size=1, batch_size=8)
+    big = [node("rtx-4090", 24 * GiB)]
+    p = Placer(graphs=False).plan([job("a", s)], big, {})[0]
+    assert p.spec.micro_batch_size > 1 and p.spec.batch_size == 8
+    assert 8 % p.spec.micro_batch_size == 0
+    assert p.changes and "same effective batch 8" in p.changes[0]
+    assert p.estimate == estimate_memory(p.spec, big[0].device)
+    replay_fits(Placer(graphs=False), [p], big)
+    # It stops at the first micro-batch whose work saturates a step (tokens x compute params).
+    from lorapool.service.pool.placement import compute_params
+    low = Placer(graphs=False, fit_up_work=2 * 512 * compute_params(s))
+    assert low.plan([job("a", s)], big, {})[0].spec.micro_batch_size == 2
+    # Where the node has just room for the job as submitted, it runs as submitted.
+    tight = [node("desk", need(s) + GiB // 8)]
+    assert Placer(graphs=False).plan([job("a", s)], tight, {})[0].spec == s
+    # At most half of what the node would have left after the job goes to the larger batch.
+    for n in [node("desk", need(s) + 3 * GiB // 2)]:
+        q = Placer(graphs=False).plan([job("a", s)], [n], {})[0]
+        grown = q.estimate.total * 1.1 - need(s)
+        assert grown <= (n.available - need(s)) / 2 + 1
+    # A job that may not be auto-fitted, or a placer with fit-up off, keeps its micro-batch.
+    assert Placer(graphs=False).plan([job("a", s, allow_autofit=False)], big, {})[0].spec == s
+    assert Placer(graphs=False, fit_up_work=0).plan([job("a", s)], big, {})[0].spec == s
