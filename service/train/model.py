@@ -14,6 +14,7 @@ here downloads: every load is `local_files_only`.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -251,16 +252,26 @@ def load_tokenizer(folder: str | Path, spec: TrainSpec):
     return tok
 
 
-def untied_input_embedding_name(folder: str | Path, spec: TrainSpec) -> str | None:
-    """The module name of the model's input embedding (`model.embed_tokens` for Llama), or None
-    where the output head shares its table (the head needs it on the GPU) or there is none.
-    Read from a weightless copy of the model: nothing is loaded."""
+def host_embedding_device_map(folder: str | Path, spec: TrainSpec,
+                              index: int) -> dict[str, Any] | None:
+    """A `device_map` that reads the input embedding into host memory and every other module
+    onto GPU `index`, or None where that cannot be said: the embedding is tied to the output
+    head (the head needs the table on the card), or a module on the way to it holds weights
+    of its own. Worked out on a weightless copy of the model: nothing is loaded.
+
+    The map names the embedding's siblings at every level rather than using a catch-all "":
+    accelerate places the whole subtree of a "" entry on its device first, the embedding
+    included, which is the load peak this map exists to avoid."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True,
                                             trust_remote_code=spec.trust_remote_code)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings",
+                                                                  False):
+            return None
         with init_empty_weights():
             empty = AutoModelForCausalLM.from_config(
                 config, trust_remote_code=spec.trust_remote_code)
@@ -271,7 +282,27 @@ def untied_input_embedding_name(folder: str | Path, spec: TrainSpec) -> str | No
     if not isinstance(emb, torch.nn.Embedding) or \
             (head is not None and getattr(head, "weight", None) is emb.weight):
         return None
-    return next((name for name, module in empty.named_modules() if module is emb), None)
+    target = next((name for name, module in empty.named_modules() if module is emb), None)
+    if not target:
+        return None
+    device_map: dict[str, Any] = {}
+    module, prefix = empty, ""
+    while True:
+        if next(module.parameters(recurse=False), None) is not None or \
+                next(module.buffers(recurse=False), None) is not None:
+            return None  # its own weights could only be mapped with the embedding's subtree
+        step = None
+        for child_name, child in module.named_children():
+            name = prefix + child_name
+            if name == target:
+                device_map[name] = "cpu"
+            elif target.startswith(name + "."):
+                step = (child, name + ".")
+            else:
+                device_map[name] = index
+        if step is None:
+            return device_map
+        module, prefix = step
 
 
 LoadPlacement = Literal["device", "input_embedding_on_host", "host"]
@@ -309,22 +340,21 @@ def load_base_model(spec: TrainSpec, device: torch.device | str | None = None,
         placement = "host" if keep_on_host is not None else "device"
     if placement == "input_embedding_on_host" and (device.type != "cuda" or keep_on_host is None):
         placement = "device"
-    embedding = untied_input_embedding_name(folder, spec) \
+    split = host_embedding_device_map(folder, spec, device.index) \
         if placement == "input_embedding_on_host" else None
-    if placement == "input_embedding_on_host" and embedding is None:
+    if placement == "input_embedding_on_host" and split is None:
         placement = "device"
     model = None
-    if embedding is not None:
+    if split is not None:
         try:
-            model = _from_pretrained(folder, spec, compute_dtype, extra_kwargs,
-                                     {embedding: "cpu", "": device.index})
-            _undispatch(model, device)
+            model = _from_pretrained(folder, spec, compute_dtype, extra_kwargs, split)
+            _undispatch(model, device, tuple(f"{k}." for k, v in split.items() if v == "cpu"))
         except (ModelLoadError, RuntimeError, ValueError) as exc:
             log.warning("loading with the input embedding in host memory failed (%s); loading "
                         "straight onto the card", exc)
             model, placement = None, "device"
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            gc.collect()  # the half-built model's modules hold each other (hooks): free them
+            torch.cuda.empty_cache()
     if model is None:
         target = "cpu" if placement == "host" or device.type != "cuda" else device.index
         model = _from_pretrained(folder, spec, compute_dtype, extra_kwargs, {"": target})
@@ -364,11 +394,12 @@ def _from_pretrained(folder: Path, spec: TrainSpec, compute_dtype: torch.dtype,
         raise ModelLoadError(f"cannot load base model {folder}: {exc}") from exc
 
 
-def _undispatch(model: Any, device: torch.device) -> None:
+def _undispatch(model: Any, device: torch.device, host_prefixes: tuple[str, ...]) -> None:
     """Make a model that transformers loaded over two devices (accelerate's hooks, which would
     copy the host module's weights to the card on every call) a plain module again: the hooks
     come off and the host module's weights are put back where they were read, in host memory.
-    Raises RuntimeError where any weight is left without data."""
+    Raises RuntimeError where any weight is left without data or off its mapped device (the
+    modules under `host_prefixes` in host memory, all else on `device`)."""
     from accelerate.hooks import remove_hook_from_module
 
     remove_hook_from_module(model, recurse=True)
@@ -377,6 +408,11 @@ def _undispatch(model: Any, device: torch.device) -> None:
                 if t.device.type == "meta"]
     if stranded:
         raise RuntimeError(f"{len(stranded)} weights left on the meta device ({stranded[0]}, …)")
+    misplaced = [n for n, t in model.named_parameters()
+                 if t.device.type != ("cpu" if n.startswith(host_prefixes) else device.type)]
+    if misplaced:
+        raise RuntimeError(f"{len(misplaced)} weights not where the device map put them "
+                           f"({misplaced[0]} on {model.get_parameter(misplaced[0]).device})")
 
 
 def _disable_cpu_weight_packing(model) -> None:

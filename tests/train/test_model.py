@@ -139,6 +139,43 @@ def test_cuda_compute_dtype_follows_capability(tiny_model_dir):
     assert next(model.parameters()).device.type == "cuda"
 
 
+def test_the_host_embedding_map_offloads_only_the_table(tmp_path):
+    """host_embedding_device_map names the embedding's siblings (no catch-all "", under which
+    accelerate would first place the whole model, the table included, on the card), so the
+    dispatch transformers runs for a two-device map offloads only the table and moves nothing
+    else; `_undispatch` brings the table back with its values and leaves no hook behind. On the
+    CPU the offload target is "disk" (accelerate offloads "cpu" modules only when the main
+    device is a GPU: the -m gpu test below loads for real)."""
+    from accelerate import dispatch_model
+    from transformers import AutoModelForCausalLM
+
+    from lorapool.service.train.model import _undispatch, host_embedding_device_map
+    from lorapool.service.train.tiny import make_tiny_llama
+
+    folder = make_tiny_llama(tmp_path / "m")
+    split = host_embedding_device_map(folder, _spec(folder), 0)
+    assert split == {"model.embed_tokens": "cpu", "model.layers": 0, "model.norm": 0,
+                     "model.rotary_emb": 0, "lm_head": 0}
+    tied = make_tiny_llama(tmp_path / "t", tie_word_embeddings=True)
+    assert host_embedding_device_map(tied, _spec(tied), 0) is None
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        ref = model(ids).logits
+    layer = model.model.layers[0].mlp.up_proj.weight
+    dispatch_model(model, device_map={k: "disk" if v == "cpu" else "cpu" for k, v in split.items()},
+                   offload_dir=str(tmp_path / "offload"), main_device="cpu")
+    assert model.model.embed_tokens.weight.device.type == "meta"
+    assert model.model.layers[0].mlp.up_proj.weight is layer  # nothing else was moved
+    _undispatch(model, torch.device("cpu"), ("model.embed_tokens.",))
+    assert model.model.embed_tokens.weight.device.type == "cpu"
+    assert not any(hasattr(m, "_hf_hook") for m in model.modules())
+    assert "to" not in vars(model)  # accelerate's "don't move me" wrapper is gone too
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=0, atol=0)
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("tied", [False, True])
