@@ -273,9 +273,9 @@ class _JobInfo:
     specs: list[TrainSpec | None] = field(default_factory=list)
     works: list[float] = field(default_factory=list)
     size: float = 0.0  # FLOPs of the job as submitted (its size when ordering by run time)
-    # Larger micro-batches the job may run with where memory allows (`Placer.fit_up_work`),
-    # smallest first: [micro-batch, its spec (built on first use), {class id: (need, estimate)}].
-    up: list[list] | None = None
+    # Per device class id: the larger micro-batches the job may run with where memory allows
+    # (`Placer.fit_up_work`; `Placer._fit_up_table`).
+    up: dict[int, list] | None = None
     # The class set each `need` entry is complete for (identity: interned per placer).
     ready: list[frozenset | None] = field(default_factory=list)
     # Per variant: its smallest need over the device classes of `ready` (skips, in O(1), a
@@ -518,6 +518,17 @@ class Placer:
         node's `available` bytes hold with the safety margin; `est` (its minimum) otherwise."""
         if not self.graphs or device.kind != "cuda":
             return est
+        for need, v in self._richer(spec, device, est):  # richest first
+            if need <= available:
+                return v
+        return est
+
+    def _richer(self, spec: TrainSpec, device: DeviceInfo,
+                est: MemoryEstimate) -> list[tuple[int, MemoryEstimate]]:
+        """The job's configurations richer than its minimum `est`, richest first, each with its
+        need (none without graphs or off CUDA)."""
+        if not self.graphs or device.kind != "cuda":
+            return []
         # The variants cost a spec walk; their input is the estimate object (cached per job,
         # variant and device class): remember them next to it.
         hit = self._variants.get(id(est))
@@ -527,10 +538,7 @@ class Placer:
             richer = [(self.need(v), v) for v in fast_variants(spec, device)
                       if v.total > est.total]
             hit = self._variants[id(est)] = (est, richer)
-        for need, v in hit[1]:  # richest first; none when only the minimum fits
-            if need <= available:
-                return v
-        return est
+        return hit[1]
 
     def need(self, est: MemoryEstimate) -> int:
         """Bytes a node must have available for a job with this estimate."""
@@ -594,49 +602,52 @@ class Placer:
         left after the job as submitted, so it does not crowd out the next jobs, and never at the
         cost of the fast path's richer configuration (`chosen`: CUDA graphs, the head on the
         GPU) that the job as submitted would get there. `est`: the job's minimum there."""
-        up = info.up
-        if up is None:
-            s = job.spec
-            up = []
-            m = s.micro_batch_size
-            work = m * s.max_seq_len * info.params
-            if work < self.fit_up_work:
-                for d in range(m + 1, s.batch_size + 1):
-                    if s.batch_size % d:
-                        continue
-                    up.append([d, None, {}])
-                    if d * s.max_seq_len * info.params >= self.fit_up_work:
-                        break
-            info.up = up
-        if not up:
+        table = info.up.get(e.cls) if info.up is not None else None
+        if table is None:
+            table = self._fit_up_table(job, info, e.cls, e.node.device)
+        if not table:
             return None
         base = self.need(est)
         room = base + (e.avail - base) // 2
+        if table[0][2][-1][0] > room:
+            return None  # not even the next micro-batch's minimum fits
         rank = _richness(chosen)
-        got = None
-        for item in up:
-            per = item[2]
-            hit = per.get(e.cls)
-            if hit is None:
-                if item[1] is None:
-                    item[1] = job.spec.model_copy(update={"micro_batch_size": item[0]})
-                hit_est = self.estimate(job, (item[0], job.spec.gradient_checkpointing,
-                                              job.spec.max_seq_len), e.node.device)
-                hit = per[e.cls] = (self.need(hit_est), hit_est)
-            if hit[0] > room:
-                break  # a larger micro-batch takes more memory still
-            rich = self.best_fit(item[1], e.node.device, hit[1], room)
-            if _richness(rich) < rank:
-                break
-            got = item, rich
-        if got is None:
-            return None
-        item, up_est = got
+        for k in range(len(table) - 1, -1, -1):  # the largest micro-batch first
+            micro, spec, opts = table[k]
+            for need, up_est, r in opts:  # its configurations, richest first
+                if r < rank:
+                    break
+                if need <= room:
+                    s = job.spec
+                    change = (f"micro_batch_size {s.micro_batch_size} → {micro}, gradient "
+                              f"accumulation {s.grad_accum_steps} → {s.batch_size // micro} "
+                              f"(same effective batch {s.batch_size}) to use {e.name} "
+                              f"({_fmt(e.avail)} free)")
+                    return spec, up_est, change
+        return None
+
+    def _fit_up_table(self, job: JobView, info: _JobInfo, cls: int,
+                      device: DeviceInfo) -> list[tuple[int, TrainSpec, list]]:
+        """Per larger micro-batch (smallest first): (micro-batch, spec, its configurations on
+        this device class as (need, estimate, richness), richest first, the minimum last)."""
+        if info.up is None:
+            info.up = {}
         s = job.spec
-        change = (f"micro_batch_size {s.micro_batch_size} → {item[0]}, gradient accumulation "
-                  f"{s.grad_accum_steps} → {s.batch_size // item[0]} (same effective batch "
-                  f"{s.batch_size}) to use {e.name} ({_fmt(e.avail)} free)")
-        return item[1], up_est, change
+        table = []
+        m = s.micro_batch_size
+        if m * s.max_seq_len * info.params < self.fit_up_work:
+            for d in range(m + 1, s.batch_size + 1):
+                if s.batch_size % d:
+                    continue
+                spec = s.model_copy(update={"micro_batch_size": d})
+                low = self.estimate(job, (d, s.gradient_checkpointing, s.max_seq_len), device)
+                opts = [(need, v, _richness(v)) for need, v in self._richer(spec, device, low)]
+                opts.append((self.need(low), low, _richness(low)))
+                table.append((d, spec, opts))
+                if d * s.max_seq_len * info.params >= self.fit_up_work:
+                    break
+        info.up[cls] = table
+        return table
 
     def _transfer_s(self, job: JobView, info: _JobInfo, node: NodeView) -> float:
         if job.model_key is not None and job.model_key in node.cached_models:
