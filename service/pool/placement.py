@@ -35,6 +35,10 @@ The rules, in the order `plan()` applies them:
    accumulation, so the effective batch is the same); then the same again with gradient
    checkpointing on; then shorter `max_seq_len` (halving, down to the job's `min_seq_len`, only
    if the user allowed it). A job that still fits nowhere waits for the next pass.
+   **Fit-up.** The other way round, a job placed as submitted on a node with room to spare
+   runs a larger micro-batch (same effective batch: `_fit_up`), up to the first that carries
+   `fit_up_work` (tokens × compute params) and within half of what the node would have left,
+   never at the cost of the fast path's richer configuration there.
 6. **Waiting for a much faster card (bounded).** A job that would start now on a node that is
    at least `wait_speedup` × slower than a busy node of the pool waits instead, when that faster
    node is expected to free (`NodeView.frees_in`) within `max_wait_s` *and* early enough that
