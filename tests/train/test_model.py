@@ -117,7 +117,10 @@ def test_resolve_hf_folder_and_errors(tiny_model_dir, tmp_path):
         resolve_base_model(_spec(two))
     with pytest.raises(ModelLoadError, match="cannot dequantise"):
         resolve_base_model(_spec(two, gguf_file="a.gguf"), tmp_path / "cache")
-    assert not list((tmp_path / "cache").iterdir())  # nothing half-written left behind
+    from lorapool.service.train.model import DIGESTS_DIR
+
+    # Nothing half-written left behind (the file's digest, remembered, is no GGUF entry).
+    assert [p.name for p in (tmp_path / "cache").iterdir()] in ([], [DIGESTS_DIR])
 
 
 def test_model_sha256_tracks_content(tiny_model_dir, tmp_path):
@@ -137,6 +140,32 @@ def test_cuda_compute_dtype_follows_capability(tiny_model_dir):
     assert select_compute_dtype(spec, device) == expected
     model, _ = load_base_model(spec)
     assert next(model.parameters()).device.type == "cuda"
+
+
+def test_file_digests_are_remembered_across_processes(tmp_path):
+    """file_sha256 keeps each digest in the cache folder, keyed by path, size, mtime and inode:
+    a new process (the in-process memo cleared) reads it instead of hashing again, and a file
+    that changed is hashed anew."""
+    import hashlib
+    import os
+
+    from lorapool.service.train import model as model_mod
+
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"abc" * 1000)
+    cache = tmp_path / "cache"
+    true = hashlib.sha256(f.read_bytes()).hexdigest()
+    assert model_mod.file_sha256(f, cache) == true
+    entries = list((cache / model_mod.DIGESTS_DIR).iterdir())
+    assert len(entries) == 1 and entries[0].read_text().strip() == true
+    entries[0].write_text("f" * 64 + "\n")  # what a later process would find there
+    model_mod._HASH_CACHE.clear()
+    assert model_mod.file_sha256(f, cache) == "f" * 64  # read, not hashed
+    f.write_bytes(b"abd" * 1000)
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    model_mod._HASH_CACHE.clear()
+    assert model_mod.file_sha256(f, cache) == hashlib.sha256(f.read_bytes()).hexdigest()
 
 
 def test_the_host_embedding_map_offloads_only_the_table(tmp_path):
