@@ -213,6 +213,8 @@ def test_the_input_embedding_is_read_into_host_memory(tmp_path, tied):
     table is read into pinned host memory and never reaches the card, so the load's peak is a
     table lower; the rest is on the card with no accelerate hooks left; the logits equal a
     straight load's. A table tied to the head stays on the card (the straight load)."""
+    import gc
+
     from lorapool.service.train.fast import host_head as hh
     from lorapool.service.train.fast.embeddings import HostEmbedding
     from lorapool.service.train.tiny import make_tiny_llama
@@ -226,6 +228,7 @@ def test_the_input_embedding_is_read_into_host_memory(tmp_path, tied):
     ids = torch.randint(0, vocab, (2, 48), device=device)
     peaks, logits = {}, {}
     for placement in ("device", "input_embedding_on_host"):
+        gc.collect()  # the previous model, freed now rather than in the middle of this load
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
