@@ -1,10 +1,11 @@
 """The jobs this head drives now, and the killed runners whose node slots are not free yet.
 
 `ActiveJobs` holds one `ActiveJob` per running attempt (its runner, the run's ObjectRef, its
-memory estimate, cancel/preemption deadlines) and one `DyingRunner` per runner that was killed:
-a killed runner counts against its node's slots until Ray confirms it is gone, so a storm of
-cancels never stacks new runners onto dying ones. It speaks Ray only to kill runners and to
-probe whether they are gone; what a job's ending means for the job is outcomes.py's business.
+memory estimate, cancel/preemption deadlines, its step progress) and one `DyingRunner` per
+runner that was killed: a killed runner counts against its node's slots until Ray confirms it
+is gone, so a storm of cancels never stacks new runners onto dying ones. It speaks Ray only to
+kill runners and to probe whether they are gone; what a job's ending means for the job is
+outcomes.py's business.
 """
 
 from __future__ import annotations
@@ -12,13 +13,48 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import ray
 
+from .progress import WINDOW, estimate
+
 log = logging.getLogger("lorapool.pool")
+
+
+@dataclass
+class StepProgress:
+    """How far an attempt is and how fast it steps, from the step events the head drains.
+
+    One (time, step) per drain: the events of one `drain()` arrive together, so their own
+    arrival times say nothing about the time between them; the latest step of each drain,
+    at the drain's time, does. The mean over the last `WINDOW` drains gives the step time
+    (progress.py's `estimate`), so model loading before the first step never counts."""
+
+    total_steps: Optional[int] = None
+    window: "deque[tuple[float, int]]" = field(default_factory=lambda: deque(maxlen=WINDOW))
+
+    def note(self, step: int, total_steps: Optional[int], at: float) -> None:
+        if total_steps is not None:
+            self.total_steps = total_steps
+        w = self.window
+        if w and step < w[-1][1]:
+            w.clear()  # the step went back: start afresh
+        if w and w[-1][0] == at:
+            if step > w[-1][1]:
+                w[-1] = (at, step)  # a later step of the same drain
+        elif not w or step > w[-1][1]:
+            w.append((at, step))
+
+    def remaining_s(self, now: float) -> Optional[float]:
+        """Seconds until the last step is expected (0 when overdue); None until two drains
+        have shown steps advance or while the total is unknown."""
+        if not self.total_steps:
+            return None
+        finish = estimate(self.window, self.total_steps)
+        return None if finish is None else max(0.0, finish - now)
 
 
 @dataclass
@@ -40,6 +76,11 @@ class ActiveJob:
     cancel_at: Optional[float] = None  # when a cancel was sent to its runner
     events: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    progress: StepProgress = field(default_factory=StepProgress)
+
+    def remaining_s(self, now: float) -> Optional[float]:
+        """Seconds until this attempt is expected to end (None: not known yet)."""
+        return self.progress.remaining_s(now)
 
 
 @dataclass

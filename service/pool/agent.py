@@ -2,11 +2,12 @@
 
 It reports the node's device (GPU name, compute capability, bf16, total and free memory as the
 driver sees it, or a simulated GPU), the memory lorapool's own jobs hold, whether the node is
-accepting work, and a heartbeat. A CPU node reports its RAM (available now, less what its jobs
-are still expected to grow into) and its cores, and takes at most `cpu_slots` jobs at once. When the owner takes the GPU back (`reclaim()`, or the
-donation policy says so) it asks every job running here to checkpoint and stop, and stops
-accepting new ones. Job runners on the node ask it for the node-local working folder, so no
-path ever travels from the head.
+accepting work, the base models its cache holds (by content id), and a heartbeat. A CPU node
+reports its RAM (available now, less what its jobs are still expected to grow into) and its
+cores, and takes at most `cpu_slots` jobs at once. When the owner takes the GPU back
+(`reclaim()`, or the donation policy says so) it asks every job running here to checkpoint and
+stop, and stops accepting new ones. Job runners on the node ask it for the node-local working
+folder, so no path ever travels from the head.
 """
 
 from __future__ import annotations
@@ -154,8 +155,22 @@ class NodeAgent:
             "cpu_cores": cores,
             "cpu_slots": slots,
             "speed_tflops": speed,
+            # Base models this node's cache holds (content ids): placement sends a job where
+            # its model needs no transfer when that finishes first.
+            "cached_models": self.cached_models(),
             "heartbeat": time.time(),
         }
+
+    def cached_models(self) -> list[str]:
+        """The content ids of the base models complete in this node's cache (what runners,
+        workers and tasks here materialise under `work_dir/cache/models/<key>`, transfer.py);
+        a folder still being written, without its `.complete` marker, does not count."""
+        root = Path(self.config.work_dir) / "cache" / "models"
+        try:
+            return sorted(d.name for d in root.iterdir()
+                          if not d.name.startswith(".") and (d / ".complete").is_file())
+        except OSError:  # no cache yet
+            return []
 
     def _measured_speed(self, kind: str) -> Optional[float]:
         """TFLOP/s from a short calibration matmul: at join time, then refreshed every

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Protocol
 
@@ -44,6 +43,9 @@ class JobOnNode(Protocol):
     node: str
     estimate: int
     stepped: bool
+
+    def remaining_s(self, now: float) -> Optional[float]:
+        """Seconds until the job is expected to end (None: not known yet)."""
 
 
 class NodeRegistry:
@@ -128,11 +130,19 @@ class NodeRegistry:
     def views(self, active: Iterable[JobOnNode], dying: Mapping[str, int],
               include_busy: bool = False) -> list[Any]:
         """The placement policy's view of every online node. `active`: the jobs running now;
-        `dying`: killed runners per node, which hold their slot until they are gone."""
+        `dying`: killed runners per node, which hold their slot until they are gone.
+
+        Besides memory and speed, each view carries the base models the node's cache holds
+        (its agent's `cached_models`) and, for a node running jobs, when they are expected to
+        end (`frees_in`: the latest of their `remaining_s`, None while any of them has no
+        estimate yet) and the memory available then (`free_at_end`: what is available now
+        plus those jobs' estimates, at most the device's total)."""
         from .placement import NodeView
 
-        active = list(active)
-        running = Counter(a.node for a in active)
+        by_node: dict[str, list[JobOnNode]] = {}
+        for a in active:
+            by_node.setdefault(a.node, []).append(a)
+        now = time.time()
         views = []
         with self._lock:
             for st in self._nodes.values():
@@ -142,25 +152,36 @@ class NodeRegistry:
                 dev = DeviceInfo(**r["device"])
                 # Memory the report does not show used yet: jobs the node does not list, and
                 # CUDA jobs still loading on a node that reports nothing reserved.
+                here = by_node.get(st.name, [])
                 promised = sum(
-                    a.estimate for a in active
-                    if a.node == st.name and (a.job_id not in r.get("jobs", ())
-                                              or (not a.stepped and dev.kind == "cuda"
-                                                  and r.get("reserved_memory", 0) == 0))
+                    a.estimate for a in here
+                    if a.job_id not in r.get("jobs", ())
+                    or (not a.stepped and dev.kind == "cuda" and r.get("reserved_memory", 0) == 0)
                 )
+                free = int(r["free_memory"])
+                frees_in = free_at_end = None
+                if here:
+                    ends = [a.remaining_s(now) for a in here]
+                    if None not in ends:
+                        frees_in = max(ends)  # type: ignore[type-var]
+                        free_at_end = min(dev.total_memory,
+                                          free - promised + sum(a.estimate for a in here))
                 views.append(NodeView(
                     node_id=st.name,
                     name=st.name,
                     device=dev,
-                    free_memory=int(r["free_memory"]),
+                    free_memory=free,
                     promised=promised,
                     labels=dict(r.get("labels", {})),
                     accepting=bool(r.get("accepting", True)) or include_busy,
-                    running_jobs=running[st.name] + int(dying.get(st.name, 0)),
+                    running_jobs=len(here) + int(dying.get(st.name, 0)),
                     max_jobs=(int(r["cpu_slots"]) if dev.kind == "cpu" and r.get("cpu_slots")
                               else None),
                     # Measured at join and while idle by the NodeAgent: placement by speed.
                     speed=r.get("speed_tflops"),
+                    cached_models=frozenset(r.get("cached_models") or ()),
+                    frees_in=frees_in,
+                    free_at_end=free_at_end,
                 ))
         return views
 

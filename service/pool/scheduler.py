@@ -304,9 +304,10 @@ class RayExecutor(BackgroundLoop):
             except ray.exceptions.RayTaskError as exc:
                 self._lost(a, f"runner on {a.node} failed ({exc})")
                 continue
+            drained_at = time.time()
             for item in items:
                 # Parsed once here: the multi-worker runner still sends dicts.
-                self._absorb(a, RunnerItem.from_wire(item))
+                self._absorb(a, RunnerItem.from_wire(item), drained_at)
             ready, _ = ray.wait([a.run_ref], timeout=0)
             if ready:
                 try:
@@ -360,11 +361,15 @@ class RayExecutor(BackgroundLoop):
             self._lost(a, f"preempted on {a.node} and did not stop within "
                        f"{self.preempt_timeout:g} s; killed")
 
-    def _absorb(self, a: ActiveJob, item: RunnerItem) -> None:
+    def _absorb(self, a: ActiveJob, item: RunnerItem, at: Optional[float] = None) -> None:
+        """Store what a runner queued; `at`: when its drain arrived (the step clock's time)."""
         ev = item.event
         kind = ev.type
         if kind == "step":
             a.stepped = True
+            if ev.step is not None:  # how far and how fast: when the node frees (placement)
+                a.progress.note(int(ev.step), ev.total_steps,
+                                time.time() if at is None else at)
             metrics = {k: getattr(ev, k) for k in ("step", "total_steps", "loss", "lr",
                                                    "grad_norm", "tokens_per_s",
                                                    "memory_allocated", "memory_peak")}
