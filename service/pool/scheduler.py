@@ -50,7 +50,7 @@ from ..train.spec import TrainSpec
 from .active_jobs import ActiveJob, ActiveJobs
 from .agent import NAMESPACE, agent_name, list_agents
 from .background import BackgroundLoop
-from .job_views import JobViews
+from .job_views import DataSize, JobViews
 from .model_objects import ModelObjects
 from .node_registry import NodeRegistry
 from .outcomes import (
@@ -81,13 +81,16 @@ GiB = 1024**3
 
 
 def job_view(job_id: str, tenant: str, spec: TrainSpec, submitted_at: float,
-             placement: Optional[dict[str, Any]]) -> Any:
-    """The placement policy's view of a job: its spec plus the constraints it asked for."""
+             placement: Optional[dict[str, Any]], *, tokens: Optional[float] = None,
+             model_key: Optional[str] = None, model_bytes: Optional[int] = None) -> Any:
+    """The placement policy's view of a job: its spec plus the constraints it asked for, its
+    estimated training tokens, and its base model's content id and size (job_views.py)."""
     from .placement import JobView
 
     p = placement or {}
     gib = p.get("min_memory_gib")
     return JobView(job_id=job_id, tenant=tenant, spec=spec, submitted_at=submitted_at,
+                   tokens=tokens, model_key=model_key, model_bytes=model_bytes,
                    priority=int(p.get("priority", 0)),
                    min_memory=int(gib * GiB) if gib else None,
                    labels=dict(p.get("labels") or {}),
@@ -143,7 +146,9 @@ class RayExecutor(BackgroundLoop):
         self.active = ActiveJobs(dying_timeout=dying_timeout)
         self.models = models or ModelObjects()
         self.payloads = PayloadBuilder(store, artifacts, self.models)
-        self.job_views = JobViews(job_view)  # queued jobs' views, reused across passes
+        # Queued jobs' views, reused across passes.
+        self.job_views = JobViews(job_view, data_size=self._data_size)
+        self._data_sizes: dict[str, Optional[DataSize]] = {}  # file id → its size (immutable)
         # Nodes where each job's earlier attempts ended badly: a retry goes elsewhere if it can.
         self._failed_on: dict[str, set[str]] = {}
         # What else each tenant runs on the pool now (the server sets it to the chats in
@@ -210,6 +215,24 @@ class RayExecutor(BackgroundLoop):
                 handle.unregister_job.remote(job.id)
             self._apply(JobContext(job.id, job.node_id, job.attempt or 0, self.max_attempts),
                         ServiceRestarted())
+
+    def _data_size(self, job: Any) -> Optional[DataSize]:
+        """What the store knows of a queued job's training data: the uploaded file's example
+        count (validated at upload) and bytes, or a node-local data set's count (and bytes,
+        where its node reported them). A file record never changes: each is read once."""
+        file_id = getattr(job, "training_file", None)
+        if file_id:
+            if file_id not in self._data_sizes:
+                rec = self.store.get_file(file_id)
+                if len(self._data_sizes) >= 100_000:
+                    self._data_sizes.clear()
+                self._data_sizes[file_id] = (DataSize(int(rec.examples), int(rec.bytes))
+                                             if rec is not None and rec.examples else None)
+            return self._data_sizes[file_id]
+        ds = getattr(job, "dataset", None) or {}
+        if ds.get("examples"):
+            return DataSize(int(ds["examples"]), int(ds["bytes"]) if ds.get("bytes") else None)
+        return None
 
     def _node_views(self, include_busy: bool = False) -> list[Any]:
         return self.registry.views(self.active.snapshot(), self.active.dying_by_node(),
