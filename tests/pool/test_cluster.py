@@ -183,6 +183,16 @@ def test_jobs_land_only_where_they_fit_and_nothing_names_head_paths(pool):
     # The node materialised its own copy of the model in its own folder, by content hash.
     node_cache = pool["root"] / "nodes" / job.node_id / "cache" / "models"
     assert any(p.is_dir() for p in node_cache.iterdir())
+    # Its agent reports that copy, and the scheduler's view of the node carries it: placement
+    # sends the next job of this model where no transfer is needed.
+    import ray
+
+    sha = pool["svc"].store.get_model("tiny-llama").sha256
+    assert sha in ray.get(pool["agents"][job.node_id].report.remote())["cached_models"]
+    ex = pool["svc"].executor
+    ex.registry.refresh(force=True)
+    views = {v.name: v for v in ex._node_views(include_busy=True)}
+    assert sha in views[job.node_id].cached_models
 
 
 def test_best_fit_runs_a_mixed_queue_at_once(pool):
