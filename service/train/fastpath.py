@@ -146,10 +146,16 @@ def load_placement(plan: FastPlan, spec: TrainSpec, device: torch.device,
     falls back to "device" for a tied table); else "device"."""
     if device.type != "cuda" or _fast_module() is None:
         return "device"
-    if plan.host_head:
-        info, room = _card(device)
-        if load_decision(spec, info, room, budget):
-            return "host"
+    info, room = _card(device) if plan.host_head else (None, 0)
+    return placement_decision(plan, spec, info, room, budget)
+
+
+def placement_decision(plan: FastPlan, spec: TrainSpec, info: Optional[DeviceInfo], room: int,
+                       budget: Optional[MemoryBudget] = None) -> str:
+    """`load_placement`'s decision for a CUDA card described by `info` with `room` bytes (both
+    read only where the plan sends the head to the host)."""
+    if plan.host_head and info is not None and load_decision(spec, info, room, budget):
+        return "host"
     return "input_embedding_on_host" if plan.host_embeddings else "device"
 
 
