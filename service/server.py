@@ -24,7 +24,39 @@ from typing import Any, Optional
 log = logging.getLogger("lorapool.server")
 
 
+# Ports that neither the kernel hands out for port-0 binds and outgoing connections (its
+# ephemeral range, 32768-60999 on Linux by default) nor Ray gives its workers (10002-19999 by
+# default). A port picked from the ephemeral range before the embedded Ray head starts could be
+# bound by one of Ray's own processes before the API binds it ("address already in use").
+QUIET_PORTS = (20000, 32768)
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now that neither the kernel's ephemeral range nor Ray's worker
+    ports contain (`QUIET_PORTS`), so the Ray head started next will not take it before the API
+    binds it; the kernel's choice where none of those is free."""
+    import random
+
+    eph_lo, eph_hi = _ephemeral_range()
+    pick = random.Random()
+    for _ in range(100):
+        port = pick.randrange(*QUIET_PORTS)
+        if eph_lo <= port <= eph_hi:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]

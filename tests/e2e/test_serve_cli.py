@@ -36,6 +36,23 @@ def _session_processes(pid: int) -> list[str]:
     return found
 
 
+def test_free_port_is_outside_the_ports_ray_and_the_kernel_hand_out() -> None:
+    """The API's port is chosen before the embedded Ray head starts; from the kernel's
+    ephemeral range (or Ray's worker ports) one of Ray's own processes could bind it first,
+    which made this module's serve test fail now and then with "address already in use"."""
+    import socket
+
+    from lorapool.service.server import QUIET_PORTS, _ephemeral_range, free_port
+
+    eph_lo, eph_hi = _ephemeral_range()
+    for _ in range(20):
+        port = free_port()
+        assert QUIET_PORTS[0] <= port < QUIET_PORTS[1] and not eph_lo <= port <= eph_hi
+        assert not 10002 <= port <= 19999  # Ray's default worker ports
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # and it is free
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serve_answers_then_exits_cleanly(tmp_path: Path, sig: signal.Signals) -> None:
     from lorapool.service.server import free_port
