@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import threading
@@ -43,8 +44,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     """A port free on `host` now that neither the kernel's ephemeral range nor Ray's worker
     ports contain (`QUIET_PORTS`), so the Ray head started next will not take it before the API
     binds it; the kernel's choice where none of those is free."""
-    import random
-
     eph_lo, eph_hi = _ephemeral_range()
     pick = random.Random()
     for _ in range(100):

@@ -520,8 +520,6 @@ class Placer:
                  available: int) -> MemoryEstimate:
         """The richest configuration of the job (memory.py `fast_variants`) that the chosen
         node's `available` bytes hold with the safety margin; `est` (its minimum) otherwise."""
-        if not self.graphs or device.kind != "cuda":
-            return est
         for need, v in self._richer(spec, device, est):  # richest first
             if need <= available:
                 return v
@@ -643,8 +641,9 @@ class Placer:
             for d in range(m + 1, s.batch_size + 1):
                 if s.batch_size % d:
                     continue
-                spec = s.model_copy(update={"micro_batch_size": d})
-                low = self.estimate(job, (d, s.gradient_checkpointing, s.max_seq_len), device)
+                v = (d, s.gradient_checkpointing, s.max_seq_len)
+                spec = self.variant_spec(job, v)
+                low = self.estimate(job, v, device)
                 opts = [(need, v, _richness(v)) for need, v in self._richer(spec, device, low)]
                 opts.append((self.need(low), low, _richness(low)))
                 table.append((d, spec, opts))
