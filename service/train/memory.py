@@ -400,6 +400,25 @@ def _adapter_terms(shape: ModelShape, spec: TrainSpec, a: int
     return hit
 
 
+def reference_layer_bytes(shape: ModelShape, a: int, seq: int) -> int:
+    """Bytes per token of one decoder layer's activations on the reference path (`a`: bytes
+    of the compute dtype), before LoRA's and the k-bit calibration factor. Shared by the
+    one-card estimate and the split one (memory_split.py)."""
+    h, i = shape.hidden_size, shape.intermediate_size
+    q = shape.num_heads * shape.head_dim
+    layer_base = (
+        2 * 4 * h  # both RMSNorms save their fp32 input
+        + 2 * a * h  # normed inputs of attention and MLP
+        + 3 * a * q  # q, and k/v repeated to all heads, as SDPA saves them
+        + 2 * a * q + 4 * shape.num_heads  # attention output, its contiguous copy, fp32 LSE
+        + 4 * a * i  # gate, act(gate), up, act*up
+    )
+    if shape.attn_implementation == "eager":
+        # scores (compute dtype), fp32 softmax, its cast back: heads * seq per token.
+        layer_base += shape.num_heads * seq * (a + 4 + a)
+    return layer_base
+
+
 def estimate_memory(spec: TrainSpec, device: DeviceInfo, *, config: Any = None,
                     graphs: bool = False) -> MemoryEstimate:
     """Peak memory (bytes, with a per-term breakdown) of training `spec` on `device`.
@@ -442,7 +461,6 @@ def _estimates(spec: TrainSpec, device: DeviceInfo, config: Any, *,
     quantized = spec.quantization != "none"
     lora = spec.lora
     h, i, L = shape.hidden_size, shape.intermediate_size, shape.num_layers
-    q = shape.num_heads * shape.head_dim
     seq, micro = spec.max_seq_len, spec.micro_batch_size
     tokens = micro * seq
 
@@ -457,16 +475,7 @@ def _estimates(spec: TrainSpec, device: DeviceInfo, config: Any, *,
     lora_grad_bytes = lora_params * LORA_PARAM_BYTES
 
     # Activations, per token.
-    layer_base = (
-        2 * 4 * h  # both RMSNorms save their fp32 input
-        + 2 * a * h  # normed inputs of attention and MLP
-        + 3 * a * q  # q, and k/v repeated to all heads, as SDPA saves them
-        + 2 * a * q + 4 * shape.num_heads  # attention output, its contiguous copy, fp32 LSE
-        + 4 * a * i  # gate, act(gate), up, act*up
-    )
-    if shape.attn_implementation == "eager":
-        # scores (compute dtype), fp32 softmax, its cast back: heads * seq per token.
-        layer_base += shape.num_heads * seq * (a + 4 + a)
+    layer_base = reference_layer_bytes(shape, a, seq)
     lora_all = sum(per_layer_lora.values())
     lora_max_layer = max((v for k, v in per_layer_lora.items() if k is not None), default=0)
     boundary = a * h + (4 * h + a * h)  # embeddings' output; final norm and head input
@@ -651,6 +660,42 @@ def fit_to_room(spec: TrainSpec, device: DeviceInfo, room: int, *, config: Any =
     return first_fit(fast_variants(spec, device, config=config), room)
 
 
+def fast_layer_bytes(spec: TrainSpec, shape: ModelShape, a: int,
+                     pieces: dict[str, bool]) -> int:
+    """Bytes per token of one decoder layer's activations on the fast path (`a`: bytes of the
+    compute dtype), before the calibration factor: what a layer being recomputed holds. Shared
+    by the one-card estimate and the split one (memory_split.py), so they count alike."""
+    h, i = shape.hidden_size, shape.intermediate_size
+    q = shape.num_heads * shape.head_dim
+    kv = shape.num_kv_heads * shape.head_dim
+    layer = (2 * a * h  # RMSNorm inputs (Liger keeps them in the compute dtype)
+             + 2 * a * h  # normed inputs of attention and MLP (shared by q/k/v, gate/up)
+             + a * (q + 2 * kv)  # q, k, v after RoPE
+             + 2 * a * q + 4 * shape.num_heads  # attention output, its copy, fp32 LSE
+             + 3 * a * i)  # gate, up, and down's input
+    if shape.attn_implementation == "eager" and not pieces["padding_free"]:
+        layer += shape.num_heads * spec.max_seq_len * (a + 4 + a)  # scores, fp32 softmax, cast
+    return layer
+
+
+def fast_loss_bytes(shape: ModelShape, a: int, pieces: dict[str, bool], tokens: int) -> float:
+    """Bytes of the fast path's loss for `tokens` tokens, before the calibration factor: the
+    streamed host head's, the chunked loss', or full logits. Held by the card the head's loss
+    runs on (the last one of a split model)."""
+    h, V = shape.hidden_size, shape.vocab_size
+    if pieces.get("host_head"):
+        # The streamed loss: its fp32 gradient wrt the hidden states and its cast, one block's
+        # fp32 logits and their softmax, two weight blocks in flight. Not scaled by
+        # FAST_TOKEN_FACTOR below (not calibrated on the grid: the head stays on a big card).
+        rows = host_head_block_rows(tokens, V, h, a)
+        return (tokens * h * (4 + a) + 2 * tokens * rows * 4
+                + 2 * rows * h * a) / FAST_TOKEN_FACTOR
+    if pieces["chunked_loss"]:
+        chunk = loss_chunk_rows(tokens, V, h)
+        return tokens * h * FAST_CHUNKED_LOSS_GRAD_BYTES + chunk * V * (a + 4)
+    return tokens * V * (a + LOGITS_EXTRA_BYTES)
+
+
 def _fast_estimate(spec: TrainSpec, shape: ModelShape, device: DeviceInfo, dtype: str,
                    pieces: dict[str, bool], terms: dict[str, int]) -> MemoryEstimate:
     """Peak GPU memory of the fast path: bf16 embeddings and norms (no fp32 upcast), LoRA
@@ -658,8 +703,6 @@ def _fast_estimate(spec: TrainSpec, shape: ModelShape, device: DeviceInfo, dtype
     memory while offloaded, no logits beyond one chunk, no padding mask."""
     a = _DTYPE_BYTES[dtype]
     h, i, L = shape.hidden_size, shape.intermediate_size, shape.num_layers
-    q = shape.num_heads * shape.head_dim
-    kv = shape.num_kv_heads * shape.head_dim
     V = shape.vocab_size
     tokens = spec.micro_batch_size * spec.max_seq_len
     lora_params = terms["lora_params"] // LORA_PARAM_BYTES
@@ -669,31 +712,14 @@ def _fast_estimate(spec: TrainSpec, shape: ModelShape, device: DeviceInfo, dtype
     if pieces.get("host_head"):
         host_rows += V * h
 
-    layer = (2 * a * h  # RMSNorm inputs (Liger keeps them in the compute dtype)
-             + 2 * a * h  # normed inputs of attention and MLP (shared by q/k/v, gate/up)
-             + a * (q + 2 * kv)  # q, k, v after RoPE
-             + 2 * a * q + 4 * shape.num_heads  # attention output, its copy, fp32 LSE
-             + 3 * a * i)  # gate, up, and down's input
-    if shape.attn_implementation == "eager" and not pieces["padding_free"]:
-        layer += shape.num_heads * spec.max_seq_len * (a + 4 + a)  # scores, fp32 softmax, cast
+    layer = fast_layer_bytes(spec, shape, a, pieces)
     if spec.gradient_checkpointing:
         resident = FAST_RESIDENT_LAYER_INPUTS if pieces["offload_activations"] else L
         per_token = resident * a * h + layer
     else:
         per_token = L * layer
     per_token += 2 * a * h  # embeddings' output, final norm output
-    if pieces.get("host_head"):
-        # The streamed loss: its fp32 gradient wrt the hidden states and its cast, one block's
-        # fp32 logits and their softmax, two weight blocks in flight. Not scaled by
-        # FAST_TOKEN_FACTOR below (not calibrated on the grid: the head stays on a big card).
-        rows = host_head_block_rows(tokens, V, h, a)
-        logits = (tokens * h * (4 + a) + 2 * tokens * rows * 4
-                  + 2 * rows * h * a) / FAST_TOKEN_FACTOR
-    elif pieces["chunked_loss"]:
-        chunk = loss_chunk_rows(tokens, V, h)
-        logits = tokens * h * FAST_CHUNKED_LOSS_GRAD_BYTES + chunk * V * (a + 4)
-    else:
-        logits = tokens * V * (a + LOGITS_EXTRA_BYTES)
+    logits = fast_loss_bytes(shape, a, pieces, tokens)
     workspace = tokens * a * (3 * i + 2 * h)
     activations = tokens * per_token
     breakdown = {
