@@ -19,6 +19,7 @@ _EXPORTS = {
     "LoraSpec": "spec",
     "DeviceInfo": "spec",
     "MemoryBudget": "spec",
+    "SplitSpec": "spec",
     "TrainError": "errors",
     "DataError": "errors",
     "LineError": "errors",
@@ -51,6 +52,7 @@ __all__ = [
     "LineError",
     "LoraSpec",
     "MemoryBudget",
+    "SplitSpec",
     "MemoryEstimate",
     "ModelLoadError",
     "NonFiniteLossError",
@@ -104,4 +106,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from .memory import MemoryEstimate, estimate_memory
     from .model import BuiltModel, attach_lora, build_model, load_base_model, resolve_base_model
     from .runstate import RunState
-    from .spec import DeviceInfo, FastSpec, LoraSpec, MemoryBudget, TrainSpec
+    from .spec import DeviceInfo, FastSpec, LoraSpec, MemoryBudget, SplitSpec, TrainSpec

@@ -53,7 +53,7 @@ from .model import BuiltModel, build_model, select_device, trainable_parameters
 from .output import ADAPTER_DIRNAME, save_adapter
 from .runstate import RunState
 from .scaling import LossScaler, needs_loss_scaling
-from .spec import MemoryBudget, TrainSpec
+from .spec import MemoryBudget, SplitSpec, TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +112,12 @@ class Trainer:
                  should_stop: Callable[[], bool] | None = None,
                  cache_dir: str | Path | None = None,
                  dist: DistContext | None = None,
-                 memory_budget: MemoryBudget | None = None) -> None:
+                 memory_budget: MemoryBudget | None = None,
+                 split: SplitSpec | None = None) -> None:
         self.spec = spec
         self.memory_budget = memory_budget
+        # A model split layer-wise over several local devices (model_split.py); None: one.
+        self.split = split if split is not None and len(split.devices) > 1 else None
         # dist: the process group a launcher set up (or torchrun's env describes); None alone.
         self.dist = dist if dist is not None else DistContext.from_environment(
             device_kind=spec.device)
@@ -124,7 +127,11 @@ class Trainer:
         self.resume_from = Path(resume_from) if resume_from is not None else None
         self.should_stop = should_stop or (lambda: False)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.device = select_device(spec)
+        self.device = select_device(spec) if self.split is None else \
+            torch.device(self.split.devices[0])  # batches go in where the first layers are
+        if self.split is not None and self.dist is not None:
+            raise TrainError("a model split over devices runs as one process, not under a "
+                             "distributed launcher", code="split_invalid")
         # dist: events (and so checkpoints and the adapter, below) come from rank 0 only.
         self.is_main = self.dist is None or self.dist.is_main
         self.events = EventSink(on_event if self.is_main else None, self.device)
@@ -153,7 +160,7 @@ class Trainer:
         seed_everything(spec.seed)
         self.events.emit("status", message=f"loading base model {spec.base_model_id or spec.base_model}")
         built: BuiltModel = build_model(spec, self.device, cache_dir=self.cache_dir,
-                                        memory_budget=self.memory_budget)
+                                        memory_budget=self.memory_budget, split=self.split)
         self.built = built
         self.model, self.tokenizer = built.model, built.tokenizer
         self.base_dir, self.base_sha256 = built.base_dir, built.base_sha256
@@ -163,6 +170,9 @@ class Trainer:
         self.events.emit("status", message=f"{describe(self.plan)}; CUDA allocator: "
                          f"{built.allocator}" if built.allocator else describe(self.plan),
                          data={"fast": self.plan.as_dict(), "allocator": built.allocator})
+        if built.split is not None:
+            self.events.emit("status", message=f"{built.split.describe()} ({built.split.reason})",
+                             data={"split": built.split.as_dict()})
         if spec.init_adapter and self.resume_from is None:
             # A resumed run's checkpoint already holds the adapter weights it reached.
             n = load_init_adapter(self.model, spec.init_adapter)
@@ -522,11 +532,17 @@ class Trainer:
             self.metrics["world_size"] = self.dist.world_size
         if self.graphs is not None:
             self.metrics["cuda_graphs"] = self.graphs.summary()
+        split = self.built.split
+        if split is not None:
+            from .model_split import split_peaks
+
+            self.metrics["split_peak_memory_bytes"] = split_peaks(split.devices)
         if status == "completed" and self.is_main:
             adapter_dir = save_adapter(
                 self.model, self.output_dir / ADAPTER_DIRNAME, self.spec,
                 base_model_sha256=self.base_sha256, metrics=self.metrics,
-                n_examples=self.train_data.stats.n_examples, fast=self.plan.as_dict())
+                n_examples=self.train_data.stats.n_examples, fast=self.plan.as_dict(),
+                split=split.as_dict() if split is not None else None)
         self.events.emit("done", self.step, epoch=self._epoch_float(), message=status,
                          loss=self.metrics.get("train_loss"),
                          path=str(adapter_dir) if adapter_dir else None,
@@ -543,7 +559,8 @@ def train(spec: TrainSpec, data: DataSource, output_dir: str | Path, *,
           should_stop: Callable[[], bool] | None = None,
           cache_dir: str | Path | None = None,
           dist: DistContext | None = None,
-          memory_budget: MemoryBudget | None = None) -> TrainResult:
+          memory_budget: MemoryBudget | None = None,
+          split: SplitSpec | None = None) -> TrainResult:
     """Fine-tune a LoRA adapter on `spec.base_model` with `data`; see the module docstring.
 
     Returns status "completed" with `adapter_dir` (output_dir/adapter), or "stopped" (when
@@ -551,7 +568,9 @@ def train(spec: TrainSpec, data: DataSource, output_dir: str | Path, *,
     `DataError` for bad data, `ModelLoadError`, `NonFiniteLossError`, `OutOfMemoryError` (even
     micro-batch 1 does not fit), or `TrainError` for an unusable checkpoint. `memory_budget`:
     what the scheduler reserved on the card; the run stays within it (see spec.MemoryBudget).
+    `split`: the model is split layer-wise over these local devices (spec.SplitSpec,
+    model_split.py; one worker holding several GPUs).
     """
     return Trainer(spec, data, output_dir, validation_data=validation_data, on_event=on_event,
                    resume_from=resume_from, should_stop=should_stop, cache_dir=cache_dir,
-                   dist=dist, memory_budget=memory_budget).run()
+                   dist=dist, memory_budget=memory_budget, split=split).run()

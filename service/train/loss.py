@@ -30,6 +30,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -218,14 +219,27 @@ def head_loss_sum(model: Any, hidden: torch.Tensor, target: torch.Tensor, *,
     # The model's own lm_head call would see the same dtypes; a mismatch only arises where a
     # norm was upcast and the head was not (then the head's dtype is what the logits use).
     hidden = hidden.reshape(-1, hidden.shape[-1]).to(head.weight.dtype)
-    target = target.reshape(-1)
-    if not graph_safe and hidden.is_cuda and not head.weight.requires_grad and head.bias is None:
-        liger = _liger_loss()
-        if liger is not None:
-            out = liger(head.weight, hidden, target)
-            return out[0] if isinstance(out, tuple) else out
-    return chunked_linear_cross_entropy(hidden, head.weight, target, bias=head.bias, chunk=chunk,
-                                        graph_safe=graph_safe)
+    # A split model (model_split.py) ends on its last device while the batch's labels stay on
+    # the first; on one device this is the same tensor.
+    target = target.reshape(-1).to(hidden.device)
+    with _on_device(hidden.device):
+        if not graph_safe and hidden.is_cuda and not head.weight.requires_grad and \
+                head.bias is None:
+            liger = _liger_loss()
+            if liger is not None:
+                out = liger(head.weight, hidden, target)
+                return out[0] if isinstance(out, tuple) else out
+        return chunked_linear_cross_entropy(hidden, head.weight, target, bias=head.bias,
+                                            chunk=chunk, graph_safe=graph_safe)
+
+
+def _on_device(device: torch.device) -> Any:
+    """The CUDA device `device` made current (Triton kernels launch on the current device)
+    where it is another one, as on a split model's last device; else nothing to do."""
+    if device.type == "cuda" and device.index is not None and \
+            device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return nullcontext()
 
 
 def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], *, chunked: bool,
@@ -243,7 +257,8 @@ def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], *, chunked: bool,
         count = label_count(batch["labels"])
     if not chunked:
         logits = model(**inputs, use_cache=False).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.reshape(-1),
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
+                               target.reshape(-1).to(logits.device),
                                ignore_index=IGNORE_INDEX, reduction="sum")
         return loss, count
     hidden = _causal_lm(model).get_decoder()(**inputs, use_cache=False).last_hidden_state

@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -31,7 +31,7 @@ import torch
 from .collate import Collator, FlatCollator, PaddedCollator
 from .errors import ModelLoadError
 from .resolve import resolve_cache_dir, resolve_dtype_name
-from .spec import MemoryBudget, TrainSpec
+from .spec import MemoryBudget, SplitSpec, TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +337,8 @@ def load_base_model(spec: TrainSpec, device: torch.device | str | None = None,
                     *, cache_dir: str | Path | None = None,
                     extra_kwargs: dict[str, Any] | None = None,
                     keep_on_host: Callable[[Any], Any] | None = None,
-                    placement: LoadPlacement | None = None):
+                    placement: LoadPlacement | None = None,
+                    device_map: dict[str, Any] | None = None):
     """(model, tokenizer) for `spec`, quantised as it asks, on `device` (default: the spec's).
 
     `extra_kwargs` go to `from_pretrained` (the fast path's attention implementation). The
@@ -356,8 +357,16 @@ def load_base_model(spec: TrainSpec, device: torch.device | str | None = None,
       it end to end): loaded and quantised on the CPU, frozen, `keep_on_host(model)` swaps in
       the modules that stay in host memory (the fast path's host tables, whose `_apply` ignores
       moves), then the rest moves to `device`.
+
+    `device_map` (a split model, model_split.py) overrides `placement`: the weights arrive where
+    the map says (decoder layers over several devices, tables "cpu" where the fast path keeps
+    them in host memory, then `keep_on_host(model)`), accelerate's hooks are removed after and
+    every weight is checked to be where the map put it.
     """
     device = torch.device(device) if device is not None else select_device(spec)
+    if device_map is not None:
+        return _load_mapped(spec, device, device_map, cache_dir=cache_dir,
+                            extra_kwargs=extra_kwargs, keep_on_host=keep_on_host)
     folder = resolve_base_model(spec, cache_dir)
     compute_dtype = select_compute_dtype(spec, device)
     tokenizer = load_tokenizer(folder, spec)
@@ -397,6 +406,37 @@ def load_base_model(spec: TrainSpec, device: torch.device | str | None = None,
         if hasattr(model, "hf_device_map"):
             model.hf_device_map = {"": device.index if device.type == "cuda" else "cpu"}
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    return model, tokenizer
+
+
+def _load_mapped(spec: TrainSpec, device: torch.device, device_map: dict[str, Any], *,
+                 cache_dir: str | Path | None, extra_kwargs: dict[str, Any] | None,
+                 keep_on_host: Callable[[Any], Any] | None):
+    """`load_base_model` with an explicit `device_map` (a split model): see there."""
+    from accelerate.hooks import remove_hook_from_module
+
+    from .model_split import check_placement
+
+    folder = resolve_base_model(spec, cache_dir)
+    compute_dtype = select_compute_dtype(spec, device)
+    tokenizer = load_tokenizer(folder, spec)
+    model = _from_pretrained(folder, spec, compute_dtype, extra_kwargs, device_map)
+    # accelerate's hooks would copy every input to each module's device on every call; the
+    # split's own hooks (model_split.py) do that only where devices change.
+    remove_hook_from_module(model, recurse=True)
+    model.hf_device_map = dict(device_map)
+    try:
+        check_placement(model, device_map)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"the split load did not place the model as mapped: {exc}",
+                             code="split_unsupported") from exc
+    _disable_cpu_weight_packing(model)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if keep_on_host is not None and "cpu" in device_map.values() and device.type == "cuda":
+        keep_on_host(model)  # frozen first: only frozen tables may stay on the host
+    model.config.use_cache = False
     return model, tokenizer
 
 
@@ -550,6 +590,7 @@ class BuiltModel:
     mask_dtype: torch.dtype | None = None  # for PaddedCollator's packed 4D masks
     chunked_loss: bool = False  # the plan's chunked_loss, unless the model cannot use it
     allocator: str = ""  # the CUDA allocator's mode (allocator.py), for the run's events
+    split: Any = None  # model_split.ResolvedSplit of a model split over devices, else None
 
     def collator(self) -> Collator:
         """The batching that matches the plan: flat rows when padding_free is on."""
@@ -560,7 +601,8 @@ class BuiltModel:
 
 def build_model(spec: TrainSpec, device: torch.device, *, cache_dir: str | Path | None = None,
                 for_training: bool = True, adapter_dir: str | Path | None = None,
-                memory_budget: MemoryBudget | None = None) -> BuiltModel:
+                memory_budget: MemoryBudget | None = None,
+                split: SplitSpec | None = None) -> BuiltModel:
     """Resolve, load and prepare the model of `spec` on `device`: the one builder of training
     and evaluation.
 
@@ -571,7 +613,13 @@ def build_model(spec: TrainSpec, device: torch.device, *, cache_dir: str | Path 
     turned off with a recorded reason where the model cannot use it (loss.py). What the card,
     or `memory_budget` (the scheduler's reservation), holds decides whether the output head
     stays on the GPU and whether CUDA graphs run (`fastpath.fit_memory`).
+
+    `split` (several devices of this machine, first = `device`): the model is loaded split
+    layer-wise over them (`_build_split`, model_split.py).
     """
+    if split is not None and len(split.devices) > 1:
+        return _build_split(spec, device, split, cache_dir=cache_dir, for_training=for_training,
+                            adapter_dir=adapter_dir)
     from . import fastpath
     from .allocator import use_expandable_segments
     from .loss import chunked_loss_unsupported
@@ -611,3 +659,67 @@ def build_model(spec: TrainSpec, device: torch.device, *, cache_dir: str | Path 
                       base_sha256=base_sha256, compute_dtype=compute_dtype, plan=plan,
                       mask_dtype=compute_dtype if attn == "eager" else None,
                       chunked_loss=bool(plan.chunked_loss), allocator=allocator)
+
+
+def _build_split(spec: TrainSpec, device: torch.device, split: SplitSpec, *,
+                 cache_dir: str | Path | None, for_training: bool,
+                 adapter_dir: str | Path | None) -> BuiltModel:
+    """`build_model` for a model split layer-wise over `split.devices` (model_split.py).
+
+    The fast plan is the first device's, less what cannot cross devices: CUDA graphs (off with
+    the reason), and the output head in host memory unless the split's estimate needs it there
+    (it decides instead of `fit_memory`, per card). The input embedding goes to host memory
+    where the plan keeps it there (the tables' placement rules of `load_placement`); the rest
+    follows the split's device map; then the boundary hooks go on, last, so that no module the
+    fast path swaps in loses them."""
+    from . import fastpath
+    from . import model_split as ms
+    from .allocator import use_expandable_segments
+    from .loss import chunked_loss_unsupported
+
+    resolved = ms.resolve_split(split, spec)
+    device = resolved.first
+    base_dir = resolve_base_model(spec, cache_dir)
+    base_sha256 = model_sha256(base_dir, cache_dir)
+    compute_dtype = select_compute_dtype(spec, device)
+    for other in resolved.devices[1:]:
+        if select_compute_dtype(spec, other) != compute_dtype:
+            raise ModelLoadError(f"{other} computes in another dtype than {device}: a split model "
+                                 "runs in one dtype", code="split_invalid")
+    plan = fastpath.resolve_plan(spec, device)
+    plan = fastpath.without(plan, {"cuda_graphs": ms.GRAPHS_OFF.format(n=len(resolved.devices))})
+    if not for_training:
+        plan = fastpath.without(plan, {"offload_activations": "no backward in evaluation"})
+    if resolved.host_head is False:
+        plan = fastpath.without(plan, {"host_head": f"off: the split's estimate holds the output "
+                                                    f"head on {resolved.last}"})
+    elif resolved.host_head and plan.host_head:
+        plan = replace(plan, reasons={**plan.reasons, "host_head": (
+            "on: the split fits its cards only with the output head in host memory")})
+    allocator = use_expandable_segments(device)
+    cuda = device.type == "cuda"
+    device_map = ms.split_device_map(
+        base_dir, spec, resolved,
+        input_embedding="cpu" if cuda and plan.host_embeddings else resolved.first,
+        head="cpu" if cuda and plan.host_head else resolved.last)
+    model, tokenizer = load_base_model(
+        spec, device, cache_dir=cache_dir, extra_kwargs=fastpath.prepare_kwargs(plan, spec),
+        keep_on_host=lambda m: fastpath.keep_tables_on_host(m, plan, device),
+        device_map=device_map)
+    if for_training:
+        model = attach_lora(model, spec, plan=plan)
+    elif adapter_dir is not None:
+        model = attach_adapter(model, adapter_dir)
+        model.eval()
+    fastpath.apply(model, plan, spec, device)
+    if plan.chunked_loss:
+        why = chunked_loss_unsupported(model)
+        if why:
+            plan = fastpath.without(plan, {"chunked_loss": why})
+    ms.install_split_hooks(model, resolved)
+    attn = getattr(model.config, "_attn_implementation", None)
+    return BuiltModel(model=model, tokenizer=tokenizer, base_dir=Path(base_dir),
+                      base_sha256=base_sha256, compute_dtype=compute_dtype, plan=plan,
+                      mask_dtype=compute_dtype if attn == "eager" else None,
+                      chunked_loss=bool(plan.chunked_loss), allocator=allocator,
+                      split=resolved)

@@ -3,7 +3,8 @@
 `output_dir/adapter/` holds `adapter_config.json` and `adapter_model.safetensors` exactly as peft
 writes them (so `PeftModel.from_pretrained(base, folder)` loads it unchanged) and `lorapool.json`
 with what the service records next to it: base model id and sha256, the spec, final metrics,
-and the resolved fast-path plan (`"fast"`: which pieces ran, and why the others did not).
+and the resolved fast-path plan (`"fast"`: which pieces ran, and why the others did not);
+a run split over several devices adds `"split"` (its devices and decoder-layer ranges).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ ADAPTER_DIRNAME = "adapter"
 
 
 def adapter_metadata(spec: TrainSpec, *, base_model_sha256: str, metrics: dict[str, Any],
-                     n_examples: int, fast: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
+                     n_examples: int, fast: dict[str, Any] | None = None,
+                     split: dict[str, Any] | None = None) -> dict[str, Any]:
+    meta = {
         "format": "lorapool-adapter/1",
         "base_model": spec.base_model_id or spec.base_model,
         "base_model_sha256": base_model_sha256,
@@ -32,11 +34,15 @@ def adapter_metadata(spec: TrainSpec, *, base_model_sha256: str, metrics: dict[s
         "fast": fast,  # the resolved fast-path plan the adapter was trained with
         "created_at": int(time.time()),
     }
+    if split is not None:  # only a split run says so: one card's metadata stays as it was
+        meta["split"] = split  # devices, decoder-layer ranges, predicted peaks (model_split.py)
+    return meta
 
 
 def save_adapter(model, dest: str | Path, spec: TrainSpec, *, base_model_sha256: str,
                  metrics: dict[str, Any], n_examples: int,
-                 fast: dict[str, Any] | None = None) -> Path:
+                 fast: dict[str, Any] | None = None,
+                 split: dict[str, Any] | None = None) -> Path:
     """Write the adapter of peft `model` and its metadata to `dest` (atomically); returns `dest`."""
     dest = Path(dest)
     with atomic_dir(dest) as tmp:
@@ -47,7 +53,7 @@ def save_adapter(model, dest: str | Path, spec: TrainSpec, *, base_model_sha256:
         cfg["base_model_name_or_path"] = spec.base_model_id or cfg.get("base_model_name_or_path")
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
         meta = adapter_metadata(spec, base_model_sha256=base_model_sha256, metrics=metrics,
-                                n_examples=n_examples, fast=fast)
+                                n_examples=n_examples, fast=fast, split=split)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
     return dest
 

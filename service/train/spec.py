@@ -195,6 +195,35 @@ class MemoryBudget(BaseModel):
     context_bytes: Optional[int] = Field(None, ge=0)
 
 
+class SplitSpec(BaseModel):
+    """Run one job's model split layer-wise over several local devices of one machine (one
+    worker holding several GPUs): contiguous decoder-layer ranges per device, in `devices`
+    order; the input embedding goes where the fast path's rules put it (host memory or the
+    first device), the final norm, output head and loss to the last device (model_split.py).
+
+    `layers`: decoder layers per device (summing to the model's); None sizes them by what each
+    device holds (memory_split.py, from each card's free memory and `budgets`, the bytes the
+    scheduler reserved on each). Not part of `TrainSpec`: where a job runs is not what it
+    trains, and a single-GPU job's spec and adapter metadata stay as they were."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    devices: list[str] = Field(min_length=1)  # "cuda:0", "cuda:1" ("cpu" in CPU tests)
+    layers: Optional[list[int]] = None
+    budgets: Optional[list[int]] = None
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "SplitSpec":
+        for name in ("layers", "budgets"):
+            value = getattr(self, name)
+            if value is not None and len(value) != len(self.devices):
+                raise ValueError(f"split.{name} has {len(value)} entries for "
+                                 f"{len(self.devices)} devices")
+        if self.layers is not None and min(self.layers) < 1:
+            raise ValueError("split.layers: every device holds at least one decoder layer")
+        return self
+
+
 class DeviceInfo(BaseModel):
     """The GPU (or CPU) a job would run on, as a NodeAgent reports it."""
 
