@@ -37,6 +37,9 @@ class Payload(TypedDict, total=False):
     # What the scheduler reserved on the node (the placement's estimate and the CUDA context it
     # counted): the trainer keeps within it (spec.MemoryBudget).
     memory_budget: dict[str, Any]
+    # A job split over several GPUs of the node (multi_gpu.NodeSplit.split_spec(), as a dict):
+    # the runner's train() loads the model split over them. Absent for a one-card job.
+    split: dict[str, Any]
 
 
 def memory_budget(estimate: Any) -> dict[str, Any]:

@@ -154,7 +154,7 @@ class JobRunner(RunnerMailbox):
         if self._stop_reason is not None:
             return self._stopped_early(started)
 
-        from ..train import MemoryBudget, TrainEvent, TrainSpec, train
+        from ..train import MemoryBudget, SplitSpec, TrainEvent, TrainSpec, train
 
         if self._stop_reason is not None:  # importing torch can take a while on a busy node
             return self._stopped_early(started)
@@ -203,6 +203,8 @@ class JobRunner(RunnerMailbox):
                 cache_dir=self.work_dir / "cache",
                 memory_budget=MemoryBudget(**budget) if (budget := payload.get("memory_budget"))
                 else None,
+                # A job split over several GPUs of this node (multi_gpu.py); absent: one card.
+                split=SplitSpec(**split) if (split := payload.get("split")) else None,
             )
         except _StopNow:
             return self._stopped_early(started)

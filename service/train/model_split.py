@@ -119,7 +119,9 @@ def resolve_split(split: SplitSpec, spec: TrainSpec, *,
         if sum(split.layers) != L:
             raise ModelLoadError(f"split.layers {split.layers} add up to {sum(split.layers)}; "
                                  f"the model has {L} decoder layers", code="split_invalid")
-        return ResolvedSplit(devices, ranges(split.layers), reason="layer ranges as given")
+        if not all(d.type == "cuda" for d in devices):
+            return ResolvedSplit(devices, ranges(split.layers), reason="layer ranges as given")
+        return _given_on_cards(split, spec, devices, L)
     if all(d.type == "cuda" for d in devices):
         budgets = split.budgets or [None] * len(devices)
         infos = [_card_info(d, b) for d, b in zip(devices, budgets)]
@@ -137,6 +139,30 @@ def resolve_split(split: SplitSpec, spec: TrainSpec, *,
               for j in range(len(devices))]
     return ResolvedSplit(devices, ranges(counts),
                          reason="even layer ranges (no GPU memory to size them by)")
+
+
+def _given_on_cards(split: SplitSpec, spec: TrainSpec, devices: tuple[torch.device, ...],
+                    L: int) -> ResolvedSplit:
+    """Ranges given for CUDA cards (the scheduler's split, service/pool/multi_gpu.py): the
+    output head stays on the last card where every card holds its part with it there (within
+    its budget), as the scheduler's estimate chose; else it streams from host memory."""
+    from .memory_split import head_variants, part_estimate, ranges
+
+    budgets = split.budgets or [None] * len(devices)
+    infos = [_card_info(d, b) for d, b in zip(devices, budgets)]
+    k = len(devices)
+    variants = head_variants(spec, infos[-1])
+    for host_head in variants:
+        parts = [part_estimate(spec, info, layers=n, num_layers=L, first=j == 0,
+                               last=j == k - 1, host_head=host_head)
+                 for j, (info, n) in enumerate(zip(infos, split.layers))]
+        if all(p.total <= info.free_memory for p, info in zip(parts, infos)):
+            return ResolvedSplit(devices, ranges(split.layers), host_head=host_head,
+                                 peaks=tuple(p.total for p in parts),
+                                 reason="layer ranges as the scheduler planned them")
+    return ResolvedSplit(devices, ranges(split.layers), host_head=variants[-1],
+                         reason="layer ranges as given; the estimate finds them tight on "
+                                "these cards (the out-of-memory fallback is the last word)")
 
 
 # -- the device map --------------------------------------------------------------------------
