@@ -182,6 +182,9 @@ def _placement(job_id: str, node_id: str, spec: TrainSpec, estimate: MemoryEstim
 _new_placement = object.__new__
 _set_attr = object.__setattr__
 
+# More bytes than any node has: "no fit-up here" compares as never fitting.
+_NEVER = 1 << 80
+
 # A variant of a job's spec: (micro_batch_size, gradient_checkpointing, max_seq_len).
 Variant = tuple[int, bool, int]
 
@@ -280,6 +283,14 @@ class _JobInfo:
     # Per device class id: the larger micro-batches the job may run with where memory allows
     # (`Placer.fit_up_work`; `Placer._fit_up_table`).
     up: dict[int, list] | None = None
+    # Per device class id: the least room any fit-up there needs (the next micro-batch's
+    # minimum; `_NEVER` where there is none), so that a node without that room skips `_fit_up`
+    # in O(1): most placements are such, and the call alone cost more than the test.
+    up_floor: dict[int, int] = field(default_factory=dict)
+    # Per variant, per device class id: its configurations, richest first and the minimum last
+    # (`Placer._configurations`), looked up by index here instead of by the estimate's id.
+    rich: list[dict[int, list[tuple[int, MemoryEstimate, int]]] | None] = field(
+        default_factory=list)
     # The class set each `need` entry is complete for (identity: interned per placer).
     ready: list[frozenset | None] = field(default_factory=list)
     # Per variant: its smallest need over the device classes of `ready` (skips, in O(1), a
@@ -290,6 +301,7 @@ class _JobInfo:
         n = len(self.variants)
         self.need, self.est = [None] * n, [None] * n
         self.specs, self.ready = [None] * n, [None] * n
+        self.rich = [None] * n
         self.least = [0] * n
         self.works = [self.tokens * flops_per_token(self.params, v[1]) for v in self.variants]
         self.size = self.works[0]
@@ -332,66 +344,72 @@ class _Entry:
         return self.speed / (1 + self.count) if self.shared else self.speed
 
 
-# Below 1 by far more than float rounding: a speed bound computed from the best score so far
-# prunes only groups whose every node scores strictly worse.
+# Below 1 by far more than float rounding: a rate bound computed from the best score so far
+# prunes only buckets whose every node scores strictly worse.
 _LIM_SLACK = 1.0 - 1e-9
 
 
+class _Index:
+    """Every load bucket of one source of nodes (all open nodes, or those caching one base
+    model), fastest rate first: `order` holds (rate, device class, keys, avails) per bucket,
+    rate = the group's speed / (1 + load), a job's speed on every node listed there (computed
+    once, the same float as a score). `_Pass._best_fast` walks it until a bucket's rate alone
+    loses, so it visits few buckets however many speed groups the pool has. `ranks` holds each
+    bucket's place, (-rate, group number, load), for bisect when a bucket opens or closes."""
+
+    __slots__ = ("order", "ranks")
+
+    def __init__(self) -> None:
+        self.order: list[tuple[float, int, list[tuple], list[int]]] = []
+        self.ranks: list[tuple[float, int, int]] = []
+
+    def insert(self, g: _Group, load: int, keys: list[tuple], avs: list[int]) -> None:
+        rate = g.speed / (1 + load)
+        rank = (-rate, g.seq, load)
+        i = bisect.bisect_left(self.ranks, rank)
+        self.ranks.insert(i, rank)
+        self.order.insert(i, (rate, g.dev_cls, keys, avs))
+
+    def remove(self, g: _Group, load: int) -> None:
+        i = bisect.bisect_left(self.ranks, (-(g.speed / (1 + load)), g.seq, load))
+        del self.ranks[i]
+        del self.order[i]
+
+
 class _Group:
-    """Open nodes of one (device class, speed) group, by load: each load's bucket holds the
-    keys (avail, name, id, entry index) sorted, and beside them the same nodes' free memory
-    alone (an int list bisects faster than tuples and needs no probe tuple); plus the most free
-    memory of any node listed (a group where the job fits nowhere is skipped in O(1)). A bucket
-    that empties is dropped (`_Pass._take`)."""
+    """Open nodes of one (device class, speed) group of a source, by load: each load's bucket
+    holds the keys (avail, name, id, entry index) sorted, and beside them the same nodes' free
+    memory alone (an int list bisects faster than tuples and needs no probe tuple). Every
+    bucket is listed in its source's `_Index`; one that empties is dropped from both
+    (`_Pass._take`)."""
 
-    __slots__ = ("speed", "dev_cls", "buckets", "order", "top")
+    __slots__ = ("speed", "dev_cls", "buckets", "index", "seq")
 
-    def __init__(self, speed: float, dev_cls: int):
+    def __init__(self, speed: float, dev_cls: int, index: _Index, seq: int):
         self.speed = speed
         self.dev_cls = dev_cls
         self.buckets: dict[int, tuple[list[tuple], list[int]]] = {}
-        # (load, rate, keys, avails) per bucket, least loaded first; rate = speed / (1 + load):
-        # a job's speed on every node listed there (computed once, the same float as a score).
-        self.order: list[tuple[int, float, list[tuple], list[int]]] = []
-        self.top = -1
+        # The source's index (it holds the buckets' lists, never the group: no cycle).
+        self.index = index
+        self.seq = seq  # its number in the source: a fixed order among equal rates
 
     def build(self) -> None:
-        """Sort the buckets filled in one go (as `add` one by one would leave them)."""
-        top = -1
-        for keys, avs in self.buckets.values():
+        """Sort the buckets filled in one go and list them in the index."""
+        for load, (keys, avs) in self.buckets.items():
             keys.sort()
             avs[:] = [k[0] for k in keys]
-            if avs and avs[-1] > top:
-                top = avs[-1]
-        self.top = top
-        self.order = self._order()
+            self.index.insert(self, load, keys, avs)
 
-    def _order(self) -> list[tuple[int, float, list[tuple], list[int]]]:
-        speed = self.speed
-        return sorted((ld, speed / (1 + ld), k, a) for ld, (k, a) in self.buckets.items())
+    def open_bucket(self, load: int) -> tuple[list[tuple], list[int]]:
+        """A new, empty bucket for `load`, listed in the index."""
+        b = self.buckets[load] = ([], [])
+        self.index.insert(self, load, b[0], b[1])
+        return b
 
-    def add(self, e: _Entry) -> None:
-        r = e.count if e.shared else 0
-        b = self.buckets.get(r)
-        if b is None:
-            b = self.buckets[r] = ([], [])
-            self.order = self._order()
-        keys, avs = b
-        key = e.key
-        i = bisect.bisect_left(keys, key)  # keys are unique (node ids are)
-        keys.insert(i, key)
-        avs.insert(i, key[0])
-        if key[0] > self.top:
-            self.top = key[0]
-
-    def retop(self) -> None:
-        """Recompute the most free memory of any node listed (after the top one lost some)."""
-        top = -1
-        for _, _, _, avs in self.order:
-            if avs and avs[-1] > top:
-                top = avs[-1]
-        self.top = top
-
+    def close_bucket(self, load: int) -> None:
+        """Drop the emptied bucket of `load` from the group and the index."""
+        del self.buckets[load]
+        self.index.remove(self, load)
 
 
 class _Turn(NamedTuple):
@@ -542,6 +560,15 @@ class Placer:
             hit = self._variants[id(est)] = (est, richer)
         return hit[1]
 
+    def _configurations(self, spec: TrainSpec, device: DeviceInfo,
+                        est: MemoryEstimate) -> list[tuple[int, MemoryEstimate, int]]:
+        """The job's configurations on this device as (need, estimate, `_richness`), richest
+        first and its minimum `est` last: what `best_fit` walks, with the richness that
+        `_fit_up` must not go below at hand."""
+        opts = [(need, v, _richness(v)) for need, v in self._richer(spec, device, est)]
+        opts.append((self.need(est), est, _richness(est)))
+        return opts
+
     def need(self, est: MemoryEstimate) -> int:
         """Bytes a node must have available for a job with this estimate."""
         return math.ceil(est.total * (1.0 + self.safety_margin))
@@ -591,8 +618,8 @@ class Placer:
             hit = info.min_need[class_set] = min(per[c] for c in devices)
         return hit
 
-    def _fit_up(self, job: JobView, info: _JobInfo, e: _Entry, est: MemoryEstimate,
-                chosen: MemoryEstimate) -> tuple[TrainSpec, MemoryEstimate, str] | None:
+    def _fit_up(self, job: JobView, info: _JobInfo, e: _Entry, base: int,
+                rank: int) -> tuple[TrainSpec, MemoryEstimate, str] | None:
         """A larger micro-batch for `job` (placed as submitted on `e`) where the node has room:
         same effective batch (accumulation makes up the rest, and the loss is normalised by
         the step's label tokens, so the update is the same), fewer and fuller micro-batches.
@@ -602,18 +629,17 @@ class Placer:
         larger one gains nothing, so the micro-batch grows only up to the first divisor of
         `batch_size` that reaches it. It may use at most half the memory the node would have
         left after the job as submitted, so it does not crowd out the next jobs, and never at the
-        cost of the fast path's richer configuration (`chosen`: CUDA graphs, the head on the
-        GPU) that the job as submitted would get there. `est`: the job's minimum there."""
+        cost of the fast path's richer configuration (`rank`, `_richness` of what the job as
+        submitted would get there: CUDA graphs, the head on the GPU). `base`: the job's need
+        there as submitted (its minimum's)."""
         table = info.up.get(e.cls) if info.up is not None else None
         if table is None:
             table = self._fit_up_table(job, info, e.cls, e.node.device)
         if not table:
             return None
-        base = self.need(est)
         room = base + (e.avail - base) // 2
         if table[0][2][-1][0] > room:
             return None  # not even the next micro-batch's minimum fits
-        rank = _richness(chosen)
         for k in range(len(table) - 1, -1, -1):  # the largest micro-batch first
             micro, spec, opts = table[k]
             for need, up_est, r in opts:  # its configurations, richest first
@@ -643,14 +669,22 @@ class Placer:
                     continue
                 v = (d, s.gradient_checkpointing, s.max_seq_len)
                 spec = self.variant_spec(job, v)
-                low = self.estimate(job, v, device)
-                opts = [(need, v, _richness(v)) for need, v in self._richer(spec, device, low)]
-                opts.append((self.need(low), low, _richness(low)))
+                opts = self._configurations(spec, device, self.estimate(job, v, device))
                 table.append((d, spec, opts))
                 if d * s.max_seq_len * info.params >= self.fit_up_work:
                     break
         info.up[cls] = table
+        info.up_floor[cls] = table[0][2][-1][0] if table else _NEVER
         return table
+
+    def _fit_up_floor(self, job: JobView, info: _JobInfo, cls: int, device: DeviceInfo) -> int:
+        """The least room (`_fit_up`'s) any larger micro-batch of the job needs on this device
+        class; `_NEVER` when it has none to grow to."""
+        floor = info.up_floor.get(cls)
+        if floor is None:
+            self._fit_up_table(job, info, cls, device)
+            floor = info.up_floor[cls]
+        return floor
 
     def _transfer_s(self, job: JobView, info: _JobInfo, node: NodeView) -> float:
         if job.model_key is not None and job.model_key in node.cached_models:
@@ -844,8 +878,9 @@ class _Pass:
         self.entries: dict[str, _Entry] = {}
         self.devices: dict[int, DeviceInfo] = {}  # device class id → one device of it
         groups: dict[tuple, _Group] = {}
+        self.index = _Index()
         # Per base model: the nodes that cache it, grouped like `groups` (no transfer there).
-        cached: dict[str, dict[tuple, _Group]] = {}
+        cached: dict[str, tuple[_Index, dict[tuple, _Group]]] = {}
         freeing: list[tuple[float, str]] = []
         per_job_cap = placer.max_jobs_per_node
         scale = 1e12 * placer.efficiency
@@ -877,15 +912,16 @@ class _Pass:
                 devices[cls] = dev
             g = groups.get((cls, speed))
             if g is None:
-                g = groups[(cls, speed)] = _Group(speed, cls)
+                g = groups[(cls, speed)] = _Group(speed, cls, self.index, len(groups))
             e.groups.append(g)
             for key in n.cached_models:
-                by_speed = cached.get(key)
-                if by_speed is None:
-                    by_speed = cached[key] = {}
+                src = cached.get(key)
+                if src is None:
+                    src = cached[key] = (_Index(), {})
+                by_speed = src[1]
                 g = by_speed.get((cls, speed))
                 if g is None:
-                    g = by_speed[(cls, speed)] = _Group(speed, cls)
+                    g = by_speed[(cls, speed)] = _Group(speed, cls, src[0], len(by_speed))
                 e.groups.append(g)
             e.key = (e.avail, n.name, n.node_id, e.idx)
             if cap is None or e.count < cap:
@@ -899,19 +935,15 @@ class _Pass:
                 freeing.append((n.frees_in, n.node_id))
         for g in groups.values():
             g.build()
-        for gs in cached.values():
+        for _, gs in cached.values():
             for g in gs.values():
                 g.build()
         # Interned: the same object every pass while the classes stay the same, so per-job
         # caches keyed by it are found by identity.
         cs = frozenset(self.devices)
         self.class_set: frozenset = placer._class_sets.setdefault(cs, cs)
-        # (speed, device class, group), fastest first: all nodes, and per cached base model.
-        self.groups = [(g.speed, g.dev_cls, g) for g in
-                       sorted(groups.values(), key=lambda g: -g.speed)]
-        self.cached = {k: [(g.speed, g.dev_cls, g) for g in
-                           sorted(gs.values(), key=lambda g: -g.speed)]
-                       for k, gs in cached.items()}
+        # Per cached base model: the index of the nodes that hold it.
+        self.cached = {k: src[0] for k, src in cached.items()}
         self.avails = sorted([e.avail for e in entries.values()
                               if e.cap is None or e.count < e.cap])
         freeing.sort()
@@ -921,6 +953,9 @@ class _Pass:
         # 1/wait_speedup as fast never waits (the common case skips the scan).
         max_wait = placer.max_wait_s
         self.soon = [(t, e) for t, e in zip(frees, self.freeing) if t <= max_wait]
+        # `soon` less the nodes slower than a floor, per floor (chosen speed × wait_speedup, a
+        # few values per pass): a job's wait check walks only the nodes it could wait for.
+        self.soon_by_floor: dict[float, list[tuple[float, _Entry]]] = {}
         self.fastest_freeing = max((e.speed for _, e in self.soon), default=0.0)
         # 0.0: no job waits in this pass; else a job waits only for a node this fast.
         self.may_wait = (self.fastest_freeing
@@ -937,36 +972,33 @@ class _Pass:
         if cap is None or e.count < cap:
             old = e.key
             bucket = e.count if e.shared else 0
-            for g in groups:  # _Group.remove, inlined (the hot path)
+            for g in groups:  # out of its bucket
                 keys, avs = g.buckets[bucket]
-                i = bisect.bisect_left(keys, old)
+                # Its own key object is listed: bisect the ints, then step over equal memory.
+                i = bisect.bisect_left(avs, old[0])
+                while keys[i] is not old:
+                    i += 1
                 del keys[i]
                 del avs[i]
                 if not keys:  # an emptied bucket leaves the walk (its nodes moved up a load)
-                    del g.buckets[bucket]
-                    g.order = g._order()
+                    g.close_bucket(bucket)
             del avails[bisect.bisect_left(avails, e.avail)]
         avail = e.avail = e.avail - nbytes
         e.count += 1
-        e.key = (avail, e.name, e.node_id, e.idx)
+        key = e.key = (avail, e.name, e.node_id, e.idx)
         if cap is None or e.count < cap:
             bucket = e.count if e.shared else 0
-            for g in groups:  # _Group.add, inlined
+            for g in groups:  # into the bucket of its new load (_Group.add, inlined)
                 b = g.buckets.get(bucket)
-                if b is None:
-                    g.add(e)
-                    continue
-                keys, avs = b
-                i = bisect.bisect_left(keys, e.key)
-                keys.insert(i, e.key)
+                keys, avs = b if b is not None else g.open_bucket(bucket)
+                # Bisect the ints (cheaper than tuples); the keys decide only among nodes with
+                # the very same free memory.
+                i = bisect.bisect_left(avs, avail)
+                if i < len(avs) and avs[i] == avail:
+                    i = bisect.bisect_left(keys, key, i, bisect.bisect_right(avs, avail, i))
+                keys.insert(i, key)
                 avs.insert(i, avail)
-                # (the group's top cannot rise: this node had more before)
             bisect.insort(avails, avail)
-        # The most free memory of a group: lower only where `e` held it (it now has less).
-        top = avail + nbytes
-        for g in groups:
-            if top >= g.top:
-                g.retop()
 
     # -- scoring --------------------------------------------------------------------------------
     def _score(self, job: JobView, info: _JobInfo, e: _Entry, work: float) -> float:
@@ -980,10 +1012,11 @@ class _Pass:
     def _best_fast(self, job: JobView, info: _JobInfo, needs: dict[int, int],
                    work: float) -> tuple[tuple, _Entry] | None:
         """The earliest-finishing node that fits, from the indexes: the nodes caching the job's
-        model (no transfer), then all nodes (transfer unless cached); in each, groups go
-        fastest first and stop once even an idle node of the group cannot beat the best; in a
-        group, buckets go least loaded first and stop once their load alone makes them lose.
-        Returns ((score, memory left over, job count, node name), entry), as `_best_scan`."""
+        model (no transfer), then all nodes (transfer unless cached); in each, load buckets go
+        fastest rate first and the walk stops at the first whose rate alone cannot match the
+        best so far; in a bucket, the best fit that the job's claim rules allow (among the next
+        few). Returns ((score, memory left over, job count, node name), entry), as `_best_scan`.
+        """
         best: _Entry | None = None
         best_s = math.inf
         best_left = best_count = 0
@@ -993,56 +1026,47 @@ class _Pass:
         model = job.model_key
         jid = job.job_id
         elist = self.elist
-        # (groups, transfer time, the least transfer time a node of them can have)
+        # (index, transfer time, the least transfer time a node of it can have)
         if model is not None and model in self.cached:
-            sources = ((self.cached[model], 0.0, 0.0), (self.groups, transfer, 0.0))
+            sources = ((self.cached[model], 0.0, 0.0), (self.index, transfer, 0.0))
         else:
             model = None  # no node caches it: every node pays the transfer
-            sources = ((self.groups, transfer, transfer),)
-        for groups, offset, floor in sources:
-            # Groups slower than `lim` cannot win: offset + work / speed > best_s (kept a hair
-            # low, so rounding never drops a group that could tie; groups go fastest first).
-            lim = work / (best_s - offset) * _LIM_SLACK if best_s > offset else math.inf
-            for speed, dev_cls, g in groups:
-                if speed < lim:
-                    break
+            sources = ((self.index, transfer, transfer),)
+        for index, offset, floor in sources:
+            # Buckets slower than `lim` cannot win: floor + work / rate > best_s (kept a hair
+            # low, so rounding never drops a bucket that could tie; a bucket let through by
+            # the slack only yields scores above best_s, which the comparison below rejects).
+            lim = work / (best_s - floor) * _LIM_SLACK if best_s > floor else math.inf
+            for rate, dev_cls, keys, avs in index.order:
+                if rate < lim:
+                    break  # and every bucket after it is slower still
                 need = needs[dev_cls]
-                if g.top < need:
-                    continue  # fits on no node of the group
-                for _, rate, keys, avs in g.order:
-                    # A bucket whose load alone makes it lose is skipped, and so are the busier
-                    # ones after it.
-                    if floor + work / rate > best_s:
+                if avs[-1] < need:  # (a listed bucket is never empty)
+                    continue  # fits on no node of the bucket
+                n = len(avs)
+                i = bisect.bisect_left(avs, need)
+                stop = i + 8 if i + 8 < n else n  # the best fit, or the next few if claimed
+                while i < stop:
+                    key = keys[i]
+                    e = elist[key[3]]
+                    t = 0.0 if (offset and model is not None
+                                and model in e.cached_models) else offset
+                    count = e.count
+                    # (every node of a bucket runs a job at its rate: a shared one
+                    # has `load` jobs, one not shared is listed under load 0)
+                    sc = t + work / rate
+                    claim = e.claim
+                    if claim is None or claim[0] == jid or sc <= claim[1]:
+                        # (sc, left, count, name) < the best's, without building tuples
+                        if best is None or sc < best_s or (sc == best_s and (
+                                (key[0] - need, count, e.name)
+                                < (best_left, best_count, best_name))):
+                            best, best_s = e, sc
+                            best_left, best_count, best_name = key[0] - need, count, e.name
+                            lim = (work / (sc - floor) * _LIM_SLACK if sc > floor
+                                   else math.inf)
                         break
-                    n = len(avs)
-                    if not n or avs[-1] < need:
-                        continue
-                    i = bisect.bisect_left(avs, need)
-                    stop = i + 8 if i + 8 < n else n  # the best fit, or the next few if claimed
-                    while i < stop:
-                        key = keys[i]
-                        e = elist[key[3]]
-                        t = 0.0 if (offset and model is not None
-                                    and model in e.cached_models) else offset
-                        count = e.count
-                        # (every node of a bucket runs a job at its rate: a shared one
-                        # has `load` jobs, one not shared is listed under load 0)
-                        sc = t + work / rate
-                        claim = e.claim
-                        if claim is None or claim[0] == jid or sc <= claim[1]:
-                            # (sc, left, count, name) < the best's, without building tuples
-                            if best is None or sc < best_s or (sc == best_s and (
-                                    (key[0] - need, count, e.name)
-                                    < (best_left, best_count, best_name))):
-                                best, best_s = e, sc
-                                best_left, best_count, best_name = key[0] - need, count, e.name
-                                lim = (work / (sc - offset) * _LIM_SLACK if sc > offset
-                                       else math.inf)
-                            break
-                        i += 1
-                    else:
-                        continue
-                    break  # a busier bucket of the same group is slower
+                    i += 1
         if best is None:
             return None
         return (best_s, best_left, best_count, best_name), best
@@ -1108,19 +1132,34 @@ class _Pass:
             if (cands is None and may_wait and e.speed * placer.wait_speedup <= may_wait
                     and self._wait_for_faster(job, info, e, score, work, i)):
                 return None
-            node = e.node
-            est = info.est[i][e.cls]  # type: ignore[index]  # filled by _needs
-            changes = [] if i == 0 else _describe_changes(job, v, node.name, e.avail)
+            cls = e.cls
+            avail = e.avail
+            minimum = info.est[i][cls]  # type: ignore[index]  # filled by _needs
+            changes = [] if i == 0 else _describe_changes(job, v, e.name, avail)
             spec = info.specs[i]
             if spec is None:
-                spec = info.specs[i] = self.placer.variant_spec(job, v)
-            minimum = est
-            est = placer.best_fit(spec, node.device, est, e.avail)
+                spec = info.specs[i] = placer.variant_spec(job, v)
+            # Placer.best_fit: the richest configuration the node holds (the minimum, listed
+            # last, always does: the node was chosen for it).
+            rich = info.rich[i]
+            if rich is None:
+                rich = info.rich[i] = {}
+            opts = rich.get(cls)
+            if opts is None:
+                opts = rich[cls] = placer._configurations(spec, e.node.device, minimum)
+            for need, est, rank in opts:
+                if need <= avail:
+                    break
             if i == 0 and placer.fit_up_work > 0 and job.allow_autofit:
-                up = placer._fit_up(job, info, e, minimum, est)
-                if up is not None:
-                    spec, est, change = up
-                    changes = [change]
+                floor = info.up_floor.get(cls)
+                if floor is None:
+                    floor = placer._fit_up_floor(job, info, cls, e.node.device)
+                base = needs[cls]  # == placer.need(minimum)
+                if floor <= base + (avail - base) // 2:  # _fit_up's room: it may grow here
+                    up = placer._fit_up(job, info, e, base, rank)
+                    if up is not None:
+                        spec, est, change = up
+                        changes = [change]
             self._take(e, est.total)
             return _placement(job.job_id, e.node_id, spec, est, changes, score)
         return None
@@ -1136,11 +1175,16 @@ class _Pass:
         floor = chosen.speed * placer.wait_speedup
         if floor > self.fastest_freeing:
             return False
+        soon = self.soon_by_floor.get(floor)
+        if soon is None:
+            soon = self.soon_by_floor[floor] = [(t, e) for t, e in self.soon if e.speed >= floor]
         needs = None
-        for t, e in self.soon:  # those freeing within max_wait_s, soonest first
+        claimed = waits = False
+        for t, e in soon:  # those freeing within max_wait_s at least `floor` fast, soonest first
             if t >= score:
                 break  # the rest free later
-            if e.speed < floor or e.claim is not None:
+            if e.claim is not None:
+                claimed = True
                 continue
             if needs is None:
                 needs = placer._needs(job, info, i, self.devices)
@@ -1149,8 +1193,14 @@ class _Pass:
             if t + placer._transfer_s(job, info, e.node) + work / e.speed < score:
                 e.claim = (job.job_id, t)
                 placer.last_waits[job.job_id] = e.node.node_id
-                return True
-        return False
+                waits = True
+                break
+        if claimed:
+            # A claim lasts the pass, and a claimed node is skipped by every later job: drop
+            # them from the list once, rather than stepping over them job after job (waiting
+            # jobs claim the fast nodes one by one, and then every job walked them all).
+            self.soon_by_floor[floor] = [(t, e) for t, e in soon if e.claim is None]
+        return waits
 
     def reserve(self, job: JobView, info: _JobInfo) -> None:
         """Claim, for a job that fits nowhere now, the node where it would finish first once
