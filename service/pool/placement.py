@@ -84,6 +84,7 @@ import bisect
 import heapq
 import logging
 import math
+import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -173,14 +174,12 @@ def _placement(job_id: str, node_id: str, spec: TrainSpec, estimate: MemoryEstim
     """`Placement(...)`, built without the frozen dataclass's per-field `object.__setattr__`
     (a third of a placement's cost in `plan()`); the same fields, the same object."""
     p = _new_placement(Placement)
-    _set_attr(p, "__dict__", {"job_id": job_id, "node_id": node_id, "spec": spec,
-                              "estimate": estimate, "changes": changes,
-                              "expected_s": expected_s})
+    p.__dict__.update(job_id=job_id, node_id=node_id, spec=spec, estimate=estimate,
+                      changes=changes, expected_s=expected_s)
     return p
 
 
 _new_placement = object.__new__
-_set_attr = object.__setattr__
 
 # More bytes than any node has: "no fit-up here" compares as never fitting.
 _NEVER = 1 << 80
@@ -289,8 +288,7 @@ class _JobInfo:
     up_floor: dict[int, int] = field(default_factory=dict)
     # Per variant, per device class id: its configurations, richest first and the minimum last
     # (`Placer._configurations`), looked up by index here instead of by the estimate's id.
-    rich: list[dict[int, list[tuple[int, MemoryEstimate, int]]] | None] = field(
-        default_factory=list)
+    rich: list[dict[int, list[tuple[int, MemoryEstimate, int]]]] = field(default_factory=list)
     # The class set each `need` entry is complete for (identity: interned per placer).
     ready: list[frozenset | None] = field(default_factory=list)
     # Per variant: its smallest need over the device classes of `ready` (skips, in O(1), a
@@ -301,7 +299,7 @@ class _JobInfo:
         n = len(self.variants)
         self.need, self.est = [None] * n, [None] * n
         self.specs, self.ready = [None] * n, [None] * n
-        self.rich = [None] * n
+        self.rich = [{} for _ in range(n)]
         self.least = [0] * n
         self.works = [self.tokens * flops_per_token(self.params, v[1]) for v in self.variants]
         self.size = self.works[0]
@@ -497,6 +495,8 @@ class Placer:
         self._turns: dict[str, _Turn] = {}
         self._kw_inputs: tuple = ()
         self._kw = 0.0
+        # tenant → (its turns in the last pass, in queue order; the same sorted): `_by_turn`.
+        self._orders: dict[str, tuple[list[_Turn], list[_Turn]]] = {}
         self._class_sets: dict[frozenset, frozenset] = {}
         # (kind, compute capability) → a small int id: per-class look-ups in the hot loops hash
         # an int, not a tuple.
@@ -748,7 +748,8 @@ class Placer:
             self._kw_inputs = weights
             self._kw = self.size_weight / (self.default_speed * 1e12 * self.efficiency)
         kw = self._kw
-        live: list[_Turn] = []
+        # Per tenant: its jobs that may place in this pass, in queue order (sorted by turn below).
+        per_tenant: dict[str, list[_Turn]] = {}
         blocked: list[_Turn] = []
         gmax = p.max_avail()
         cs = p.class_set
@@ -780,37 +781,35 @@ class Placer:
             if item.min_need > gmax:
                 blocked.append(item)
             else:
-                live.append(item)
+                jobs = per_tenant.get(item.tenant)
+                if jobs is None:
+                    jobs = per_tenant[item.tenant] = []
+                jobs.append(item)
         if blocked and self.max_reservations > 0 and p.freeing:
             oldest = heapq.nsmallest(
                 self.max_reservations, blocked,
                 key=lambda it: (it.neg_priority, it.job.submitted_at, it.job_id))
             for item in oldest:
                 p.reserve(item.job, item.info)
-        if not live:
+        if not per_tenant:
             return []
 
         # Per tenant: its jobs by turn, the next one last; a heap of the tenants' heads by
         # (priority, jobs the tenant runs or was given in this pass, turn).
-        per_tenant: dict[str, list[_Turn]] = {}
-        for item in live:
-            jobs = per_tenant.get(item.tenant)
-            if jobs is None:
-                jobs = per_tenant[item.tenant] = []
-            jobs.append(item)
         heap = []
-        for tenant, jobs in per_tenant.items():
-            # (-priority, turn, job id) decide (ids are unique): the tuples themselves sort,
-            # with no key list built.
-            jobs.sort(reverse=True)
+        for tenant in per_tenant:
+            jobs = per_tenant[tenant] = self._by_turn(tenant, per_tenant[tenant])
             k = jobs[-1]
             heap.append((k.neg_priority, load.get(tenant, 0), k.turn, k.job_id, tenant))
         heapq.heapify(heap)
+        # Only this pass's tenants keep a cached order (a tenant whose queue empties leaves).
+        if len(self._orders) > len(per_tenant):
+            self._orders = {t: self._orders[t] for t in per_tenant}
 
         placements: list[Placement] = []
         avails = p.avails
         while heap:
-            tenant = heapq.heappop(heap)[4]
+            tenant = heap[0][4]  # popped below, or replaced by the tenant's next turn
             jobs = per_tenant[tenant]
             item = jobs.pop()
             job, info = item.job, item.info
@@ -832,9 +831,26 @@ class Placer:
                 jobs.pop()
             if jobs:
                 k = jobs[-1]
-                heapq.heappush(heap, (k.neg_priority, load.get(tenant, 0), k.turn, k.job_id,
-                                      tenant))
+                # (one sift instead of a pop and a push; keys are unique, so the order is the
+                # same)
+                heapq.heapreplace(heap, (k.neg_priority, load.get(tenant, 0), k.turn, k.job_id,
+                                         tenant))
+            else:
+                heapq.heappop(heap)
         return placements
+
+    def _by_turn(self, tenant: str, jobs: list[_Turn]) -> list[_Turn]:
+        """The tenant's `jobs` (in queue order) sorted by turn, the next one last, as a list the
+        caller may consume. A saturated pool sees the same queue pass after pass, and sorting
+        each tenant's turns was a tenth of such a pass: the order is kept per tenant and reused
+        while the same turn objects come in the same order (identity, not equality: a turn holds
+        its view, and an equal view rebuilt must be the one placed)."""
+        hit = self._orders.get(tenant)
+        if hit is not None and len(hit[0]) == len(jobs) and all(map(operator.is_, hit[0], jobs)):
+            return hit[1][:]
+        ordered = sorted(jobs, reverse=True)  # (-priority, turn, job id): ids are unique
+        self._orders[tenant] = (jobs, ordered)
+        return ordered[:]
 
     # -- submit-time check ----------------------------------------------------------------------
     def check_fits(self, job: JobView, nodes: list[NodeView]) -> str | None:
@@ -1038,11 +1054,13 @@ class _Pass:
             # the slack only yields scores above best_s, which the comparison below rejects).
             lim = work / (best_s - floor) * _LIM_SLACK if best_s > floor else math.inf
             for rate, dev_cls, keys, avs in index.order:
-                if rate < lim:
-                    break  # and every bucket after it is slower still
+                # The fit test first: in a busy pool most buckets are skipped by it (the fast
+                # cards fill first), and it is the cheaper one.
                 need = needs[dev_cls]
                 if avs[-1] < need:  # (a listed bucket is never empty)
                     continue  # fits on no node of the bucket
+                if rate < lim:
+                    break  # and every bucket after it is slower still
                 n = len(avs)
                 i = bisect.bisect_left(avs, need)
                 stop = i + 8 if i + 8 < n else n  # the best fit, or the next few if claimed
@@ -1134,19 +1152,16 @@ class _Pass:
                 return None
             cls = e.cls
             avail = e.avail
-            minimum = info.est[i][cls]  # type: ignore[index]  # filled by _needs
             changes = [] if i == 0 else _describe_changes(job, v, e.name, avail)
             spec = info.specs[i]
             if spec is None:
                 spec = info.specs[i] = placer.variant_spec(job, v)
             # Placer.best_fit: the richest configuration the node holds (the minimum, listed
             # last, always does: the node was chosen for it).
-            rich = info.rich[i]
-            if rich is None:
-                rich = info.rich[i] = {}
-            opts = rich.get(cls)
+            opts = info.rich[i].get(cls)
             if opts is None:
-                opts = rich[cls] = placer._configurations(spec, e.node.device, minimum)
+                opts = info.rich[i][cls] = placer._configurations(
+                    spec, e.node.device, info.est[i][cls])  # type: ignore[index]  # by _needs
             for need, est, rank in opts:
                 if need <= avail:
                     break
