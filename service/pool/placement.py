@@ -50,18 +50,20 @@ The rules, in the order `plan()` applies them:
    one.
 
 `plan()` is built to stay in the low milliseconds at thousands of queued jobs and hundreds of
-nodes: per-job estimates, work and the smallest need are cached across passes; jobs that need
-more than the largest free node skip the pass in O(1); the open nodes are indexed by speed
-class and load, each a list sorted by free memory (bisect), so a placement costs
-O(classes · log nodes), not O(nodes); a group where the job fits no node is skipped by its
-most free memory, and a load bucket that loses on load alone ends its group's walk (both
-checked against a full scan in tests/pool/test_placement_index.py). Per-variant data is kept
-by index and device classes as small ints, since hashing tuples was a large share of the
-hot loop. Jobs with node constraints take a plain linear scan. A job's turn (priority, turn,
-smallest need, tenant, ...) is one cached tuple while its view object comes back, so a pass
-reads one object per waiting job. Nothing a pass builds is in a reference cycle (bucket keys
-name an entry by index), so it all goes by reference counting when the pass ends; cyclic
-garbage from every pass had made the collector's sweeps the slow tail of `plan()`
+nodes: per-job estimates, work, the smallest need and the configurations per device class are
+cached across passes; jobs that need more than the largest free node skip the pass in O(1);
+the open nodes are bucketed by (device class, speed, load), each bucket a list sorted by free
+memory (bisect), and the buckets are walked in one list by rate (speed / (1 + load)), so a
+placement costs O(buckets visited · log nodes), not O(nodes): a bucket where the job fits no
+node is skipped on its most free memory, and the first that fits but loses on rate alone ends
+the walk (checked against a full scan in tests/pool/test_placement_index.py). Per-variant data
+is kept by index and device classes as small ints, since hashing tuples was a large share of
+the hot loop. Jobs with node constraints take a plain linear scan. A job's turn (priority,
+turn, smallest need, tenant, ...) is one cached tuple while its view object comes back, so a
+pass reads one object per waiting job, and a tenant's turns keep their sorted order while the
+same ones come back. Nothing a pass builds is in a reference cycle (bucket keys name an entry
+by index), so it all goes by reference counting when the pass ends; cyclic garbage from every
+pass had made the collector's sweeps the slow tail of `plan()`
 (tests/pool/test_placement_gc.py).
 
 `check_fits()` answers the API's question at submit time: could any node of the pool hold this
