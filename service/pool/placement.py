@@ -22,8 +22,9 @@ The rules, in the order `plan()` applies them:
    starting will take. Memory placed in this pass is promised at once (`estimate.total`).
 4. **Earliest expected finish.** Among nodes that fit, the job goes where it is expected to
    finish first: transfer of the base model (none where the node already caches it) + the
-   job's work (tokens × per-token FLOPs of its model shape) / the node's measured speed, shared
-   with the jobs already computing on that GPU. Ties (same speed class, same load) go to the
+   job's work (tokens × per-token FLOPs of its model shape, over the fraction of the card's
+   speed a step of its micro-batch reaches: `step_efficiency`) / the node's measured speed,
+   shared with the jobs already computing on that GPU. Ties (same speed class, same load) go to the
    node with the least memory left over (best fit), so big GPUs stay free for big jobs. Nodes
    with no measured speed count at `default_speed` and are never treated as shared, which makes
    this rule plain best fit when no node reports a speed. A node may cap its own job count
@@ -34,7 +35,11 @@ The rules, in the order `plan()` applies them:
    human-readable text for the job's events: halve `micro_batch_size` down to 1 (doubling
    accumulation, so the effective batch is the same); then the same again with gradient
    checkpointing on; then shorter `max_seq_len` (halving, down to the job's `min_seq_len`, only
-   if the user allowed it). A job that still fits nowhere waits for the next pass.
+   if the user allowed it). A job that still fits nowhere waits for the next pass. An
+   auto-fitted variant runs slower for the whole job (a smaller micro-batch reaches less of the
+   card, checkpointing recomputes): when a node that frees within `max_wait_s` would hold the
+   job as submitted and finish it sooner, the job waits for that node instead, which is claimed
+   for it as in rule 6 (at most `max_room_waits` such jobs per pass).
    **Fit-up.** The other way round, a job placed as submitted on a node with room to spare
    runs a larger micro-batch (same effective batch: `_fit_up`), up to the first that carries
    `fit_up_work` (tokens × compute params) and within half of what the node would have left,
@@ -258,6 +263,19 @@ def flops_per_token(params: int, checkpointing: bool) -> float:
     return 2.0 * params * (2 + (1 if checkpointing else 0))
 
 
+def step_efficiency(micro_batch: int, seq_len: int, params: int, saturation: float,
+                    exponent: float) -> float:
+    """The fraction of a card's speed a training step of this size reaches. A micro-batch
+    whose work (tokens x compute params) is below `saturation` leaves the GPU waiting on kernel
+    launches and small matmuls: the README's speed table measured micro-batch 4 at 1.4-1.9x the
+    tokens/s of micro-batch 1 (1.94x for 1B, 1.66x for 3B, 1.43x for 8B at seq 2048), i.e.
+    speed ~ work^0.24..0.48 there; past `saturation` a larger one gains nothing (fit-up's
+    rule). 1.0 where either bound is off (0)."""
+    if saturation <= 0 or exponent <= 0:
+        return 1.0
+    return min(1.0, micro_batch * seq_len * params / saturation) ** exponent
+
+
 def compute_params(spec: TrainSpec) -> int:
     """Parameters that cost FLOPs per token (embedding lookups do not), from the model shape."""
     shape = model_shape(spec)
@@ -273,14 +291,16 @@ class _JobInfo:
     variants: list[Variant]
     params: int
     tokens: float
+    # Per variant: its FLOPs over the fraction of a card's speed its step reaches
+    # (`step_efficiency`): seconds at one FLOP/s, so work / speed is its run time.
+    works: list[float]
     # need[i][device class id] → bytes a node must have available; est[i][class id] → estimate
     need: list[dict[int, int] | None] = field(default_factory=list)
     est: list[dict[int, MemoryEstimate] | None] = field(default_factory=list)
     min_need: dict[frozenset, int] = field(default_factory=dict)  # per class set: smallest need
     # The variant specs handed out in placements (built once: model_copy costs ~10 µs).
     specs: list[TrainSpec | None] = field(default_factory=list)
-    works: list[float] = field(default_factory=list)
-    size: float = 0.0  # FLOPs of the job as submitted (its size when ordering by run time)
+    size: float = 0.0  # work of the job as submitted (its size when ordering by run time)
     # Per device class id: the larger micro-batches the job may run with where memory allows
     # (`Placer.fit_up_work`; `Placer._fit_up_table`).
     up: dict[int, list] | None = None
@@ -303,7 +323,6 @@ class _JobInfo:
         self.specs, self.ready = [None] * n, [None] * n
         self.rich = [{} for _ in range(n)]
         self.least = [0] * n
-        self.works = [self.tokens * flops_per_token(self.params, v[1]) for v in self.variants]
         self.size = self.works[0]
 
 
@@ -446,7 +465,12 @@ class Placer:
     reservation and the backfill rule off). `graphs`: a job placed on a node with room to spare
     reserves there the richest configuration of the fast path that node holds (memory.py
     `fast_variants`: its output head on the GPU, CUDA graphs' pool), which its trainer then
-    uses; every fit test before that uses the job's minimum (the estimate).
+    uses; every fit test before that uses the job's minimum (the estimate). `step_exponent`:
+    how a micro-batch below `fit_up_work` slows a step (`step_efficiency`; 0: not at all), so
+    that expected run times, the turn order and auto-fit's choice see it. `max_room_waits`
+    bounds how many jobs per pass wait for a node with room for them as submitted rather than
+    start auto-fitted (each claim lets only jobs that end before the node frees use it; a pass
+    with many claimed nodes also spends its time on jobs that fit only there).
     """
 
     def __init__(
@@ -466,6 +490,8 @@ class Placer:
         size_weight: float = 1.0,
         graphs: bool = True,
         fit_up_work: float = 4e12,
+        step_exponent: float = 0.3,
+        max_room_waits: int = 4,
     ) -> None:
         if safety_margin < 0:
             raise ValueError(f"safety_margin must be >= 0, got {safety_margin}")
@@ -483,6 +509,8 @@ class Placer:
         self.size_weight = size_weight
         self.graphs = graphs
         self.fit_up_work = fit_up_work
+        self.step_exponent = step_exponent
+        self.max_room_waits = max_room_waits
         # id of an estimate → (that estimate, it with the graphs' pool or itself)
         self._variants: dict[int, tuple[MemoryEstimate, list[tuple[int, MemoryEstimate]]]] = {}
         self.last_errors: dict[str, str] = {}
@@ -571,6 +599,14 @@ class Placer:
         opts.append((self.need(est), est, _richness(est)))
         return opts
 
+    def work(self, tokens: float, params: int, v: Variant) -> float:
+        """A job's run time at one FLOP/s in variant `v`: its FLOPs (more with checkpointing)
+        over the fraction of the speed its micro-batch reaches (`step_efficiency`), so that a
+        smaller micro-batch, auto-fit's first resort, is expected to run slower, as it does."""
+        micro, ckpt, seq = v
+        return tokens * flops_per_token(params, ckpt) / step_efficiency(
+            micro, seq, params, self.fit_up_work, self.step_exponent)
+
     def need(self, est: MemoryEstimate) -> int:
         """Bytes a node must have available for a job with this estimate."""
         return math.ceil(est.total * (1.0 + self.safety_margin))
@@ -592,7 +628,9 @@ class Placer:
         if tokens is None:
             tokens = (float(s.max_steps * s.batch_size * s.max_seq_len) if s.max_steps
                       else self.default_tokens * s.n_epochs)
-        info = _JobInfo(list(autofit_variants(job)), compute_params(s), tokens)
+        variants = list(autofit_variants(job))
+        params = compute_params(s)
+        info = _JobInfo(variants, params, tokens, [self.work(tokens, params, v) for v in variants])
         if len(self._infos) > self.cache_size:
             self._infos.clear()
         self._infos[job.job_id] = (job, info)
@@ -974,6 +1012,7 @@ class _Pass:
         # `soon` less the nodes slower than a floor, per floor (chosen speed × wait_speedup, a
         # few values per pass): a job's wait check walks only the nodes it could wait for.
         self.soon_by_floor: dict[float, list[tuple[float, _Entry]]] = {}
+        self.room_waits = 0  # jobs left waiting for room as submitted in this pass
         self.fastest_freeing = max((e.speed for _, e in self.soon), default=0.0)
         # 0.0: no job waits in this pass; else a job waits only for a node this fast.
         self.may_wait = (self.fastest_freeing
@@ -1134,7 +1173,7 @@ class _Pass:
         ready = info.ready
         least = info.least
         may_wait = self.may_wait
-        for i, v in enumerate(info.variants):
+        for i in range(len(info.variants)):
             # The needs per device class of this pass: filled once per variant and class set.
             needs = info.need[i]
             if ready[i] is not cs or needs is None:
@@ -1146,40 +1185,44 @@ class _Pass:
             work = info.works[i]
             best = (self._best_fast(job, info, needs, work) if cands is None
                     else self._best_scan(job, info, needs, work, cands))
-            if best is None:
-                continue
-            (score, _, _, _), e = best
-            if (cands is None and may_wait and e.speed * placer.wait_speedup <= may_wait
-                    and self._wait_for_faster(job, info, e, score, work, i)):
-                return None
-            cls = e.cls
-            avail = e.avail
-            changes = [] if i == 0 else _describe_changes(job, v, e.name, avail)
-            spec = info.specs[i]
-            if spec is None:
-                spec = info.specs[i] = placer.variant_spec(job, v)
-            # Placer.best_fit: the richest configuration the node holds (the minimum, listed
-            # last, always does: the node was chosen for it).
-            opts = info.rich[i].get(cls)
-            if opts is None:
-                opts = info.rich[i][cls] = placer._configurations(
-                    spec, e.node.device, info.est[i][cls])  # type: ignore[index]  # by _needs
-            for need, est, rank in opts:
-                if need <= avail:
-                    break
-            if i == 0 and placer.fit_up_work > 0 and job.allow_autofit:
-                floor = info.up_floor.get(cls)
-                if floor is None:
-                    floor = placer._fit_up_floor(job, info, cls, e.node.device)
-                base = needs[cls]  # == placer.need(minimum)
-                if floor <= base + (avail - base) // 2:  # _fit_up's room: it may grow here
-                    up = placer._fit_up(job, info, e, base, rank)
-                    if up is not None:
-                        spec, est, change = up
-                        changes = [change]
-            self._take(e, est.total)
-            return _placement(job.job_id, e.node_id, spec, est, changes, score)
-        return None
+            if best is not None:
+                break
+        else:
+            return None  # fits nowhere, in any variant
+        (score, _, _, _), e = best
+        v = info.variants[i]
+        if (cands is None and may_wait and e.speed * placer.wait_speedup <= may_wait
+                and self._wait_for_faster(job, info, e, score, work, i)):
+            return None
+        if i and cands is None and self.soon and self._wait_for_room(job, info, score):
+            return None
+        cls = e.cls
+        avail = e.avail
+        changes = [] if i == 0 else _describe_changes(job, v, e.name, avail)
+        spec = info.specs[i]
+        if spec is None:
+            spec = info.specs[i] = placer.variant_spec(job, v)
+        # Placer.best_fit: the richest configuration the node holds (the minimum, listed
+        # last, always does: the node was chosen for it).
+        opts = info.rich[i].get(cls)
+        if opts is None:
+            opts = info.rich[i][cls] = placer._configurations(
+                spec, e.node.device, info.est[i][cls])  # type: ignore[index]  # by _needs
+        for need, est, rank in opts:
+            if need <= avail:
+                break
+        if i == 0 and placer.fit_up_work > 0 and job.allow_autofit:
+            floor = info.up_floor.get(cls)
+            if floor is None:
+                floor = placer._fit_up_floor(job, info, cls, e.node.device)
+            base = needs[cls]  # == placer.need(minimum)
+            if floor <= base + (avail - base) // 2:  # _fit_up's room: it may grow here
+                up = placer._fit_up(job, info, e, base, rank)
+                if up is not None:
+                    spec, est, change = up
+                    changes = [change]
+        self._take(e, est.total)
+        return _placement(job.job_id, e.node_id, spec, est, changes, score)
 
     # -- waiting and reserving ------------------------------------------------------------------
     def _wait_for_faster(self, job: JobView, info: _JobInfo, chosen: _Entry, score: float,
@@ -1218,6 +1261,34 @@ class _Pass:
             # jobs claim the fast nodes one by one, and then every job walked them all).
             self.soon_by_floor[floor] = [(t, e) for t, e in soon if e.claim is None]
         return waits
+
+    def _wait_for_room(self, job: JobView, info: _JobInfo, score: float) -> bool:
+        """Leave `job`, which fits nowhere now as submitted, queued when a node frees within
+        max_wait_s with room for it as submitted and it would still finish there before its
+        auto-fitted variant (expected to finish `score` from now) would where it fits now; that
+        node is claimed for it. Auto-fit's smaller micro-batch, checkpointing or shorter
+        sequences cost speed for the whole run (`Placer.work`): worth it to start now, not to
+        start a little earlier than the job as submitted could."""
+        placer = self.placer
+        if self.room_waits >= placer.max_room_waits:
+            return False
+        needs = None
+        work = info.works[0]
+        for t, e in self.soon:  # those freeing within max_wait_s, soonest first
+            if t >= score:
+                break  # the rest free later
+            if e.claim is not None:
+                continue
+            if needs is None:
+                needs = placer._needs(job, info, 0, self.devices)
+            if (e.node.free_at_end or 0) < needs[e.cls]:
+                continue
+            if t + placer._transfer_s(job, info, e.node) + work / e.speed < score:
+                e.claim = (job.job_id, t)
+                placer.last_waits[job.job_id] = e.node.node_id
+                self.room_waits += 1
+                return True
+        return False
 
     def reserve(self, job: JobView, info: _JobInfo) -> None:
         """Claim, for a job that fits nowhere now, the node where it would finish first once

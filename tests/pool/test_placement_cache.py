@@ -73,3 +73,76 @@ def test_each_waiting_job_claims_its_own_faster_card(model):
     # The fourth finds all three claimed and starts on a slow card now.
     assert placer.last_waits == {"j0": "fast0", "j1": "fast1", "j2": "fast2"}
     assert [(p.job_id, p.node_id[:4]) for p in placed] == [("j3", "slow")]
+
+
+def test_a_smaller_micro_batch_is_expected_to_run_slower_until_the_step_saturates():
+    from lorapool.service.pool.placement import step_efficiency
+
+    params = 10**9
+    # Below saturation (4e12 = 2048 tokens of a 2e9 model): 4x the micro-batch, 4**0.3 ≈ 1.52x
+    # the speed, inside the README's measured 1.4-1.9x.
+    low, high = (step_efficiency(m, 512, params, 4e12, 0.3) for m in (1, 4))
+    assert 1.4 < high / low < 1.9
+    assert step_efficiency(16, 512, params, 4e12, 0.3) == 1.0  # 8.2e12: saturated
+    assert step_efficiency(1, 512, params, 0, 0.3) == 1.0  # no saturation point: no model
+    placer = Placer()
+    assert placer.work(1e6, params, (1, False, 512)) > placer.work(1e6, params, (4, False, 512))
+    # Checkpointing costs one more forward (6 vs 4 FLOPs per param and token).
+    assert placer.work(1e6, params, (16, True, 512)) == 1.5 * placer.work(1e6, params,
+                                                                       (16, False, 512))
+    assert Placer(step_exponent=0).work(1e6, params, (1, False, 512)) == 4.0 * params * 1e6
+
+
+def _autofit_setup(model: Path, frees_in: float):
+    # 8 x 256 tokens of the 1B shape (~1e9 compute params): a step below saturation, so the
+    # micro-batch auto-fit would halve costs speed.
+    submitted = TrainSpec(base_model=str(model), fast="off", max_seq_len=256, batch_size=8,
+                          micro_batch_size=8)
+    smaller = submitted.model_copy(update={"micro_batch_size": 4})
+    # "now" holds the job only at a smaller micro-batch; "busy", as fast, holds it as submitted
+    # once its running job ends.
+    now = node("now", (need(smaller) + need(submitted)) // 2, speed=40.0)
+    busy = node("busy", 0, speed=40.0, running_jobs=1, frees_in=frees_in, free_at_end=24 * GiB)
+    return job("j", submitted, 0.0, tokens=2e8), [now, busy]
+
+
+def test_a_job_waits_for_room_as_submitted_rather_than_run_slower_now(model):
+    j, nodes = _autofit_setup(model, frees_in=120.0)
+    placer = Placer()
+    assert placer.plan([j], nodes, {}) == []
+    assert placer.last_waits == {"j": "busy"}
+    # Without the efficiency model, or without waiting, it is auto-fitted now.
+    for other in (Placer(step_exponent=0), Placer(max_wait_s=0)):
+        [p] = other.plan([j], nodes, {})
+        assert p.node_id == "now" and p.spec.micro_batch_size < 8
+
+
+def test_auto_fit_still_starts_now_when_room_comes_too_late(model):
+    # Frees beyond max_wait_s: auto-fitted now, not waiting.
+    j, nodes = _autofit_setup(model, frees_in=4000.0)
+    placer = Placer(max_wait_s=1800)
+    [p] = placer.plan([j], nodes, {})
+    assert p.node_id == "now" and p.spec.micro_batch_size < 8 and p.changes
+    assert placer.last_waits == {}
+    # Within max_wait_s but later than the auto-fitted run would end there: no wait either.
+    short = replace(j, tokens=1e5)
+    j2, nodes2 = _autofit_setup(model, frees_in=1700.0)
+    [p2] = placer.plan([replace(short, job_id="s")], nodes2, {})
+    assert p2.node_id == "now" and placer.last_waits == {}
+
+
+def test_waits_for_room_are_bounded_per_pass(model):
+    j, (now, busy) = _autofit_setup(model, frees_in=120.0)
+    now2 = replace(now, node_id="now2", name="now2")
+    busy2 = replace(busy, node_id="busy2", name="busy2", frees_in=130.0)
+    k = replace(j, job_id="k", submitted_at=1.0)
+    pool = [now, now2, busy, busy2]
+    placer = Placer(max_room_waits=1)
+    placed = placer.plan([j, k], pool, {})
+    # The first in turn waits for room; the second, over the bound, starts auto-fitted now.
+    assert placer.last_waits == {"j": "busy"}
+    assert [p.job_id for p in placed] == ["k"] and placed[0].node_id.startswith("now")
+    assert placed[0].spec.micro_batch_size < 8
+    unbounded = Placer()
+    assert unbounded.plan([j, k], pool, {}) == []  # both wait, one for each node
+    assert unbounded.last_waits == {"j": "busy", "k": "busy2"}

@@ -40,11 +40,13 @@ def job(job_id: str, s: TrainSpec, tenant: str = "acme", t: float = 0.0, **kw) -
 
 
 # Expected run time of `tokens` of the 1B shape at the placer's reference speed (10 TFLOP/s x
-# 0.3): what `size_weight` multiplies. ~1e9 compute params × 4 FLOPs per token.
+# 0.3): what `size_weight` multiplies. ~1e9 compute params × 4 FLOPs per token, over the
+# fraction of the speed its micro-batch reaches.
 def ref_seconds(placer: Placer, s: TrainSpec, tokens: float) -> float:
-    from lorapool.service.pool.placement import compute_params, flops_per_token
+    from lorapool.service.pool.placement import compute_params
 
-    return tokens * flops_per_token(compute_params(s), s.gradient_checkpointing) / (
+    v = (s.micro_batch_size, s.gradient_checkpointing, s.max_seq_len)
+    return placer.work(tokens, compute_params(s), v) / (
         placer.default_speed * 1e12 * placer.efficiency)
 
 
