@@ -1,7 +1,8 @@
 """The NodeAgent: one Ray actor per donating node, the scheduler's eyes and hands there.
 
 It reports the node's device (GPU name, compute capability, bf16, total and free memory as the
-driver sees it, or a simulated GPU), the memory lorapool's own jobs hold, whether the node is
+driver sees it, or a simulated GPU), every GPU the node sees (`gpus`: a job too big for one card
+may run split over several of them, multi_gpu.py; one-card jobs use `gpu_index`), the memory lorapool's own jobs hold, whether the node is
 accepting work, the base models its cache holds (by content id), and a heartbeat. A CPU node
 reports its RAM (available now, less what its jobs are still expected to grow into) and its
 cores, and takes at most `cpu_slots` jobs at once. When the owner takes the GPU back
@@ -38,6 +39,10 @@ class AgentConfig(BaseModel):
     name: str
     work_dir: str
     simulate_gpu: Optional[SimulatedGPU] = None
+    # Several simulated GPUs of one machine (tests, CPU-only donors): the first is the card
+    # one-card jobs use (`simulate_gpu`, set from it); all of them can hold a job split over
+    # them, which a simulated node trains over "cpu" devices.
+    simulate_gpus: Optional[list[SimulatedGPU]] = Field(None, min_length=1, max_length=64)
     gpu_index: int = 0
     memory_cap: Optional[int] = Field(None, ge=0)  # "at most 10 GiB of my 12"
     cpu_only: bool = False
@@ -66,6 +71,15 @@ class AgentConfig(BaseModel):
                 for name, path in v.items()}
 
     @model_validator(mode="after")
+    def _one_first_gpu(self) -> "AgentConfig":
+        if self.simulate_gpus:
+            if self.simulate_gpu is None:
+                self.simulate_gpu = self.simulate_gpus[0]
+            elif self.simulate_gpu != self.simulate_gpus[0]:
+                raise ValueError("simulate_gpu and simulate_gpus[0] differ: give one of them")
+        return self
+
+    @model_validator(mode="after")
     def _grants_name_offered_sets(self) -> "AgentConfig":
         unknown = sorted(set(self.dataset_tenants) - set(self.datasets))
         if unknown:
@@ -86,6 +100,9 @@ class NodeAgent:
         self._runners: dict[str, Any] = {}
         self._slotless: set[str] = set()  # runners that hold memory but no CPU slot
         self._reserved: dict[str, int] = {}
+        # A split job's bytes on each GPU (GPU index -> bytes), multi_gpu.py; one-card jobs
+        # reserve on `gpu_index` only (`_reserved`).
+        self._gpu_reserved: dict[str, dict[int, int]] = {}
         self._reclaimed: Optional[str] = None
         # Returns a reason when the owner wants the GPU back (schedule/idle rules), else None.
         self._availability = config.policy.checker(probe)
@@ -130,6 +147,7 @@ class NodeAgent:
             jobs = sorted(self._runners)
             reclaimed = self._reclaimed
             estimates = dict(self._reserved)
+            per_gpu = {j: dict(g) for j, g in self._gpu_reserved.items()}
         free = device.free_memory if device.free_memory is not None else device.total_memory
         cores = slots = None
         if device.kind == "cpu":
@@ -139,12 +157,19 @@ class NodeAgent:
         elif cfg.simulate_gpu is not None:
             # A simulated GPU does not see our jobs' allocations: subtract them.
             free = max(0, free - reserved)
+        gpus, gpu_devices, gpu_reserved = self._gpus(device, free, estimates, per_gpu)
         return {
             "node_id": self.node_id,
             "name": cfg.name,
             "device": device.model_dump(mode="json"),
             "free_memory": free,
             "reserved_memory": reserved,
+            # Every GPU of the node (free memory as for `device`), how a runner here names each
+            # ("cuda:<i>"; "cpu" for a simulated one, which trains on the CPU) and the bytes
+            # lorapool's jobs reserve on each: what a split over several GPUs is placed by.
+            "gpus": [g.model_dump(mode="json") for g in gpus],
+            "gpu_devices": gpu_devices,
+            "gpu_reserved": gpu_reserved,
             "accepting": reclaimed is None,
             "state": "reclaimed" if reclaimed else ("training" if jobs else "idle"),
             "reclaim_reason": reclaimed,
@@ -160,6 +185,45 @@ class NodeAgent:
             "cached_models": self.cached_models(),
             "heartbeat": time.time(),
         }
+
+    def _gpus(self, device: Any, free: int, estimates: dict[str, int],
+              per_gpu: dict[str, dict[int, int]]) -> tuple[list[Any], list[str], list[int]]:
+        """(each GPU's DeviceInfo with free memory, its local device name, bytes reserved on
+        it). The one-card GPU (`gpu_index`) is `device` itself with the report's free memory;
+        a CPU node has none."""
+        cfg = self.config
+        if device.kind != "cuda" or cfg.cpu_only:
+            return [], [], []
+        # Bytes reserved on each GPU: a split job's own map; a one-card job's all on the
+        # one-card GPU (index 0 of the list for simulated GPUs, `gpu_index` for real ones).
+        first = 0 if cfg.simulate_gpu is not None else cfg.gpu_index
+
+        def held(i: int) -> int:
+            return sum(per_gpu[j].get(i, 0) if j in per_gpu else (est if i == first else 0)
+                       for j, est in estimates.items())
+
+        if cfg.simulate_gpu is not None:
+            sims = cfg.simulate_gpus or [cfg.simulate_gpu]
+            out = []
+            for i, sim in enumerate(sims):
+                if i == 0:
+                    out.append(device.model_copy(update={"free_memory": free}))
+                    continue
+                info = detect_device(sim, memory_cap=cfg.memory_cap)
+                out.append(info.model_copy(update={
+                    "free_memory": max(0, int(info.free_memory or 0) - held(i))}))
+            return out, ["cpu"] * len(out), [held(i) for i in range(len(out))]
+        count = _cuda_device_count()
+        if count < 2:  # one card: the report's `device` says it all
+            return [device.model_copy(update={"free_memory": free})], \
+                [f"cuda:{cfg.gpu_index}"], [held(cfg.gpu_index)]
+        # Each card's own numbers (the driver's free memory counts our jobs already). Asking
+        # the driver opens a CUDA context on each card in this process, as for `gpu_index`.
+        out = [device.model_copy(update={"free_memory": free}) if i == cfg.gpu_index else
+               detect_device(None, gpu_index=i, memory_cap=cfg.memory_cap,
+                             cpu_memory=cfg.cpu_memory)
+               for i in range(count)]
+        return out, [f"cuda:{i}" for i in range(count)], [held(i) for i in range(count)]
 
     def cached_models(self) -> list[str]:
         """The content ids of the base models complete in this node's cache (what runners,
@@ -250,11 +314,12 @@ class NodeAgent:
 
     # -- jobs ------------------------------------------------------------------------------
     def register_job(self, job_id: str, runner: Any, reserve_bytes: int,
-                     slot: bool = True) -> bool:
+                     slot: bool = True, gpus: Optional[dict[int, int]] = None) -> bool:
         """Track a runner placed here; False (and nothing tracked) when reclaimed meanwhile, or
         when a CPU node's slots are all taken (the scheduler's count is the first guard, this
         the node's own). `slot=False`: memory only, no CPU slot (the inference worker, whose
-        loaded bases hold memory but no cores while idle)."""
+        loaded bases hold memory but no cores while idle). `gpus`: a split job's bytes on each
+        GPU it holds (GPU index -> bytes; `reserve_bytes` is then their sum)."""
         if self._cpu is None:
             self.report()
         with self._lock:
@@ -269,6 +334,8 @@ class NodeAgent:
             self._runners[job_id] = runner
             self._registrations += 1
             self._reserved[job_id] = int(reserve_bytes)
+            if gpus:
+                self._gpu_reserved[job_id] = {int(i): int(b) for i, b in gpus.items()}
             self._pids[job_id] = runner.pid.remote(self.node_id)
         return True
 
@@ -277,6 +344,7 @@ class NodeAgent:
             self._runners.pop(job_id, None)
             self._slotless.discard(job_id)
             self._reserved.pop(job_id, None)
+            self._gpu_reserved.pop(job_id, None)
             self._pids.pop(job_id, None)
             self._pid_values.pop(job_id, None)
 
@@ -333,6 +401,17 @@ class NodeAgent:
         self._reclaimed_by_policy = bool(reason)
 
     _reclaimed_by_policy = False
+
+
+def _cuda_device_count() -> int:
+    """CUDA GPUs this process sees (the donor's CUDA_VISIBLE_DEVICES; runners on this node see
+    the same ones, as lorapool's runners claim no Ray GPUs), 0 without CUDA."""
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # a broken driver: the node is what `device` says
+        return 0
 
 
 RemoteNodeAgent = ray.remote(num_cpus=0, max_concurrency=8)(NodeAgent)

@@ -27,6 +27,11 @@ class SimulatedGPU(BaseModel):
     free_memory: Optional[int] = None  # defaults to total
     compute_capability: tuple[int, int] = (8, 6)
     speed_tflops: Optional[float] = None  # what the calibration would measure; None: unknown
+    # The CUDA context a training process would take on it (what a real node measures,
+    # DeviceInfo.context_bytes); None: the estimate's 600 MiB constant. A test of the split
+    # over several simulated GPUs sets it small, as each GPU of a split pays its own context,
+    # which would dwarf any model small enough to train on a CPU.
+    context_bytes: Optional[int] = None
 
 
 def detect_device(
@@ -45,6 +50,7 @@ def detect_device(
             total_memory=simulate.total_memory,
             free_memory=free,
             compute_capability=simulate.compute_capability,
+            context_bytes=simulate.context_bytes,
         )
     else:
         info = _detect_real(gpu_index, cpu_memory)
