@@ -352,7 +352,7 @@ class _Entry:
         # holds it would be a reference cycle, and every pass's entries, buckets and groups
         # would then wait for the garbage collector (whose gen-1 pass over them was the slow
         # tail of plan()) instead of going when the pass ends.
-        self.key: tuple = ()
+        self.key: tuple | None = ()  # None: unlisted, no job of the pass fits (retire_below)
         # The indexes it is listed in: its speed group, and one group per base model it caches.
         self.groups: list[_Group] = []
 
@@ -792,6 +792,7 @@ class Placer:
         per_tenant: dict[str, list[_Turn]] = {}
         blocked: list[_Turn] = []
         gmax = p.max_avail()
+        least = gmax + 1  # the smallest need of any job that may place in this pass
         cs = p.class_set
         turns = self._turns
         for job in queue:
@@ -821,10 +822,13 @@ class Placer:
             if item.min_need > gmax:
                 blocked.append(item)
             else:
+                if item.min_need < least:
+                    least = item.min_need
                 jobs = per_tenant.get(item.tenant)
                 if jobs is None:
                     jobs = per_tenant[item.tenant] = []
                 jobs.append(item)
+        p.retire_below(least)
         if blocked and self.max_reservations > 0 and p.freeing:
             oldest = heapq.nsmallest(
                 self.max_reservations, blocked,
@@ -1013,6 +1017,8 @@ class _Pass:
         # few values per pass): a job's wait check walks only the nodes it could wait for.
         self.soon_by_floor: dict[float, list[tuple[float, _Entry]]] = {}
         self.room_waits = 0  # jobs left waiting for room as submitted in this pass
+        # Nodes with less memory than this are unlisted (`retire_below`); None: not listed.
+        self.floor = 0
         self.fastest_freeing = max((e.speed for _, e in self.soon), default=0.0)
         # 0.0: no job waits in this pass; else a job waits only for a node this fast.
         self.may_wait = (self.fastest_freeing
@@ -1021,27 +1027,47 @@ class _Pass:
     def max_avail(self) -> int:
         return self.avails[-1] if self.avails else -1
 
+    def retire_below(self, floor: int) -> None:
+        """Unlist the open nodes with less memory than `floor`, the smallest need of any job
+        this pass may still place, and from now on every node a placement leaves below it
+        (`_take`): no job of the pass fits there (memory only shrinks within a pass), and in a
+        busy pool they were most of the buckets every placement stepped over."""
+        self.floor = floor
+        avails = self.avails
+        for e in self.elist:
+            if e.avail < floor and e.key is not None and (e.cap is None or e.count < e.cap):
+                self._unlist(e)
+                del avails[bisect.bisect_left(avails, e.avail)]
+                e.key = None
+
+    def _unlist(self, e: _Entry) -> None:
+        """Take `e` out of the bucket of its load in each of its groups."""
+        old = e.key
+        bucket = e.count if e.shared else 0
+        for g in e.groups:
+            keys, avs = g.buckets[bucket]
+            # Its own key object is listed: bisect the ints, then step over equal memory.
+            i = bisect.bisect_left(avs, old[0])
+            while keys[i] is not old:
+                i += 1
+            del keys[i]
+            del avs[i]
+            if not keys:  # an emptied bucket leaves the walk (its nodes moved up a load)
+                g.close_bucket(bucket)
+
     def _take(self, e: _Entry, nbytes: int) -> None:
         """Count a placement on `e`: less memory, one more job, re-indexed."""
         cap = e.cap
         avails = self.avails
         groups = e.groups
-        if cap is None or e.count < cap:
-            old = e.key
-            bucket = e.count if e.shared else 0
-            for g in groups:  # out of its bucket
-                keys, avs = g.buckets[bucket]
-                # Its own key object is listed: bisect the ints, then step over equal memory.
-                i = bisect.bisect_left(avs, old[0])
-                while keys[i] is not old:
-                    i += 1
-                del keys[i]
-                del avs[i]
-                if not keys:  # an emptied bucket leaves the walk (its nodes moved up a load)
-                    g.close_bucket(bucket)
+        if e.key is not None and (cap is None or e.count < cap):  # listed: out of its bucket
+            self._unlist(e)
             del avails[bisect.bisect_left(avails, e.avail)]
         avail = e.avail = e.avail - nbytes
         e.count += 1
+        if avail < self.floor:  # no job of the pass fits there any more
+            e.key = None
+            return
         key = e.key = (avail, e.name, e.node_id, e.idx)
         if cap is None or e.count < cap:
             bucket = e.count if e.shared else 0

@@ -55,3 +55,39 @@ def test_fast_index_picks_what_a_full_scan_picks(model, seed):
             placed += 1
             break
     assert placed >= 20  # the pool filled up along the way, not at once
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_nodes_below_every_jobs_need_are_unlisted_without_changing_a_pick(model, seed):
+    """plan() unlists the nodes with less memory than the smallest need of any job it may still
+    place (at the start of a pass and whenever a placement leaves a node below it): the index
+    must then still pick what a scan of every node picks, and list no node below that floor."""
+    rng = random.Random(100 + seed)
+    placer = Placer(wait_speedup=0, max_reservations=0)
+    p = _Pass(placer, random_pool(rng, 60))
+    jobs = [_job(rng, model, k) for k in range(80)]
+    infos = [placer._info(j) for j in jobs]
+    floor = min(min(placer._needs(j, info, len(info.variants) - 1, p.devices).values())
+                for j, info in zip(jobs, infos))
+    below = sum(1 for e in p.elist if e.avail < floor)
+    p.retire_below(floor)
+    placed = 0
+    for job, info in zip(jobs, infos):
+        for i in range(len(info.variants)):
+            needs = placer._needs(job, info, i, p.devices)
+            work = info.works[i]
+            fast = p._best_fast(job, info, needs, work)
+            scan = p._best_scan(job, info, needs, work, list(p.entries.values()))
+            assert (fast is None) == (scan is None), (job.job_id, i)
+            if fast is None:
+                continue
+            assert fast[1] is scan[1] and fast[0] == scan[0]
+            p._take(fast[1], info.est[i][fast[1].cls].total)
+            placed += 1
+            break
+        listed = [k for src in [p.index, *p.cached.values()] for _, _, keys, _ in src.order
+                  for k in keys]
+        assert all(k[0] >= floor for k in listed)
+        # The largest free memory (`avails`) is over the listed nodes, as the index is.
+        assert p.avails == sorted(k[0] for _, _, keys, _ in p.index.order for k in keys)
+    assert placed >= 20 and below > 0  # the pool filled, and some nodes began below the floor
