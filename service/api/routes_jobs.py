@@ -129,6 +129,11 @@ def create_job(
         "validation_file": req.validation_file, **hyper})
     if stored.id != record.id:  # a concurrent retry with the same key got there first
         return convert.job(stored)
+    # Where it will run, when that is not one card: split over several GPUs of one node.
+    note = getattr(ctx.executor, "submit_note", None)
+    said = note(spec, placement) if note is not None else None
+    if said:
+        ctx.store.add_event(stored.id, said, data={"split_planned": True})
     ctx.wake()
     return convert.job(stored)
 

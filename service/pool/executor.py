@@ -28,5 +28,9 @@ class JobExecutor(Protocol):
         constraints (`lorapool.types.JobPlacement` fields), else the refusal reason, e.g.
         "needs 9.1 GiB; largest free node has 7.6 GiB (rtx-3070-desk12)"."""
 
+    # Optional (the API asks with getattr): for a job `check_fits` accepted, a line for its
+    # events where it runs other than on one card (split over several GPUs of one node).
+    #   def submit_note(self, spec, placement=None) -> Optional[str]
+
     def nodes(self) -> list[Node]:
         """Every known node, for GET /v1/nodes."""

@@ -17,7 +17,9 @@ ties four parts together, each in its own module:
 Each tick: refresh the node reports; reap dead runners; pass on cancels; collect what each
 running job queued (events, checkpoint files) into the store and the artifact store, and end
 jobs whose `run()` returned, through the table; then ask the placement policy where queued jobs
-go, and start a `JobRunner` pinned (hard node affinity) to each chosen node.
+go, and start a `JobRunner` pinned (hard node affinity) to each chosen node. Queued jobs that
+no single card of the pool could ever hold go to split_placement.py first: one runner holding
+several GPUs of one idle node, which takes no other job while it runs.
 
 Failures are sorted by who caused them: the job's own (bad data, diverging loss) fail it at
 once; the infrastructure's (node lost, preempted, OOM on that node) requeue it from its last
@@ -73,6 +75,7 @@ from .outcomes import (
 )
 from .payloads import Payload, PayloadBuilder
 from .runner import RemoteJobRunner
+from .split_placement import SplitPlacement, plan_splits, split_nodes, submit_check
 from .transfer import content_id
 
 log = logging.getLogger("lorapool.pool")
@@ -154,6 +157,10 @@ class RayExecutor(BackgroundLoop):
         # What else each tenant runs on the pool now (the server sets it to the chats in
         # flight): counted with its running jobs when fair share orders the queue.
         self.tenant_load: Optional[Callable[[], dict[str, int]]] = None
+        # Queued jobs no single card holds (split_placement.py), by job id: (the pool's node
+        # sizes it was decided for, the answer); and the last "why it waits" each one was told.
+        self._needs_split: dict[str, tuple[Any, bool]] = {}
+        self._split_said: dict[str, str] = {}
 
     @property
     def _active(self) -> dict[str, ActiveJob]:
@@ -188,7 +195,33 @@ class RayExecutor(BackgroundLoop):
         if not views:
             return None  # an empty pool may still get donors: the job waits
         job = job_view("(new)", "", spec, time.time(), placement)
-        return self.placer.check_fits(job, views)
+        refusal = self.placer.check_fits(job, views)
+        if refusal is None or int((placement or {}).get("workers") or 1) > 1:
+            return refusal
+        # No single card: some node's GPUs together may still hold it (split_placement.py).
+        multi = split_nodes(self._online_reports(), views)
+        if not multi:
+            return refusal
+        answer = submit_check(job, multi, safety_margin=self.placer.safety_margin)
+        return None if answer.ok else f"{refusal}; {answer.message}"
+
+    def submit_note(self, spec: TrainSpec,
+                    placement: Optional[dict[str, Any]] = None) -> Optional[str]:
+        """For a job `check_fits` accepted: a line for its events where it will run split over
+        several GPUs of one node (no single card holds it), else None."""
+        if int((placement or {}).get("workers") or 1) > 1:
+            return None
+        views = self._node_views(include_busy=True)
+        job = job_view("(new)", "", spec, time.time(), placement)
+        if not views or self.placer.check_fits(job, views) is None:
+            return None
+        multi = split_nodes(self._online_reports(), views)
+        answer = submit_check(job, multi, safety_margin=self.placer.safety_margin)
+        return answer.message if answer.ok else None
+
+    def _online_reports(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(name, report) for name, report, offline in self.registry.reports()
+                if not offline]
 
     def nodes(self) -> list[Node]:
         self.registry.refresh(force=not self.registry)
@@ -458,6 +491,7 @@ class RayExecutor(BackgroundLoop):
             for tenant, n in self.tenant_load().items():
                 running_by_tenant[tenant] = running_by_tenant.get(tenant, 0) + n
         by_id = {j.id: j for j in queued}
+        nodes, jobs = self._place_splits(jobs, nodes, by_id)
         for placement in self.placer.plan(jobs, nodes, running_by_tenant):
             try:
                 self._start(by_id[placement.job_id], placement)
@@ -466,15 +500,76 @@ class RayExecutor(BackgroundLoop):
                 self.store.add_event(placement.job_id, f"Could not start on {placement.node_id}: "
                                      f"{exc}", level="warn")
 
+    def _place_splits(self, jobs: list[Any], nodes: list[Any],
+                      by_id: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+        """Start the queued jobs that only a split over several GPUs of one node holds
+        (split_placement.py), and hide from placement.py every node a split runs on, starts
+        on or waits for. Returns the nodes and jobs left for `Placer.plan`."""
+        running = {a.node for a in self.active.snapshot() if a.extra.get("split")}
+        nodes = [dataclasses.replace(n, accepting=False) if n.name in running else n
+                 for n in nodes]
+        multi = split_nodes(self._online_reports(), nodes)
+        if not multi:
+            return nodes, jobs
+        # Which jobs no single card of the pool could ever hold: decided once per job for the
+        # pool's node sizes (check_fits walks every node), again when those change.
+        sizes = tuple(sorted((n.name, n.device.total_memory) for n in nodes))
+        known, self._needs_split = self._needs_split, {}
+        split_jobs = []
+        for view in jobs:
+            rec = by_id[view.job_id]
+            cached = known.get(view.job_id)
+            if cached is None or cached[0] != sizes:
+                alone = int((getattr(rec, "placement", None) or {}).get("workers") or 1) <= 1
+                cached = (sizes, alone and self.placer.check_fits(view, nodes) is not None)
+            self._needs_split[view.job_id] = cached
+            if cached[1]:
+                split_jobs.append(view)
+        self._split_said = {k: v for k, v in self._split_said.items() if k in by_id}
+        if not split_jobs:
+            return nodes, jobs
+        from ..train.memory import MemoryEstimate
+        from .placement import Placement
+
+        result = plan_splits(split_jobs, multi, safety_margin=self.placer.safety_margin)
+        views = {v.job_id: v for v in split_jobs}
+        for p in result.placed:
+            estimate = MemoryEstimate(breakdown={f"gpu{g}": peak for g, peak
+                                                 in zip(p.split.gpus, p.split.peaks)},
+                                      total=p.split.total)
+            try:
+                self._start(by_id[p.job_id], Placement(p.job_id, p.node, views[p.job_id].spec,
+                                                       estimate), split=p)
+            except Exception as exc:
+                log.exception("could not start %s split on %s", p.job_id, p.node)
+                self.store.add_event(p.job_id, f"Could not start split on {p.node}: {exc}",
+                                     level="warn")
+        for job_id, why in result.waiting.items():
+            if self._split_said.get(job_id) != why:  # said once, not every pass
+                self._split_said[job_id] = why
+                self.store.add_event(job_id, f"Split over several GPUs: {why}")
+        taken = result.taken
+        left = {v.job_id for v in split_jobs}
+        return ([dataclasses.replace(n, accepting=False) if n.name in taken else n
+                 for n in nodes], [j for j in jobs if j.job_id not in left])
+
     def _build_payload(self, job: Any, placement: Any) -> tuple[Payload, int]:
         """What travels to the node (payloads.py); a method so tests can watch what is sent."""
         return self.payloads.build(job, placement)
 
-    def _start(self, job: Any, placement: Any) -> None:
+    def _start(self, job: Any, placement: Any, split: Optional[SplitPlacement] = None) -> None:
+        """Start `job` on `placement.node_id`; `split`: as one runner holding several GPUs of
+        that node (split_placement.py), which the trainer loads the model split over."""
         st = self.registry.get(placement.node_id)
         if st is None:
             raise KeyError(placement.node_id)
         payload, resume_step = self._build_payload(job, placement)
+        gpu_reserve: Optional[dict[int, int]] = None
+        if split is not None:
+            payload["split"] = split.split_spec()
+            # The budget of each GPU travels in the split; one total would mislead the trainer.
+            payload.pop("memory_budget", None)
+            gpu_reserve = dict(zip(split.split.gpus, split.split.peaks))
         resume = payload["resume"]
         attempt = payload["attempt"]
         node_id = st.report["node_id"]
@@ -496,8 +591,10 @@ class RayExecutor(BackgroundLoop):
             ).remote(job.id, agent_name(st.name))
         estimate = int(placement.estimate.total)
         try:
-            registered = ray.get(st.handle.register_job.remote(job.id, runner, estimate),
-                                 timeout=10)
+            registered = ray.get(
+                st.handle.register_job.remote(job.id, runner, estimate, gpus=gpu_reserve)
+                if gpu_reserve else st.handle.register_job.remote(job.id, runner, estimate),
+                timeout=10)
         except Exception:
             registered = False
         if not registered:  # reclaimed, or the node's slots are full: it waits in the queue
@@ -514,6 +611,8 @@ class RayExecutor(BackgroundLoop):
         run_ref = runner.run.remote(payload)
         active = ActiveJob(job.id, job.tenant, st.name, runner, run_ref, estimate, attempt,
                            time.time(), last_checkpoint_step=resume_step - 1 if resume else -1)
+        if split is not None:  # its node takes no other job while it runs (_place_splits)
+            active.extra["split"] = split.split.as_dict()
         self.active.add(active)
         # A cancel the API stored between our transition and now found no active job: honour it.
         if getattr(self.store.get_job(job.id), "cancel_requested", False):
@@ -522,11 +621,18 @@ class RayExecutor(BackgroundLoop):
         msg = (f"Attempt {attempt + 1} placed on {st.name} ({dev.get('name')}, "
                f"{_fmt_gib(int(st.report['free_memory']))} free); predicted peak "
                f"{_fmt_gib(estimate)}")
+        data: dict[str, Any] = {"node": st.name, "predicted_memory": estimate}
+        if split is not None:
+            s = split.split
+            msg = (f"Attempt {attempt + 1} placed on {st.name} split over {s.num_gpus} GPUs "
+                   f"({', '.join(f'GPU {g}: layers {a}-{b - 1}' for g, (a, b) in zip(s.gpus, s.layers))}); "
+                   f"predicted peak {' + '.join(_fmt_gib(p) for p in s.peaks)}; {s.reason}")
+            data["split"] = {**s.as_dict(), "devices": list(split.devices)}
         if resume:
             msg += f"; resuming from step {resume_step}"
         # placed_at to the microsecond: event times are whole seconds, too coarse to order
         # placements that a burst makes within one second.
-        self.store.add_event(job.id, msg, data={"node": st.name, "predicted_memory": estimate,
+        self.store.add_event(job.id, msg, data={**data,
                                                 "resume_step": resume_step if resume else None,
                                                 "placed_at": active.started_at})
         for change in placement.changes:
