@@ -42,7 +42,7 @@ def pool(tmp_path_factory) -> Any:
     from lorapool.service.pool.agent import AgentConfig, start_agent
     from lorapool.service.pool.devices import SimulatedGPU
     from lorapool.service.server import Service, free_port
-    from lorapool.service.train.tiny import make_random_llama
+    from lorapool.service.train.tiny import make_random_llama, make_tiny_llama
 
     root = tmp_path_factory.mktemp("split-pool")
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -53,6 +53,7 @@ def pool(tmp_path_factory) -> Any:
     settings = Settings.from_env(data_dir=root / "head", host="127.0.0.1", port=free_port(),
                                  ray_address=cluster.address)
     add_model(settings, "eight-layers", make_random_llama(root / "models" / "m", "tiny", **SHAPE))
+    add_model(settings, "tiny-llama", make_tiny_llama(root / "models" / "tiny"))  # one card
     token = create_token(settings, "acme")
 
     sent: list[Any] = []
@@ -144,3 +145,30 @@ def test_a_job_no_card_holds_runs_split_over_one_nodes_gpus(pool):
     payload = next(p for p in pool["sent"] if p.get("split"))
     assert payload["split"]["devices"] == ["cpu", "cpu"] and "memory_budget" not in payload
     assert sum(payload["split"]["layers"]) == 8
+
+
+def _placed_at(client, job_id: str) -> float:
+    return next(e.data["placed_at"] for e in client.jobs.events(job_id)
+                if e.message.startswith("Attempt 1 placed"))
+
+
+def test_a_split_waits_for_its_node_and_the_node_takes_nothing_else_meanwhile(pool):
+    """A one-card job runs on duo's GPU 0: the split waits for it (and says so), and a
+    one-card job submitted while the split runs there waits for the split in turn."""
+    client = pool["client"]
+    one_card = dict(JOB, n_epochs=4, placement={"node": "duo"})
+    first = client.submit("tiny-llama", pool["data"], **one_card)
+    deadline = time.time() + 120
+    while client.jobs.get(first.id).status == "queued" and time.time() < deadline:
+        time.sleep(0.2)
+    split = client.submit("eight-layers", pool["data"], **JOB)
+    while client.jobs.get(split.id).status == "queued" and time.time() < deadline:
+        time.sleep(0.2)
+    after = client.submit("tiny-llama", pool["data"], **one_card)
+    done = {j.id: client.jobs.wait(j.id, timeout=300) for j in (first, split, after)}
+    assert all(j.status == "succeeded" for j in done.values()), [j.error for j in done.values()]
+    said = [e.message for e in client.jobs.events(split.id)]
+    assert any("waits for duo to finish its other jobs" in m for m in said), said
+    # No overlap on duo: each started after the one before it had finished.
+    assert _placed_at(client, split.id) >= done[first.id].finished_at - 1
+    assert _placed_at(client, after.id) >= done[split.id].finished_at - 1
