@@ -251,7 +251,8 @@ def check_workers(placement: dict[str, Any], executor: Any, spec: TrainSpec) -> 
     pinned = placement.get("node")
     names = [n.name for n in nodes if pinned is None or n.name == pinned]
     fitting = [name for name in names
-               if executor.check_fits(spec, {**placement, "workers": 1, "node": name}) is None]
+               # `workers` stays: each worker holds one card (no split over a node's GPUs).
+               if executor.check_fits(spec, {**placement, "node": name}) is None]
     if len(fitting) < workers:
         raise bad_request(
             f"placement.workers ({workers}) exceeds the {len(fitting)} node(s) of the pool that "
