@@ -39,7 +39,9 @@ class NodeSplit:
 
     @property
     def num_gpus(self) -> int:
-        """What the worker holds: one Ray worker with `num_gpus=self.num_gpus`."""
+        """How many GPUs the one worker holds. The scheduler claims no Ray GPUs for it (as for
+        a one-card runner): the runner sees the node's GPUs under the donor's own
+        CUDA_VISIBLE_DEVICES, named as the agent reports them (split_placement.py)."""
         return len(self.gpus)
 
     @property
