@@ -622,7 +622,6 @@ def build_model(spec: TrainSpec, device: torch.device, *, cache_dir: str | Path 
                             adapter_dir=adapter_dir)
     from . import fastpath
     from .allocator import use_expandable_segments
-    from .loss import chunked_loss_unsupported
 
     base_dir = resolve_base_model(spec, cache_dir)
     base_sha256 = model_sha256(base_dir, cache_dir)
@@ -642,17 +641,8 @@ def build_model(spec: TrainSpec, device: torch.device, *, cache_dir: str | Path 
         spec, device, cache_dir=cache_dir, extra_kwargs=fastpath.prepare_kwargs(plan, spec),
         keep_on_host=lambda m: fastpath.keep_tables_on_host(m, plan, device),
         placement=fastpath.load_placement(plan, spec, device, memory_budget))
-    if for_training:
-        model = attach_lora(model, spec, plan=plan)
-    elif adapter_dir is not None:
-        model = attach_adapter(model, adapter_dir)
-        model.eval()
-    fastpath.apply(model, plan, spec, device)
-    if plan.chunked_loss:
-        why = chunked_loss_unsupported(model)
-        if why:
-            plan = fastpath.without(plan, {"chunked_loss": why,
-                                           "cuda_graphs": f"needs the chunked loss ({why})"})
+    model, plan = _adapt(model, spec, plan, device, for_training=for_training,
+                         adapter_dir=adapter_dir)
     # Eager attention adds the mask to its scores and needs a float mask; SDPA takes bool.
     attn = getattr(model.config, "_attn_implementation", None)
     return BuiltModel(model=model, tokenizer=tokenizer, base_dir=Path(base_dir),
@@ -675,7 +665,6 @@ def _build_split(spec: TrainSpec, device: torch.device, split: SplitSpec, *,
     from . import fastpath
     from . import model_split as ms
     from .allocator import use_expandable_segments
-    from .loss import chunked_loss_unsupported
 
     resolved = ms.resolve_split(split, spec)
     device = resolved.first
@@ -706,6 +695,25 @@ def _build_split(spec: TrainSpec, device: torch.device, split: SplitSpec, *,
         spec, device, cache_dir=cache_dir, extra_kwargs=fastpath.prepare_kwargs(plan, spec),
         keep_on_host=lambda m: fastpath.keep_tables_on_host(m, plan, device),
         device_map=device_map)
+    model, plan = _adapt(model, spec, plan, device, for_training=for_training,
+                         adapter_dir=adapter_dir)
+    ms.install_split_hooks(model, resolved)
+    attn = getattr(model.config, "_attn_implementation", None)
+    return BuiltModel(model=model, tokenizer=tokenizer, base_dir=Path(base_dir),
+                      base_sha256=base_sha256, compute_dtype=compute_dtype, plan=plan,
+                      mask_dtype=compute_dtype if attn == "eager" else None,
+                      chunked_loss=bool(plan.chunked_loss), allocator=allocator,
+                      split=resolved)
+
+
+def _adapt(model: Any, spec: TrainSpec, plan: Any, device: torch.device, *, for_training: bool,
+           adapter_dir: str | Path | None) -> tuple[Any, Any]:
+    """The loaded base made ready, for `build_model` and `_build_split` alike: LoRA attached for
+    training (or the adapter loaded, in eval mode), the plan's fast pieces swapped in, and the
+    chunked loss off, with the reason, where the model cannot use it (the CUDA graphs need it)."""
+    from . import fastpath
+    from .loss import chunked_loss_unsupported
+
     if for_training:
         model = attach_lora(model, spec, plan=plan)
     elif adapter_dir is not None:
@@ -715,11 +723,6 @@ def _build_split(spec: TrainSpec, device: torch.device, split: SplitSpec, *,
     if plan.chunked_loss:
         why = chunked_loss_unsupported(model)
         if why:
-            plan = fastpath.without(plan, {"chunked_loss": why})
-    ms.install_split_hooks(model, resolved)
-    attn = getattr(model.config, "_attn_implementation", None)
-    return BuiltModel(model=model, tokenizer=tokenizer, base_dir=Path(base_dir),
-                      base_sha256=base_sha256, compute_dtype=compute_dtype, plan=plan,
-                      mask_dtype=compute_dtype if attn == "eager" else None,
-                      chunked_loss=bool(plan.chunked_loss), allocator=allocator,
-                      split=resolved)
+            plan = fastpath.without(plan, {"chunked_loss": why,
+                                           "cuda_graphs": f"needs the chunked loss ({why})"})
+    return model, plan

@@ -157,7 +157,11 @@ def test_loading_straight_to_the_gpu_is_counted(one_b, one_b_tied):
     (model.py), so only the head arrives: the load is one table smaller than with
     host_embeddings off, and a tied table (which the head needs on the card) always arrives.
     With the input table kept off the card, a short job's peak is training, not the load."""
-    from lorapool.service.train.memory import ALLOCATOR_PAGE_SLACK, fast_variants, straight_load_bytes
+    from lorapool.service.train.memory import (
+        ALLOCATOR_PAGE_SLACK,
+        fast_variants,
+        straight_load_bytes,
+    )
 
     big = DeviceInfo(kind="cuda", total_memory=80 * GiB, compute_capability=(9, 0))
     table = 128256 * 2048 * 2  # the 1B shape's embedding or head, bf16

@@ -26,8 +26,8 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from ..resolve import IGNORE_INDEX
 from ..loss import _causal_lm
+from ..resolve import IGNORE_INDEX
 from .embeddings import HostEmbedding, set_input_embedding
 
 log = logging.getLogger(__name__)
