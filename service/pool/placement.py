@@ -47,7 +47,10 @@ The rules, in the order `plan()` applies them:
 6. **Waiting for a much faster card (bounded).** A job that would start now on a node that is
    at least `wait_speedup` × slower than a busy node of the pool waits instead, when that faster
    node is expected to free (`NodeView.frees_in`) within `max_wait_s` *and* early enough that
-   the job still finishes there first. The faster node is then claimed for it.
+   the job still finishes there first. The faster node is then claimed for it. A long job may
+   wait longer: up to `wait_fraction` of its expected run on the slow card (at most
+   `max_long_wait_s`), so that a job of days does not spend them on the slowest card of the pool
+   because the fast ones were busy for the first half hour.
 7. **Reservation and backfill.** The oldest jobs that fit nowhere now (up to
    `max_reservations` per pass, by priority then age) claim the node where they would finish
    first once its running jobs end. A claimed node still takes other jobs, but only those
@@ -461,7 +464,9 @@ class Placer:
     (dequantisation, attention, the optimizer); `link_bytes_per_s` is the head → node link the
     base model travels over; `default_tokens` is a job's size when neither its tokens nor its
     steps are known. `wait_speedup`/`max_wait_s` bound waiting for a faster card (0 turns it
-    off); `max_reservations` bounds how many blocked jobs claim a node per pass (0 turns
+    off); a long job may wait longer, up to `wait_fraction` of its expected run time on the card
+    it would start on now, but never past `max_long_wait_s` (an 80-hour job on a slow card is
+    worth a few hours' wait for one three times as fast; a ten-minute job is not); `max_reservations` bounds how many blocked jobs claim a node per pass (0 turns
     reservation and the backfill rule off). `graphs`: a job placed on a node with room to spare
     reserves there the richest configuration of the fast path that node holds (memory.py
     `fast_variants`: its output head on the GPU, CUDA graphs' pool), which its trainer then
@@ -486,6 +491,8 @@ class Placer:
         default_tokens: float = 1e6,
         wait_speedup: float = 3.0,
         max_wait_s: float = 1800.0,
+        wait_fraction: float = 0.25,
+        max_long_wait_s: float = 6 * 3600.0,
         max_reservations: int = 2,
         size_weight: float = 1.0,
         graphs: bool = True,
@@ -505,6 +512,8 @@ class Placer:
         self.default_tokens = default_tokens
         self.wait_speedup = wait_speedup
         self.max_wait_s = max_wait_s
+        self.wait_fraction = wait_fraction
+        self.max_long_wait_s = max(max_wait_s, max_long_wait_s)
         self.max_reservations = max_reservations
         self.size_weight = size_weight
         self.graphs = graphs
@@ -1011,7 +1020,7 @@ class _Pass:
         frees = [t or 0.0 for t, _ in freeing]
         # The fastest node that frees within max_wait_s: a job already on a node at least
         # 1/wait_speedup as fast never waits (the common case skips the scan).
-        max_wait = placer.max_wait_s
+        max_wait = placer.max_long_wait_s if placer.wait_fraction > 0 else placer.max_wait_s
         self.soon = [(t, e) for t, e in zip(frees, self.freeing) if t <= max_wait]
         # `soon` less the nodes slower than a floor, per floor (chosen speed × wait_speedup, a
         # few values per pass): a job's wait check walks only the nodes it could wait for.
@@ -1266,8 +1275,11 @@ class _Pass:
             soon = self.soon_by_floor[floor] = [(t, e) for t, e in self.soon if e.speed >= floor]
         needs = None
         claimed = waits = False
-        for t, e in soon:  # those freeing within max_wait_s at least `floor` fast, soonest first
-            if t >= score:
+        # How long this job may wait: max_wait_s, or a share of its run here when that is longer.
+        horizon = min(score, max(placer.max_wait_s,
+                                 min(placer.wait_fraction * score, placer.max_long_wait_s)))
+        for t, e in soon:  # those freeing within the horizon at least `floor` fast, soonest first
+            if t >= horizon:
                 break  # the rest free later
             if e.claim is not None:
                 claimed = True
@@ -1300,8 +1312,9 @@ class _Pass:
             return False
         needs = None
         work = info.works[0]
+        horizon = min(score, placer.max_wait_s)
         for t, e in self.soon:  # those freeing within max_wait_s, soonest first
-            if t >= score:
+            if t >= horizon:
                 break  # the rest free later
             if e.claim is not None:
                 continue

@@ -153,7 +153,7 @@ def test_waiting_for_a_faster_card_is_bounded_by_max_wait(model):
                     free_at_end=24 * GiB)
 
     q = [job("j", s, tokens=5e7)]
-    placer = Placer(max_wait_s=600)
+    placer = Placer(max_wait_s=600, wait_fraction=0)
     assert placer.plan(q, [slow, fast(120.0)], {}) == []  # 40× faster, frees in 2 min: wait
     assert placer.last_waits == {"j": "fast"}
     placed = placer.plan(q, [slow, fast(900.0)], {})  # beyond max_wait_s: start now
@@ -161,3 +161,25 @@ def test_waiting_for_a_faster_card_is_bounded_by_max_wait(model):
     # Not faster by wait_speedup: start now even if it frees soon.
     near = node("fast", 0, speed=12.0, running_jobs=1, frees_in=60.0, free_at_end=24 * GiB)
     assert [p.node_id for p in placer.plan(q, [slow, near], {})] == ["slow"]
+
+
+def test_a_long_job_may_wait_a_share_of_its_run_for_a_faster_card(model):
+    """Beyond max_wait_s, a job waits up to wait_fraction of its expected run on the card it
+    would start on now (never past max_long_wait_s): hours for a job of days on a slow card,
+    while a short job starts at once."""
+    s = spec(model)
+    slow = node("slow", need(s) + 1, speed=5.0)
+    fast = node("fast", 0, speed=200.0, running_jobs=1, frees_in=2 * 3600.0,
+                free_at_end=24 * GiB)
+    placer = Placer(max_wait_s=600, wait_fraction=0.25, max_long_wait_s=6 * 3600.0)
+    long_run = ref_seconds(placer, s, 5e7) * 10.0 / 5.0  # its run on the slow card
+    assert long_run * 0.25 > 2 * 3600.0  # so a quarter of it covers the two hours
+    assert placer.plan([job("long", s, tokens=5e7)], [slow, fast], {}) == []
+    assert placer.last_waits == {"long": "fast"}
+    # A short job: two hours is more than a quarter of its run, and than max_wait_s.
+    short = placer.plan([job("short", s, tokens=2e5)], [slow, fast], {})
+    assert [p.node_id for p in short] == ["slow"] and placer.last_waits == {}
+    # Never past max_long_wait_s, however long the job.
+    capped = Placer(max_wait_s=600, wait_fraction=0.25, max_long_wait_s=3600.0)
+    assert [p.node_id for p in capped.plan([job("long", s, tokens=5e7)], [slow, fast], {})] \
+        == ["slow"]
