@@ -64,9 +64,11 @@ def test_waits_briefly_for_a_much_faster_card_but_not_long(model):
     placer = Placer()
     assert placer.plan([job], [slow, soon], {}) == []
     assert placer.last_waits == {"j": "fast"}
-    # A faster card that frees only after max_wait_s: start on the slow one now.
+    # A faster card that frees only after max_wait_s: start on the slow one now (wait_fraction
+    # 0: no longer wait for a long job; test_placement_order.py covers that one).
     late = node("fast", 0, 165.0, running_jobs=1, frees_in=7200.0, free_at_end=24 * GiB)
-    assert [p.node_id for p in Placer(max_wait_s=1800).plan([job], [slow, late], {})] == ["slow"]
+    placer = Placer(max_wait_s=1800, wait_fraction=0)
+    assert [p.node_id for p in placer.plan([job], [slow, late], {})] == ["slow"]
     # Off when asked.
     assert Placer(wait_speedup=0).plan([job], [slow, soon], {})[0].node_id == "slow"
 
