@@ -51,11 +51,11 @@ def pool(tmp_path_factory) -> Any:
     from lorapool import Client
     from lorapool.service.admin import add_model, create_token
     from lorapool.service.config import Settings
-    from lorapool.service.pool import scheduler as sched
     from lorapool.service.pool.agent import AgentConfig, start_agent
     from lorapool.service.pool.devices import SimulatedGPU
     from lorapool.service.server import Service, free_port
     from lorapool.service.train.tiny import make_random_llama, make_tiny_llama
+    from tests.support.payloads import record_payloads
 
     root = tmp_path_factory.mktemp("pool")
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -71,16 +71,7 @@ def pool(tmp_path_factory) -> Any:
               make_random_llama(root / "models" / "big-llama", "1b", write_weights=False))
     tokens = {t: create_token(settings, t) for t in ("acme", "globex")}
 
-    sent: list[Any] = []
-    real_build = sched.RayExecutor._build_payload
-
-    # Observe every payload that travels to a node, then send it as usual.
-    def recording_build(self, job, placement):
-        payload, step = real_build(self, job, placement)
-        sent.append(payload)
-        return payload, step
-
-    sched.RayExecutor._build_payload = recording_build
+    sent, stop_recording = record_payloads()  # what travels to the nodes
     svc = Service(settings, local_node=False, executor_options={"heartbeat_timeout": 8.0})
     svc.start()
     agents = {}
@@ -98,7 +89,7 @@ def pool(tmp_path_factory) -> Any:
                "tokens": tokens, "root": root, "data": data, "sent": sent,
                "client": lambda t="acme": Client(svc.base_url, api_key=tokens[t], timeout=30)}
     finally:
-        sched.RayExecutor._build_payload = real_build
+        stop_recording()
         svc.stop()
         ray.shutdown()
         cluster.shutdown()

@@ -38,11 +38,11 @@ def pool(tmp_path_factory) -> Any:
     from lorapool import Client
     from lorapool.service.admin import add_model, create_token
     from lorapool.service.config import Settings
-    from lorapool.service.pool import scheduler as sched
     from lorapool.service.pool.agent import AgentConfig, start_agent
     from lorapool.service.pool.devices import SimulatedGPU
     from lorapool.service.server import Service, free_port
     from lorapool.service.train.tiny import make_random_llama, make_tiny_llama
+    from tests.support.payloads import record_payloads
 
     root = tmp_path_factory.mktemp("split-pool")
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -56,15 +56,7 @@ def pool(tmp_path_factory) -> Any:
     add_model(settings, "tiny-llama", make_tiny_llama(root / "models" / "tiny"))  # one card
     token = create_token(settings, "acme")
 
-    sent: list[Any] = []
-    real_build = sched.RayExecutor._build_payload
-
-    def recording_build(self, job, placement):  # observe what travels, then send it as usual
-        payload, step = real_build(self, job, placement)
-        sent.append(payload)
-        return payload, step
-
-    sched.RayExecutor._build_payload = recording_build
+    sent, stop_recording = record_payloads()  # what travels to the nodes
     svc = Service(settings, local_node=False, executor_options={"heartbeat_timeout": 8.0})
     svc.start()
     agents = {
@@ -89,7 +81,7 @@ def pool(tmp_path_factory) -> Any:
     try:
         yield {"svc": svc, "agents": agents, "client": client, "data": data, "sent": sent}
     finally:
-        sched.RayExecutor._build_payload = real_build
+        stop_recording()
         svc.stop()
         ray.shutdown()
         cluster.shutdown()
