@@ -39,6 +39,7 @@ PINS = [
     "typing-inspection==0.4.2",
     "bitsandbytes==0.50.2",
     "datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19",
+    "nvidia-ml-py==13.615.71",  # the agent's context-free GPU reading (train/nvml.py)
     # the comparison runners
     "liger-kernel==0.8.5",
     "unsloth==2026.10.9", "unsloth-zoo==2026.10.9",

@@ -22,8 +22,15 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .devices import SimulatedGPU, cpu_cores, cpu_slots, detect_device, measure_speed
-from .policy import DonationPolicy, GpuActivity
+from .devices import (
+    SimulatedGPU,
+    cpu_cores,
+    cpu_slots,
+    detect_device,
+    measure_speed,
+    measure_speed_isolated,
+)
+from .policy import DonationPolicy, GpuActivity, nvml_probe
 
 NAMESPACE = "lorapool"
 AGENT_PREFIX = "lorapool-agent:"
@@ -105,7 +112,9 @@ class NodeAgent:
         self._gpu_reserved: dict[str, dict[int, int]] = {}
         self._reclaimed: Optional[str] = None
         # Returns a reason when the owner wants the GPU back (schedule/idle rules), else None.
-        self._availability = config.policy.checker(probe)
+        # NVML's view of this node's own card (`gpu_index`), not of whichever is first.
+        self._availability = config.policy.checker(
+            probe or (lambda: nvml_probe(config.gpu_index)))
         self._pids: dict[str, Any] = {}  # job -> ObjectRef of its runner's pid
         self._pid_values: dict[str, int] = {}  # resolved pids
         self._cpu: Optional[bool] = None  # does this node train on its CPU (decided once)
@@ -118,6 +127,7 @@ class NodeAgent:
         # Measured speed: once at join time, then again while idle (see _speed()).
         self._speed: Optional[float] = None
         self._speed_at = 0.0
+        self._speed_probe: Optional[threading.Thread] = None
         # A training process's CUDA context on this card: probed once, in the background, at
         # join (see _measured_context). `_registrations` tells the probe a job started meanwhile.
         self._context: Optional[int] = None
@@ -217,8 +227,8 @@ class NodeAgent:
         if count < 2:  # one card: the report's `device` says it all
             return [device.model_copy(update={"free_memory": free})], \
                 [f"cuda:{cfg.gpu_index}"], [held(cfg.gpu_index)]
-        # Each card's own numbers (the driver's free memory counts our jobs already). Asking
-        # the driver opens a CUDA context on each card in this process, as for `gpu_index`.
+        # Each card's own numbers (the driver's free memory counts our jobs already), read
+        # through NVML: no CUDA context of this process on any card.
         out = [device.model_copy(update={"free_memory": free}) if i == cfg.gpu_index else
                detect_device(None, gpu_index=i, memory_cap=cfg.memory_cap,
                              cpu_memory=cfg.cpu_memory)
@@ -239,20 +249,34 @@ class NodeAgent:
     def _measured_speed(self, kind: str) -> Optional[float]:
         """TFLOP/s from a short calibration matmul: at join time, then refreshed every
         `speed_refresh_s` while no job runs here (a job's own load would skew it, and the probe
-        must not slow a job down). A simulated GPU reports its configured speed."""
+        must not slow a job down). A simulated GPU reports its configured speed. A real GPU is
+        measured by a child process in the background (devices.measure_speed_isolated): the
+        agent holds no CUDA context on the donor's card, and a report never waits for the
+        child's seconds of start-up; until the first reading the speed is None (unknown)."""
         sim = self.config.simulate_gpu
         if sim is not None and not self.config.cpu_only:
             return sim.speed_tflops
         now = time.monotonic()
         with self._lock:
             idle = not self._runners
+            running = self._speed_probe is not None and self._speed_probe.is_alive()
         due = self._speed is None or (idle and now - self._speed_at >= self.config.speed_refresh_s)
-        if due and (idle or self._speed is None):
-            measured = measure_speed(kind, gpu_index=self.config.gpu_index)
-            self._speed_at = now
-            if measured is not None:
-                self._speed = measured
+        if not due or not (idle or self._speed is None) or running:
+            return self._speed
+        self._speed_at = now
+        if kind != "cuda":  # a CPU matmul holds nothing: measure here, at once
+            self._set_speed(measure_speed(kind, gpu_index=self.config.gpu_index))
+        else:
+            self._speed_probe = threading.Thread(
+                target=lambda: self._set_speed(
+                    measure_speed_isolated(kind, gpu_index=self.config.gpu_index)),
+                daemon=True, name="lorapool-speed-probe")
+            self._speed_probe.start()
         return self._speed
+
+    def _set_speed(self, measured: Optional[float]) -> None:
+        if measured is not None:
+            self._speed = measured
 
     def _measured_context(self, kind: str) -> Optional[int]:
         """The CUDA context a training process takes on this card (context_probe.py), so that

@@ -1,7 +1,8 @@
 """What GPU a node has and how much of its memory is free right now.
 
-Free memory is what the driver reports (`torch.cuda.mem_get_info`), so other users' processes
-count against it. A node without CUDA reports itself as a CPU device: its RAM (total, and
+Free memory is what the driver reports, so other users' processes count against it. It is read
+through NVML (train/nvml.py) and the speed calibration runs in a child process, so the agent
+that calls these never holds a CUDA context of its own on the donor's card. A node without CUDA reports itself as a CPU device: its RAM (total, and
 available now) and its cores, which bound how many jobs it trains at once (`cpu_slots`). Tests and CPU-only
 donors describe a simulated GPU instead (`SimulatedGPU`), which the whole pool then treats
 exactly like a real one: placement, memory accounting and reclaiming all run; only the
@@ -14,6 +15,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict
 
+from ..train.nvml import gpu_memory
 from ..train.spec import DeviceInfo
 
 
@@ -66,8 +68,8 @@ def _detect_real(gpu_index: int, cpu_memory: Optional[int]) -> DeviceInfo:
         import torch
 
         if torch.cuda.is_available():
-            props = torch.cuda.get_device_properties(gpu_index)
-            free, total = torch.cuda.mem_get_info(gpu_index)
+            props = torch.cuda.get_device_properties(gpu_index)  # no context needed
+            free, total = gpu_memory(gpu_index)
             return DeviceInfo(
                 kind="cuda",
                 name=props.name,
@@ -151,3 +153,53 @@ def measure_speed(kind: str = "cuda", *, gpu_index: int = 0, size: int = 1024,
         return 4 * 2.0 * size**3 / best / 1e12
     except Exception:  # a broken driver must not keep a donor out of the pool
         return None
+
+
+SPEED_TAG = "@@SPEED "
+SPEED_PROBE_TIMEOUT_S = 120.0
+
+
+def measure_speed_isolated(kind: str = "cuda", *, gpu_index: int = 0,
+                           timeout_s: float = SPEED_PROBE_TIMEOUT_S) -> float | None:
+    """`measure_speed` in a child process, so the caller never opens a CUDA context (the
+    child's goes when it exits); None when the child fails or times out. A CPU measurement
+    holds nothing and runs in this process."""
+    if kind != "cuda":
+        return measure_speed(kind, gpu_index=gpu_index)
+    import json
+    import subprocess
+    import sys
+
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", __spec__.name if __spec__ else __name__, "--speed",
+             "--gpu", str(gpu_index)],
+            capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in proc.stdout.splitlines():
+        if line.startswith(SPEED_TAG):
+            value = json.loads(line[len(SPEED_TAG):])
+            return float(value) if value is not None else None
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lorapool.service.pool.devices --speed --gpu N`: the child of
+    `measure_speed_isolated` (prints its reading after SPEED_TAG)."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="One calibration matmul of this node's GPU.")
+    ap.add_argument("--speed", action="store_true", help="measure TFLOP/s and print it")
+    ap.add_argument("--gpu", type=int, default=0)
+    ap.add_argument("--kind", choices=("cuda", "cpu"), default="cuda")
+    args = ap.parse_args(argv)
+    if not args.speed:
+        ap.error("nothing to do: pass --speed")
+    print(SPEED_TAG + json.dumps(measure_speed(args.kind, gpu_index=args.gpu)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -127,17 +127,18 @@ class DonationPolicy(BaseModel):
 
 
 def nvml_probe(gpu_index: int = 0) -> Optional[GpuActivity]:
-    """Other processes and utilisation on the GPU from NVML; None where NVML is missing."""
-    try:
-        import pynvml  # provided by nvidia-ml-py
-    except ImportError:
+    """Other processes and utilisation on the GPU from NVML; None where NVML is missing. The
+    GPU is CUDA device `gpu_index` as the agent numbers it (matched by UUID, train/nvml.py)."""
+    from ..train.nvml import nvml_handle
+
+    found = nvml_handle(gpu_index)
+    if found is None:
         return None
+    nvml, handle = found
     try:
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(gpu_index)
-        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-        procs += pynvml.nvmlDeviceGetGraphicsRunningProcesses(handle)
-        util = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
+        procs = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        procs += nvml.nvmlDeviceGetGraphicsRunningProcesses(handle)
+        util = nvml.nvmlDeviceGetUtilizationRates(handle).gpu
         return GpuActivity(pids=tuple(p.pid for p in procs), utilization_percent=float(util))
     except Exception:
         return None

@@ -9,8 +9,9 @@ another, so a node measures it: a child process trains two steps of a tiny model
 same trainer and fast path as a real job (so it loads the same kernel families: cuBLAS,
 bitsandbytes, Triton/Liger, SDPA or flex attention) and reports how far the driver's free
 memory fell beyond what PyTorch reserved. The parent reads free memory just before starting
-the child, so what other processes hold (the owner's desktop, the agent's own context) is not
-counted, as long as it does not change during the probe.
+the child, so what other processes hold (the owner's desktop) is not counted, as long as it
+does not change during the probe. Both read the driver through NVML where it is installed
+(nvml.py), so the parent, a node agent, opens no CUDA context of its own.
 
     context = free before the child  -  free at the child's end  -  child's reserved
 
@@ -29,6 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
+
+from .nvml import gpu_memory
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ def measure_context_bytes(gpu_index: int = 0, *,
 
         if not torch.cuda.is_available():
             return None
-        free_before = torch.cuda.mem_get_info(gpu_index)[0]
+        free_before = gpu_memory(gpu_index)[0]  # NVML: no context of our own to count
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": _visible(gpu_index),
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false"}
@@ -114,7 +117,7 @@ def _child() -> dict:
                          fast="auto", seed=0)
         train(spec, data, root / "out", cache_dir=root / "cache")
         torch.cuda.synchronize()
-        free, _ = torch.cuda.mem_get_info()
+        free, _ = gpu_memory(0)  # the same reader as the parent's, so the two readings agree
         return {"free": int(free), "reserved": int(torch.cuda.memory_reserved()),
                 "device": torch.cuda.get_device_name(0)}
 

@@ -70,3 +70,36 @@ def test_a_reading_taken_while_a_job_started_is_retried(tmp_path, monkeypatch):
     monkeypatch.setattr(context_probe, "measure_context_bytes", measure)
     a._probe_context()
     assert a._context == GiB
+
+
+def _speed_agent(tmp_path, **config) -> NodeAgent:
+    a = _agent(tmp_path, **config)
+    a._speed, a._speed_at, a._speed_probe = None, 0.0, None
+    return a
+
+
+def test_a_cuda_node_measures_its_speed_in_a_child_in_the_background(tmp_path, monkeypatch):
+    calls, release = [], threading.Event()
+
+    def isolated(kind, gpu_index=0, **k):
+        calls.append((kind, gpu_index))
+        release.wait(5)
+        return 42.0
+
+    monkeypatch.setattr(agent_mod, "measure_speed_isolated", isolated)
+    monkeypatch.setattr(agent_mod, "measure_speed",
+                        lambda *a, **k: pytest.fail("a GPU measured in the agent's process"))
+    a = _speed_agent(tmp_path, gpu_index=1)
+    assert a._measured_speed("cuda") is None  # the report does not wait for the child
+    assert a._measured_speed("cuda") is None  # ... and starts no second one meanwhile
+    release.set()
+    a._speed_probe.join(5)
+    assert a._measured_speed("cuda") == 42.0
+    assert calls == [("cuda", 1)]
+
+
+def test_a_cpu_node_measures_its_speed_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(agent_mod, "measure_speed_isolated",
+                        lambda *a, **k: pytest.fail("a child for a CPU matmul"))
+    monkeypatch.setattr(agent_mod, "measure_speed", lambda kind, gpu_index=0: 0.5)
+    assert _speed_agent(tmp_path)._measured_speed("cpu") == 0.5

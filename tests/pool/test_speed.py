@@ -4,9 +4,16 @@ config (no weights), and the real calibration matmul on this machine's CPU."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
-from lorapool.service.pool.devices import SimulatedGPU, measure_speed
+from lorapool.service.pool.devices import (
+    SPEED_TAG,
+    SimulatedGPU,
+    measure_speed,
+    measure_speed_isolated,
+)
 from lorapool.service.pool.placement import JobView, NodeView, Placer
 from lorapool.service.train.memory import estimate_memory
 from lorapool.service.train.spec import DeviceInfo, TrainSpec
@@ -34,6 +41,17 @@ def test_calibration_measures_a_positive_cpu_speed():
     speed = measure_speed("cpu", size=128, repeats=1)
     assert speed is not None and speed > 0
     assert SimulatedGPU(name="g", total_memory=GiB, speed_tflops=40.0).speed_tflops == 40.0
+
+
+def test_the_calibration_child_answers_for_its_card():
+    # The child process the agent runs for a GPU: no CUDA here, so it says "unknown" (None),
+    # and for the CPU it prints a positive reading.
+    assert measure_speed_isolated("cuda") is None
+    out = subprocess.run([sys.executable, "-m", "lorapool.service.pool.devices", "--speed",
+                          "--kind", "cpu"], capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    [line] = [x for x in out.splitlines() if x.startswith(SPEED_TAG)]
+    assert float(line[len(SPEED_TAG):]) > 0
 
 
 def test_the_faster_node_wins_over_the_tighter_fit(model):
