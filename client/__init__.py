@@ -50,6 +50,7 @@ from .types import (
                      Merge,
                      Model,
                      Node,
+                     NodeGpu,
 )
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "PayloadTooLargeError", "RateLimitError", "InternalServerError", "InvalidParameterError",
     "JobWaitTimeout", "UnsafeArchiveError", "ArchiveLimitError",
     "FineTuningJob", "JobEvent", "JobCheckpoint", "FileObject", "Model", "Adapter", "Node",
+    "NodeGpu",
     "JobPlacement", "ListResponse", "LoraParams", "TERMINAL_STATUSES",
     "Merge", "Evaluation",
 ]

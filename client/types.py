@@ -227,6 +227,19 @@ class NodeDataset(BaseModel):
     tenants: Optional[list[str]] = Field(None, exclude=True)
 
 
+class NodeGpu(BaseModel):
+    """One GPU of a node: a job too big for any one card may run split over a node's GPUs."""
+
+    model_config = ConfigDict(extra="allow")
+
+    index: int
+    name: Optional[str] = None
+    compute_capability: Optional[str] = None
+    total_memory_bytes: int = 0
+    free_memory_bytes: int = 0
+    reserved_memory_bytes: int = 0  # what lorapool's jobs hold on this GPU
+
+
 class Node(_Resource):
     object: Literal["node"] = "node"
     id: str
@@ -244,6 +257,9 @@ class Node(_Resource):
     datasets: list[NodeDataset] = Field(default_factory=list)
     last_heartbeat: Optional[float] = None
     speed: Optional[float] = None  # measured TFLOP/s (a short matmul at join, refreshed idle)
+    # Every GPU of the node (the fields above describe the one one-card jobs use); empty on a
+    # CPU node.
+    gpus: list[NodeGpu] = Field(default_factory=list)
 
 
 class FederationParticipant(BaseModel):

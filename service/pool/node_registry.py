@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Protocol
 
 import ray
 
-from lorapool.types import Node
+from lorapool.types import Node, NodeGpu
 
 from ..train.spec import DeviceInfo
 from .agent import list_agents
@@ -207,5 +207,21 @@ class NodeRegistry:
                 datasets=r.get("dataset_info", []),  # counts and errors only, never content
                 last_heartbeat=st.seen_at,
                 speed=r.get("speed_tflops"),
+                gpus=_public_gpus(r),
             ))
         return out
+
+
+def _public_gpus(report: dict) -> list[NodeGpu]:
+    """The report's GPUs (`gpus`, `gpu_reserved`) as GET /v1/nodes shows them."""
+    reserved = list(report.get("gpu_reserved") or [])
+    out = []
+    for i, g in enumerate(report.get("gpus") or []):
+        cc = g.get("compute_capability")
+        out.append(NodeGpu(
+            index=i, name=g.get("name"),
+            compute_capability=f"{cc[0]}.{cc[1]}" if cc else None,
+            total_memory_bytes=int(g.get("total_memory") or 0),
+            free_memory_bytes=int(g.get("free_memory") or 0),
+            reserved_memory_bytes=int(reserved[i]) if i < len(reserved) else 0))
+    return out

@@ -97,6 +97,12 @@ def test_the_agent_reports_each_simulated_gpu(pool):
     assert report["device"]["name"] == "duo-gpu0"  # one-card jobs still use GPU 0
     solo = ray.get(pool["agents"]["solo"].report.remote())
     assert len(solo["gpus"]) == 1 and solo["gpu_devices"] == ["cpu"]
+    # GET /v1/nodes shows each GPU too, not only the one one-card jobs use.
+    nodes = {n.name: n for n in pool["client"].nodes.list()}
+    assert [(g.index, g.name, g.total_memory_bytes) for g in nodes["duo"].gpus] == [
+        (0, "duo-gpu0", CARD), (1, "duo-gpu1", CARD)]
+    assert all(g.compute_capability == "8.6" for g in nodes["duo"].gpus)
+    assert [g.name for g in nodes["solo"].gpus] == ["solo-gpu"]
 
 
 def test_too_big_even_split_is_refused_with_the_reason(pool):

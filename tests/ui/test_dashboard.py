@@ -158,3 +158,23 @@ def test_submit_from_the_form_creates_a_job(page, service):
     assert "max_seq_len" in err.inner_text()
     _api(service, "POST", f"/v1/fine_tuning/jobs/{job_id}/cancel", "acme")
     assert not [e for e in page.errors if "400" not in e], page.errors
+
+
+def test_a_node_with_several_gpus_shows_a_bar_per_gpu(page, service):
+    # The UI's own module, rendering a node as GET /v1/nodes returns one with two GPUs (this
+    # service's only node is a CPU node; the API side is tests/pool/test_split_cluster.py).
+    _sign_in(page, service)
+    labels = page.evaluate("""async () => {
+        const { nodeMemory } = await import("/ui/js/pool.js");
+        const gpu = (index, total, free, reserved) => ({ index, name: `gpu${index}`,
+            total_memory_bytes: total, free_memory_bytes: free, reserved_memory_bytes: reserved });
+        const GiB = 1024 ** 3;
+        const node = { total_memory_bytes: 8 * GiB, free_memory_bytes: 8 * GiB,
+                       gpus: [gpu(0, 8 * GiB, 2 * GiB, 4 * GiB), gpu(1, 24 * GiB, 24 * GiB, 0)] };
+        const el = nodeMemory(node);
+        return [...el.querySelectorAll(".mem-text")].map((x) => x.textContent);
+    }""")
+    assert len(labels) == 2, labels
+    assert labels[0].startswith("GPU 0 (gpu0): 2.0 GiB used by the owner, 4.0 GiB promised"), labels
+    assert labels[1].startswith("GPU 1 (gpu1): ") and "free of 24.0 GiB" in labels[1], labels
+    assert not page.errors, page.errors

@@ -40,10 +40,10 @@ export function memorySplit(n) {
   return { total, owner, promised, free };
 }
 
-function memoryBar(n) {
+function memoryBar(n, prefix = "") {
   const m = memorySplit(n);
   const pct = (v) => `${m.total ? (100 * v) / m.total : 0}%`;
-  const label = `${bytes(m.owner)} used by the owner, ${bytes(m.promised)} promised to jobs, ${bytes(m.free)} free of ${bytes(m.total)}`;
+  const label = `${prefix}${bytes(m.owner)} used by the owner, ${bytes(m.promised)} promised to jobs, ${bytes(m.free)} free of ${bytes(m.total)}`;
   const bar = h("div", { class: "membar", role: "img", "aria-label": label, title: label },
     h("span", { class: "owner" }), h("span", { class: "promised" }), h("span", { class: "free" }));
   const [o, p, f] = bar.children;
@@ -51,6 +51,14 @@ function memoryBar(n) {
   p.style.width = pct(m.promised);
   f.style.width = pct(m.free);
   return h("div", {}, bar, h("div", { class: "muted mem-text" }, label));
+}
+
+/** A node's memory: one bar, or one per GPU where it has several (a job too big for one card
+ * may run split over them). */
+export function nodeMemory(n) {
+  const gpus = n.gpus || [];
+  if (gpus.length < 2) return memoryBar(n);
+  return h("div", { class: "gpus" }, ...gpus.map((g) => memoryBar(g, `GPU ${g.index} (${g.name || "?"}): `)));
 }
 
 export function renderNodes(el) {
@@ -62,7 +70,7 @@ export function renderNodes(el) {
         h("td", {}, h("strong", {}, n.name), h("div", { class: "id muted" }, n.id)),
         h("td", {}, n.gpu_name || "—", n.compute_capability ? ` (cc ${n.compute_capability})` : "", n.bf16 ? ", bf16" : ""),
         h("td", {}, statusBadge(n.state)),
-        h("td", {}, memoryBar(n)),
+        h("td", {}, nodeMemory(n)),
         h("td", {}, speed(n)),
         h("td", {}, n.jobs.length ? n.jobs.map((j) => h("div", {}, h("a", { class: "id", href: `#/jobs/${j}` }, j))) : "—"),
         h("td", {}, n.last_heartbeat ? new Date(n.last_heartbeat * 1000).toLocaleTimeString() : "—"))))));
