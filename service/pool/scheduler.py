@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -81,6 +82,7 @@ from .transfer import content_id
 log = logging.getLogger("lorapool.pool")
 
 GiB = 1024**3
+SPLIT_NOTES_KEPT = 16  # check_fits answers kept for submit_note (requests in flight at once)
 
 
 def job_view(job_id: str, tenant: str, spec: TrainSpec, submitted_at: float,
@@ -161,6 +163,9 @@ class RayExecutor(BackgroundLoop):
         # sizes it was decided for, the answer); and the last "why it waits" each one was told.
         self._needs_split: dict[str, tuple[Any, bool]] = {}
         self._split_said: dict[str, str] = {}
+        # check_fits' accepted split answers, (spec, placement, message), for submit_note.
+        self._split_notes: list[tuple[TrainSpec, dict[str, Any], str]] = []
+        self._notes_lock = threading.Lock()
 
     @property
     def _active(self) -> dict[str, ActiveJob]:
@@ -203,14 +208,22 @@ class RayExecutor(BackgroundLoop):
         if not multi:
             return refusal
         answer = submit_check(job, multi, safety_margin=self.placer.safety_margin)
+        if answer.ok:  # what submit_note will say of this job, without checking again
+            self._remember_note(spec, placement, answer.message)
         return None if answer.ok else f"{refusal}; {answer.message}"
 
     def submit_note(self, spec: TrainSpec,
                     placement: Optional[dict[str, Any]] = None) -> Optional[str]:
         """For a job `check_fits` accepted: a line for its events where it will run split over
-        several GPUs of one node (no single card holds it), else None."""
+        several GPUs of one node (no single card holds it), else None. The answer `check_fits`
+        reached for this very spec object is reused; any other spec is checked afresh."""
         if int((placement or {}).get("workers") or 1) > 1:
             return None
+        with self._notes_lock:
+            for i, (held, where, message) in enumerate(self._split_notes):
+                if held is spec and where == (placement or {}):
+                    del self._split_notes[i]
+                    return message
         views = self._node_views(include_busy=True)
         job = job_view("(new)", "", spec, time.time(), placement)
         if not views or self.placer.check_fits(job, views) is None:
@@ -218,6 +231,13 @@ class RayExecutor(BackgroundLoop):
         multi = split_nodes(self._online_reports(), views)
         answer = submit_check(job, multi, safety_margin=self.placer.safety_margin)
         return answer.message if answer.ok else None
+
+    def _remember_note(self, spec: TrainSpec, placement: Optional[dict[str, Any]],
+                       message: str) -> None:
+        # The spec object itself is held (not its id), so a new spec can never match an entry.
+        with self._notes_lock:
+            self._split_notes.append((spec, dict(placement or {}), message))
+            del self._split_notes[:-SPLIT_NOTES_KEPT]
 
     def _online_reports(self) -> list[tuple[str, dict[str, Any]]]:
         return [(name, report) for name, report, offline in self.registry.reports()

@@ -116,9 +116,16 @@ def test_too_big_even_split_is_refused_with_the_reason(pool):
     assert "not split over 2 GPUs either" in msg, msg
 
 
-def test_a_job_no_card_holds_runs_split_over_one_nodes_gpus(pool):
+def test_a_job_no_card_holds_runs_split_over_one_nodes_gpus(pool, monkeypatch):
+    from lorapool.service.pool import scheduler
+
+    checks = []  # the API's check and its event line share one split check
+    real_check = scheduler.submit_check
+    monkeypatch.setattr(scheduler, "submit_check",
+                        lambda *a, **k: checks.append(1) or real_check(*a, **k))
     client = pool["client"]
     job = client.submit("eight-layers", pool["data"], **JOB)  # accepted: duo's GPUs hold it
+    assert len(checks) == 1, checks
     done = client.jobs.wait(job.id, timeout=300)
     events = list(client.jobs.events(job.id))
     said = [e.message for e in events]
