@@ -2,11 +2,11 @@
 
 Free memory is what the driver reports, so other users' processes count against it. It is read
 through NVML (train/nvml.py) and the speed calibration runs in a child process, so the agent
-that calls these never holds a CUDA context of its own on the donor's card. A node without CUDA reports itself as a CPU device: its RAM (total, and
-available now) and its cores, which bound how many jobs it trains at once (`cpu_slots`). Tests and CPU-only
-donors describe a simulated GPU instead (`SimulatedGPU`), which the whole pool then treats
-exactly like a real one: placement, memory accounting and reclaiming all run; only the
-arithmetic happens on the CPU.
+that calls these never holds a CUDA context of its own on the donor's card. A node without CUDA
+reports itself as a CPU device: its RAM (total, and available now) and its cores, which bound
+how many jobs it trains at once (`cpu_slots`). Tests and CPU-only donors describe a simulated
+GPU instead (`SimulatedGPU`), which the whole pool then treats exactly like a real one:
+placement, memory accounting and reclaiming all run; only the arithmetic happens on the CPU.
 """
 
 from __future__ import annotations
