@@ -34,7 +34,9 @@ Policies:
 
 Printed side by side: completed / refused / failed jobs, OOM crashes, auto-fits, mean and p95
 job completion time (submit → done), makespan, GPU-memory utilisation (real peak memory of
-computing jobs / total memory of online nodes, time-averaged), and the wall time of one
+computing jobs / total memory of online nodes, time-averaged; and, while jobs wait, where the
+rest of it is: other processes, jobs still starting, free gaps smaller than any queued job could
+run in even auto-fitted, and free memory where one would fit), and the wall time of one
 `plan()` round with 1,000 queued jobs and every node of the trace (p50/p99 over 200 rounds:
 with fewer, the "p99" is the slowest round, one scheduler hiccup of the machine).
 """
@@ -62,6 +64,7 @@ from lorapool.service.pool.placement import (
     JobView,
     NodeView,
     Placer,
+    autofit_variants,
 )
 from lorapool.service.train.memory import estimate_memory, model_shape
 from lorapool.service.train.spec import DeviceInfo, TrainSpec
@@ -231,6 +234,16 @@ class Sim:
         self.views: dict[str, JobView] = {}
         self.wait_used_integral = 0.0
         self.wait_total_integral = 0.0
+        # While jobs wait, where the memory that is not used goes (same for every policy):
+        # other processes, jobs still starting (their promise), gaps smaller than any queued
+        # job could run in, gaps where one would fit. With the used memory they add up to 100 %.
+        self.wait_other_integral = 0.0
+        self.wait_starting_integral = 0.0
+        self.wait_stranded_integral = 0.0
+        self.wait_usable_integral = 0.0
+        self._smallest: dict[str, int] = {}
+        self._classes: list[DeviceInfo] = []
+        self._sizer = Placer(graphs=False)  # only its estimate cache: `smallest_need`
         self.jobs = {j.job_id: SimJob(j) for j in jobs}
         self.nodes = {n.name: SimNode(n, DeviceInfo(kind="cuda", name=n.name,
                                                     total_memory=n.gib * GiB,
@@ -299,23 +312,57 @@ class Sim:
         if dt <= 0:
             self.now = max(self.now, t)
             return
-        used = total = 0
+        used = total = other = starting = stranded = usable = 0
         waiting = bool(self.queued)
+        least = min(map(self.smallest_need, self.queued.values())) if waiting else 0
         for n in self.nodes.values():
             if not n.online:
                 continue
             total += n.device.total_memory
+            held = n.other
+            promised = 0
             for j in n.jobs:
                 sj = self.jobs[j]
                 if sj.status == "computing":
                     used += sj.actual
+                    held += sj.actual
                     sj.remaining -= self._rate(n, sj) * dt
+                else:  # starting: the memory it was promised
+                    promised += sj.estimate
+            if waiting:
+                other += n.other
+                promised = min(promised, max(0, n.device.total_memory - held))
+                starting += promised
+                gap = n.device.total_memory - held - promised
+                if gap < least:
+                    stranded += gap
+                else:
+                    usable += gap
         self.mem_used_integral += used * dt
         self.mem_total_integral += total * dt
         if waiting:  # utilisation while demand exceeds what is placed: the placer's part
             self.wait_used_integral += used * dt
             self.wait_total_integral += total * dt
+            self.wait_other_integral += other * dt
+            self.wait_starting_integral += starting * dt
+            self.wait_stranded_integral += stranded * dt
+            self.wait_usable_integral += usable * dt
         self.now = t
+
+    def smallest_need(self, sj: SimJob) -> int:
+        """The least memory the job could run in on any card of the trace, auto-fitted as far
+        as it allows (its smallest variant's estimate, no safety margin): a free gap below every
+        queued job's is memory no policy could have put to work then."""
+        need = self._smallest.get(sj.t.job_id)
+        if need is None:
+            view = self.job_view(sj)
+            smallest = list(autofit_variants(view))[-1]
+            if not self._classes:  # the estimate depends on a card's kind and capability only
+                self._classes = list({n.device.compute_capability: n.device
+                                      for n in self.nodes.values()}.values())
+            need = self._smallest[sj.t.job_id] = min(
+                self._sizer.estimate(view, smallest, d).total for d in self._classes)
+        return need
 
     def next_internal(self) -> tuple[float, str | None]:
         best, which = math.inf, None
@@ -487,6 +534,9 @@ class Sim:
             # Undefined (nan, printed "n/a") when no job ever waited: not 0 %.
             "mem_util_waiting": self.wait_used_integral / self.wait_total_integral
             if self.wait_total_integral else math.nan,
+            **{f"wait_{k}_util": getattr(self, f"wait_{k}_integral") / self.wait_total_integral
+               if self.wait_total_integral else math.nan
+               for k in ("other", "starting", "stranded", "usable")},
             "plan_rounds": len(self.plan_ms),
             "plan_mean_ms": statistics.fmean(self.plan_ms) if self.plan_ms else 0.0,
             "plan_p95_ms": (sorted(self.plan_ms)[int(0.95 * (len(self.plan_ms) - 1))]
@@ -583,6 +633,10 @@ def render(results: dict[str, dict[str, Any]], lat: dict[str, float]) -> str:
         ("makespan (h)", "makespan_h", "{:.2f}"),
         ("GPU-memory util., whole run", "mem_util", "{:.1f} %"),
         ("GPU-memory util. while jobs wait", "mem_util_waiting", "{:.1f} %"),
+        ("  while jobs wait: other processes hold", "wait_other_util", "{:.1f} %"),
+        ("  ... promised to jobs still starting", "wait_starting_util", "{:.1f} %"),
+        ("  ... free in gaps no queued job fits", "wait_stranded_util", "{:.1f} %"),
+        ("  ... free where a queued job fits", "wait_usable_util", "{:.1f} %"),
         ("plan() in the run: rounds", "plan_rounds", "{}"),
         ("plan() in the run: mean (ms)", "plan_mean_ms", "{:.2f}"),
         ("plan() in the run: p95 (ms)", "plan_p95_ms", "{:.2f}"),
