@@ -47,6 +47,7 @@ import argparse
 import dataclasses
 import gc
 import heapq
+import inspect
 import json
 import math
 import random
@@ -222,11 +223,14 @@ def efficiency(spec: TrainSpec, model_params: int) -> float:
 
 
 class Sim:
-    def __init__(self, policy: str, jobs: list[TraceJob], nodes: list[TraceNode], seed: int):
+    def __init__(self, policy: str, jobs: list[TraceJob], nodes: list[TraceNode], seed: int,
+                 placer_kw: dict[str, Any] | None = None):
         self.policy = policy
         # The simulator models the fast path without CUDA graphs (it has no model of the launch
         # overhead they remove), so lorapool's placer does not reserve their pool here.
-        self.placer = {"lorapool": lambda: Placer(graphs=False), "first-fit-static": FirstFitStatic,
+        # `placer_kw`: lorapool's Placer built with other settings (an ablation, `--placer`).
+        kw = {"graphs": False, **(placer_kw or {})}
+        self.placer = {"lorapool": lambda: Placer(**kw), "first-fit-static": FirstFitStatic,
                        "ray-best-fit": BestFitStatic}[policy]()
         self.queued: dict[str, SimJob] = {}
         self.unfinished = len(jobs)
@@ -691,7 +695,8 @@ def render(results: dict[str, dict[str, Any]], lat: dict[str, float]) -> str:
 
 
 def run_trace(label: str, scale: int, n_jobs: int, span_h: float, seed: int,
-              models: dict[str, Path]) -> dict[str, Any]:
+              models: dict[str, Path], placer_kw: dict[str, Any] | None = None
+              ) -> dict[str, Any]:
     t_start = time.perf_counter()
     rng = random.Random(seed)
     nodes = make_nodes(rng, scale)
@@ -700,7 +705,7 @@ def run_trace(label: str, scale: int, n_jobs: int, span_h: float, seed: int,
         model_shape(j.spec)
     results, sims = {}, {}
     for policy in POLICIES:
-        sims[policy] = Sim(policy, jobs, nodes, seed)
+        sims[policy] = Sim(policy, jobs, nodes, seed, placer_kw)
         results[policy] = sims[policy].run()
     # JCT over the jobs every policy completed: the same work, side by side.
     both = [j.job_id for j in jobs if all(s.jobs[j.job_id].status == "done"
@@ -718,10 +723,11 @@ def run_trace(label: str, scale: int, n_jobs: int, span_h: float, seed: int,
     gc.collect()
     lat = plan_latency(models, nodes, seed)
     sizes = sorted({n.gib for n in nodes})
+    ablation = f"; lorapool's Placer with {json.dumps(placer_kw)}" if placer_kw else ""
     print(f"\n{label}: {len(nodes)} nodes of {'/'.join(map(str, sizes))} GiB "
           f"({sum(n.churns for n in nodes)} come and go, "
           f"{sum(n.joins_at > 0 for n in nodes)} join late); "
-          f"{len(jobs)} jobs over {span_h:g} h from 6 tenants; seed {seed}")
+          f"{len(jobs)} jobs over {span_h:g} h from 6 tenants; seed {seed}{ablation}")
     print(render(results, lat))
     print("(placed in the 1000-job plan(): " + ", ".join(
         f"{p} {lat[p + '_placed']}" for p in POLICIES) +
@@ -746,6 +752,37 @@ def render_seeds(runs: dict[tuple[str, int], dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def parse_placer_kw(ap: argparse.ArgumentParser, raw: str | None) -> dict[str, Any]:
+    """`--placer`'s JSON object, checked against Placer's keyword arguments (an unknown name or
+    a value Placer refuses is an error naming it, before any simulation runs)."""
+    if raw is None:
+        return {}
+    try:
+        kw = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        ap.error(f"--placer must be a JSON object: {exc}")
+    if not isinstance(kw, dict):
+        ap.error(f"--placer must be a JSON object, not {type(kw).__name__}")
+    known = set(inspect.signature(Placer).parameters) - {"estimator", "graphs"}
+    unknown = sorted(set(kw) - known)
+    if unknown:
+        ap.error(f"--placer: unknown setting(s) {', '.join(unknown)}; "
+                 f"Placer takes {', '.join(sorted(known))}")
+    for name, value in kw.items():  # every setting is a count, a time, a rate or a fraction
+        nullable = name == "max_jobs_per_node"
+        if value is None and nullable:
+            continue
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or value < 0):
+            ap.error(f"--placer: {name} must be a number >= 0"
+                     f"{' or null' if nullable else ''}, not {value!r}")
+    try:
+        Placer(**kw)
+    except (TypeError, ValueError) as exc:
+        ap.error(f"--placer: {exc}")
+    return kw
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=7)
@@ -759,7 +796,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big-jobs", type=int, default=3000)
     ap.add_argument("--big-span-hours", type=float, default=8.0)
     ap.add_argument("--only", choices=("today", "big"), default=None)
+    ap.add_argument("--placer", default=None, metavar="JSON",
+                    help='lorapool\'s Placer with other settings, for an ablation: '
+                         '\'{"max_jobs_per_node": 2}\' (the keyword arguments of '
+                         'service/pool/placement.py Placer; plan() latency keeps the defaults)')
     args = ap.parse_args(argv)
+    placer_kw = parse_placer_kw(ap, args.placer)
     try:
         seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
     except ValueError:
@@ -770,10 +812,10 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             if args.only != "big":
                 runs["today", seed] = run_trace("today's trace", 1, args.jobs, args.span_hours,
-                                                seed, models)
+                                                seed, models, placer_kw)
             if args.only != "today":
                 runs["big", seed] = run_trace("200-node trace", 4, args.big_jobs,
-                                              args.big_span_hours, seed, models)
+                                              args.big_span_hours, seed, models, placer_kw)
     if len(seeds) > 1:
         print("\ngoals per seed (lorapool against the best other policy):")
         print(render_seeds(runs))

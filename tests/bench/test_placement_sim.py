@@ -57,3 +57,39 @@ def test_smallest_need_is_the_least_any_variant_needs_on_any_card(bench, trace):
         brute = min(bench.estimate_memory(sim._sizer.variant_spec(view, v), n.device).total
                     for v in bench.autofit_variants(view) for n in sim.nodes.values())
         assert sim.smallest_need(sj) == brute, sj.t.job_id
+
+
+def test_placer_settings_reach_lorapools_placer(bench, trace):
+    """`--placer '{"max_jobs_per_node": 1}'` is the one-job-per-card ablation: no node of the
+    run ever holds two jobs (the default packs several where memory allows)."""
+    jobs, nodes = trace
+    most = {}
+    for kw in (None, {"max_jobs_per_node": 1}):
+        sim = bench.Sim("lorapool", jobs, nodes, seed=3, placer_kw=kw)
+        assert sim.placer.max_jobs_per_node == (kw or {}).get("max_jobs_per_node")
+        start, peak = sim.start, [0]
+
+        def counting(sj, node, spec, estimate, start=start, peak=peak):
+            start(sj, node, spec, estimate)
+            peak[0] = max(peak[0], len(node.jobs))
+
+        sim.start = counting
+        out = sim.run()
+        assert out["completed"] > 0
+        most[bool(kw)] = peak[0]
+    assert most[True] == 1 and most[False] > 1, most
+
+
+@pytest.mark.parametrize("raw, needle", [
+    ('{"nope": 1}', "unknown setting(s) nope"),
+    ('{"wait_speedup": -1}', "wait_speedup must be a number >= 0"),
+    ('{"max_jobs_per_node": "two"}', "max_jobs_per_node must be a number >= 0 or null"),
+    ('{"safety_margin": true}', "safety_margin must be a number"),
+    ("[1]", "must be a JSON object, not list"),
+    ("{bad", "must be a JSON object"),
+])
+def test_placer_settings_are_checked_before_anything_runs(bench, capsys, raw, needle):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--placer", raw])
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err
