@@ -190,6 +190,7 @@ class SimJob:
     work_total: float = 0.0  # FLOPs of the whole job at its current spec
     eff: float = 0.0
     ready_at: float = 0.0
+    started_at: float | None = None  # when it was first placed (moves and retries come later)
     attempts: int = 0
     done_at: float | None = None
     autofitted: bool = False
@@ -390,6 +391,8 @@ class Sim:
 
     def start(self, sj: SimJob, node: SimNode, spec: TrainSpec, estimate: int) -> None:
         sj.status, sj.node, sj.spec, sj.estimate = "starting", node.t.name, spec, estimate
+        if sj.started_at is None:
+            sj.started_at = self.now
         sj.attempts += 1
         sj.actual = int(estimate_memory(spec, node.device).total * sj.t.noise)
         work = sj.t.tokens * flops_per_token(self._model_params(spec), spec.gradient_checkpointing)
@@ -649,6 +652,8 @@ def render(results: dict[str, dict[str, Any]], lat: dict[str, float]) -> str:
         ("mean JCT (h)", "mean_jct_h", "{:.2f}"),
         ("p95 JCT (h)", "p95_jct_h", "{:.2f}"),
         (f"mean JCT, {a['both_completed']} jobs all completed (h)", "mean_jct_both_h", "{:.2f}"),
+        ("  of it queued until first placed (h)", "mean_wait_both_h", "{:.2f}"),
+        ("  of it placed until done (h)", "mean_run_both_h", "{:.2f}"),
         ("makespan (h)", "makespan_h", "{:.2f}"),
         ("GPU-memory util., whole run", "mem_util", "{:.1f} %"),
         ("GPU-memory util. while jobs wait", "mem_util_waiting", "{:.1f} %"),
@@ -715,6 +720,13 @@ def run_trace(label: str, scale: int, n_jobs: int, span_h: float, seed: int,
         results[policy]["mean_jct_both_h"] = statistics.fmean(
             (sim.jobs[k].done_at - sim.jobs[k].t.arrival) / HOUR for k in both
         ) if both else math.nan
+        # The same split in two: queued until first placed, then placed (starting, computing
+        # at its share of the card, moved after a leave or an OOM) until done.
+        results[policy]["mean_wait_both_h"] = statistics.fmean(
+            (sim.jobs[k].started_at - sim.jobs[k].t.arrival) / HOUR for k in both
+        ) if both else math.nan
+        results[policy]["mean_run_both_h"] = (
+            results[policy]["mean_jct_both_h"] - results[policy]["mean_wait_both_h"])
     # The three finished simulations are this script's own heap, not a scheduler's: let them go
     # before timing plan(), or a full garbage collection that happens to fall into a timed round
     # walks all of them (one 200-node round once took 411 ms that way). Collection stays on
@@ -763,12 +775,17 @@ def parse_placer_kw(ap: argparse.ArgumentParser, raw: str | None) -> dict[str, A
         ap.error(f"--placer must be a JSON object: {exc}")
     if not isinstance(kw, dict):
         ap.error(f"--placer must be a JSON object, not {type(kw).__name__}")
-    known = set(inspect.signature(Placer).parameters) - {"estimator", "graphs"}
+    params = inspect.signature(Placer).parameters
+    known = set(params) - {"estimator", "graphs"}
     unknown = sorted(set(kw) - known)
     if unknown:
         ap.error(f"--placer: unknown setting(s) {', '.join(unknown)}; "
                  f"Placer takes {', '.join(sorted(known))}")
-    for name, value in kw.items():  # every setting is a count, a time, a rate or a fraction
+    for name, value in kw.items():  # a switch, or a count, a time, a rate or a fraction
+        if isinstance(params[name].default, bool):
+            if not isinstance(value, bool):
+                ap.error(f"--placer: {name} must be true or false, not {value!r}")
+            continue
         nullable = name == "max_jobs_per_node"
         if value is None and nullable:
             continue

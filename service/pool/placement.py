@@ -47,10 +47,18 @@ The rules, in the order `plan()` applies them:
 6. **Waiting for a much faster card (bounded).** A job that would start now on a node that is
    at least `wait_speedup` × slower than a busy node of the pool waits instead, when that faster
    node is expected to free (`NodeView.frees_in`) within `max_wait_s` *and* early enough that
-   the job still finishes there first. The faster node is then claimed for it. A long job may
-   wait longer: up to `wait_fraction` of its expected run on the slow card (at most
-   `max_long_wait_s`), so that a job of days does not spend them on the slowest card of the pool
-   because the fast ones were busy for the first half hour.
+   the job still finishes there first. With `wait_counts_sharing`, "slower" counts the
+   sharing: on a GPU already computing k jobs a newcomer gets 1/(k + 1) of its speed, so a card
+   as fast that frees in minutes (where it would run alone) is worth waiting for too. In a busy
+   pool most of a job's completion time is its run slowed by sharing, not its wait: on
+   bench/placement.py's traces this setting shortens the mean completion time by a tenth or
+   more (README). It is off by default for now because more jobs then check for a card to wait
+   for, which makes a `plan()` pass about a millisecond slower at 1,000 jobs × 200 nodes. The
+   node waited for is then claimed for it (its free memory then counts only for jobs that end
+   before it frees: `_Pass.room`). A long job may wait longer: up to `wait_fraction` of
+   its expected run on the slow card (at most `max_long_wait_s`), so that a job of days does
+   not spend them on the slowest card of the pool because the fast ones were busy for the
+   first half hour.
 7. **Reservation and backfill.** The oldest jobs that fit nowhere now (up to
    `max_reservations` per pass, by priority then age) claim the node where they would finish
    first once its running jobs end. A claimed node still takes other jobs, but only those
@@ -304,6 +312,7 @@ class _JobInfo:
     # The variant specs handed out in placements (built once: model_copy costs ~10 µs).
     specs: list[TrainSpec | None] = field(default_factory=list)
     size: float = 0.0  # work of the job as submitted (its size when ordering by run time)
+    least_work: float = 0.0  # the least over its variants (a bound on its run anywhere)
     # Per device class id: the larger micro-batches the job may run with where memory allows
     # (`Placer.fit_up_work`; `Placer._fit_up_table`).
     up: dict[int, list] | None = None
@@ -327,6 +336,7 @@ class _JobInfo:
         self.rich = [{} for _ in range(n)]
         self.least = [0] * n
         self.size = self.works[0]
+        self.least_work = min(self.works)
 
 
 class _Entry:
@@ -476,6 +486,8 @@ class Placer:
     bounds how many jobs per pass wait for a node with room for them as submitted rather than
     start auto-fitted (each claim lets only jobs that end before the node frees use it; a pass
     with many claimed nodes also spends its time on jobs that fit only there).
+    `wait_counts_sharing`: the wait for a faster card compares against the job's share of a
+    shared card, not the card's own speed (rule 6 of the module docstring; off: slower passes).
     """
 
     def __init__(
@@ -499,6 +511,7 @@ class Placer:
         fit_up_work: float = 4e12,
         step_exponent: float = 0.3,
         max_room_waits: int = 4,
+        wait_counts_sharing: bool = False,
     ) -> None:
         if safety_margin < 0:
             raise ValueError(f"safety_margin must be >= 0, got {safety_margin}")
@@ -520,6 +533,7 @@ class Placer:
         self.fit_up_work = fit_up_work
         self.step_exponent = step_exponent
         self.max_room_waits = max_room_waits
+        self.wait_counts_sharing = wait_counts_sharing
         # id of an estimate → (that estimate, it with the graphs' pool or itself)
         self._variants: dict[int, tuple[MemoryEstimate, list[tuple[int, MemoryEstimate]]]] = {}
         self.last_errors: dict[str, str] = {}
@@ -880,7 +894,7 @@ class Placer:
             # Drop, without a turn, the tenant's next jobs that need more than any node has
             # left: they cannot place later in this pass either.
             most = avails[-1] if avails else -1
-            while jobs and jobs[-1].min_need > most:
+            while jobs and jobs[-1].min_need > most and not p.claimed_room(jobs[-1]):
                 jobs.pop()
             if jobs:
                 k = jobs[-1]
@@ -1018,14 +1032,20 @@ class _Pass:
         freeing.sort()
         self.freeing = [self.entries[nid] for _, nid in freeing]
         frees = [t or 0.0 for t, _ in freeing]
-        # The fastest node that frees within max_wait_s: a job already on a node at least
-        # 1/wait_speedup as fast never waits (the common case skips the scan).
+        # The fastest node that frees within max_wait_s: a job on a node at least
+        # 1/wait_speedup as fast (at its share of it, with `wait_counts_sharing`) never waits
+        # (the common case skips the scan).
         max_wait = placer.max_long_wait_s if placer.wait_fraction > 0 else placer.max_wait_s
         self.soon = [(t, e) for t, e in zip(frees, self.freeing) if t <= max_wait]
         # `soon` less the nodes slower than a floor, per floor (chosen speed × wait_speedup, a
         # few values per pass): a job's wait check walks only the nodes it could wait for.
         self.soon_by_floor: dict[float, list[tuple[float, _Entry]]] = {}
         self.room_waits = 0  # jobs left waiting for room as submitted in this pass
+        # Nodes claimed in this pass for a waiting job (`_claim`): their free memory is out of
+        # `avails`, since only jobs that end before they free may use them.
+        self.claimed: list[_Entry] = []
+        # At least the most free memory of any of them (placements there only lower it).
+        self.claimed_most = -1
         # Nodes with less memory than this are unlisted (`retire_below`); None: not listed.
         self.floor = 0
         self.fastest_freeing = max((e.speed for _, e in self.soon), default=0.0)
@@ -1064,14 +1084,52 @@ class _Pass:
             if not keys:  # an emptied bucket leaves the walk (its nodes moved up a load)
                 g.close_bucket(bucket)
 
+    def _claim(self, e: _Entry, job_id: str, frees_in: float) -> None:
+        """Claim `e` for `job_id`, which waits for it to free in `frees_in` s. Only jobs that
+        end before then may still run there, so its memory leaves `avails` (the largest free
+        memory that rules jobs in or out of the pass at a glance) for `self.claimed`: a claimed
+        node holding the most free memory had every job left in the pass tried on every
+        variant, and fail."""
+        e.claim = (job_id, frees_in)
+        if e.key is not None and (e.cap is None or e.count < e.cap):  # listed: in `avails`
+            avails = self.avails
+            del avails[bisect.bisect_left(avails, e.avail)]
+            self.claimed.append(e)
+            if e.avail > self.claimed_most:
+                self.claimed_most = e.avail
+
+    def room(self, need: int, least_work: float) -> bool:
+        """Whether some open node could still take `need` bytes for a job whose variants' least
+        work is `least_work`: an unclaimed one with the room, or a claimed one it could end on
+        before the node frees (its run there is no shorter than that work at the node's
+        rate)."""
+        avails = self.avails
+        if avails and avails[-1] >= need:
+            return True
+        if need > self.claimed_most:
+            return False
+        least = least_work
+        for e in self.claimed:
+            if (e.key is not None and e.avail >= need and (e.cap is None or e.count < e.cap)
+                    and least / e.rate() <= e.claim[1]):  # type: ignore[index]
+                return True
+        return False
+
+    def claimed_room(self, item: _Turn) -> bool:
+        """`room` for a turn of `plan()` that needs more than any unclaimed node has."""
+        return item.min_need <= self.claimed_most and self.room(item.min_need,
+                                                               item.info.least_work)
+
     def _take(self, e: _Entry, nbytes: int) -> None:
         """Count a placement on `e`: less memory, one more job, re-indexed."""
         cap = e.cap
         avails = self.avails
         groups = e.groups
+        claimed = e.claim is not None  # (then its memory is not in `avails`: `_claim`)
         if e.key is not None and (cap is None or e.count < cap):  # listed: out of its bucket
             self._unlist(e)
-            del avails[bisect.bisect_left(avails, e.avail)]
+            if not claimed:
+                del avails[bisect.bisect_left(avails, e.avail)]
         avail = e.avail = e.avail - nbytes
         e.count += 1
         if avail < self.floor:  # no job of the pass fits there any more
@@ -1090,7 +1148,8 @@ class _Pass:
                     i = bisect.bisect_left(keys, key, i, bisect.bisect_right(avs, avail, i))
                 keys.insert(i, key)
                 avs.insert(i, avail)
-            bisect.insort(avails, avail)
+            if not claimed:
+                bisect.insort(avails, avail)
 
     # -- scoring --------------------------------------------------------------------------------
     def _score(self, job: JobView, info: _JobInfo, e: _Entry, work: float) -> float:
@@ -1201,7 +1260,9 @@ class _Pass:
             return None
         avails = self.avails
         most = avails[-1] if avails else -1
-        if most < (info.min_need.get(self.class_set, 0) if min_need is None else min_need):
+        if min_need is None:
+            min_need = info.min_need.get(self.class_set, 0)
+        if most < min_need and not self.room(min_need, info.least_work):
             return None
         placer = self.placer
         cs = self.class_set
@@ -1215,7 +1276,7 @@ class _Pass:
                 needs = placer._needs(job, info, i, self.devices)
                 least[i] = min(needs[c] for c in self.devices)
                 ready[i] = cs
-            if least[i] > most:
+            if least[i] > most and not self.room(least[i], info.least_work):
                 continue  # more than any node has left, on every device class: fits nowhere
             work = info.works[i]
             best = (self._best_fast(job, info, needs, work) if cands is None
@@ -1226,7 +1287,9 @@ class _Pass:
             return None  # fits nowhere, in any variant
         (score, _, _, _), e = best
         v = info.variants[i]
-        if (cands is None and may_wait and e.speed * placer.wait_speedup <= may_wait
+        if (cands is None and may_wait
+                and (e.rate() if placer.wait_counts_sharing else e.speed) * placer.wait_speedup
+                <= may_wait
                 and self._wait_for_faster(job, info, e, score, work, i)):
             return None
         if i and cands is None and self.soon and self._wait_for_room(job, info, score):
@@ -1263,11 +1326,14 @@ class _Pass:
     def _wait_for_faster(self, job: JobView, info: _JobInfo, chosen: _Entry, score: float,
                          work: float, i: int) -> bool:
         """Leave `job` queued when a node ≥ wait_speedup× faster than `chosen` frees within
-        max_wait_s and the job would still finish there first; that node is claimed for it."""
+        max_wait_s and the job would still finish there first; that node is claimed for it.
+        With `wait_counts_sharing`, `chosen` counts at the job's share of it (alone on the node
+        it waits for, once that frees)."""
         placer = self.placer
         if placer.wait_speedup <= 0 or not self.freeing:
             return False
-        floor = chosen.speed * placer.wait_speedup
+        floor = (chosen.rate() if placer.wait_counts_sharing else chosen.speed) \
+            * placer.wait_speedup
         if floor > self.fastest_freeing:
             return False
         soon = self.soon_by_floor.get(floor)
@@ -1289,7 +1355,7 @@ class _Pass:
             if (e.node.free_at_end or 0) < needs[e.cls]:
                 continue
             if t + placer._transfer_s(job, info, e.node) + work / e.speed < score:
-                e.claim = (job.job_id, t)
+                self._claim(e, job.job_id, t)
                 placer.last_waits[job.job_id] = e.node.node_id
                 waits = True
                 break
@@ -1323,7 +1389,7 @@ class _Pass:
             if (e.node.free_at_end or 0) < needs[e.cls]:
                 continue
             if t + placer._transfer_s(job, info, e.node) + work / e.speed < score:
-                e.claim = (job.job_id, t)
+                self._claim(e, job.job_id, t)
                 placer.last_waits[job.job_id] = e.node.node_id
                 self.room_waits += 1
                 return True
@@ -1350,7 +1416,7 @@ class _Pass:
                         best = (finish, t, e)
                     break
         if best is not None:
-            best[2].claim = (job.job_id, best[1])
+            self._claim(best[2], job.job_id, best[1])
 
 
 # A node that caches nothing: the transfer time of a job to any node without its model.

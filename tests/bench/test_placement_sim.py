@@ -77,6 +77,11 @@ def test_placer_settings_reach_lorapools_placer(bench, trace):
         out = sim.run()
         assert out["completed"] > 0
         most[bool(kw)] = peak[0]
+        # The table's wait / run split: first placed after arriving, done after that; in this
+        # small busy pool some job queued first.
+        done = [sj for sj in sim.jobs.values() if sj.status == "done"]
+        assert all(sj.t.arrival <= sj.started_at <= sj.done_at for sj in done)
+        assert any(sj.started_at > sj.t.arrival for sj in done)
     assert most[True] == 1 and most[False] > 1, most
 
 
@@ -85,6 +90,7 @@ def test_placer_settings_reach_lorapools_placer(bench, trace):
     ('{"wait_speedup": -1}', "wait_speedup must be a number >= 0"),
     ('{"max_jobs_per_node": "two"}', "max_jobs_per_node must be a number >= 0 or null"),
     ('{"safety_margin": true}', "safety_margin must be a number"),
+    ('{"wait_counts_sharing": 1}', "wait_counts_sharing must be true or false"),
     ("[1]", "must be a JSON object, not list"),
     ("{bad", "must be a JSON object"),
 ])

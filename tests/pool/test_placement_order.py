@@ -163,6 +163,32 @@ def test_waiting_for_a_faster_card_is_bounded_by_max_wait(model):
     assert [p.node_id for p in placer.plan(q, [slow, near], {})] == ["slow"]
 
 
+def test_a_shared_card_may_count_at_the_jobs_share_when_deciding_to_wait(model):
+    """With `wait_counts_sharing`: jobs computing together share a card's speed, so on a card
+    already running three jobs a newcomer runs at a quarter of it, and a card as fast that
+    frees in two minutes (where it would run alone) is worth waiting for; on the same card idle
+    it is not. Without it, only a card faster by itself is waited for."""
+    s = spec(model)
+    n = need(s)
+    q = [job("j", s, tokens=5e7)]
+    twin = node("twin", 0, speed=50.0, running_jobs=1, frees_in=120.0, free_at_end=24 * GiB)
+    busy = node("busy", n + 1, speed=50.0, running_jobs=3)
+    nominal = Placer(max_wait_s=600, wait_fraction=0)
+    assert [p.node_id for p in nominal.plan(q, [busy, twin], {})] == ["busy"]
+    placer = Placer(max_wait_s=600, wait_fraction=0, wait_counts_sharing=True)
+    assert placer.plan(q, [busy, twin], {}) == []
+    assert placer.last_waits == {"j": "twin"}
+    idle = node("idle", n + 1, speed=50.0)
+    assert [p.node_id for p in placer.plan(q, [idle, twin], {})] == ["idle"]
+    assert placer.last_waits == {}
+    # Two jobs there: a third of its speed, at least wait_speedup (3) slower than alone.
+    pair = node("pair", n + 1, speed=50.0, running_jobs=2)
+    assert placer.plan(q, [pair, twin], {}) == [] and placer.last_waits == {"j": "twin"}
+    # One: half its speed, not slow enough to wait.
+    one = node("one", n + 1, speed=50.0, running_jobs=1)
+    assert [p.node_id for p in placer.plan(q, [one, twin], {})] == ["one"]
+
+
 def test_a_long_job_may_wait_a_share_of_its_run_for_a_faster_card(model):
     """Beyond max_wait_s, a job waits up to wait_fraction of its expected run on the card it
     would start on now (never past max_long_wait_s): hours for a job of days on a slow card,
