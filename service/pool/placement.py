@@ -53,7 +53,7 @@ The rules, in the order `plan()` applies them:
    pool most of a job's completion time is its run slowed by sharing, not its wait: on
    bench/placement.py's traces this setting shortens the mean completion time by a tenth or
    more (README). It is off by default for now because more jobs then check for a card to wait
-   for, which makes a `plan()` pass about a millisecond slower at 1,000 jobs × 200 nodes. The
+   for, which makes a `plan()` pass almost a millisecond slower at 1,000 jobs × 200 nodes. The
    node waited for is then claimed for it (its free memory then counts only for jobs that end
    before it frees: `_Pass.room`). A long job may wait longer: up to `wait_fraction` of
    its expected run on the slow card (at most `max_long_wait_s`), so that a job of days does
@@ -1037,9 +1037,12 @@ class _Pass:
         # (the common case skips the scan).
         max_wait = placer.max_long_wait_s if placer.wait_fraction > 0 else placer.max_wait_s
         self.soon = [(t, e) for t, e in zip(frees, self.freeing) if t <= max_wait]
-        # `soon` less the nodes slower than a floor, per floor (chosen speed × wait_speedup, a
-        # few values per pass): a job's wait check walks only the nodes it could wait for.
+        # `soon` less the nodes slower than a floor, per floor (chosen speed × wait_speedup): a
+        # job's wait check walks only the nodes it could wait for. Keyed by the slowest speed
+        # of `soon` at or above the floor (the same nodes), so that the many floors of
+        # `wait_counts_sharing` (speed / (1 + load)) share a few lists.
         self.soon_by_floor: dict[float, list[tuple[float, _Entry]]] = {}
+        self.soon_speeds = sorted({e.speed for _, e in self.soon})
         self.room_waits = 0  # jobs left waiting for room as submitted in this pass
         # Nodes claimed in this pass for a waiting job (`_claim`): their free memory is out of
         # `avails`, since only jobs that end before they free may use them.
@@ -1336,6 +1339,8 @@ class _Pass:
             * placer.wait_speedup
         if floor > self.fastest_freeing:
             return False
+        speeds = self.soon_speeds
+        floor = speeds[bisect.bisect_left(speeds, floor)]  # (exists: floor <= the fastest)
         soon = self.soon_by_floor.get(floor)
         if soon is None:
             soon = self.soon_by_floor[floor] = [(t, e) for t, e in self.soon if e.speed >= floor]
