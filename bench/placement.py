@@ -1,6 +1,7 @@
 """Placement benchmark: lorapool's policy vs first-fit-by-static-resource on a synthetic pool.
 
     python bench/placement.py [--seed 7 | --seeds 7,11,3] [--only today|big] [--json out.json]
+                              [--placer '{"wait_counts_sharing": true}']
 
 A seeded, deterministic discrete-event simulation (no Ray) drives the real policy code from
 service/pool/placement.py with the real `estimate_memory` over model configs written to a temp
@@ -786,12 +787,13 @@ def parse_placer_kw(ap: argparse.ArgumentParser, raw: str | None) -> dict[str, A
             if not isinstance(value, bool):
                 ap.error(f"--placer: {name} must be true or false, not {value!r}")
             continue
-        nullable = name == "max_jobs_per_node"
+        nullable = name == "max_jobs_per_node"  # a cap: at least one job, or none (null)
         if value is None and nullable:
             continue
+        least = 1 if nullable else 0
         if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or not math.isfinite(value) or value < 0):
-            ap.error(f"--placer: {name} must be a number >= 0"
+                or not math.isfinite(value) or value < least):
+            ap.error(f"--placer: {name} must be a number >= {least}"
                      f"{' or null' if nullable else ''}, not {value!r}")
     try:
         Placer(**kw)

@@ -88,7 +88,8 @@ def test_placer_settings_reach_lorapools_placer(bench, trace):
 @pytest.mark.parametrize("raw, needle", [
     ('{"nope": 1}', "unknown setting(s) nope"),
     ('{"wait_speedup": -1}', "wait_speedup must be a number >= 0"),
-    ('{"max_jobs_per_node": "two"}', "max_jobs_per_node must be a number >= 0 or null"),
+    ('{"max_jobs_per_node": "two"}', "max_jobs_per_node must be a number >= 1 or null"),
+    ('{"max_jobs_per_node": 0}', "max_jobs_per_node must be a number >= 1 or null"),
     ('{"safety_margin": true}', "safety_margin must be a number"),
     ('{"wait_counts_sharing": 1}', "wait_counts_sharing must be true or false"),
     ("[1]", "must be a JSON object, not list"),
