@@ -787,7 +787,7 @@ def parse_placer_kw(ap: argparse.ArgumentParser, raw: str | None) -> dict[str, A
             if not isinstance(value, bool):
                 ap.error(f"--placer: {name} must be true or false, not {value!r}")
             continue
-        nullable = name == "max_jobs_per_node"  # a cap: at least one job, or none (null)
+        nullable = params[name].default is None  # a cap: at least one job, or none (null)
         if value is None and nullable:
             continue
         least = 1 if nullable else 0

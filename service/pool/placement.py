@@ -894,7 +894,8 @@ class Placer:
             # Drop, without a turn, the tenant's next jobs that need more than any node has
             # left: they cannot place later in this pass either.
             most = avails[-1] if avails else -1
-            while jobs and jobs[-1].min_need > most and not p.claimed_room(jobs[-1]):
+            while (jobs and jobs[-1].min_need > most
+                   and not p.room(jobs[-1].min_need, jobs[-1].info.least_work)):
                 jobs.pop()
             if jobs:
                 k = jobs[-1]
@@ -1043,6 +1044,7 @@ class _Pass:
         # `wait_counts_sharing` (speed / (1 + load)) share a few lists.
         self.soon_by_floor: dict[float, list[tuple[float, _Entry]]] = {}
         self.soon_speeds = sorted({e.speed for _, e in self.soon})
+        self.fastest_freeing = self.soon_speeds[-1] if self.soon_speeds else 0.0
         self.room_waits = 0  # jobs left waiting for room as submitted in this pass
         # Nodes claimed in this pass for a waiting job (`_claim`): their free memory is out of
         # `avails`, since only jobs that end before they free may use them.
@@ -1051,7 +1053,6 @@ class _Pass:
         self.claimed_most = -1
         # Nodes with less memory than this are unlisted (`retire_below`); None: not listed.
         self.floor = 0
-        self.fastest_freeing = max((e.speed for _, e in self.soon), default=0.0)
         # 0.0: no job waits in this pass; else a job waits only for a node this fast.
         self.may_wait = (self.fastest_freeing
                          if placer.wait_speedup > 0 and self.freeing else 0.0)
@@ -1094,7 +1095,7 @@ class _Pass:
         node holding the most free memory had every job left in the pass tried on every
         variant, and fail."""
         e.claim = (job_id, frees_in)
-        if e.key is not None and (e.cap is None or e.count < e.cap):  # listed: in `avails`
+        if e.key is not None and not e.full():  # listed: in `avails`
             avails = self.avails
             del avails[bisect.bisect_left(avails, e.avail)]
             self.claimed.append(e)
@@ -1111,17 +1112,11 @@ class _Pass:
             return True
         if need > self.claimed_most:
             return False
-        least = least_work
         for e in self.claimed:
-            if (e.key is not None and e.avail >= need and (e.cap is None or e.count < e.cap)
-                    and least / e.rate() <= e.claim[1]):  # type: ignore[index]
+            if (e.key is not None and e.avail >= need and not e.full()
+                    and least_work / e.rate() <= e.claim[1]):  # type: ignore[index]
                 return True
         return False
-
-    def claimed_room(self, item: _Turn) -> bool:
-        """`room` for a turn of `plan()` that needs more than any unclaimed node has."""
-        return item.min_need <= self.claimed_most and self.room(item.min_need,
-                                                               item.info.least_work)
 
     def _take(self, e: _Entry, nbytes: int) -> None:
         """Count a placement on `e`: less memory, one more job, re-indexed."""
@@ -1290,11 +1285,10 @@ class _Pass:
             return None  # fits nowhere, in any variant
         (score, _, _, _), e = best
         v = info.variants[i]
-        if (cands is None and may_wait
-                and (e.rate() if placer.wait_counts_sharing else e.speed) * placer.wait_speedup
-                <= may_wait
-                and self._wait_for_faster(job, info, e, score, work, i)):
-            return None
+        if cands is None and may_wait:
+            floor = (e.rate() if placer.wait_counts_sharing else e.speed) * placer.wait_speedup
+            if floor <= may_wait and self._wait_for_faster(job, info, floor, score, work, i):
+                return None
         if i and cands is None and self.soon and self._wait_for_room(job, info, score):
             return None
         cls = e.cls
@@ -1326,19 +1320,13 @@ class _Pass:
         return _placement(job.job_id, e.node_id, spec, est, changes, score)
 
     # -- waiting and reserving ------------------------------------------------------------------
-    def _wait_for_faster(self, job: JobView, info: _JobInfo, chosen: _Entry, score: float,
+    def _wait_for_faster(self, job: JobView, info: _JobInfo, floor: float, score: float,
                          work: float, i: int) -> bool:
-        """Leave `job` queued when a node ≥ wait_speedup× faster than `chosen` frees within
-        max_wait_s and the job would still finish there first; that node is claimed for it.
-        With `wait_counts_sharing`, `chosen` counts at the job's share of it (alone on the node
-        it waits for, once that frees)."""
+        """Leave `job` queued when a node at least `floor` fast (wait_speedup × the speed of the
+        node it would start on now, or with `wait_counts_sharing` its share of that node) frees
+        within max_wait_s and the job would still finish there first; that node is claimed for
+        it. The caller checked that waiting is on and `floor` is at most `may_wait`."""
         placer = self.placer
-        if placer.wait_speedup <= 0 or not self.freeing:
-            return False
-        floor = (chosen.rate() if placer.wait_counts_sharing else chosen.speed) \
-            * placer.wait_speedup
-        if floor > self.fastest_freeing:
-            return False
         speeds = self.soon_speeds
         floor = speeds[bisect.bisect_left(speeds, floor)]  # (exists: floor <= the fastest)
         soon = self.soon_by_floor.get(floor)
