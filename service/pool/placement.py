@@ -1045,12 +1045,25 @@ class _Pass:
         self.soon_by_floor: dict[float, list[tuple[float, _Entry]]] = {}
         self.soon_speeds = sorted({e.speed for _, e in self.soon})
         self.fastest_freeing = self.soon_speeds[-1] if self.soon_speeds else 0.0
+        # Per entry of soon_speeds: at most the soonest any unclaimed node at least that fast
+        # frees (exact at first, lowered by nothing after: claims only remove nodes), so most
+        # jobs are ruled out of waiting without a call.
+        first: dict[float, float] = {}
+        for t, e in self.soon:  # (soonest first: the first time seen per speed is its least)
+            first.setdefault(e.speed, t)
+        self.soon_first = [first[v] for v in self.soon_speeds]
+        for k in range(len(self.soon_first) - 2, -1, -1):
+            if self.soon_first[k + 1] < self.soon_first[k]:
+                self.soon_first[k] = self.soon_first[k + 1]
         self.room_waits = 0  # jobs left waiting for room as submitted in this pass
         # Nodes claimed in this pass for a waiting job (`_claim`): their free memory is out of
         # `avails`, since only jobs that end before they free may use them.
         self.claimed: list[_Entry] = []
         # At least the most free memory of any of them (placements there only lower it).
         self.claimed_most = -1
+        # At least the most work any job could still do on one of them before it frees (its
+        # rate times the wait; placements there only lower the rate).
+        self.claimed_work_most = -1.0
         # Nodes with less memory than this are unlisted (`retire_below`); None: not listed.
         self.floor = 0
         # 0.0: no job waits in this pass; else a job waits only for a node this fast.
@@ -1101,6 +1114,8 @@ class _Pass:
             self.claimed.append(e)
             if e.avail > self.claimed_most:
                 self.claimed_most = e.avail
+            if e.rate() * frees_in > self.claimed_work_most:
+                self.claimed_work_most = e.rate() * frees_in
 
     def room(self, need: int, least_work: float) -> bool:
         """Whether some open node could still take `need` bytes for a job whose variants' least
@@ -1110,11 +1125,11 @@ class _Pass:
         avails = self.avails
         if avails and avails[-1] >= need:
             return True
-        if need > self.claimed_most:
+        if need > self.claimed_most or least_work > self.claimed_work_most:
             return False
         for e in self.claimed:
             if (e.key is not None and e.avail >= need and not e.full()
-                    and least_work / e.rate() <= e.claim[1]):  # type: ignore[index]
+                    and least_work <= e.rate() * e.claim[1]):  # type: ignore[index]
                 return True
         return False
 
@@ -1130,7 +1145,10 @@ class _Pass:
                 del avails[bisect.bisect_left(avails, e.avail)]
         avail = e.avail = e.avail - nbytes
         e.count += 1
-        if avail < self.floor:  # no job of the pass fits there any more
+        gone = avail < self.floor  # no job of the pass fits there any more
+        if claimed and (gone or (cap is not None and e.count >= cap)):
+            self.claimed.remove(e)  # (room() would step over it for the rest of the pass)
+        if gone:
             e.key = None
             return
         key = e.key = (avail, e.name, e.node_id, e.idx)
@@ -1287,8 +1305,16 @@ class _Pass:
         v = info.variants[i]
         if cands is None and may_wait:
             floor = (e.rate() if placer.wait_counts_sharing else e.speed) * placer.wait_speedup
-            if floor <= may_wait and self._wait_for_faster(job, info, floor, score, work, i):
-                return None
+            if floor <= may_wait:
+                # The slowest speed of `soon` at or above the floor (exists: floor <= the
+                # fastest), and how long this job may wait: max_wait_s, or a share of its run
+                # here when that is longer.
+                k = bisect.bisect_left(self.soon_speeds, floor)
+                horizon = min(score, max(placer.max_wait_s, min(placer.wait_fraction * score,
+                                                                placer.max_long_wait_s)))
+                if (self.soon_first[k] < horizon
+                        and self._wait_for_faster(job, info, k, horizon, score, work, i)):
+                    return None
         if i and cands is None and self.soon and self._wait_for_room(job, info, score):
             return None
         cls = e.cls
@@ -1320,28 +1346,25 @@ class _Pass:
         return _placement(job.job_id, e.node_id, spec, est, changes, score)
 
     # -- waiting and reserving ------------------------------------------------------------------
-    def _wait_for_faster(self, job: JobView, info: _JobInfo, floor: float, score: float,
-                         work: float, i: int) -> bool:
-        """Leave `job` queued when a node at least `floor` fast (wait_speedup × the speed of the
-        node it would start on now, or with `wait_counts_sharing` its share of that node) frees
-        within max_wait_s and the job would still finish there first; that node is claimed for
-        it. The caller checked that waiting is on and `floor` is at most `may_wait`."""
+    def _wait_for_faster(self, job: JobView, info: _JobInfo, k: int, horizon: float,
+                         score: float, work: float, i: int) -> bool:
+        """Leave `job` queued when a node at least `soon_speeds[k]` fast (at least wait_speedup
+        × the speed of the node it would start on now, or with `wait_counts_sharing` its share
+        of that node) frees within `horizon` and the job would still finish there first (it
+        would finish `score` from now where it starts now); that node is claimed for it."""
         placer = self.placer
-        speeds = self.soon_speeds
-        floor = speeds[bisect.bisect_left(speeds, floor)]  # (exists: floor <= the fastest)
+        floor = self.soon_speeds[k]
         soon = self.soon_by_floor.get(floor)
         if soon is None:
             soon = self.soon_by_floor[floor] = [(t, e) for t, e in self.soon if e.speed >= floor]
         needs = None
-        claimed = waits = False
-        # How long this job may wait: max_wait_s, or a share of its run here when that is longer.
-        horizon = min(score, max(placer.max_wait_s,
-                                 min(placer.wait_fraction * score, placer.max_long_wait_s)))
-        for t, e in soon:  # those freeing within the horizon at least `floor` fast, soonest first
+        claimed: list[int] = []
+        waits = False
+        for j, (t, e) in enumerate(soon):  # freeing within the horizon, soonest first
             if t >= horizon:
                 break  # the rest free later
             if e.claim is not None:
-                claimed = True
+                claimed.append(j)
                 continue
             if needs is None:
                 needs = placer._needs(job, info, i, self.devices)
@@ -1352,11 +1375,15 @@ class _Pass:
                 placer.last_waits[job.job_id] = e.node.node_id
                 waits = True
                 break
-        if claimed:
-            # A claim lasts the pass, and a claimed node is skipped by every later job: drop
-            # them from the list once, rather than stepping over them job after job (waiting
-            # jobs claim the fast nodes one by one, and then every job walked them all).
-            self.soon_by_floor[floor] = [(t, e) for t, e in soon if e.claim is None]
+        # A claim lasts the pass, and a claimed node is skipped by every later job: drop those
+        # walked over from the list once, rather than stepping over them job after job (waiting
+        # jobs claim the fast nodes one by one, and then every job walked them all).
+        for j in reversed(claimed):
+            del soon[j]
+        if soon and soon[0][0] > self.soon_first[k]:
+            self.soon_first[k] = soon[0][0]
+        elif not soon:
+            self.soon_first[k] = math.inf
         return waits
 
     def _wait_for_room(self, job: JobView, info: _JobInfo, score: float) -> bool:
