@@ -309,6 +309,12 @@ def run_lorapool(job: dict, clock) -> dict:
             inner(ev)
             if ev.type == "step":
                 prof.step()
+    trace = job.get("memory_trace") if device == "cuda" else None
+    if trace:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import memory_trace
+
+        memory_trace.start()
     kwargs: dict[str, Any] = {}
     if job.get("card_gib") and device == "cuda":
         from lorapool.service.train import MemoryBudget
@@ -319,6 +325,8 @@ def run_lorapool(job: dict, clock) -> dict:
                                                context_bytes=job.get("context_bytes"))
     result = train(spec, job["rows_jsonl"], out, on_event=on_event,
                    cache_dir=Path(job["scratch"]) / "cache", **kwargs)
+    if trace:
+        memory_trace.stop_and_report(trace)
     if prof is not None:
         prof.stop()
         table = prof.key_averages().table(sort_by="cuda_time_total" if device == "cuda"
@@ -732,6 +740,9 @@ def grid(args, runners: list[str], shapes: list[str], mbs: list[int], device: st
         if runner in args.profile.split(",") and args.out:
             extra["profile"] = str(Path(args.out) / f"profile-{runner.replace('@', '-')}"
                                    f"-{shape}-mb{mb}.txt")
+        if runner in args.memory_trace.split(",") and args.out:
+            extra["memory_trace"] = str(Path(args.out) / f"memory-{runner.replace('@', '-')}"
+                                        f"-{shape}-mb{mb}.txt")
         rows_dir = rows_dirs[mb]
         if args.card_gib:
             extra["card_gib"] = args.card_gib
@@ -868,6 +879,10 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--profile", default="", metavar="RUNNERS",
                     help="comma-separated lorapool runners to profile (two steps each); "
                     "tables under --out")
+    ap.add_argument("--memory-trace", default="", metavar="RUNNERS",
+                    help="comma-separated lorapool runners whose CUDA allocations are traced: "
+                    "what is live at the peak, by the code that allocated it "
+                    "(bench/memory_trace.py; reports under --out)")
     ap.add_argument("--gpus", default="", metavar="0,1,...",
                     help="run on these GPUs at once, one run per GPU at a time (each pinned with "
                     "CUDA_VISIBLE_DEVICES); default: one run at a time on the default GPU")
