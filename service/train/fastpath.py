@@ -9,8 +9,9 @@ the reason "fast path not built". The plan type is `spec.FastPlan` either way.
     plan = resolve_plan(spec, device)            # FastPlan (frozen), recorded in events + lorapool.json
     plan = without(plan, {"piece": "why"})       # a piece the caller cannot use, turned off
     plan = fit_memory(plan, spec, device, budget)  # host_head / cuda_graphs as the memory allows
-    where = load_placement(plan, spec, device, budget)  # "host" / "input_embedding_on_host" /
-    keep_tables_on_host(model, plan, device)     #   "device"; tables read into host memory stay
+    where = load_placement(plan, spec, device, budget)  # "host" / "tables_on_host" / "input_
+    keep_tables_on_host(model, plan, device)     #   embedding_on_host" / "device"; tables read
+                                                 #   into host memory stay there
     kwargs = prepare_kwargs(plan, spec)          # extra from_pretrained kwargs (attention impl)
     apply(model, plan, spec, device)             # after peft wrapped the model
     graphed_steps(model, plan, params, device, max_tokens=...)  # the CUDA graphs, or None
@@ -141,9 +142,10 @@ def load_placement(plan: FastPlan, spec: TrainSpec, device: torch.device,
                    budget: Optional[MemoryBudget] = None) -> str:
     """Where model.py's `load_base_model` puts the weights as they arrive: "host" (loaded on the
     CPU, only what stays moves to the card) where the output head goes to the host and loading
-    straight onto the card would not fit the room `fit_memory` decided by; else
-    "input_embedding_on_host" where the plan keeps the input table in host memory (the loader
-    falls back to "device" for a tied table); else "device"."""
+    straight onto the card would not fit the room `fit_memory` decided by; else, where the plan
+    keeps the input table in host memory, "tables_on_host" (the head too, when it goes there)
+    or "input_embedding_on_host" (the loader falls back to "device" for a table tied to a head
+    on the card); else "device"."""
     if device.type != "cuda" or _fast_module() is None:
         return "device"
     info, room = _card(device) if plan.host_head else (None, 0)
@@ -156,7 +158,9 @@ def placement_decision(plan: FastPlan, spec: TrainSpec, info: Optional[DeviceInf
     read only where the plan sends the head to the host)."""
     if plan.host_head and info is not None and load_decision(spec, info, room, budget):
         return "host"
-    return "input_embedding_on_host" if plan.host_embeddings else "device"
+    if not plan.host_embeddings:
+        return "device"
+    return "tables_on_host" if plan.host_head else "input_embedding_on_host"
 
 
 def _within(info: DeviceInfo, room: int,

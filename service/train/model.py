@@ -277,15 +277,16 @@ def load_tokenizer(folder: str | Path, spec: TrainSpec):
     return tok
 
 
-def host_embedding_device_map(folder: str | Path, spec: TrainSpec,
-                              index: int) -> dict[str, Any] | None:
-    """A `device_map` that reads the input embedding into host memory and every other module
-    onto GPU `index`, or None where that cannot be said: the embedding is tied to the output
-    head (the head needs the table on the card), or a module on the way to it holds weights
-    of its own. Worked out on a weightless copy of the model: nothing is loaded.
+def host_embedding_device_map(folder: str | Path, spec: TrainSpec, index: int, *,
+                              head_on_host: bool = False) -> dict[str, Any] | None:
+    """A `device_map` that reads the input embedding (and with `head_on_host` the output head)
+    into host memory and every other module onto GPU `index`, or None where that cannot be
+    said: the embedding is tied to a head that stays on the card (the head needs the table
+    there), or a module on the way to a table holds weights of its own. Worked out on a
+    weightless copy of the model: nothing is loaded.
 
-    The map names the embedding's siblings at every level rather than using a catch-all "":
-    accelerate places the whole subtree of a "" entry on its device first, the embedding
+    The map names the tables' siblings at every level rather than using a catch-all "":
+    accelerate places the whole subtree of a "" entry on its device first, the tables
     included, which is the load peak this map exists to avoid."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -294,8 +295,9 @@ def host_embedding_device_map(folder: str | Path, spec: TrainSpec,
         config = AutoConfig.from_pretrained(folder, local_files_only=True,
                                             trust_remote_code=spec.trust_remote_code)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        if getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings",
-                                                                  False):
+        tied = bool(getattr(text, "tie_word_embeddings", False)
+                    or getattr(config, "tie_word_embeddings", False))
+        if tied and not head_on_host:
             return None
         with init_empty_weights():
             empty = AutoModelForCausalLM.from_config(
@@ -304,33 +306,37 @@ def host_embedding_device_map(folder: str | Path, spec: TrainSpec,
         log.warning("cannot build a weightless copy of %s (%s)", folder, exc)
         return None
     emb, head = empty.get_input_embeddings(), empty.get_output_embeddings()
-    if not isinstance(emb, torch.nn.Embedding) or \
-            (head is not None and getattr(head, "weight", None) is emb.weight):
+    if not isinstance(emb, torch.nn.Embedding):
         return None
-    target = next((name for name, module in empty.named_modules() if module is emb), None)
-    if not target:
+    tables = [emb]
+    if head_on_host:
+        if type(head) is not torch.nn.Linear:
+            return None
+        tables.append(head)
+    elif head is not None and getattr(head, "weight", None) is emb.weight:
+        return None
+    targets = {name for name, module in empty.named_modules() if any(module is t for t in tables)}
+    if len(targets) != len(tables) or "" in targets:
         return None
     device_map: dict[str, Any] = {}
-    module, prefix = empty, ""
-    while True:
+    todo = [(empty, "")]
+    while todo:
+        module, prefix = todo.pop()
         if next(module.parameters(recurse=False), None) is not None or \
                 next(module.buffers(recurse=False), None) is not None:
-            return None  # its own weights could only be mapped with the embedding's subtree
-        step = None
+            return None  # its own weights could only be mapped with a table's subtree
         for child_name, child in module.named_children():
             name = prefix + child_name
-            if name == target:
+            if name in targets:
                 device_map[name] = "cpu"
-            elif target.startswith(name + "."):
-                step = (child, name + ".")
+            elif any(t.startswith(name + ".") for t in targets):
+                todo.append((child, name + "."))
             else:
                 device_map[name] = index
-        if step is None:
-            return device_map
-        module, prefix = step
+    return device_map
 
 
-LoadPlacement = Literal["device", "input_embedding_on_host", "host"]
+LoadPlacement = Literal["device", "input_embedding_on_host", "tables_on_host", "host"]
 
 
 def load_base_model(spec: TrainSpec, device: torch.device | str | None = None,
@@ -353,6 +359,9 @@ def load_base_model(spec: TrainSpec, device: torch.device | str | None = None,
       embedding, which is read into host memory and never touches the card; then
       `keep_on_host(model)` makes it the fast path's host table. Where the table is tied to the
       head, or the split load fails, this is the straight load (with a warning for a failure);
+    - "tables_on_host" (a CUDA device): the same, with the output head (tied to the input table
+      or not) read into host memory too, for a plan that streams the head from there: the card
+      never holds it, where moving it after a straight load would need it there first;
     - "host" (the default when `keep_on_host` is given; on any device, so the CPU tests drive
       it end to end): loaded and quantised on the CPU, frozen, `keep_on_host(model)` swaps in
       the modules that stay in host memory (the fast path's host tables, whose `_apply` ignores
@@ -372,11 +381,13 @@ def load_base_model(spec: TrainSpec, device: torch.device | str | None = None,
     tokenizer = load_tokenizer(folder, spec)
     if placement is None:
         placement = "host" if keep_on_host is not None else "device"
-    if placement == "input_embedding_on_host" and (device.type != "cuda" or keep_on_host is None):
-        placement = "device"
-    split = host_embedding_device_map(folder, spec, device.index) \
-        if placement == "input_embedding_on_host" else None
-    if placement == "input_embedding_on_host" and split is None:
+    split_load = placement in ("input_embedding_on_host", "tables_on_host")
+    if split_load and (device.type != "cuda" or keep_on_host is None):
+        placement, split_load = "device", False
+    split = host_embedding_device_map(folder, spec, device.index,
+                                      head_on_host=placement == "tables_on_host") \
+        if split_load else None
+    if split_load and split is None:
         placement = "device"
     model = None
     if split is not None:
@@ -384,7 +395,7 @@ def load_base_model(spec: TrainSpec, device: torch.device | str | None = None,
             model = _from_pretrained(folder, spec, compute_dtype, extra_kwargs, split)
             _undispatch(model, device, tuple(f"{k}." for k, v in split.items() if v == "cpu"))
         except (ModelLoadError, RuntimeError, ValueError) as exc:
-            log.warning("loading with the input embedding in host memory failed (%s); loading "
+            log.warning("loading with the tables in host memory failed (%s); loading "
                         "straight onto the card", exc)
             model, placement = None, "device"
             gc.collect()  # the half-built model's modules hold each other (hooks): free them
@@ -469,6 +480,15 @@ def _undispatch(model: Any, device: torch.device, host_prefixes: tuple[str, ...]
 
     remove_hook_from_module(model, recurse=True)
     model.hf_device_map = {"": device.index}
+    # The offload hooks give each offloaded module its own copy back: a head tied to the input
+    # table (both read into host memory) is tied again, so the two stay one table.
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "tie_word_embeddings", False):
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        if (emb is not None and head is not None and head.weight is not emb.weight
+                and head.weight.shape == emb.weight.shape):
+            head.weight = emb.weight
     stranded = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
                 if t.device.type == "meta"]
     if stranded:

@@ -206,9 +206,9 @@ def test_the_model_loads_on_the_host_only_where_a_straight_load_does_not_fit(one
 
 def test_where_the_weights_arrive(one_b):
     """fastpath.placement_decision: the input table is read into host memory wherever the fast
-    path keeps it there; the whole model loads on the CPU only where its head goes to the host
-    and even a straight load (head on the card) would not fit; without host embeddings the
-    model loads straight onto the card."""
+    path keeps it there, and the head with it where the head goes to the host; the whole model
+    loads on the CPU only where its head goes to the host and even a straight load (head on
+    the card) would not fit; without host embeddings the model loads straight onto the card."""
     from dataclasses import replace
 
     from lorapool.service.train.fastpath import placement_decision
@@ -221,7 +221,7 @@ def test_where_the_weights_arrive(one_b):
     plan = FastPlan(host_embeddings=True, chunked_loss=True)
     assert placement_decision(plan, spec, card, 0) == "input_embedding_on_host"
     head_out = replace(plan, host_head=True)
-    assert placement_decision(head_out, spec, card, straight) == "input_embedding_on_host"
+    assert placement_decision(head_out, spec, card, straight) == "tables_on_host"
     assert placement_decision(head_out, spec, card, straight - 1) == "host"
     assert placement_decision(replace(plan, host_embeddings=False), spec, card, 0) == "device"
     assert placement_decision(replace(head_out, host_embeddings=False), spec, card,

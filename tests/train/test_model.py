@@ -187,6 +187,10 @@ def test_the_host_embedding_map_offloads_only_the_table(tmp_path):
                      "model.rotary_emb": 0, "lm_head": 0}
     tied = make_tiny_llama(tmp_path / "t", tie_word_embeddings=True)
     assert host_embedding_device_map(tied, _spec(tied), 0) is None
+    # With the head streamed from host memory it is read there too, tied to the table or not.
+    both = {**split, "lm_head": "cpu"}
+    assert host_embedding_device_map(folder, _spec(folder), 0, head_on_host=True) == both
+    assert host_embedding_device_map(tied, _spec(tied), 0, head_on_host=True) == both
 
     model = AutoModelForCausalLM.from_pretrained(folder)
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
@@ -204,6 +208,18 @@ def test_the_host_embedding_map_offloads_only_the_table(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref, rtol=0, atol=0)
 
+    # Both tables offloaded (the head streamed from host memory): the hooks hand each module
+    # its own copy back, and `_undispatch` ties them again.
+    model = AutoModelForCausalLM.from_pretrained(tied)
+    with torch.no_grad():
+        ref = model(ids).logits
+    dispatch_model(model, device_map={k: "disk" if v == "cpu" else "cpu" for k, v in both.items()},
+                   offload_dir=str(tmp_path / "offload-tied"), main_device="cpu")
+    _undispatch(model, torch.device("cpu"), ("model.embed_tokens.", "lm_head."))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=0, atol=0)
+
 
 @pytest.mark.gpu
 @cuda
@@ -212,7 +228,9 @@ def test_the_input_embedding_is_read_into_host_memory(tmp_path, tied):
     """placement="input_embedding_on_host" (the fast path's default load on a GPU): the input
     table is read into pinned host memory and never reaches the card, so the load's peak is a
     table lower; the rest is on the card with no accelerate hooks left; the logits equal a
-    straight load's. A table tied to the head stays on the card (the straight load)."""
+    straight load's. A table tied to the head stays on the card (the straight load).
+    placement="tables_on_host" (the head streamed from host memory): neither table, tied or
+    not, ever reaches the card, and the logits are the same."""
     import gc
 
     from lorapool.service.train.fast import host_head as hh
@@ -227,7 +245,7 @@ def test_the_input_embedding_is_read_into_host_memory(tmp_path, tied):
     torch.manual_seed(0)
     ids = torch.randint(0, vocab, (2, 48), device=device)
     peaks, logits = {}, {}
-    for placement in ("device", "input_embedding_on_host"):
+    for placement in ("device", "input_embedding_on_host", "tables_on_host"):
         gc.collect()  # the previous model, freed now rather than in the middle of this load
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated(device)
@@ -236,10 +254,15 @@ def test_the_input_embedding_is_read_into_host_memory(tmp_path, tied):
                                    keep_on_host=lambda m: hh.keep_tables_on_host(m, device))
         peaks[placement] = torch.cuda.max_memory_allocated(device) - base
         emb = model.get_input_embeddings()
-        if placement != "device" and not tied:
+        if placement == "tables_on_host" or (placement != "device" and not tied):
             assert isinstance(emb, HostEmbedding) and emb.weight.is_pinned()
         else:
             assert isinstance(emb, torch.nn.Embedding) and emb.weight.device.type == "cuda"
+        head = model.get_output_embeddings()
+        assert isinstance(head, hh.HostHead) == (placement == "tables_on_host")
+        if placement == "tables_on_host" and tied:
+            assert head.weight is emb.weight  # one pinned table for both
+        del head
         assert {p.device.type for p in model.parameters()} == {"cuda"}
         assert not any(hasattr(m, "_hf_hook") for m in model.modules())
         with torch.no_grad():
@@ -248,10 +271,15 @@ def test_the_input_embedding_is_read_into_host_memory(tmp_path, tied):
     table = vocab * hidden * 2
     if tied:
         assert abs(peaks["input_embedding_on_host"] - peaks["device"]) < table // 4, peaks
+        assert peaks["tables_on_host"] <= peaks["device"] - 0.9 * table, peaks
     else:
         assert peaks["input_embedding_on_host"] <= peaks["device"] - 0.9 * table, peaks
-    torch.testing.assert_close(logits["input_embedding_on_host"], logits["device"],
-                               rtol=0, atol=0)
+        assert peaks["tables_on_host"] <= peaks["device"] - 1.8 * table, peaks
+    for placement in ("input_embedding_on_host", "tables_on_host"):
+        # (the streamed head's fp32 blocks against one bf16 matmul: the same to bf16 rounding)
+        torch.testing.assert_close(logits[placement], logits["device"],
+                                   rtol=0 if placement != "tables_on_host" else 2e-2,
+                                   atol=0 if placement != "tables_on_host" else 2e-2)
 
 
 def _smollm2_folder():
