@@ -282,6 +282,28 @@ def test_swap_untied_keeps_logits_and_leaves_the_embedding():
     assert host_head_of(model2).weight is not model2.get_input_embeddings().weight
 
 
+def test_swap_frees_the_old_weight_even_where_something_still_holds_it(monkeypatch):
+    """The head's old weight loses its storage once the HostHead holds a copy and no module uses
+    it, whoever still holds the Parameter (on a GPU the copy is the move to pinned host memory;
+    here a clone stands in for it, as the CPU table would otherwise be the same tensor)."""
+    from lorapool.service.train.fast import host_head as hh
+
+    monkeypatch.setattr(hh, "_to_host", lambda t, pin: t.detach().clone())
+    model = _llama(tie=False)
+    ids = _ids()
+    ref = model(ids).logits
+    held = model.get_output_embeddings().weight  # a stray reference, as the H100 run had
+    move_output_head_to_host(model, allow_cpu=True, block_rows=64)
+    assert held.numel() == 0
+    torch.testing.assert_close(model(ids).logits, ref, rtol=1e-6, atol=1e-6)
+    # A weight some module still uses keeps its storage (a head tied to a table that stays).
+    model = _llama(tie=False)
+    emb = model.get_input_embeddings()
+    emb.weight = model.get_output_embeddings().weight  # tied, but not as _shared_table sees it
+    hh._release(model, emb.weight, emb.weight.detach().clone())
+    assert emb.weight.numel() > 0
+
+
 def test_swap_tied_moves_the_embedding_and_shares_one_table():
     model = _llama(tie=True)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight

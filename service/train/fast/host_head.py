@@ -404,13 +404,26 @@ def move_output_head_to_host(model: Any, *, allow_cpu: bool = False,
     pin = device.type == "cuda"
     size = head.weight.numel() * head.weight.element_size()
     table = _shared_table(hf, head, pin)
-    hf.set_output_embeddings(HostHead(head, pin=pin, host_weight=table, block_rows=block_rows))
-    del head  # the last reference to the device copy (and to a tied embedding's)
+    host = HostHead(head, pin=pin, host_weight=table, block_rows=block_rows)
+    hf.set_output_embeddings(host)
+    _release(model, head.weight, host.weight)
+    del head
     if pin:
         torch.cuda.empty_cache()
     where = "pinned host memory" if pin else "host memory"
     tied = ", shared with the tied input embedding" if table is not None else ""
     return f"output head ({size / 2**20:.0f} MiB) in {where}{tied}"
+
+
+def _release(model: Any, old: torch.Tensor, host: torch.Tensor) -> None:
+    """Free the storage of the head's old weight once no module of `model` holds it and the
+    host table is a copy of it. Dropping the module is not always enough: on an H100 a 3B
+    model's head, loaded onto the card and swapped for a HostHead, stayed allocated to the
+    end of training (bench/train_speed.py --memory-trace), held where no Python container shows
+    it; emptying its storage frees the card whoever keeps the empty Parameter."""
+    if host.data_ptr() == old.data_ptr() or any(p is old for p in model.parameters()):
+        return
+    old.data = torch.empty(0, dtype=old.dtype, device=old.device)
 
 
 def keep_tables_on_host(model: Any, device: torch.device) -> str:
