@@ -1038,12 +1038,13 @@ class _Pass:
         # (the common case skips the scan).
         max_wait = placer.max_long_wait_s if placer.wait_fraction > 0 else placer.max_wait_s
         self.soon = [(t, e) for t, e in zip(frees, self.freeing) if t <= max_wait]
-        # `soon` less the nodes slower than a floor, per floor (chosen speed × wait_speedup): a
-        # job's wait check walks only the nodes it could wait for. Keyed by the slowest speed
-        # of `soon` at or above the floor (the same nodes), so that the many floors of
-        # `wait_counts_sharing` (speed / (1 + load)) share a few lists.
-        self.soon_by_floor: dict[float, list[tuple[float, _Entry]]] = {}
         self.soon_speeds = sorted({e.speed for _, e in self.soon})
+        # `soon` less the nodes slower than a floor (chosen speed × wait_speedup) and those
+        # claimed, built when first needed: a job's wait check walks only the nodes it could
+        # wait for. One per entry of soon_speeds (the slowest speed at or above the floor: the
+        # same nodes), so that the many floors of `wait_counts_sharing` (speed / (1 + load))
+        # share a few lists.
+        self.soon_lists: list[list[tuple[float, _Entry]] | None] = [None] * len(self.soon_speeds)
         self.fastest_freeing = self.soon_speeds[-1] if self.soon_speeds else 0.0
         # Per entry of soon_speeds: at most the soonest any unclaimed node at least that fast
         # frees (exact at first, lowered by nothing after: claims only remove nodes), so most
@@ -1127,9 +1128,11 @@ class _Pass:
             return True
         if need > self.claimed_most or least_work > self.claimed_work_most:
             return False
+        # (Every claimed node here is listed and not full: `_take` drops it from the list when
+        # it stops being either.)
         for e in self.claimed:
-            if (e.key is not None and e.avail >= need and not e.full()
-                    and least_work <= e.rate() * e.claim[1]):  # type: ignore[index]
+            if e.avail >= need and least_work <= (
+                    e.speed / (1 + e.count) if e.shared else e.speed) * e.claim[1]:  # type: ignore[index]
                 return True
         return False
 
@@ -1304,17 +1307,23 @@ class _Pass:
         (score, _, _, _), e = best
         v = info.variants[i]
         if cands is None and may_wait:
-            floor = (e.rate() if placer.wait_counts_sharing else e.speed) * placer.wait_speedup
+            speed = e.speed
+            if e.shared and placer.wait_counts_sharing:
+                speed /= 1 + e.count  # (e.rate(), inlined: this runs for most jobs)
+            floor = speed * placer.wait_speedup
             if floor <= may_wait:
                 # The slowest speed of `soon` at or above the floor (exists: floor <= the
-                # fastest), and how long this job may wait: max_wait_s, or a share of its run
-                # here when that is longer.
+                # fastest); the soonest such node frees no earlier than `first`.
                 k = bisect.bisect_left(self.soon_speeds, floor)
-                horizon = min(score, max(placer.max_wait_s, min(placer.wait_fraction * score,
-                                                                placer.max_long_wait_s)))
-                if (self.soon_first[k] < horizon
-                        and self._wait_for_faster(job, info, k, horizon, score, work, i)):
-                    return None
+                first = self.soon_first[k]
+                if first < score:
+                    # How long this job may wait (never longer than its run here): max_wait_s,
+                    # or a share of its run here when that is longer.
+                    horizon = min(score, max(placer.max_wait_s, min(
+                        placer.wait_fraction * score, placer.max_long_wait_s)))
+                    if first < horizon and self._wait_for_faster(job, info, k, horizon, score,
+                                                                 work, i):
+                        return None
         if i and cands is None and self.soon and self._wait_for_room(job, info, score):
             return None
         cls = e.cls
@@ -1353,10 +1362,17 @@ class _Pass:
         of that node) frees within `horizon` and the job would still finish there first (it
         would finish `score` from now where it starts now); that node is claimed for it."""
         placer = self.placer
-        floor = self.soon_speeds[k]
-        soon = self.soon_by_floor.get(floor)
+        soon = self.soon_lists[k]
         if soon is None:
-            soon = self.soon_by_floor[floor] = [(t, e) for t, e in self.soon if e.speed >= floor]
+            floor = self.soon_speeds[k]
+            # From the list of the next slower speed already built (a superset, already less
+            # the nodes claimed since), else from all of `soon`.
+            j = k - 1
+            while j >= 0 and self.soon_lists[j] is None:
+                j -= 1
+            src = self.soon_lists[j] if j >= 0 else self.soon
+            soon = self.soon_lists[k] = [(t, e) for t, e in src  # type: ignore[union-attr]
+                                         if e.speed >= floor and e.claim is None]
         needs = None
         claimed: list[int] = []
         waits = False
