@@ -1,7 +1,7 @@
 """Placement benchmark: lorapool's policy vs first-fit-by-static-resource on a synthetic pool.
 
     python bench/placement.py [--seed 7 | --seeds 7,11,3] [--only today|big] [--json out.json]
-                              [--placer '{"wait_counts_sharing": true}']
+                              [--placer '{"wait_counts_sharing": false}']
 
 A seeded, deterministic discrete-event simulation (no Ray) drives the real policy code from
 service/pool/placement.py with the real `estimate_memory` over model configs written to a temp

@@ -40,7 +40,9 @@ def test_a_pass_leaves_no_cyclic_garbage(model):
     queue = _queue(rng, model, 150)
     placer = Placer()
     first = placer.plan(queue, nodes, {"x": 2})  # fills the per-job caches (estimates, specs)
-    assert len(first) >= 20  # it did place jobs, so the placement path ran
+    # It did place jobs and leave some waiting for a faster card, so both paths ran (and the
+    # claims the waits make).
+    assert len(first) >= 10 and placer.last_waits
     gc.collect()
     was_enabled = gc.isenabled()
     gc.disable()

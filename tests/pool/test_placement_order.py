@@ -164,18 +164,19 @@ def test_waiting_for_a_faster_card_is_bounded_by_max_wait(model):
 
 
 def test_a_shared_card_may_count_at_the_jobs_share_when_deciding_to_wait(model):
-    """With `wait_counts_sharing`: jobs computing together share a card's speed, so on a card
-    already running three jobs a newcomer runs at a quarter of it, and a card as fast that
-    frees in two minutes (where it would run alone) is worth waiting for; on the same card idle
-    it is not. Without it, only a card faster by itself is waited for."""
+    """With `wait_counts_sharing` (the default): jobs computing together share a card's speed,
+    so on a card already running three jobs a newcomer runs at a quarter of it, and a card as
+    fast that frees in two minutes (where it would run alone) is worth waiting for; on the same
+    card idle it is not. Without it, only a card faster by itself is waited for."""
     s = spec(model)
     n = need(s)
     q = [job("j", s, tokens=5e7)]
     twin = node("twin", 0, speed=50.0, running_jobs=1, frees_in=120.0, free_at_end=24 * GiB)
     busy = node("busy", n + 1, speed=50.0, running_jobs=3)
-    nominal = Placer(max_wait_s=600, wait_fraction=0)
+    nominal = Placer(max_wait_s=600, wait_fraction=0, wait_counts_sharing=False)
     assert [p.node_id for p in nominal.plan(q, [busy, twin], {})] == ["busy"]
-    placer = Placer(max_wait_s=600, wait_fraction=0, wait_counts_sharing=True)
+    placer = Placer(max_wait_s=600, wait_fraction=0)
+    assert placer.wait_counts_sharing
     assert placer.plan(q, [busy, twin], {}) == []
     assert placer.last_waits == {"j": "twin"}
     idle = node("idle", n + 1, speed=50.0)
