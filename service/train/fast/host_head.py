@@ -419,8 +419,10 @@ def _release(model: Any, old: torch.Tensor, host: torch.Tensor) -> None:
     """Free the storage of the head's old weight once no module of `model` holds it and the
     host table is a copy of it. Dropping the module is not always enough: on an H100 a 3B
     model's head, loaded onto the card and swapped for a HostHead, stayed allocated to the
-    end of training (bench/train_speed.py --memory-trace), held where no Python container shows
-    it; emptying its storage frees the card whoever keeps the empty Parameter."""
+    end of training (bench/train_speed.py --memory-trace), held by something not yet found;
+    emptying the Parameter's storage frees the card where that something holds the Parameter.
+    (The trainer's loader no longer puts a streamed head on the card at all: model.py's
+    "tables_on_host".)"""
     if host.data_ptr() == old.data_ptr() or any(p is old for p in model.parameters()):
         return
     old.data = torch.empty(0, dtype=old.dtype, device=old.device)
