@@ -1150,7 +1150,12 @@ class _Pass:
         e.count += 1
         gone = avail < self.floor  # no job of the pass fits there any more
         if claimed and (gone or (cap is not None and e.count >= cap)):
-            self.claimed.remove(e)  # (room() would step over it for the rest of the pass)
+            # (room() would step over it for the rest of the pass; a node claimed while already
+            # unlisted or full was never in the list)
+            try:
+                self.claimed.remove(e)
+            except ValueError:
+                pass
         if gone:
             e.key = None
             return
