@@ -1460,10 +1460,6 @@ class _Pass:
             self._claim(best[2], job.job_id, best[1])
 
 
-# A node that caches nothing: the transfer time of a job to any node without its model.
-_NO_CACHE = NodeView("", "", DeviceInfo(kind="cpu", name="", total_memory=0), 0)
-
-
 class FirstFitStatic:
     """The baseline: what plain Ray custom resources would do.
 
