@@ -277,7 +277,7 @@ def load_tokenizer(folder: str | Path, spec: TrainSpec):
     return tok
 
 
-def host_embedding_device_map(folder: str | Path, spec: TrainSpec, index: int, *,
+def host_tables_device_map(folder: str | Path, spec: TrainSpec, index: int, *,
                               head_on_host: bool = False) -> dict[str, Any] | None:
     """A `device_map` that reads the input embedding (and with `head_on_host` the output head)
     into host memory and every other module onto GPU `index`, or None where that cannot be
@@ -384,7 +384,7 @@ def load_base_model(spec: TrainSpec, device: torch.device | str | None = None,
     split_load = placement in ("input_embedding_on_host", "tables_on_host")
     if split_load and (device.type != "cuda" or keep_on_host is None):
         placement, split_load = "device", False
-    split = host_embedding_device_map(folder, spec, device.index,
+    split = host_tables_device_map(folder, spec, device.index,
                                       head_on_host=placement == "tables_on_host") \
         if split_load else None
     if split_load and split is None:

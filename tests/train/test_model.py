@@ -169,7 +169,7 @@ def test_file_digests_are_remembered_across_processes(tmp_path):
 
 
 def test_the_host_embedding_map_offloads_only_the_table(tmp_path):
-    """host_embedding_device_map names the embedding's siblings (no catch-all "", under which
+    """host_tables_device_map names the embedding's siblings (no catch-all "", under which
     accelerate would first place the whole model, the table included, on the card), so the
     dispatch transformers runs for a two-device map offloads only the table and moves nothing
     else; `_undispatch` brings the table back with its values and leaves no hook behind. On the
@@ -178,19 +178,19 @@ def test_the_host_embedding_map_offloads_only_the_table(tmp_path):
     from accelerate import dispatch_model
     from transformers import AutoModelForCausalLM
 
-    from lorapool.service.train.model import _undispatch, host_embedding_device_map
+    from lorapool.service.train.model import _undispatch, host_tables_device_map
     from lorapool.service.train.tiny import make_tiny_llama
 
     folder = make_tiny_llama(tmp_path / "m")
-    split = host_embedding_device_map(folder, _spec(folder), 0)
+    split = host_tables_device_map(folder, _spec(folder), 0)
     assert split == {"model.embed_tokens": "cpu", "model.layers": 0, "model.norm": 0,
                      "model.rotary_emb": 0, "lm_head": 0}
     tied = make_tiny_llama(tmp_path / "t", tie_word_embeddings=True)
-    assert host_embedding_device_map(tied, _spec(tied), 0) is None
+    assert host_tables_device_map(tied, _spec(tied), 0) is None
     # With the head streamed from host memory it is read there too, tied to the table or not.
     both = {**split, "lm_head": "cpu"}
-    assert host_embedding_device_map(folder, _spec(folder), 0, head_on_host=True) == both
-    assert host_embedding_device_map(tied, _spec(tied), 0, head_on_host=True) == both
+    assert host_tables_device_map(folder, _spec(folder), 0, head_on_host=True) == both
+    assert host_tables_device_map(tied, _spec(tied), 0, head_on_host=True) == both
 
     model = AutoModelForCausalLM.from_pretrained(folder)
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
