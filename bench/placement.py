@@ -61,13 +61,12 @@ from pathlib import Path
 from typing import Any
 
 from lorapool.service.pool.placement import (
-    BestFitStatic,
-    FirstFitStatic,
     JobView,
     NodeView,
     Placer,
     autofit_variants,
 )
+from lorapool.service.pool.placement_baselines import BestFitStatic, FirstFitStatic
 from lorapool.service.train.memory import estimate_memory, model_shape
 from lorapool.service.train.spec import DeviceInfo, TrainSpec
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from lorapool.service.pool.placement import (
-    FirstFitStatic,
     JobView,
     NodeView,
     Placer,
     autofit_variants,
 )
+from lorapool.service.pool.placement_baselines import FirstFitStatic
 from lorapool.service.train.memory import estimate_memory
 from lorapool.service.train.spec import DeviceInfo, TrainSpec
 
