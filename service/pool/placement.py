@@ -1112,8 +1112,9 @@ class _Pass:
             self.claimed.append(e)
             if e.avail > self.claimed_most:
                 self.claimed_most = e.avail
-            if e.rate() * frees_in > self.claimed_work_most:
-                self.claimed_work_most = e.rate() * frees_in
+            work = e.rate() * frees_in
+            if work > self.claimed_work_most:
+                self.claimed_work_most = work
 
     def room(self, need: int, least_work: float) -> bool:
         """Whether some open node could still take `need` bytes for a job whose variants' least
@@ -1128,8 +1129,7 @@ class _Pass:
         # (Every claimed node here is listed and not full: `_take` drops it from the list when
         # it stops being either.)
         for e in self.claimed:
-            if e.avail >= need and least_work <= (
-                    e.speed / (1 + e.count) if e.shared else e.speed) * e.claim[1]:  # type: ignore[index]
+            if e.avail >= need and least_work <= e.rate() * e.claim[1]:  # type: ignore[index]
                 return True
         return False
 

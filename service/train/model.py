@@ -482,9 +482,9 @@ def _undispatch(model: Any, device: torch.device, host_prefixes: tuple[str, ...]
     model.hf_device_map = {"": device.index}
     # The offload hooks give each offloaded module its own copy back: a head tied to the input
     # table (both read into host memory) is tied again, so the two stay one table.
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(text, "tie_word_embeddings", False):
+    from .model_split import tied_tables
+
+    if tied_tables(model):
         emb, head = model.get_input_embeddings(), model.get_output_embeddings()
         if (emb is not None and head is not None and head.weight is not emb.weight
                 and head.weight.shape == emb.weight.shape):
