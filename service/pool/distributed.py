@@ -55,6 +55,7 @@ MAX_RESTARTS = 8
 WAIT_FOR_NODES_S = 60.0
 MONITOR_INTERVAL_S = 2.0
 PID_WAIT_S = 120.0  # how long an agent's pid() question waits for its node's worker to start
+RELEASE_WAIT_S = 10.0  # how long the end of a job waits for its nodes to take their memory back
 
 
 def _fetch(value: Any) -> bytes:
@@ -384,16 +385,21 @@ class DistributedJobRunner(RunnerMailbox):
         return kept
 
     def _release(self, keep: set[str] = frozenset()) -> None:
-        """Give back this job's reservation on every node not in `keep`."""
+        """Give back this job's reservation on every node not in `keep`, and wait (a few
+        seconds at most) until the agents have taken it back: whoever hears that the job ended
+        (the scheduler, a test) then finds that memory free, not still promised to it."""
+        pending = []
         for node, agent_name_ in list(self._reserved_on.items()):
             if node in keep:
                 continue
             self._reserved_on.pop(node, None)
             try:
-                ray.get_actor(agent_name_, namespace=AGENT_NAMESPACE).unregister_job.remote(
-                    self.job_id)
+                pending.append(ray.get_actor(agent_name_, namespace=AGENT_NAMESPACE)
+                               .unregister_job.remote(self.job_id))
             except Exception:  # noqa: BLE001 - an agent that is gone holds nothing
                 pass
+        if pending:  # ray.wait does not raise for an agent that died meanwhile
+            ray.wait(pending, num_returns=len(pending), timeout=RELEASE_WAIT_S)
 
     def _choose(self) -> list[Candidate]:
         deadline = time.monotonic() + self.wait_for_nodes_s
