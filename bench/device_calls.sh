@@ -20,6 +20,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 T=${T:-570}
 start=$(date +%s)
 left() { echo $(( T - ($(date +%s) - start) )); }
+enough() {  # enough SECONDS: whether the call has that long left; says so when it has not
+    [ "$(left)" -ge "$1" ] && return 0
+    echo "$piece: skipped, $(left) s left of the call (needs $1)"
+    return 1
+}
 R=$OUT/res
 mkdir -p "$R"
 # The device gets a copy of the working tree without .git, so the call names the commit.
@@ -40,10 +45,11 @@ while [ $# -gt 0 ]; do
     piece=$1; shift
     case $piece in
         floors)
-            floor 3b 3.5
-            floor 8b 6.5
+            enough 120 && floor 3b 3.5
+            enough 200 && floor 8b 6.5
             ;;
         tests)
+            enough 120 || continue
             timeout $(( $(left) - 20 )) python -m pytest -m gpu tests/train -k "not two_gpus" -q \
                 -p no:cacheprovider > "$R/gpu-tests.txt" 2>&1
             echo "gpu tests: $(tail -1 "$R/gpu-tests.txt")"
@@ -51,12 +57,14 @@ while [ $# -gt 0 ]; do
         table)
             shapes=$1 mbs=$2; shift 2
             name="table-${shapes//,/-}-mb${mbs//,/-}"
+            enough 200 || continue
             python bench/train_speed.py --shapes "$shapes" --mb "$mbs" --steps 6 --warmup 2 \
                 --runners lorapool,unsloth,plain,liger --budget-s $(( $(left) - 100 )) \
                 --out "$R/$name" > "$R/$name.txt" 2>&1
             echo "$name:"; grep -E "^(1b|3b|8b) " "$R/$name.txt"
             ;;
         grid)
+            enough 200 || continue
             python bench/gpu_memory.py --subset all --seqs 512,2048 --mbs 1 --ranks 16 \
                 --packed both --per-gpu 6 --budget-s $(( $(left) - 100 )) \
                 > "$R/grid-short-points.txt" 2>&1
