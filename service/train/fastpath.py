@@ -9,9 +9,10 @@ the reason "fast path not built". The plan type is `spec.FastPlan` either way.
     plan = resolve_plan(spec, device)            # FastPlan (frozen), recorded in events + lorapool.json
     plan = without(plan, {"piece": "why"})       # a piece the caller cannot use, turned off
     plan = fit_memory(plan, spec, device, budget)  # host_head / cuda_graphs as the memory allows
-    where = load_placement(plan, spec, device, budget)  # "host" / "tables_on_host" / "input_
-    keep_tables_on_host(model, plan, device)     #   embedding_on_host" / "device"; tables read
-                                                 #   into host memory stay there
+    where = load_placement(plan, spec, device, budget)  # "host", "tables_on_host",
+    keep_tables_on_host(model, plan, device)     #   "head_on_host", "input_embedding_on_host"
+                                                 #   or "device"; tables read into host
+                                                 #   memory stay there
     kwargs = prepare_kwargs(plan, spec)          # extra from_pretrained kwargs (attention impl)
     apply(model, plan, spec, device)             # after peft wrapped the model
     graphed_steps(model, plan, params, device, max_tokens=...)  # the CUDA graphs, or None
@@ -145,7 +146,7 @@ def load_placement(plan: FastPlan, spec: TrainSpec, device: torch.device,
     straight onto the card would not fit the room `fit_memory` decided by; else, where the plan
     keeps the input table in host memory, "tables_on_host" (the head too, when it goes there)
     or "input_embedding_on_host" (the loader falls back to "device" for a table tied to a head
-    on the card); else "device"."""
+    on the card); where it keeps only the head there, "head_on_host"; else "device"."""
     if device.type != "cuda" or _fast_module() is None:
         return "device"
     info, room = _card(device) if plan.host_head else (None, 0)
@@ -159,7 +160,7 @@ def placement_decision(plan: FastPlan, spec: TrainSpec, info: Optional[DeviceInf
     if plan.host_head and info is not None and load_decision(spec, info, room, budget):
         return "host"
     if not plan.host_embeddings:
-        return "device"
+        return "head_on_host" if plan.host_head else "device"
     return "tables_on_host" if plan.host_head else "input_embedding_on_host"
 
 

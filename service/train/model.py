@@ -278,12 +278,15 @@ def load_tokenizer(folder: str | Path, spec: TrainSpec):
 
 
 def host_tables_device_map(folder: str | Path, spec: TrainSpec, index: int, *,
-                              head_on_host: bool = False) -> dict[str, Any] | None:
+                              head_on_host: bool = False,
+                              embedding_on_host: bool = True) -> dict[str, Any] | None:
     """A `device_map` that reads the input embedding (and with `head_on_host` the output head)
     into host memory and every other module onto GPU `index`, or None where that cannot be
     said: the embedding is tied to a head that stays on the card (the head needs the table
     there), or a module on the way to a table holds weights of its own. Worked out on a
-    weightless copy of the model: nothing is loaded.
+    weightless copy of the model: nothing is loaded. `embedding_on_host=False` (with
+    `head_on_host`) leaves an untied input embedding on the card; a tied one goes with the
+    head, as it is one table.
 
     The map names the tables' siblings at every level rather than using a catch-all "":
     accelerate places the whole subtree of a "" entry on its device first, the tables
@@ -297,7 +300,7 @@ def host_tables_device_map(folder: str | Path, spec: TrainSpec, index: int, *,
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         tied = bool(getattr(text, "tie_word_embeddings", False)
                     or getattr(config, "tie_word_embeddings", False))
-        if tied and not head_on_host:
+        if (tied and not head_on_host) or not (head_on_host or embedding_on_host):
             return None
         with init_empty_weights():
             empty = AutoModelForCausalLM.from_config(
@@ -308,12 +311,13 @@ def host_tables_device_map(folder: str | Path, spec: TrainSpec, index: int, *,
     emb, head = empty.get_input_embeddings(), empty.get_output_embeddings()
     if not isinstance(emb, torch.nn.Embedding):
         return None
-    tables = [emb]
+    shared = tied or (head is not None and getattr(head, "weight", None) is emb.weight)
+    tables = [emb] if embedding_on_host or shared else []
     if head_on_host:
         if type(head) is not torch.nn.Linear:
             return None
         tables.append(head)
-    elif head is not None and getattr(head, "weight", None) is emb.weight:
+    elif shared:
         return None
     targets = {name for name, module in empty.named_modules() if any(module is t for t in tables)}
     if len(targets) != len(tables) or "" in targets:
@@ -336,7 +340,13 @@ def host_tables_device_map(folder: str | Path, spec: TrainSpec, index: int, *,
     return device_map
 
 
-LoadPlacement = Literal["device", "input_embedding_on_host", "tables_on_host", "host"]
+LoadPlacement = Literal["device", "input_embedding_on_host", "tables_on_host", "head_on_host",
+                        "host"]
+_SPLIT_LOADS = {  # placement: (head read into host memory, input embedding read there)
+    "input_embedding_on_host": (False, True),
+    "tables_on_host": (True, True),
+    "head_on_host": (True, False),
+}
 
 
 def load_base_model(spec: TrainSpec, device: torch.device | str | None = None,
@@ -362,6 +372,9 @@ def load_base_model(spec: TrainSpec, device: torch.device | str | None = None,
     - "tables_on_host" (a CUDA device): the same, with the output head (tied to the input table
       or not) read into host memory too, for a plan that streams the head from there: the card
       never holds it, where moving it after a straight load would need it there first;
+    - "head_on_host" (a CUDA device): only the head read into host memory (and the input table
+      where it is tied to the head), for a plan that streams the head but keeps the input
+      embedding on the card;
     - "host" (the default when `keep_on_host` is given; on any device, so the CPU tests drive
       it end to end): loaded and quantised on the CPU, frozen, `keep_on_host(model)` swaps in
       the modules that stay in host memory (the fast path's host tables, whose `_apply` ignores
@@ -381,12 +394,14 @@ def load_base_model(spec: TrainSpec, device: torch.device | str | None = None,
     tokenizer = load_tokenizer(folder, spec)
     if placement is None:
         placement = "host" if keep_on_host is not None else "device"
-    split_load = placement in ("input_embedding_on_host", "tables_on_host")
+    split_load = placement in _SPLIT_LOADS
     if split_load and (device.type != "cuda" or keep_on_host is None):
         placement, split_load = "device", False
-    split = host_tables_device_map(folder, spec, device.index,
-                                      head_on_host=placement == "tables_on_host") \
-        if split_load else None
+    split = None
+    if split_load:
+        head_on_host, embedding_on_host = _SPLIT_LOADS[placement]
+        split = host_tables_device_map(folder, spec, device.index, head_on_host=head_on_host,
+                                       embedding_on_host=embedding_on_host)
     if split_load and split is None:
         placement = "device"
     model = None

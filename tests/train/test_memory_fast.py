@@ -208,7 +208,8 @@ def test_where_the_weights_arrive(one_b):
     """fastpath.placement_decision: the input table is read into host memory wherever the fast
     path keeps it there, and the head with it where the head goes to the host; the whole model
     loads on the CPU only where its head goes to the host and even a straight load (head on
-    the card) would not fit; without host embeddings the model loads straight onto the card."""
+    the card) would not fit; without host embeddings the model loads straight onto the card,
+    but for a head that goes to the host: that is read there."""
     from dataclasses import replace
 
     from lorapool.service.train.fastpath import placement_decision
@@ -226,3 +227,5 @@ def test_where_the_weights_arrive(one_b):
     assert placement_decision(replace(plan, host_embeddings=False), spec, card, 0) == "device"
     assert placement_decision(replace(head_out, host_embeddings=False), spec, card,
                               straight - 1) == "host"
+    assert placement_decision(replace(head_out, host_embeddings=False), spec, card,
+                              straight) == "head_on_host"
