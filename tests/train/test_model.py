@@ -263,9 +263,9 @@ def test_the_input_embedding_is_read_into_host_memory(tmp_path, tied):
                                    keep_on_host=lambda m: hh.keep_tables_on_host(m, device))
         peaks[placement] = torch.cuda.max_memory_allocated(device) - base
         emb = model.get_input_embeddings()
-        if placement == "tables_on_host" or (placement == "input_embedding_on_host"
-                                              and not tied) or (placement == "head_on_host"
-                                                                and tied):
+        input_table_on_host = {"device": False, "input_embedding_on_host": not tied,
+                               "tables_on_host": True, "head_on_host": tied}[placement]
+        if input_table_on_host:
             assert isinstance(emb, HostEmbedding) and emb.weight.is_pinned()
         else:
             assert isinstance(emb, torch.nn.Embedding) and emb.weight.device.type == "cuda"
