@@ -7,6 +7,7 @@
 #   COMMIT=8c4d6f6 T=570 bash bench/device_calls.sh floors tests   # COMMIT: this tree's sha
 #   T=570 bash bench/device_calls.sh table 8b 1,4     # speed table rows, four runners
 #   T=570 bash bench/device_calls.sh grid             # estimate vs measured, short grid points
+#   T=570 bash bench/device_calls.sh ablate 1b        # micro-batch 4: one fast piece off at a time
 #
 # `floors`: the 3B job on a 3.5 GiB card and the 8B job on a 6.5 GiB card, each with its CUDA
 # allocations traced (what is live at the peak). `tests`: the `-m gpu` tests of tests/train.
@@ -63,6 +64,21 @@ while [ $# -gt 0 ]; do
                 --out "$R/$name" > "$R/$name.txt" 2>&1
             echo "$name:"; grep -E "^(1b|3b|8b) " "$R/$name.txt"
             ;;
+        ablate)
+            # Where micro-batch 4 loses to Unsloth (0.80-0.97x, README): lorapool with one
+            # piece off at a time, and a profile of the default, on SHAPE (1b by default).
+            shape=${1:-1b}; [ $# -gt 0 ] && shift
+            enough 200 || continue
+            python bench/train_speed.py --shapes "$shape" --mb 4 --steps 6 --warmup 2 \
+                --variant 'nooffload={"offload_activations": "off"}' \
+                --variant 'nographs={"cuda_graphs": "off"}' \
+                --variant 'nokernels={"kernels": "off"}' \
+                --variant 'nogroup={"grouped_lora": "off"}' \
+                --runners lorapool,lorapool@nooffload,lorapool@nographs,lorapool@nokernels,lorapool@nogroup \
+                --profile lorapool --budget-s $(( $(left) - 100 )) \
+                --out "$R/ablate-$shape-mb4" > "$R/ablate-$shape-mb4.txt" 2>&1
+            echo "ablate-$shape-mb4:"; grep -E "^(1b|3b|8b) " "$R/ablate-$shape-mb4.txt"
+            ;;
         grid)
             enough 200 || continue
             python bench/gpu_memory.py --subset all --seqs 512,2048 --mbs 1 --ranks 16 \
@@ -71,7 +87,7 @@ while [ $# -gt 0 ]; do
             echo "grid:"; tail -5 "$R/grid-short-points.txt"
             ;;
         *)
-            echo "unknown piece: $piece (floors, tests, table SHAPES MBS, grid)" >&2
+            echo "unknown piece: $piece (floors, tests, table SHAPES MBS, grid, ablate [SHAPE])" >&2
             exit 2
             ;;
     esac
