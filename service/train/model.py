@@ -495,15 +495,9 @@ def _undispatch(model: Any, device: torch.device, host_prefixes: tuple[str, ...]
 
     remove_hook_from_module(model, recurse=True)
     model.hf_device_map = {"": device.index}
-    # The offload hooks give each offloaded module its own copy back: a head tied to the input
-    # table (both read into host memory) is tied again, so the two stay one table.
-    from .model_split import tied_tables
-
-    if tied_tables(model):
-        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-        if (emb is not None and head is not None and head.weight is not emb.weight
-                and head.weight.shape == emb.weight.shape):
-            head.weight = emb.weight
+    # The offload hooks give each offloaded module its own copy back: transformers ties a head
+    # tied to the input table (both read into host memory) again, so the two stay one table.
+    model.tie_weights()
     stranded = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
                 if t.device.type == "meta"]
     if stranded:
