@@ -1309,10 +1309,7 @@ class _Pass:
         (score, _, _, _), e = best
         v = info.variants[i]
         if cands is None and may_wait:
-            speed = e.speed
-            if e.shared and placer.wait_counts_sharing:
-                speed /= 1 + e.count  # (e.rate(), inlined: this runs for most jobs)
-            floor = speed * placer.wait_speedup
+            floor = (e.rate() if placer.wait_counts_sharing else e.speed) * placer.wait_speedup
             if floor <= may_wait:
                 # The slowest speed of `soon` at or above the floor (exists: floor <= the
                 # fastest); the soonest such node frees no earlier than `first`.
