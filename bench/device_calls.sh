@@ -8,6 +8,7 @@
 #   T=570 bash bench/device_calls.sh table 8b 1,4     # speed table rows, four runners
 #   T=570 bash bench/device_calls.sh grid             # estimate vs measured, short grid points
 #   T=570 bash bench/device_calls.sh ablate 1b        # micro-batch 4: one fast piece off at a time
+#   T=570 bash bench/device_calls.sh optim            # the optimizer step: per tensor vs packed
 #
 # `floors`: the 3B job on a 3.5 GiB card and the 8B job on a 6.5 GiB card, each with its CUDA
 # allocations traced (what is live at the peak). `tests`: the `-m gpu` tests of tests/train.
@@ -66,7 +67,9 @@ while [ $# -gt 0 ]; do
             ;;
         ablate)
             # Where micro-batch 4 loses to Unsloth (0.80-0.97x, README): lorapool with one
-            # piece off at a time, and a profile of the default, on SHAPE (1b by default).
+            # piece off at a time, and a profile of the default, on SHAPE (1b by default). The
+            # profiled run is slowed by the profiler (29k vs 40k tok/s on 1b, 2026-12-07):
+            # lorapool@same is the default again, unprofiled, to compare the others with.
             shape=${1:-1b}; [ $# -gt 0 ] && shift
             enough 200 || continue
             python bench/train_speed.py --shapes "$shape" --mb 4 --steps 6 --warmup 2 \
@@ -74,10 +77,18 @@ while [ $# -gt 0 ]; do
                 --variant 'nographs={"cuda_graphs": "off"}' \
                 --variant 'nokernels={"kernels": "off"}' \
                 --variant 'nogroup={"grouped_lora": "off"}' \
-                --runners lorapool,lorapool@nooffload,lorapool@nographs,lorapool@nokernels,lorapool@nogroup \
+                --variant 'noflat={"flat_optimizer": "off"}' --variant 'same={}' \
+                --runners lorapool,lorapool@same,lorapool@noflat,lorapool@nooffload,lorapool@nographs,lorapool@nokernels,lorapool@nogroup \
                 --profile lorapool --budget-s $(( $(left) - 100 )) \
                 --out "$R/ablate-$shape-mb4" > "$R/ablate-$shape-mb4.txt" 2>&1
             echo "ablate-$shape-mb4:"; grep -E "^(1b|3b|8b) " "$R/ablate-$shape-mb4.txt"
+            ;;
+        optim)
+            # The optimizer step alone, one call per tensor vs packed (flat_optimizer).
+            enough 60 || continue
+            timeout $(( $(left) - 10 )) python bench/optimizer_step.py \
+                --optimizers adamw_8bit,paged_adamw_8bit > "$R/optimizer-step.txt" 2>&1
+            echo "optim:"; grep -E "^(1b|3b|8b) " "$R/optimizer-step.txt"
             ;;
         grid)
             enough 200 || continue
@@ -87,7 +98,8 @@ while [ $# -gt 0 ]; do
             echo "grid:"; tail -5 "$R/grid-short-points.txt"
             ;;
         *)
-            echo "unknown piece: $piece (floors, tests, table SHAPES MBS, grid, ablate [SHAPE])" >&2
+            echo "unknown piece: $piece (floors, tests, table SHAPES MBS, grid, ablate [SHAPE]," \
+                 "optim)" >&2
             exit 2
             ;;
     esac

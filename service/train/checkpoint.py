@@ -202,12 +202,15 @@ class Checkpoint:
     rng: dict[str, Any]
 
 
-def save_checkpoint(dest: str | Path, *, model, optimizer, scheduler, state: RunState) -> Path:
-    """Write a checkpoint of the run to `dest` atomically; returns `dest`."""
+def save_checkpoint(dest: str | Path, *, model, optimizer_state: dict[str, Any], scheduler,
+                    state: RunState) -> Path:
+    """Write a checkpoint of the run to `dest` atomically; returns `dest`. `optimizer_state`
+    is the optimizer's state dict over the trainable tensors themselves, one per tensor in
+    `trainable_parameters` order (fast/flat_params.py unpacks a packed one)."""
     dest = Path(dest)
     with atomic_dir(dest) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        save_state(tmp, "optimizer", optimizer.state_dict())
+        save_state(tmp, "optimizer", optimizer_state)
         save_state(tmp, "scheduler", scheduler.state_dict())
         save_state(tmp, "rng", capture_rng())
         (tmp / STATE_FILE).write_text(json.dumps(state.to_json(), indent=2, default=str))

@@ -16,6 +16,7 @@ the reason "fast path not built". The plan type is `spec.FastPlan` either way.
     kwargs = prepare_kwargs(plan, spec)          # extra from_pretrained kwargs (attention impl)
     apply(model, plan, spec, device)             # after peft wrapped the model
     graphed_steps(model, plan, params, device, max_tokens=...)  # the CUDA graphs, or None
+    flat = flat_params(plan, params)             # the packed tensors the optimizer steps, or None
     describe(plan)                               # the "status" event's one-line summary
 """
 
@@ -109,6 +110,17 @@ def graphed_steps(model: Any, plan: FastPlan, params: list, device: torch.device
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     return GraphedSteps(model, params, device, max_tokens=max_tokens,
                         hidden_size=int(lm.config.hidden_size))
+
+
+def flat_params(plan: FastPlan, params: list) -> Any:
+    """`params` packed into one buffer per dtype (fast/flat_params.py `FlatParams`: its
+    `.params` go to the optimizer), or None when the plan has flat_optimizer off or the fast
+    package is not built. Call it before anything else holds the tensors' storage or grads."""
+    if not plan.flat_optimizer or _fast_module() is None or not params:
+        return None
+    from .fast.flat_params import FlatParams
+
+    return FlatParams(params)
 
 
 def fit_memory(plan: FastPlan, spec: TrainSpec, device: torch.device,

@@ -200,7 +200,11 @@ class Trainer:
         self.events.total_steps = self.total_steps
 
         self.params = list(trainable_parameters(self.model).values())
-        self.optimizer = _optimizer(spec, self.params, self.device)
+        # flat_optimizer: the tensors packed into one buffer (fast/flat_params.py); the
+        # optimizer, the clipping and the all-reduce then see the flat tensors (`step_params`).
+        self.flat = fastpath.flat_params(self.plan, self.params)
+        self.step_params = self.flat.params if self.flat is not None else self.params
+        self.optimizer = _optimizer(spec, self.step_params, self.device)
         self.scheduler = _scheduler(spec, self.optimizer, self.total_steps)
         self.scaler = LossScaler(needs_loss_scaling(self.compute_dtype), self.device.type)
         # The plan's CUDA graphs (fast/graphs.py), None when off; they accumulate into .grad
@@ -247,7 +251,14 @@ class Trainer:
         if unexpected:
             raise TrainError(f"checkpoint {path} has adapter weights this model lacks: "
                              f"{unexpected[:5]}", code="checkpoint_mismatch")
-        ckpt.load_optimizer_state(self.optimizer, c.optimizer)
+        optimizer_state = c.optimizer
+        if self.flat is not None:  # checkpoints keep the per-tensor layout
+            try:
+                optimizer_state = self.flat.pack_state(optimizer_state)
+            except ValueError as exc:
+                raise TrainError(f"cannot resume from {path}: {exc}",
+                                 code="checkpoint_mismatch") from exc
+        ckpt.load_optimizer_state(self.optimizer, optimizer_state)
         self.scheduler.load_state_dict(c.scheduler)
         ckpt.restore_rng(c.rng)
         self.scaler.load_state_dict(st.loss_scaler)
@@ -305,17 +316,17 @@ class Trainer:
         n_tokens = sum(n_input_tokens(b) for b in batches)
         if self.dist is not None:  # dist: normalise by the label tokens of the GLOBAL step
             n_labels = self.dist.sum_int(n_labels)
-        self.optimizer.zero_grad(set_to_none=self.graphs is None)
+        self._zero_grad(set_to_none=self.graphs is None)
         if self.dist is not None:
             loss_total = self._dist_backward(batches, n_labels)
         else:
             loss_total = self._backward(batches, n_labels)
         if self.dist is not None:  # dist: the 1-worker gradient is the sum over ranks
-            self.dist.reduce_gradients(self.params)
+            self.dist.reduce_gradients(self.step_params)
             loss_total, n_tokens = self.dist.sum_float(loss_total, float(n_tokens))
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         max_norm = self.spec.max_grad_norm if self.spec.max_grad_norm is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.step_params, max_norm))
         if not math.isfinite(grad_norm) and not self.scaler.enabled:
             raise NonFiniteLossError(f"gradient norm became {grad_norm} at step {self.step + 1}")
         lr = self.scheduler.get_last_lr()[0]
@@ -331,9 +342,17 @@ class Trainer:
                              f"skipped, loss scale now {self.scaler.scale_value:g}",
                              data={"skipped_steps": self.state.skipped_steps,
                                    "loss_scale": self.scaler.scale_value})
-        self.optimizer.zero_grad(set_to_none=self.graphs is None)
+        self._zero_grad(set_to_none=self.graphs is None)
         return {"loss": loss_total / max(1, n_labels), "grad_norm": grad_norm, "lr": lr,
                 "tokens": n_tokens}
+
+    def _zero_grad(self, *, set_to_none: bool) -> None:
+        """Zero the gradients, or drop them (`set_to_none`) where nothing needs them to stay
+        the same tensors; the flat buffers' views must stay the parameters' grads."""
+        if self.flat is not None:
+            self.flat.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def _backward(self, batches: list[dict[str, torch.Tensor]], n_labels: int) -> float:
         """Forward and backward of every micro-batch, each loss scaled by the step's label
@@ -387,13 +406,13 @@ class Trainer:
             try:
                 return self._optimizer_step(rows)
             except _PeerOutOfMemory:  # dist: another rank ran out; retry with the same size
-                self.optimizer.zero_grad(set_to_none=True)
+                self._zero_grad(set_to_none=True)
                 continue
             except torch.OutOfMemoryError as exc:
                 oom = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
             # Outside the except block: the exception's traceback pins the tensors of the failed
             # forward, and only once it is gone can their memory be given back.
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad(set_to_none=True)
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -447,8 +466,12 @@ class Trainer:
         self.state.grad_accum = math.ceil(self.spec.batch_size / self.micro_batch_size)
         self.state.loss_scaler = self.scaler.state_dict()
         folder = self.output_dir / "checkpoints"
+        optimizer_state = self.optimizer.state_dict()
+        if self.flat is not None:  # the per-tensor layout, whichever way this run packed them
+            optimizer_state = self.flat.unpack_state(optimizer_state)
         path = ckpt.save_checkpoint(folder / ckpt.checkpoint_name(self.step), model=self.model,
-                                    optimizer=self.optimizer, scheduler=self.scheduler, state=self.state)
+                                    optimizer_state=optimizer_state, scheduler=self.scheduler,
+                                    state=self.state)
         self.last_checkpoint = path
         self.events.emit("checkpoint", self.step, epoch=self._epoch_float(), path=str(path),
                          loss=self.metrics.get("train_loss"),  # the service lists it per checkpoint

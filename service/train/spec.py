@@ -61,6 +61,9 @@ class FastSpec(BaseModel):
     # a micro-batch's forward + backward replayed as a CUDA graph (fast/graphs.py): no launch
     # overhead at micro-batch 1; CUDA bf16 only, needs lora.dropout 0, padding_free, chunked_loss
     cuda_graphs: Switch = "auto"
+    # the trainable tensors packed into one buffer, so the optimizer steps it in one call
+    # (fast/flat_params.py); bitsandbytes otherwise launches and syncs once per tensor
+    flat_optimizer: Switch = "auto"
 
 
 FAST_PIECES: tuple[str, ...] = tuple(FastSpec.model_fields)
@@ -81,6 +84,7 @@ class FastPlan:
     host_head: bool = False
     grouped_lora: bool = False
     cuda_graphs: bool = False
+    flat_optimizer: bool = False
     reasons: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:

@@ -166,6 +166,21 @@ def test_training_with_graphs_gives_the_same_adapter(tiny_model_dir, data, tmp_p
     _assert_same_adapters(tmp_path / "plain", tmp_path / "graphed")
 
 
+def test_graphs_accumulate_into_the_flat_optimizer_buffers(tiny_model_dir, data, tmp_path):
+    """flat_optimizer on (fast/flat_params.py): the graphs take the packed views as their
+    gradient buffers instead of seating their own, and the run trains the same adapter."""
+    plain = _trainer(tiny_model_dir, data, tmp_path / "plain", optimizer="adamw")
+    plain.run()
+    packed = _trainer(tiny_model_dir, data, tmp_path / "packed", optimizer="adamw",
+                      fast={**FORCED, "flat_optimizer": "on"})
+    assert packed.flat is not None
+    packed.graphs = _graphs(packed)
+    result = packed.run()
+    assert result.metrics["cuda_graphs"]["replays"] > 0
+    assert packed.flat.intact()  # the graphs wrote into the views, never replaced them
+    _assert_same_adapters(tmp_path / "plain", tmp_path / "packed")
+
+
 def test_a_flat_row_of_several_examples_is_split_and_graphed(tiny_model_dir, data, tmp_path):
     """Micro-batch 4 of examples of different lengths: FlatCollator makes one flat row of four
     documents; the graphs take them as four padded rows, with the eager step's loss and

@@ -5,8 +5,10 @@ The pieces are the fields of `spec.FastSpec` (`FAST_PIECES`, also exported here 
 input as one node, on top of fused_lora), `offload_activations` (fast/offload.py), `kernels`
 (Liger, fast/kernels.py), `padding_free` (fast/attention.py), `chunked_loss` (the trainer's
 loss.py), `host_embeddings` (fast/embeddings.py), `host_head` (fast/host_head.py: the frozen
-output head streamed from host memory into the loss) and `cuda_graphs` (fast/graphs.py: a
-micro-batch's forward and backward replayed as one CUDA graph). `TrainSpec.fast` switches each "auto",
+output head streamed from host memory into the loss), `cuda_graphs` (fast/graphs.py: a
+micro-batch's forward and backward replayed as one CUDA graph) and `flat_optimizer`
+(fast/flat_params.py: the trainable tensors in one buffer, stepped by one optimizer call; the
+trainer applies it, as it builds the optimizer). `TrainSpec.fast` switches each "auto",
 "on" or "off"; `resolve_fast(spec, device)` turns that into a `spec.FastPlan` for the device:
 
 - CUDA: "auto" is on wherever the piece can run (`host_head` and `cuda_graphs` stay
@@ -133,7 +135,9 @@ def _what_runs(piece: str, device: torch.device) -> str:
             "host_head": "frozen output head in pinned host memory, streamed into the loss",
             "grouped_lora": "q/k/v and gate/up projections as one fused node each",
             "cuda_graphs": "forward + backward of each micro-batch shape replayed as a CUDA "
-                           "graph (one-document rows, padded to a length bucket)"}[piece]
+                           "graph (one-document rows, padded to a length bucket)",
+            "flat_optimizer": "trainable tensors in one buffer, one optimizer call per step"
+            }[piece]
 
 
 def resolve_fast(spec: Any, device: torch.device | str) -> FastPlan:

@@ -358,7 +358,10 @@ class GraphedSteps:
         """Make every parameter's `.grad` the buffer the graphs accumulate into, keeping what
         it held (an optimizer's zero_grad(set_to_none=True) or an eager backward replaces it)."""
         if self._grads is None:
-            self._grads = [torch.zeros_like(p) for p in self.params]
+            # Grads that already stay put (flat_params.py's views of one buffer) are the
+            # buffers; a parameter without one gets its own.
+            self._grads = [p.grad if p.grad is not None else torch.zeros_like(p)
+                           for p in self.params]
         for p, buf in zip(self.params, self._grads):
             g = p.grad
             if g is buf:
