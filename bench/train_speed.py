@@ -329,9 +329,7 @@ def run_lorapool(job: dict, clock) -> dict:
         memory_trace.stop_and_report(trace)
     if prof is not None:
         prof.stop()
-        table = prof.key_averages().table(sort_by="cuda_time_total" if device == "cuda"
-                                          else "cpu_time_total", row_limit=40, max_name_column_width=60)
-        Path(job["profile"]).write_text(table)
+        Path(job["profile"]).write_text(_profile_tables(prof, device))
     return {"status": "ok", "losses": losses, "adapter_dir": str(result.adapter_dir),
             "fast_plan": _recorded_fast(result.adapter_dir),
             "fast_requested": fast if has_fast else "n/a (TrainSpec has no `fast`)",
@@ -348,7 +346,22 @@ def _profiler(job: dict):
     from torch.profiler import ProfilerActivity, profile, schedule
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if job["device"] == "cuda" else [])
-    return profile(activities=acts, schedule=schedule(wait=2, warmup=1, active=2, repeat=1))
+    # Input shapes, so the second table can tell the ops apart by what they ran on; kernels
+    # replayed from a CUDA graph have no launching op (profile a run with cuda_graphs off).
+    return profile(activities=acts, schedule=schedule(wait=2, warmup=1, active=2, repeat=1),
+                   record_shapes=True)
+
+
+def _profile_tables(prof, device: str) -> str:
+    """The profile as two tables: everything by total time (kernels and annotated ranges),
+    then the ops by their input shapes, by their own device time (which op on which tensors:
+    an (N, vocab) elementwise op is the loss, an (N, intermediate) one the MLP)."""
+    by = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    own = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    kernels = prof.key_averages().table(sort_by=by, row_limit=40, max_name_column_width=60)
+    shapes = prof.key_averages(group_by_input_shape=True).table(
+        sort_by=own, row_limit=40, max_name_column_width=60, max_shapes_column_width=80)
+    return f"{kernels}\n\nby op and input shapes:\n{shapes}"
 
 
 def _recorded_fast(adapter_dir) -> Any:

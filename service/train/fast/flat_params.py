@@ -113,7 +113,8 @@ class FlatParams:
     def unpack_state(self, state: dict[str, Any]) -> dict[str, Any]:
         """The state dict `state` of an optimizer over `params` (one param group, as the
         trainer builds it) as the same optimizer over `members` would have written it: one
-        entry per tensor, sliced out of the flat state, numbered in `members` order."""
+        entry per tensor, sliced out of the flat state, numbered in `members` order. Its tensors
+        are views of the optimizer's live state: write them out, do not keep them."""
         (group,) = state["param_groups"]
         per_tensor: dict[int, Any] = {}
         for pack, flat_id in zip(self.packs, group["params"]):
@@ -167,7 +168,8 @@ def _kind(key: str, value: Any, numel: int) -> str:
 
 
 def _slice_state(flat_state: dict[str, Any], pack: _Pack, i: int) -> dict[str, Any]:
-    """Member `i`'s share of one flat tensor's optimizer state."""
+    """Member `i`'s share of one flat tensor's optimizer state: views, no copies (a checkpoint
+    copies each to the host as it writes it; a copy here would take card memory)."""
     p, off = pack.members[i], pack.offsets[i]
     out: dict[str, Any] = {}
     for key, value in flat_state.items():
@@ -176,9 +178,9 @@ def _slice_state(flat_state: dict[str, Any], pack: _Pack, i: int) -> dict[str, A
             continue
         kind = _kind(key, value, pack.flat.numel())
         if kind == "block":
-            out[key] = value[off // BLOCK:(off + p.numel() + BLOCK - 1) // BLOCK].clone()
+            out[key] = value[off // BLOCK:(off + p.numel() + BLOCK - 1) // BLOCK]
         elif kind == "element":
-            out[key] = value.reshape(-1)[off:off + p.numel()].reshape(p.shape).clone()
+            out[key] = value.reshape(-1)[off:off + p.numel()].reshape(p.shape)
         else:
             out[key] = value
     return out
