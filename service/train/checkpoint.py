@@ -202,6 +202,20 @@ class Checkpoint:
     rng: dict[str, Any]
 
 
+def _adapter_key(name: str) -> bool:
+    return "lora_" in name or "modules_to_save" in name
+
+
+def save_adapter_weights(model, folder: Path) -> None:
+    """`model.save_pretrained(folder)` (peft, safetensors) with the adapter's tensors copied to
+    the host first, one at a time. peft clones tensors that share a storage before it writes
+    (safetensors refuses aliases), and the packed tensors of fast/flat_params.py all share
+    one: left to peft, every save would copy the whole adapter on the card."""
+    state = {k: v.detach().to("cpu", copy=True) if _adapter_key(k) else v
+             for k, v in model.state_dict().items()}
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state)
+
+
 def save_checkpoint(dest: str | Path, *, model, optimizer_state: dict[str, Any], scheduler,
                     state: RunState) -> Path:
     """Write a checkpoint of the run to `dest` atomically; returns `dest`. `optimizer_state`
@@ -209,7 +223,7 @@ def save_checkpoint(dest: str | Path, *, model, optimizer_state: dict[str, Any],
     `trainable_parameters` order (fast/flat_params.py unpacks a packed one)."""
     dest = Path(dest)
     with atomic_dir(dest) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        save_adapter_weights(model, tmp)
         save_state(tmp, "optimizer", optimizer_state)
         save_state(tmp, "scheduler", scheduler.state_dict())
         save_state(tmp, "rng", capture_rng())

@@ -259,6 +259,7 @@ class Trainer:
                 raise TrainError(f"cannot resume from {path}: {exc}",
                                  code="checkpoint_mismatch") from exc
         ckpt.load_optimizer_state(self.optimizer, optimizer_state)
+        self._check_packing(f"resuming from {path.name}")
         self.scheduler.load_state_dict(c.scheduler)
         ckpt.restore_rng(c.rng)
         self.scaler.load_state_dict(st.loss_scaler)
@@ -322,7 +323,9 @@ class Trainer:
         else:
             loss_total = self._backward(batches, n_labels)
         if self.dist is not None:  # dist: the 1-worker gradient is the sum over ranks
-            self.dist.reduce_gradients(self.step_params)
+            # The members' grads, not the flat ones: they are views, written in place, and
+            # reduce in buckets instead of one copy of the whole gradient.
+            self.dist.reduce_gradients(self.params)
             loss_total, n_tokens = self.dist.sum_float(loss_total, float(n_tokens))
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         max_norm = self.spec.max_grad_norm if self.spec.max_grad_norm is not None else math.inf
@@ -345,6 +348,14 @@ class Trainer:
         self._zero_grad(set_to_none=self.graphs is None)
         return {"loss": loss_total / max(1, n_labels), "grad_norm": grad_norm, "lr": lr,
                 "tokens": n_tokens}
+
+    def _check_packing(self, when: str) -> None:
+        """flat_optimizer: fail loudly if anything replaced a packed tensor's data or grad
+        (the optimizer would go on stepping the flat copy, and the adapter would not learn)."""
+        if self.flat is not None and not self.flat.intact():
+            raise TrainError(f"a trainable tensor left the optimizer's packed buffer {when} "
+                             "(fast/flat_params.py); set fast.flat_optimizer to \"off\"",
+                             code="flat_optimizer_broken")
 
     def _zero_grad(self, *, set_to_none: bool) -> None:
         """Zero the gradients, or drop them (`set_to_none`) where nothing needs them to stay
@@ -485,6 +496,7 @@ class Trainer:
         self._setup()
         spec = self.spec
         self.last_checkpoint: Path | None = None
+        session_start_step = self.step
         if self.device.type == "cuda":
             # What loading took (the card had to hold it too), before the peaks restart with
             # the training itself.
@@ -511,6 +523,8 @@ class Trainer:
             mine = indices if self.dist is None else self.dist.shard(indices)
             out = self._step_with_oom_fallback(self._rows(self.train_data, mine) if mine else [])
             self._report_graphs_off()
+            if self.step == session_start_step:
+                self._check_packing("after the first step")
             self.step += 1
             self.index_in_epoch += len(indices)
             dt = time.perf_counter() - t0

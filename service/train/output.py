@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_dir
+from .checkpoint import atomic_dir, save_adapter_weights
 from .spec import TrainSpec
 
 METADATA_FILE = "lorapool.json"
@@ -46,7 +46,7 @@ def save_adapter(model, dest: str | Path, spec: TrainSpec, *, base_model_sha256:
     """Write the adapter of peft `model` and its metadata to `dest` (atomically); returns `dest`."""
     dest = Path(dest)
     with atomic_dir(dest) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        save_adapter_weights(model, tmp)
         # peft records the local path the base was loaded from; the id is what travels.
         cfg_path = tmp / "adapter_config.json"
         cfg = json.loads(cfg_path.read_text())

@@ -256,3 +256,53 @@ def test_a_checkpoint_of_another_model_is_refused_by_name(tiny_model_dir, data, 
         train(other, data, tmp_path / "x", cache_dir=tmp_path / "cache",
               resume_from=part.last_checkpoint)
     assert err.value.code == "checkpoint_mismatch"
+
+
+def test_the_trainer_stops_when_a_packed_tensor_is_cut_loose(tiny_model_dir, data, tmp_path):
+    # Something dropped a member's grad: autograd then gives it a tensor of its own, which the
+    # optimizer (stepping the flat buffer) would never read. The run must say so, not go on.
+    from lorapool.service.train.loop import Trainer
+
+    t = Trainer(_spec(tiny_model_dir, "on", max_steps=3), str(data), tmp_path / "out",
+                cache_dir=tmp_path / "cache")
+    t._setup()
+    t.params[0].grad = None
+    with pytest.raises(TrainError, match="left the optimizer's packed buffer after the first "
+                                         "step") as err:
+        t.run()
+    assert err.value.code == "flat_optimizer_broken"
+
+
+def test_saving_hands_peft_host_copies_not_the_packed_storage(tiny_model_dir, data, tmp_path,
+                                                             monkeypatch):
+    # The packed tensors share one storage, and peft clones aliased tensors where they are
+    # (on a card: a copy of the whole adapter at every checkpoint). The trainer hands it
+    # separate host copies instead, and the file holds the trained values.
+    from lorapool.service.train import checkpoint
+    from lorapool.service.train.loop import Trainer
+
+    t = Trainer(_spec(tiny_model_dir, "on", max_steps=2), str(data), tmp_path / "out",
+                cache_dir=tmp_path / "cache")
+    t._setup()
+    packed = {p.untyped_storage().data_ptr() for p in t.params}
+    assert len(packed) == 1
+    handed: dict = {}
+    save = type(t.model).save_pretrained
+
+    def spy(model, folder, **kw):
+        handed.update(kw["state_dict"])
+        return save(model, folder, **kw)
+
+    monkeypatch.setattr(type(t.model), "save_pretrained", spy)
+    t.run()
+    adapter = {k: v for k, v in handed.items() if checkpoint._adapter_key(k)}
+    assert adapter and all(v.device.type == "cpu" for v in adapter.values())
+    storages = [v.untyped_storage().data_ptr() for v in adapter.values()]
+    assert len(set(storages)) == len(storages) and not packed & set(storages)
+    weights = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
+    assert len(weights) == len(adapter)
+    trained = dict(t.model.named_parameters())
+    for name, w in weights.items():
+        live = next(v for k, v in trained.items()
+                    if k.replace(".default", "") == name)
+        assert torch.equal(w, live.detach().cpu())

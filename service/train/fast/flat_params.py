@@ -12,11 +12,15 @@ it. The parameters keep their identity (peft's modules, the CUDA graphs and the 
 hold them); autograd accumulates into the views in place; the optimizer is given only the flat
 parameters (`params`). Each tensor starts at a multiple of 256 elements, bitsandbytes' block
 size for 8-bit optimizer state, and the padding after it gets zero gradients, so its moments
-stay at the map's smallest code and never set a block's scale: every block of the flat state
+stay at the code of 0.0 and never set a block's scale: every block of the flat state
 quantises what that tensor's own state would, and the flat step is the per-tensor step, bit
-for bit (tests/train/test_fast_flat_params.py), for tensors of at least 4,096 elements
-(bitsandbytes keeps 32-bit state for smaller ones; packed, they get 8-bit state, unless the
-run resumed from 32-bit state). No view reads the padding.
+for bit (tests/train/test_fast_flat_params.py, on the CPU), for tensors of at least 4,096
+elements. bitsandbytes keeps 32-bit state for smaller ones; packed, they get 8-bit state. (A
+run resumed from a per-tensor checkpoint in which every tensor of a buffer had 32-bit state,
+a model that small, keeps 32-bit state for the buffer.) No view reads the padding.
+
+`paged_adamw_8bit` pages the one flat state buffer (bitsandbytes pages buffers of 1e5
+elements and more; per tensor, the smaller LoRA matrices were not paged).
 
 The gradients live as long as the run, which the memory estimate already assumes
 (memory.py's `lora_grads`), so zeroing is in place (`zero_grad`): the optimizer's own
@@ -198,8 +202,11 @@ def _join_state(entries: list[dict[str, Any]], pack: _Pack) -> dict[str, Any]:
         kind = _kind(key, value, pack.members[0].numel())
         if kind == "block":
             joined = torch.zeros(total // BLOCK, dtype=value.dtype, device=value.device)
-            for e, off in zip(entries, pack.offsets):
+            for e, p, off in zip(entries, pack.members, pack.offsets):
                 blocks = e[key].reshape(-1)
+                if blocks.numel() != _padded(p.numel()) // BLOCK:
+                    raise ValueError(f"optimizer state {key!r} has {blocks.numel()} blocks for a "
+                                     f"tensor of {p.numel()} (blocks of {BLOCK} expected)")
                 joined[off // BLOCK:off // BLOCK + blocks.numel()] = blocks
         elif kind == "element":
             joined = torch.full((total,), _zero_code(first, key), dtype=value.dtype,
