@@ -201,7 +201,7 @@ class Trainer:
 
         self.params = list(trainable_parameters(self.model).values())
         # flat_optimizer: the tensors packed into one buffer (fast/flat_params.py); the
-        # optimizer, the clipping and the all-reduce then see the flat tensors (`step_params`).
+        # optimizer and the clipping then see the flat tensors (`step_params`).
         self.flat = fastpath.flat_params(self.plan, self.params)
         self.step_params = self.flat.params if self.flat is not None else self.params
         self.optimizer = _optimizer(spec, self.step_params, self.device)

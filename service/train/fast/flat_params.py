@@ -2,9 +2,10 @@
 
 bitsandbytes' 8-bit AdamW steps one parameter at a time: a Python call, a kernel and a full
 device synchronisation each (`sync_gpu` after every tensor). A LoRA on all seven projections
-has 224 tensors on a 1B Llama and 448 on an 8B one; on an H100 the 1B step spent ~22 ms of host
-time on them for ~1 ms of GPU work, with the card idle in between (bench/results/
-h100-2026-12-07c/, the profile), about a tenth of the whole optimizer step at micro-batch 4.
+has 224 tensors on a 1B Llama and 448 on an 8B one; profiled on an H100, the 1B optimizer step
+spanned 22.5 ms for ~1 ms of kernels, the card idle in between (bench/results/
+h100-2026-12-07c/; the profiler inflates host time, and unprofiled the card idled at most
+~14 ms of a 206 ms step at micro-batch 4, this among it).
 
 `FlatParams` copies every trainable tensor into one contiguous buffer per (device, dtype) and
 makes each parameter's `.data` and `.grad` views of that buffer and of a gradient buffer beside
