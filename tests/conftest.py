@@ -55,6 +55,25 @@ def toy_data() -> type[ToyData]:
     return ToyData
 
 
+def assert_same_adapter(a: str | Path, b: str | Path, *, rtol: float = 1e-5,
+                        atol: float = 1e-6) -> None:
+    """The adapter folders `a` and `b` hold the same tensor names and, to tolerance, values."""
+    import torch
+    from safetensors.torch import load_file
+
+    wa = load_file(str(Path(a) / "adapter_model.safetensors"))
+    wb = load_file(str(Path(b) / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=rtol, atol=atol, msg=k)
+
+
+@pytest.fixture(scope="session")
+def same_adapter():
+    """`assert_same_adapter` as a fixture (test modules cannot import conftest)."""
+    return assert_same_adapter
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, 64-wide random Llama with a char tokenizer and ChatML template (read-only:

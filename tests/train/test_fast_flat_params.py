@@ -4,8 +4,6 @@ the per-tensor layout (so runs resume across the switch), on the CPU with bitsan
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -203,15 +201,8 @@ def data(tmp_path, toy_data):
     return toy_data.write_jsonl(tmp_path / "train.jsonl", toy_data.chat_records(32))
 
 
-def _assert_same_adapter(a: Path, b: Path) -> None:
-    wa = load_file(str(a / "adapter_model.safetensors"))
-    wb = load_file(str(b / "adapter_model.safetensors"))
-    assert wa.keys() == wb.keys() and wa
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
-
-
-def test_the_trainer_packs_when_asked_and_trains_the_same(tiny_model_dir, data, tmp_path):
+def test_the_trainer_packs_when_asked_and_trains_the_same(tiny_model_dir, data, tmp_path,
+                                                           same_adapter):
     # fp32 AdamW: the same moments packed or not (the tiny model's tensors are under
     # bitsandbytes' 4,096-element minimum, so 8-bit state would differ by design).
     events = []
@@ -222,11 +213,12 @@ def test_the_trainer_packs_when_asked_and_trains_the_same(tiny_model_dir, data, 
     plan = next(e.data["fast"] for e in events if e.data and "fast" in e.data)
     assert plan["flat_optimizer"] is True
     assert on.status == off.status == "completed"
-    _assert_same_adapter(on.adapter_dir, off.adapter_dir)
+    same_adapter(on.adapter_dir, off.adapter_dir)
 
 
 @pytest.mark.parametrize("first,then", [("on", "off"), ("off", "on")])
-def test_a_checkpoint_resumes_across_the_switch(tiny_model_dir, data, tmp_path, first, then):
+def test_a_checkpoint_resumes_across_the_switch(tiny_model_dir, data, tmp_path, first, then,
+                                                same_adapter):
     spec = _spec(tiny_model_dir, first, max_steps=5, checkpoint_every=1)
     full = train(spec, data, tmp_path / "full", cache_dir=tmp_path / "cache")
     calls = {"n": 0}
@@ -242,7 +234,7 @@ def test_a_checkpoint_resumes_across_the_switch(tiny_model_dir, data, tmp_path, 
                     tmp_path / "resumed", cache_dir=tmp_path / "cache",
                     resume_from=part.last_checkpoint)
     assert resumed.status == "completed" and resumed.step == 5
-    _assert_same_adapter(resumed.adapter_dir, full.adapter_dir)
+    same_adapter(resumed.adapter_dir, full.adapter_dir)
 
 
 def test_a_checkpoint_of_another_model_is_refused_by_name(tiny_model_dir, data, tmp_path):
