@@ -62,6 +62,18 @@ def test_two_processes_equal_one(setup, same_adapter):
     assert '"world_size": 2' in meta
 
 
+def test_two_processes_with_packed_tensors_equal_one(setup, same_adapter):
+    """flat_optimizer on (fast/flat_params.py) in both ranks: the all-reduce writes into the
+    packed gradient's views, and the run ends as the one-process run without packing."""
+    root, data, spec, ref = setup
+    out = root / "two-flat"
+    flat_spec = TrainSpec.model_validate({**spec.model_dump(), "fast": {"flat_optimizer": "on"}})
+    launch_local(2, spec=flat_spec, data=data, output_dir=out, cache_dir=root / "cache-flat")
+    same_adapter(out / "adapter", ref, **TOL)
+    meta = (out / "adapter" / "lorapool.json").read_text()
+    assert '"flat_optimizer": true' in meta
+
+
 def test_unequal_shares_and_micro_batches_then_resume_on_one(setup, same_adapter):
     """Rank 0 takes 3/4 of each step's rows with micro-batch 3 (a fast card), rank 1 a quarter
     with micro-batch 1; it checkpoints at step 2, and a single process finishes from there."""

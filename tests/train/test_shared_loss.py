@@ -51,16 +51,19 @@ def test_train_and_evaluate_give_the_same_loss_for_the_same_adapter(tiny_model_d
     assert meta["fast"] == status[0].data["fast"] and meta["fast"]["fused_lora"] is False
 
 
-def test_fp16_compute_skips_an_overflowing_step(tiny_model_dir, data, tmp_path):
+@pytest.mark.parametrize("flat", ["off", "on"])
+def test_fp16_compute_skips_an_overflowing_step(tiny_model_dir, data, tmp_path, flat):
     # fp16 on the CPU stands in for a pre-Ampere GPU (no such card here): same scaler code.
+    # flat "on": the scaler finds the overflow in the packed gradient (fast/flat_params.py).
     spec = _spec(tiny_model_dir, compute_dtype="fp16", quantization="none", max_steps=3,
-                 checkpoint_every=2)
+                 checkpoint_every=2, fast={"flat_optimizer": flat})
     events = []
     trainer = Trainer(spec, data["train"], tmp_path / "out", on_event=events.append,
                       cache_dir=tmp_path / "cache")
     trainer._setup()
     assert trainer.compute_dtype == torch.float16 and trainer.scaler.enabled
     assert all(p.dtype == torch.float32 for p in trainer.params)  # fp32 LoRA master weights
+    assert (trainer.flat is not None) == (flat == "on")
     lora_b = next(p for n, p in trainer.model.named_parameters() if "lora_B" in n)
     snapshots = {}
 
