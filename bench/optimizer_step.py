@@ -10,7 +10,9 @@ the device it runs on, for the LoRA of the Llama-3.x shapes that bench/train_spe
     python bench/optimizer_step.py --shapes 8b --optimizers adamw_8bit,paged_adamw_8bit
 
 It prints, per shape and optimizer, the tensors, the median step time of each layout, the
-ratio, and the largest weight difference after the timed steps (0 means bit for bit). Only
+ratio, and the largest weight difference after the timed steps (0 means bit for bit, as it
+must be for 8-bit AdamW where every tensor has at least 4,096 elements: bitsandbytes keeps
+smaller ones' state in 32 bits per tensor, and packed they get 8-bit state). Only
 the optimizer runs: the gradients are fixed random tensors, so this is the step's own cost,
 not a training speed (bench/train_speed.py measures that).
 """
