@@ -29,10 +29,22 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# (hidden, intermediate, layers, heads, kv heads): Llama-3.2-1B/3B and Llama-3.1-8B.
-SHAPES = {"1b": (2048, 8192, 16, 32, 8), "3b": (3072, 8192, 28, 24, 8),
-          "8b": (4096, 14336, 32, 32, 8)}
+import train_speed  # noqa: E402 - the shapes it trains, from its folder
+
+from lorapool.service.train.tiny import PRESETS  # noqa: E402
+
+
+def _dims(shape: str) -> tuple[int, int, int, int, int]:
+    """(hidden, intermediate, layers, heads, kv heads) of bench/train_speed.py's `shape`."""
+    c = {**PRESETS["1b"], **train_speed.SHAPES[shape]}
+    return (c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"],
+            c["num_attention_heads"], c["num_key_value_heads"])
+
+
+# Llama-3.2-1B/3B and Llama-3.1-8B, as bench/train_speed.py trains them.
+SHAPES = {name: _dims(name) for name in train_speed.SHAPES}
 
 
 def lora_shapes(shape: str, r: int) -> list[tuple[int, int]]:

@@ -202,17 +202,16 @@ class Checkpoint:
     rng: dict[str, Any]
 
 
-def _adapter_key(name: str) -> bool:
-    return "lora_" in name or "modules_to_save" in name
-
-
 def save_adapter_weights(model, folder: Path) -> None:
-    """`model.save_pretrained(folder)` (peft, safetensors) with the adapter's tensors copied to
+    """`model.save_pretrained(folder)` (peft, safetensors) with the trainable tensors copied to
     the host first, one at a time. peft clones tensors that share a storage before it writes
     (safetensors refuses aliases), and the packed tensors of fast/flat_params.py all share
     one: left to peft, every save would copy the whole adapter on the card."""
-    state = {k: v.detach().to("cpu", copy=True) if _adapter_key(k) else v
-             for k, v in model.state_dict().items()}
+    from .model import trainable_parameters
+
+    state = model.state_dict()
+    for name, p in trainable_parameters(model).items():
+        state[name] = p.detach().to("cpu", copy=True)
     model.save_pretrained(folder, safe_serialization=True, state_dict=state)
 
 

@@ -270,7 +270,6 @@ def test_saving_hands_peft_host_copies_not_the_packed_storage(tiny_model_dir, da
     # The packed tensors share one storage, and peft clones aliased tensors where they are
     # (on a card: a copy of the whole adapter at every checkpoint). The trainer hands it
     # separate host copies instead, and the file holds the trained values.
-    from lorapool.service.train import checkpoint
     from lorapool.service.train.loop import Trainer
 
     t = Trainer(_spec(tiny_model_dir, "on", max_steps=2), str(data), tmp_path / "out",
@@ -287,13 +286,13 @@ def test_saving_hands_peft_host_copies_not_the_packed_storage(tiny_model_dir, da
 
     monkeypatch.setattr(type(t.model), "save_pretrained", spy)
     t.run()
-    adapter = {k: v for k, v in handed.items() if checkpoint._adapter_key(k)}
+    trained = dict(t.model.named_parameters())
+    adapter = {k: v for k, v in handed.items() if k in trained and trained[k].requires_grad}
     assert adapter and all(v.device.type == "cpu" for v in adapter.values())
     storages = [v.untyped_storage().data_ptr() for v in adapter.values()]
     assert len(set(storages)) == len(storages) and not packed & set(storages)
     weights = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
     assert len(weights) == len(adapter)
-    trained = dict(t.model.named_parameters())
     for name, w in weights.items():
         live = next(v for k, v in trained.items()
                     if k.replace(".default", "") == name)
