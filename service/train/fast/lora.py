@@ -211,17 +211,17 @@ class FusedLoraFunction(torch.autograd.Function):
         if need_a:
             grad_a = (gb.t() @ xdc).float().mul_(scale)
 
-        lora_dx = None
-        if need_x or need_xd:
-            lora_dx = (gb @ a).mul_(scale)  # (N, in), gradient wrt the LoRA path's input
         if need_x:
             w = dequantize_weight(ctx.weight, ctx.quant_state, cd)
             dx = g @ w
             del w
             if xd is None:
-                dx.add_(lora_dx)
+                # The LoRA term accumulates in the GEMM's epilogue: a separate (N, in) product,
+                # its scaling and the add would be three more passes over an activation.
+                dx.addmm_(gb, a, alpha=scale)
             grad_x = dx.reshape(ctx.in_shape).to(x_dtype)
         if xd is not None and need_xd:
+            lora_dx = (gb @ a).mul_(scale)  # (N, in), gradient wrt the dropped-out input
             grad_xd = lora_dx.reshape(ctx.in_shape).to(xd.dtype)
         return grad_x, grad_xd, grad_a, grad_b, None, None, None, None, None
 

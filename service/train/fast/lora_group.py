@@ -125,8 +125,8 @@ class LoraGroupFunction(torch.autograd.Function):
                 off += r
         grad_x = None
         if need_x:
-            lora_dx = gb @ a_cat
-            dx = lora_dx if dx is None else dx.add_(lora_dx)
+            # Accumulated in the GEMM (see lora.py): no (N, in) temporary, no separate add.
+            dx = gb @ a_cat if dx is None else dx.addmm_(gb, a_cat)
             grad_x = dx.reshape(ctx.in_shape).to(x.dtype)
         per_member: list[Any] = []
         for i in range(n):
