@@ -71,7 +71,8 @@ while [ $# -gt 0 ]; do
             # profiled run is slowed by the profiler (29k vs 40k tok/s on 1b, 2026-12-07):
             # lorapool@same is the default again, unprofiled, to compare the others with.
             # lorapool@shapes (graphs off, profiled) says which ops on which tensors take the
-            # time: under a replayed graph the profiler sees kernels but not their ops.
+            # time: under a replayed graph the profiler sees kernels but not their ops. Unsloth,
+            # profiled the same way, is the step to match, kernel by kernel.
             shape=${1:-1b}; [ $# -gt 0 ] && shift
             enough 200 || continue
             python bench/train_speed.py --shapes "$shape" --mb 4 --steps 6 --warmup 2 \
@@ -81,8 +82,8 @@ while [ $# -gt 0 ]; do
                 --variant 'nogroup={"grouped_lora": "off"}' \
                 --variant 'noflat={"flat_optimizer": "off"}' --variant 'same={}' \
                 --variant 'shapes={"cuda_graphs": "off"}' \
-                --runners lorapool,lorapool@shapes,lorapool@same,lorapool@noflat,lorapool@nooffload,lorapool@nographs,lorapool@nokernels,lorapool@nogroup \
-                --profile lorapool,lorapool@shapes --budget-s $(( $(left) - 100 )) \
+                --runners lorapool,lorapool@shapes,unsloth,lorapool@same,lorapool@noflat,lorapool@nooffload,lorapool@nographs,lorapool@nokernels,lorapool@nogroup \
+                --profile lorapool,lorapool@shapes,unsloth --budget-s $(( $(left) - 100 )) \
                 --out "$R/ablate-$shape-mb4" > "$R/ablate-$shape-mb4.txt" 2>&1
             echo "ablate-$shape-mb4:"; grep -E "^(1b|3b|8b) " "$R/ablate-$shape-mb4.txt"
             ;;

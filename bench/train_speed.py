@@ -261,7 +261,18 @@ def run_hand(job: dict, clock) -> dict:
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(job["seed"]))
     batches = token_batches(tokenizer, [rows[i] for i in order.tolist()], job["seq"], job["mb"])
     clock.loaded()
-    losses = _hand_loop(model, batches, job["steps"], device, clock.step)
+    prof = _profiler(job)
+    on_step = clock.step
+    if prof is not None:
+        prof.start()
+
+        def on_step(i: int) -> None:
+            clock.step(i)
+            prof.step()
+    losses = _hand_loop(model, batches, job["steps"], device, on_step)
+    if prof is not None:
+        prof.stop()
+        Path(job["profile"]).write_text(_profile_tables(prof, device))
     return {"status": "ok", "losses": losses}
 
 
@@ -890,8 +901,8 @@ def parse_args(argv: list[str] | None):
                     help="a lorapool fast-path variant, run as runner lorapool@NAME; e.g. "
                     "'nolora={\"fused_lora\": \"off\"}' (ablations)")
     ap.add_argument("--profile", default="", metavar="RUNNERS",
-                    help="comma-separated lorapool runners to profile (two steps each); "
-                    "tables under --out")
+                    help="comma-separated runners to profile (two steps each; any runner, "
+                    "e.g. unsloth beside lorapool); tables under --out")
     ap.add_argument("--memory-trace", default="", metavar="RUNNERS",
                     help="comma-separated lorapool runners whose CUDA allocations are traced: "
                     "what is live at the peak, by the code that allocated it "
