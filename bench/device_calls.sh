@@ -6,6 +6,7 @@
 #
 #   COMMIT=8c4d6f6 T=570 bash bench/device_calls.sh floors tests   # COMMIT: this tree's sha
 #   T=570 bash bench/device_calls.sh table 8b 1,4     # speed table rows, four runners
+#   RUNNERS=lorapool,unsloth T=570 bash bench/device_calls.sh table 1b,3b,8b 1,4  # two of them
 #   T=570 bash bench/device_calls.sh grid             # estimate vs measured, short grid points
 #   T=570 bash bench/device_calls.sh ablate 1b        # micro-batch 4: one fast piece off at a time
 #   T=570 bash bench/device_calls.sh optim            # the optimizer step: per tensor vs packed
@@ -61,7 +62,7 @@ while [ $# -gt 0 ]; do
             name="table-${shapes//,/-}-mb${mbs//,/-}"
             enough 200 || continue
             python bench/train_speed.py --shapes "$shapes" --mb "$mbs" --steps 6 --warmup 2 \
-                --runners lorapool,unsloth,plain,liger --budget-s $(( $(left) - 100 )) \
+                --runners "${RUNNERS:-lorapool,unsloth,plain,liger}" --budget-s $(( $(left) - 100 )) \
                 --out "$R/$name" > "$R/$name.txt" 2>&1
             echo "$name:"; grep -E "^(1b|3b|8b) " "$R/$name.txt"
             ;;
