@@ -178,6 +178,17 @@ def test_units_are_hardened_and_run_existing_commands() -> None:
             env = [v for k, v in sec["Service"] if k == "Environment"]
             assert "RAY_AUTH_MODE=token" in env and "RAY_AUTH_TOKEN_PATH=%d/ray_token" in env
             assert path == "lorapool serve"
+            # The head's `ray start` posts a notice even with usage stats off: to loopback.
+            assert "RAY_USAGE_STATS_REPORT_URL=http://127.0.0.1:9/" in env, unit.name
+
+
+def test_image_sends_rays_usage_notice_to_loopback() -> None:
+    """Every head started from the image (compose, KubeRay) has Ray's usage stats off and its
+    "disabled" notice pointed at loopback (test_head_outward_traffic.py runs such a head)."""
+    env = " ".join(rest for word, rest in
+                   dockerfile_instructions((DEPLOY / "Dockerfile").read_text()) if word == "ENV")
+    assert "RAY_USAGE_STATS_ENABLED=0" in env.split()
+    assert "RAY_USAGE_STATS_REPORT_URL=http://127.0.0.1:9/" in env.split()
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
