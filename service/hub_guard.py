@@ -9,7 +9,8 @@ outside from processes that should make none (a node may hold data that never le
 bitsandbytes falls back to its own CPU code when the call fails, so nothing is lost.
 
 `refuse_hub_kernels()` makes the Hub loaders of `kernels` (`get_kernel`, `get_locked_kernel`,
-`load_kernel`, `install_kernel`, `has_kernel`) raise instead; loading a kernel from a local
+`load_kernel`, `install_kernel`) raise instead, and `has_kernel` answer False (it would ask the
+Hub); loading a kernel from a local
 folder (`get_local_kernel`) still works. It patches the module if it is imported already and
 otherwise the moment it is, so importing lorapool does not import `kernels`, torch or anything
 heavy. It is installed when `lorapool.service` is imported; an admin who wants Hub kernels
@@ -39,6 +40,8 @@ class HubKernelRefused(RuntimeError):
 
 def _refuser(name: str) -> Callable[..., Any]:
     def refuse(repo_id: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if name == "has_kernel":  # a question, not a load: "not available here"
+            return False
         raise HubKernelRefused(
             f"lorapool loads no compute kernels from the Hugging Face Hub at run time "
             f"(kernels.{name}({repo_id!r}) refused; {ALLOW_ENV}=1 allows it)")

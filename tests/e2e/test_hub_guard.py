@@ -35,7 +35,11 @@ try:
     refused = ""
 except Exception as exc:
     refused = f"{type(exc).__name__}: {exc}"
-print(json.dumps({"outward": outward, "refused": refused,
+try:
+    has = kernels.has_kernel("kernels-community/quantization-bitsandbytes")
+except Exception as exc:
+    has = type(exc).__name__
+print(json.dumps({"outward": outward, "refused": refused, "has_kernel": has,
                   "local_loader_kept": not hasattr(kernels.get_local_kernel, "_lorapool_refuses_hub")}))
 """
 
@@ -58,6 +62,7 @@ def test_importing_bitsandbytes_reaches_no_hub_and_hub_loaders_refuse():
     assert r["refused"].startswith("HubKernelRefused"), r["refused"]
     assert "LORAPOOL_ALLOW_HUB_KERNELS=1" in r["refused"]
     assert r["local_loader_kept"]
+    assert r["has_kernel"] is False  # answered here, without asking the Hub
     # bitsandbytes' own warning about the failed fetch is not shown to users.
     assert "gemm_4bit_forward" not in r["stderr"]
 
