@@ -10,11 +10,10 @@ bitsandbytes falls back to its own CPU code when the call fails, so nothing is l
 
 `refuse_hub_kernels()` makes the Hub loaders of `kernels` (`get_kernel`, `get_locked_kernel`,
 `load_kernel`, `install_kernel`) raise instead, and `has_kernel` answer False (it would ask the
-Hub); loading a kernel from a local
-folder (`get_local_kernel`) still works. It patches the module if it is imported already and
-otherwise the moment it is, so importing lorapool does not import `kernels`, torch or anything
-heavy. It is installed when `lorapool.service` is imported; an admin who wants Hub kernels
-sets `LORAPOOL_ALLOW_HUB_KERNELS=1`.
+Hub); loading a kernel from a local folder (`get_local_kernel`) still works. It patches the
+module if it is imported already and otherwise the moment it is, so importing lorapool does not
+import `kernels`, torch or anything heavy. It is installed when `lorapool.service` is imported;
+an admin who wants Hub kernels sets `LORAPOOL_ALLOW_HUB_KERNELS=1`.
 """
 
 from __future__ import annotations
