@@ -8,7 +8,8 @@ switched off for that job with a warning event "tracker mlflow failed: …"; the
 
 Where trackers write, by default inside the data dir and per tenant:
 - W&B: offline mode, runs under `{data_dir}/trackers/{tenant}/wandb` (`wandb sync` uploads them
-  later). An admin may set LORAPOOL_WANDB_MODE=online (with W&B's own credentials).
+  later), with the SDK's own telemetry off (`WANDB_ERROR_REPORTING=false` unless set). An admin
+  may set LORAPOOL_WANDB_MODE=online (with W&B's own credentials).
 - MLflow: `tracking_uri` none → a file store `{data_dir}/trackers/{tenant}/mlruns`; a relative
   path → under `{data_dir}/trackers/{tenant}/`; an absolute path / file: URI must lie inside
   that folder too, and an http(s) server is refused: a tenant must neither write files where it
@@ -106,6 +107,9 @@ class WandbTracker:
     kind = "wandb"
 
     def __init__(self, cfg: dict[str, Any], job: JobRecord, data_dir: Path) -> None:
+        # W&B's SDK reports its own telemetry (OpenTelemetry, to api.forge.coreweave.com, once
+        # a minute) even for offline runs, unless this is off; read when wandb sets up.
+        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         import wandb
 
         folder = tenant_dir(data_dir, job.tenant) / "wandb"
