@@ -10,6 +10,7 @@
 #   T=570 bash bench/device_calls.sh grid             # estimate vs measured, short grid points
 #   T=570 bash bench/device_calls.sh ablate 1b        # micro-batch 4: one fast piece off at a time
 #   T=570 bash bench/device_calls.sh optim            # the optimizer step: per tensor vs packed
+#   T=570 bash bench/device_calls.sh same             # fast vs reference path, 20 steps on 1B
 #
 # `floors`: the 3B job on a 3.5 GiB card and the 8B job on a 6.5 GiB card, each with its CUDA
 # allocations traced (what is live at the peak). `tests`: the `-m gpu` tests of tests/train.
@@ -95,6 +96,14 @@ while [ $# -gt 0 ]; do
                 --optimizers adamw_8bit,paged_adamw_8bit > "$R/optimizer-step.txt" 2>&1
             echo "optim:"; grep -E "^(1b|3b|8b) " "$R/optimizer-step.txt"
             ;;
+        same)
+            # Same numbers: the fast path against the reference path, 20 steps on 1B (per-step
+            # loss within 1 %, the adapters' relative difference).
+            enough 150 || continue
+            timeout $(( $(left) - 10 )) python bench/train_speed.py --check-same \
+                --check-steps 20 --out "$R/check-same" > "$R/check-same-1b.txt" 2>&1
+            echo "same:"; grep -E "check-same|loss|adapter" "$R/check-same-1b.txt" | tail -4
+            ;;
         grid)
             enough 200 || continue
             python bench/gpu_memory.py --subset all --seqs 512,2048 --mbs 1 --ranks 16 \
@@ -104,7 +113,7 @@ while [ $# -gt 0 ]; do
             ;;
         *)
             echo "unknown piece: $piece (floors, tests, table SHAPES MBS, grid, ablate [SHAPE]," \
-                 "optim)" >&2
+                 "optim, same)" >&2
             exit 2
             ;;
     esac
