@@ -2,8 +2,8 @@
 Ray's cloud-metadata probe.
 
 With usage stats off, a head started by `ray start` still posts a "usage stats disabled" notice
-to usage-stats.ray.io as it starts (Ray's dashboard process does, since Ray 2.10); the README's
-head-env block points that at the loopback discard port. The same process also asks the
+to usage-stats.ray.io as it starts (its dashboard process does: ray-project/ray#43538); the
+README's head-env block points that at the loopback discard port. The same process also asks the
 link-local cloud-metadata address (169.254.169.254, metadata.google.internal) which cloud it
 runs on, to fill a report it then does not send; no setting turns that off, so it is the one
 outward attempt allowed here, named, so that anything new fails this test.
