@@ -457,6 +457,12 @@ class Clock:
 
 
 def child_main(job: dict) -> dict:
+    # Every runner alike: no compute kernels fetched from the Hub (bitsandbytes asks for one as
+    # it is imported on AVX512-BF16 CPUs), as in lorapool's own processes. Imports nothing of
+    # transformers or torch, so Unsloth still comes first.
+    from lorapool.service.hub_guard import refuse_hub_kernels
+
+    refuse_hub_kernels()
     if job["runner"] == "unsloth":
         # Unsloth sets its allocator options and patches at import: import it before torch
         # touches the GPU (and before transformers/peft), as its users do.
