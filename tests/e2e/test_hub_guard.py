@@ -2,8 +2,8 @@
 
 Each case runs a fresh interpreter: what matters is what happens when bitsandbytes is first
 imported in a process, and the guard patches process-wide state. An audit hook records every
-name lookup and connection; on a CPU with AVX512-BF16 (this machine's kind) bitsandbytes' import
-looks up huggingface.co without the guard.
+outward name lookup and connection (tests/support/outward.py); on a CPU with AVX512-BF16 (this
+machine's kind) bitsandbytes' import looks up huggingface.co without the guard.
 """
 
 from __future__ import annotations
@@ -12,21 +12,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("kernels", reason="the `kernels` package (a transformers dependency) is absent")
 
 PROBE = r"""
-import json, sys
-outward = []
-def hook(event, args):
-    if event in ("socket.getaddrinfo", "socket.gethostbyname", "socket.connect"):
-        host = str(args[1][0] if event == "socket.connect" and isinstance(args[1], tuple)
-                   else args[0])
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            outward.append(f"{event} {host}")
-sys.addaudithook(hook)
+import json
 FIRST
 import lorapool.service
 import bitsandbytes, kernels
@@ -39,25 +32,29 @@ try:
     has = kernels.has_kernel("kernels-community/quantization-bitsandbytes")
 except Exception as exc:
     has = type(exc).__name__
-print(json.dumps({"outward": outward, "refused": refused, "has_kernel": has,
+print(json.dumps({"refused": refused, "has_kernel": has,
                   "local_loader_kept": not hasattr(kernels.get_local_kernel, "_lorapool_refuses_hub")}))
 """
 
 
-def _probe(first: str = "", **env: str) -> dict:
+def _probe(tmp_path: Path, first: str = "", **env: str) -> dict:
+    from tests.support.outward import attempts, install
+
+    install(tmp_path / "audit", tmp_path / "outward")
     code = PROBE.replace("FIRST", first)
     # Online as a user's machine is (the suite runs offline): the guard must not rely on it.
     full_env = {k: v for k, v in os.environ.items()
                 if k not in ("LORAPOOL_ALLOW_HUB_KERNELS", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    full_env.update(env)
+    full_env.update(env, PYTHONPATH=str(tmp_path / "audit"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, env=full_env)
     assert out.returncode == 0, out.stderr[-2000:]
-    return {**json.loads(out.stdout.strip().splitlines()[-1]), "stderr": out.stderr}
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "stderr": out.stderr,
+            "outward": attempts(tmp_path / "outward")}
 
 
-def test_importing_bitsandbytes_reaches_no_hub_and_hub_loaders_refuse():
-    r = _probe()
+def test_importing_bitsandbytes_reaches_no_hub_and_hub_loaders_refuse(tmp_path):
+    r = _probe(tmp_path)
     assert r["outward"] == [], r["outward"]
     assert r["refused"].startswith("HubKernelRefused"), r["refused"]
     assert "LORAPOOL_ALLOW_HUB_KERNELS=1" in r["refused"]
@@ -67,12 +64,12 @@ def test_importing_bitsandbytes_reaches_no_hub_and_hub_loaders_refuse():
     assert "gemm_4bit_forward" not in r["stderr"]
 
 
-def test_a_kernels_module_imported_before_lorapool_is_patched_too():
-    r = _probe(first="import kernels")
+def test_a_kernels_module_imported_before_lorapool_is_patched_too(tmp_path):
+    r = _probe(tmp_path, first="import kernels")
     assert r["refused"].startswith("HubKernelRefused"), r["refused"]
 
 
-def test_an_admin_can_allow_hub_kernels():
-    r = _probe(LORAPOOL_ALLOW_HUB_KERNELS="1",
+def test_an_admin_can_allow_hub_kernels(tmp_path):
+    r = _probe(tmp_path, LORAPOOL_ALLOW_HUB_KERNELS="1",
                HF_HUB_OFFLINE="1")  # offline: the allowed loader must still not reach out here
     assert not r["refused"].startswith("HubKernelRefused"), r["refused"]
