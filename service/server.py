@@ -109,10 +109,6 @@ def _environ(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-# Where Ray's usage-stats notices go: the loopback discard port, which nothing answers.
-RAY_USAGE_REPORT_SINK = "http://127.0.0.1:9/"
-
-
 def embedded_ray_options(namespace: str) -> dict[str, Any]:
     """`ray.init` options for the embedded head: every Ray process on 127.0.0.1, nothing that
     lorapool does not use (dashboard, metrics export, usage stats)."""
@@ -179,9 +175,6 @@ class Service:
         from .pool.agent import NAMESPACE
 
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        # With usage stats off Ray still posts a "disabled" notice from heads it did not start
-        # with ray.init: nowhere (deploy/README.md).
-        os.environ.setdefault("RAY_USAGE_STATS_REPORT_URL", RAY_USAGE_REPORT_SINK)
         if ray.is_initialized():
             return
         if self.settings.ray_address:
